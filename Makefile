@@ -1,0 +1,35 @@
+# precog_db developer tasks. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ENV ?= dev
+
+.PHONY: install demo test lint typecheck pytest clean
+
+# The virtualenv is rebuilt whenever pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+## Run the example trading service against dev (starts a throwaway local PostgreSQL if none is reachable).
+demo: install
+	$(BIN)/python examples/demo.py
+
+## Lint, type-check and run the whole test suite against real PostgreSQL.
+test: lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check precog_db tests examples
+
+typecheck: install
+	$(BIN)/mypy
+
+pytest: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

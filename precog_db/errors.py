@@ -1,0 +1,56 @@
+"""Exceptions raised by precog_db.
+
+Every exception derives from `PrecogDBError` and also from the builtin (or
+psycopg) class that callers already catch, so ``except ValueError`` keeps
+working for configuration mistakes and ``except RuntimeError`` for refusals.
+Messages name the thing, the reason and the fix, and never echo a value that
+could be a secret.
+"""
+
+from __future__ import annotations
+
+import psycopg
+import psycopg_pool
+
+__all__ = [
+    "ConfigurationError",
+    "DatabaseUnavailableError",
+    "EnvironmentMismatchError",
+    "EnvironmentNotAllowedError",
+    "PoolExhaustedError",
+    "PoolStateError",
+    "PrecogDBError",
+    "ProductionAccessError",
+]
+
+
+class PrecogDBError(Exception):
+    """Base class of every error raised by precog_db."""
+
+
+class ConfigurationError(PrecogDBError, ValueError):
+    """A setting, a `.env` file or an environment name is invalid."""
+
+
+class EnvironmentNotAllowedError(PrecogDBError, RuntimeError):
+    """The operation is not allowed in the current environment."""
+
+
+class EnvironmentMismatchError(PrecogDBError, RuntimeError):
+    """The configured database belongs to another environment than the resolved one."""
+
+
+class ProductionAccessError(PrecogDBError, RuntimeError):
+    """Production was requested without `PRECOG_PROD_CONFIRMED=yes`."""
+
+
+class PoolStateError(PrecogDBError, RuntimeError):
+    """The global pool was used in a way its current state does not allow."""
+
+
+class DatabaseUnavailableError(PrecogDBError, psycopg.OperationalError):
+    """The database server could not be reached or refused the connection."""
+
+
+class PoolExhaustedError(PrecogDBError, psycopg_pool.PoolTimeout):
+    """No pooled connection became free within the checkout timeout."""

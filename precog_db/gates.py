@@ -1,0 +1,112 @@
+"""Environment gates around dangerous operations.
+
+`dangerous_operation` checks the environment on every call, before the
+wrapped function runs. The environment checked is the strictest of the one
+resolved from the process (``PRECOG_ENV`` …) and the one the open pool
+serves, so neither a stale export nor an explicitly opened pool can slip by.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import ParamSpec, TypeVar
+
+import structlog
+from psycopg import sql
+
+from precog_db.cursors import get_cursor
+from precog_db.environment import Environment, get_environment, parse_environment
+from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
+from precog_db.pool import active_pool
+
+__all__ = ["current_environments", "dangerous_operation", "delete_all", "table_identifier", "truncate_tables"]
+
+log = structlog.get_logger("precog_db")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_STRICTNESS = (Environment.DEV, Environment.TEST, Environment.STAGING, Environment.PROD)
+
+
+def current_environments() -> tuple[Environment, ...]:
+    """The environments in play: the resolved one and the open pool's, if different."""
+    resolved = get_environment()
+    pool = active_pool()
+    if pool is None or pool.env is resolved:
+        return (resolved,)
+    return tuple(sorted({resolved, pool.env}, key=_STRICTNESS.index))
+
+
+def dangerous_operation(
+    allowed: Iterable[str | Environment] = (Environment.DEV, Environment.TEST),
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function so that it refuses to run outside ``allowed`` environments."""
+    permitted = tuple(parse_environment(a) for a in allowed)
+    if not permitted:
+        raise ConfigurationError("dangerous_operation needs at least one allowed environment")
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(func)
+        def gated(*args: P.args, **kwargs: P.kwargs) -> R:
+            envs = current_environments()
+            refused = [e for e in envs if e not in permitted]
+            if refused:
+                names = ", ".join(e.value for e in permitted)
+                log.warning("dangerous_operation_refused", operation=func.__name__, env=refused[-1].value)
+                raise EnvironmentNotAllowedError(
+                    f"{func.__name__} is allowed only in {names}, but the current environment is "
+                    f"{refused[-1].value}; it did not run"
+                )
+            return func(*args, **kwargs)
+
+        gated.__precog_allowed__ = permitted  # type: ignore[attr-defined]
+        return gated
+
+    return decorate
+
+
+def table_identifier(name: str) -> sql.Identifier:
+    """Quote ``table`` or ``schema.table`` safely; never string-formatted into SQL."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigurationError("a table name must be a non-empty string")
+    parts = name.split(".")
+    if len(parts) > 2 or any(not p for p in parts):
+        # Not schema.table: treat the whole thing as one (quoted) name.
+        return sql.Identifier(name)
+    return sql.Identifier(*parts)
+
+
+@dangerous_operation()
+def truncate_tables(*tables: str, cascade: bool = False) -> dict[str, int]:
+    """Empty ``tables`` in one transaction; return the row count each held.
+
+    Only in dev and test. Identifiers are quoted with `psycopg.sql`.
+    """
+    if not tables:
+        raise ConfigurationError("truncate_tables needs at least one table name")
+    idents = [table_identifier(t) for t in tables]
+    counts: dict[str, int] = {}
+    with get_cursor(commit=True) as cur:
+        for name, ident in zip(tables, idents, strict=True):
+            cur.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(ident))
+            row = cur.fetchone()
+            counts[name] = int(row["n"]) if row else 0
+        cur.execute(
+            sql.SQL("TRUNCATE {}{}").format(sql.SQL(", ").join(idents), sql.SQL(" CASCADE") if cascade else sql.SQL(""))
+        )
+    for name, rows in counts.items():
+        log.info("table_truncated", table=name, rows=rows, env=current_environments()[-1].value)
+    return counts
+
+
+@dangerous_operation()
+def delete_all(table: str) -> int:
+    """Delete every row of ``table``; return how many were deleted. Only in dev and test."""
+    ident = table_identifier(table)
+    with get_cursor(commit=True) as cur:
+        cur.execute(sql.SQL("DELETE FROM {}").format(ident))
+        rows = cur.rowcount
+    log.info("table_rows_deleted", table=table, rows=rows, env=current_environments()[-1].value)
+    return rows

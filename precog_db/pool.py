@@ -1,0 +1,274 @@
+"""The connection pool: one psycopg_pool per process, opened safely.
+
+`create_pool` takes explicit settings and reads no environment variables.
+`initialize_pool` / `get_pool` / `close_pool` manage the process-wide pool
+and are the only functions here that consult the settings layer.
+
+Connections are opened in autocommit mode with
+``default_transaction_read_only=on``: a plain statement costs one round trip
+and cannot write, while `psycopg.Connection.transaction` starts an explicit
+``BEGIN READ WRITE``. A checkout runs a zero-round-trip liveness check (is the
+idle socket readable, i.e. did the server close it or send a FATAL?), so dead
+connections are dropped without a ``SELECT 1`` on every checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from time import monotonic
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import Connection
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from precog_db.environment import Environment, parse_environment
+from precog_db.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    PoolExhaustedError,
+    PoolStateError,
+)
+from precog_db.guard import require_production_confirmation
+from precog_db.settings import DatabaseSettings, load_settings
+
+__all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
+
+log = structlog.get_logger("precog_db")
+
+_READ_ONLY_OPTION = "-c default_transaction_read_only=on"
+_HAS_POLL = hasattr(select, "poll")
+_POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
+
+
+def _socket_is_quiet(fd: int) -> bool:
+    """True when nothing is waiting on an idle connection's socket.
+
+    An idle PostgreSQL connection receives nothing unsolicited unless the
+    server is closing it (terminate, restart, idle timeout) or a NOTIFY
+    arrived; either way the connection is not safe to hand out as it is.
+    """
+    if _HAS_POLL:
+        poller = select.poll()
+        poller.register(fd, _POLL_MASK)
+        return not poller.poll(0)
+    readable, _, _ = select.select([fd], [], [], 0)
+    return not readable
+
+
+def connection_is_usable(conn: Connection[Any]) -> bool:
+    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket."""
+    pgconn = conn.pgconn
+    if pgconn.status != ConnStatus.OK or pgconn.transaction_status != TransactionStatus.IDLE:
+        return False
+    try:
+        return _socket_is_quiet(pgconn.socket)
+    except (psycopg.OperationalError, OSError, ValueError):
+        return False
+
+
+def _configure(conn: Connection[Any]) -> None:
+    # Explicit transactions are read-write; everything else inherits the
+    # read-only default set through the startup options.
+    conn.read_only = False
+
+
+class PrecogPool(ConnectionPool[Connection[Any]]):
+    """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
+
+    `checkout` / `checkin` are what `get_cursor` uses: they add the liveness
+    check and turn a checkout timeout into a `PoolExhaustedError` that says
+    what to change. Its `repr` shows only the pool name.
+    """
+
+    settings: DatabaseSettings
+
+    def __init__(self, settings: DatabaseSettings, **pool_kwargs: Any) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        kwargs = settings.connect_kwargs()
+        kwargs["autocommit"] = True
+        options = kwargs.get("options")
+        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        params: dict[str, Any] = {
+            "min_size": settings.pool_min,
+            "max_size": settings.pool_max,
+            "timeout": settings.pool_timeout,
+            "name": settings.pool_name,
+            "configure": _configure,
+            "open": False,
+        }
+        params.update(pool_kwargs)
+        super().__init__("", kwargs=kwargs, **params)
+
+    @property
+    def env(self) -> Environment:
+        """The environment this pool serves."""
+        return self.settings.env
+
+    def __repr__(self) -> str:
+        return f"<PrecogPool {self.name!r} env={self.env.value}>"
+
+    def checkout(self, timeout: float | None = None) -> Connection[Any]:
+        """Take a live, idle, autocommit connection out of the pool."""
+        wait = self.timeout if timeout is None else timeout
+        deadline = monotonic() + wait
+        while True:
+            try:
+                conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
+            except PoolTimeout:
+                raise self._exhausted(wait) from None
+            if connection_is_usable(conn):
+                return conn
+            log.info("discarding_dead_connection", pool=self.name, env=self.env.value)
+            conn.close()
+            self.putconn(conn)
+
+    def checkin(self, conn: Connection[Any]) -> None:
+        """Give a connection back, restoring the state `checkout` promises."""
+        if not conn.autocommit or conn.read_only is not False:
+            try:
+                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+                    conn.rollback()
+                conn.autocommit = True
+                conn.read_only = False
+            except Exception:
+                conn.close()
+        self.putconn(conn)
+
+    def _exhausted(self, waited: float) -> PoolExhaustedError:
+        stats = self.get_stats()
+        return PoolExhaustedError(
+            f"pool {self.name!r} ({self.env.value}) had no free connection after {waited:.1f}s: "
+            f"{stats.get('pool_size', self.max_size)} of at most {self.max_size} connections are busy "
+            f"and {stats.get('requests_waiting', 0)} callers are waiting. Raise DB_POOL_MAX_CONN, "
+            "raise DB_POOL_TIMEOUT to wait longer, or hold connections for less time "
+            "(a get_cursor block that waits on something else keeps its connection)"
+        )
+
+
+def _scrub(message: str, settings: DatabaseSettings) -> str:
+    if settings.password:
+        message = message.replace(settings.password, "***")
+    return message.strip()
+
+
+def probe_connection(settings: DatabaseSettings) -> Connection[Any]:
+    """Open one direct connection, or raise `DatabaseUnavailableError` with the reason."""
+    try:
+        return psycopg.connect(**settings.connect_kwargs(), autocommit=True)
+    except psycopg.OperationalError as exc:
+        reason = _scrub(str(exc), settings).splitlines()
+        detail = reason[-1] if reason else "no reason given"
+        raise DatabaseUnavailableError(
+            f"cannot connect to the {settings.describe()}: {detail}. "
+            "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER "
+            "and DB_PASSWORD are right (`precog-db env` shows where each value came from)"
+        ) from None
+
+
+def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> PrecogPool:
+    """Check, then open a pool for ``settings``.
+
+    Order: production guard (no connection attempted before it), one probe
+    connection bounded by the connect timeout (a clear error if it fails),
+    then the pool. ``pool_kwargs`` go to `psycopg_pool.ConnectionPool`.
+    """
+    require_production_confirmation(settings, confirmed=prod_confirmed)
+    probe = probe_connection(settings)
+    try:
+        _on_open(settings, probe)
+    finally:
+        probe.close()
+    pool = PrecogPool(settings, **pool_kwargs)
+    pool.open(wait=False)
+    log.info("pool_opened", pool=pool.name, env=settings.env.value, min_size=pool.min_size, max_size=pool.max_size)
+    return pool
+
+
+def _on_open(settings: DatabaseSettings, conn: Connection[Any]) -> None:
+    """Checks run once per pool on the probe connection (identity stamp, audit)."""
+    return None
+
+
+# --- the process-wide pool ---------------------------------------------------------
+
+
+class _State:
+    pool: PrecogPool | None = None
+    lock = threading.Lock()
+
+
+def _forget_pool_in_child() -> None:
+    # After fork the child shares the parent's sockets. Closing them would
+    # send Terminate on the parent's connections, so the child just drops the
+    # inherited pool (psycopg does not PQfinish in a forked child) and opens
+    # its own on first use.
+    _State.pool = None
+    _State.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def initialize_pool(
+    env: str | Environment | None = None,
+    *,
+    settings: DatabaseSettings | None = None,
+    **pool_kwargs: Any,
+) -> PrecogPool:
+    """Open the process-wide pool, or return it if it is already open for the same target.
+
+    Thread-safe and idempotent. Initializing for another environment or
+    database without `close_pool` first raises `PoolStateError`.
+    """
+    from precog_db.guard import production_confirmed
+
+    with _State.lock:
+        if settings is None:
+            settings = load_settings(env)
+        elif env is not None and parse_environment(env) is not settings.env:
+            raise ConfigurationError(
+                f"initialize_pool got env={parse_environment(env).value} but settings for "
+                f"{settings.env.value}; pass one or the other"
+            )
+        current = _State.pool
+        if current is not None:
+            if _same_target(current.settings, settings):
+                return current
+            raise PoolStateError(
+                f"the pool is already open for the {current.settings.describe()}; "
+                f"call close_pool() before initializing it for the {settings.describe()}"
+            )
+        pool = create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
+        _State.pool = pool
+        return pool
+
+
+def _same_target(a: DatabaseSettings, b: DatabaseSettings) -> bool:
+    return (a.env, a.host, a.port, a.dbname, a.user) == (b.env, b.host, b.port, b.dbname, b.user)
+
+
+def get_pool() -> PrecogPool:
+    """The process-wide pool, opened from the environment on first use."""
+    pool = _State.pool
+    return pool if pool is not None else initialize_pool()
+
+
+def active_pool() -> PrecogPool | None:
+    """The process-wide pool if one is open, without opening one."""
+    return _State.pool
+
+
+def close_pool(timeout: float = 5.0) -> None:
+    """Close the process-wide pool, if any. Idempotent."""
+    with _State.lock:
+        pool, _State.pool = _State.pool, None
+    if pool is not None:
+        pool.close(timeout=timeout)
+        log.info("pool_closed", pool=pool.name, env=pool.env.value)

@@ -1,0 +1,469 @@
+"""Settings: the one place that reads configuration.
+
+Precedence, highest first (written down once, here and in the README):
+
+1. keyword overrides passed to `load_settings`;
+2. the process environment (``DB_HOST`` …);
+3. ``<config_dir>/.env.<env>``;
+4. ``<config_dir>/.env``;
+5. built-in defaults for the environment.
+
+Files are parsed with python-dotenv's `dotenv_values` from text this module
+reads itself, so that ``os.environ`` is never mutated, a BOM or CRLF line
+endings are harmless, and a malformed line is an error rather than a warning.
+No message ever contains a configured value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import os
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+from precog_db.environment import Environment, environment_named_by, get_environment
+from precog_db.errors import ConfigurationError, EnvironmentMismatchError
+
+__all__ = ["ENV_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir"]
+
+log = structlog.get_logger("precog_db")
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_STRONG_SSL = ("require", "verify-ca", "verify-full")
+_INT32_MAX = 2_147_483_647
+
+#: Pool sizes per environment: (min, max).
+_POOL_SIZES: dict[Environment, tuple[int, int]] = {
+    Environment.DEV: (2, 10),
+    Environment.TEST: (2, 25),
+    Environment.STAGING: (5, 25),
+    Environment.PROD: (10, 50),
+}
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """Everything needed to open a pool for one environment.
+
+    Frozen, validated on construction, and safe to print: the password never
+    appears in `repr` or `str`.
+    """
+
+    env: Environment
+    host: str = "localhost"
+    port: int = 5432
+    dbname: str = ""
+    user: str = ""
+    password: str = field(default="", repr=False)
+    pool_min: int = 2
+    pool_max: int = 10
+    pool_timeout: float = 30.0
+    sslmode: str = "prefer"
+    connect_timeout: int = 5
+    statement_timeout_ms: int = 0
+    tcp_user_timeout_ms: int = 30_000
+    application_name: str = ""
+    #: The `.env` files that were read, lowest precedence first.
+    files: tuple[Path, ...] = ()
+    #: Where each field's value came from ("default", a file, "environment", "argument").
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "env", Environment(self.env))
+        if not self.dbname:
+            object.__setattr__(self, "dbname", f"precog_{self.env.value}")
+        if not self.user:
+            object.__setattr__(self, "user", f"precog_{self.env.value}")
+        if not self.application_name:
+            object.__setattr__(self, "application_name", f"precog-{self.env.value}")
+        for spec in _SPECS:
+            if spec.check is not None:
+                problem = spec.check(getattr(self, spec.field))
+                if problem:
+                    raise ConfigurationError(f"setting {spec.field} ({spec.var}) {problem}")
+        if self.pool_min > self.pool_max:
+            raise ConfigurationError(
+                "DB_POOL_MIN_CONN is larger than DB_POOL_MAX_CONN; lower DB_POOL_MIN_CONN or raise DB_POOL_MAX_CONN"
+            )
+
+    @property
+    def pool_name(self) -> str:
+        """The pool's name, ``precog-<env>``; it is all `repr` of a pool shows."""
+        return f"precog-{self.env.value}"
+
+    def describe(self) -> str:
+        """A one-line description for messages and logs: no password, ever."""
+        return f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}"
+
+    def __str__(self) -> str:
+        return self.describe()
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `psycopg.connect` (they include the password).
+
+        Keep this dict out of logs and messages: it is what reaches libpq.
+        """
+        options = []
+        if self.statement_timeout_ms:
+            options.append(f"-c statement_timeout={self.statement_timeout_ms}")
+        kwargs: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "user": self.user,
+            "sslmode": self.sslmode,
+            "connect_timeout": self.connect_timeout,
+            "application_name": self.application_name,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 10,
+            "keepalives_count": 3,
+        }
+        if self.tcp_user_timeout_ms:
+            kwargs["tcp_user_timeout"] = self.tcp_user_timeout_ms
+        if options:
+            kwargs["options"] = " ".join(options)
+        if self.password:
+            kwargs["password"] = self.password
+        return kwargs
+
+    def replace(self, **changes: Any) -> DatabaseSettings:
+        """Return a validated copy with ``changes`` applied (field names as keys)."""
+        unknown = sorted(set(changes) - _FIELD_NAMES)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
+            )
+        parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
+        origins = dict(self.origins)
+        origins.update({k: "argument" for k in changes})
+        return replace(self, origins=origins, **parsed)
+
+
+# --- field specifications -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    field: str
+    var: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None] | None
+    help: str
+
+
+def _text(value: str) -> str:
+    return value.strip()
+
+
+def _secret(value: str) -> str:
+    return value
+
+
+def _integer(value: str) -> int:
+    return int(value.strip())
+
+
+def _number(value: str) -> float:
+    result = float(value.strip())
+    if result != result:  # NaN
+        raise ValueError("not a number")
+    return result
+
+
+def _nonempty(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return "must not be empty"
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    return None
+
+
+def _no_nul(value: Any) -> str | None:
+    if not isinstance(value, str):
+        return "must be text"
+    return "must not contain a NUL character" if "\x00" in value else None
+
+
+def _int_range(lo: int, hi: int, unit: str = "") -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be a whole number from {lo} to {hi}{unit}"
+        if not lo <= value <= hi:
+            return f"must be from {lo} to {hi}{unit}"
+        return None
+
+    return check
+
+
+def _float_range(lo: float, hi: float, unit: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"must be a number from {lo:g} to {hi:g}{unit}"
+        if not lo < value <= hi:
+            return f"must be more than {lo:g} and at most {hi:g}{unit}"
+        return None
+
+    return check
+
+
+def _sslmode(value: Any) -> str | None:
+    if value not in _SSLMODES:
+        return f"must be one of {', '.join(_SSLMODES)}"
+    return None
+
+
+_SPECS: tuple[_Spec, ...] = (
+    _Spec("host", "DB_HOST", _text, _nonempty, "server host name, IP address or socket directory"),
+    _Spec("port", "DB_PORT", _integer, _int_range(1, 65535), "server port"),
+    _Spec("dbname", "DB_NAME", _text, _nonempty, "database name"),
+    _Spec("user", "DB_USER", _text, _nonempty, "role to connect as"),
+    _Spec("password", "DB_PASSWORD", _secret, _no_nul, "password (never logged or printed)"),
+    _Spec("pool_min", "DB_POOL_MIN_CONN", _integer, _int_range(0, 10_000), "connections kept open"),
+    _Spec("pool_max", "DB_POOL_MAX_CONN", _integer, _int_range(1, 10_000), "most connections the pool opens"),
+    _Spec(
+        "pool_timeout",
+        "DB_POOL_TIMEOUT",
+        _number,
+        _float_range(0, 86_400, " seconds"),
+        "seconds a caller waits for a free connection",
+    ),
+    _Spec("sslmode", "DB_SSLMODE", _text, _sslmode, "libpq sslmode"),
+    _Spec(
+        "connect_timeout",
+        "DB_CONNECT_TIMEOUT",
+        _integer,
+        _int_range(1, 3600, " seconds"),
+        "seconds to wait for a new connection",
+    ),
+    _Spec(
+        "statement_timeout_ms",
+        "DB_STATEMENT_TIMEOUT",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "server-side statement timeout in ms (0 = none)",
+    ),
+    _Spec(
+        "tcp_user_timeout_ms",
+        "DB_TCP_USER_TIMEOUT",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "ms unacknowledged data may wait before the socket is dropped (0 = OS default)",
+    ),
+    _Spec("application_name", "DB_APPLICATION_NAME", _text, _nonempty, "name shown in pg_stat_activity"),
+)
+
+_BY_VAR = {s.var: s for s in _SPECS}
+_BY_FIELD = {s.field: s for s in _SPECS}
+_FIELD_NAMES = frozenset(_BY_FIELD)
+#: Variable name -> one-line description, for documentation and ``precog-db env``.
+ENV_VARS: dict[str, str] = {s.var: s.help for s in _SPECS}
+_OTHER_KNOWN = {"PRECOG_ENV", "PRECOG_CONFIG_DIR", "PRECOG_PROD_CONFIRMED", "PRECOG_AUDIT_LOG"}
+
+
+def _parse_field(name: str, raw: Any, where: str) -> Any:
+    spec = _BY_FIELD[name]
+    if not isinstance(raw, str):
+        return raw
+    try:
+        value = spec.parse(raw)
+    except (ValueError, OverflowError):
+        raise ConfigurationError(
+            f"{spec.var} in {where} is not valid: {spec.check(None) if spec.check else 'bad value'}"
+        ) from None
+    if spec.check is not None:
+        problem = spec.check(value)
+        if problem:
+            raise ConfigurationError(f"{spec.var} in {where} {problem}")
+    return value
+
+
+def _defaults(env: Environment) -> dict[str, Any]:
+    pool_min, pool_max = _POOL_SIZES[env]
+    return {
+        "host": "localhost",
+        "port": 5432,
+        "dbname": f"precog_{env.value}",
+        "user": f"precog_{env.value}",
+        "password": "",
+        "pool_min": pool_min,
+        "pool_max": pool_max,
+        "pool_timeout": 30.0,
+        "sslmode": "require" if env is Environment.PROD else "prefer",
+        "connect_timeout": 5,
+        "statement_timeout_ms": 0,
+        "tcp_user_timeout_ms": 30_000,
+        "application_name": f"precog-{env.value}",
+    }
+
+
+# --- files -----------------------------------------------------------------------
+
+
+def resolve_config_dir(
+    config_dir: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The directory `.env` files are read from: argument, ``PRECOG_CONFIG_DIR``, else ``./config``."""
+    env = os.environ if environ is None else environ
+    if config_dir is not None:
+        return Path(config_dir)
+    from_env = env.get("PRECOG_CONFIG_DIR", "").strip()
+    return Path(from_env) if from_env else Path("config")
+
+
+def _read_env_file(path: Path) -> dict[str, str | None] | None:
+    """Read one `.env` file; None when it does not exist."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ConfigurationError(f"{path} is a directory, not a .env file; remove it or rename it") from None
+    except PermissionError:
+        raise ConfigurationError(
+            f"{path} cannot be read (permission denied); give the service user read access, "
+            f"e.g. chmod 600 {path} and chown it to that user"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"{path} cannot be read ({exc.strerror}); check the file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigurationError(f"{path} line {line} is not valid UTF-8; save the file as UTF-8") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise ConfigurationError(f"{path} line {line} contains a NUL byte; this is not a text file")
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            raise ConfigurationError(
+                f"{path} line {binding.original.line} is not a valid KEY=VALUE line; "
+                "fix or remove it (quote values that contain spaces or #)"
+            )
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    _warn_unknown_keys(path, values)
+    return values
+
+
+def _warn_unknown_keys(path: Path, values: Mapping[str, str | None]) -> None:
+    known = set(_BY_VAR) | _OTHER_KNOWN
+    for key in values:
+        if (key.startswith("DB_") or key.startswith("PRECOG_")) and key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            log.warning(
+                "unknown_setting",
+                file=str(path),
+                key=key,
+                did_you_mean=close[0] if close else None,
+            )
+
+
+def _check_file_permissions(path: Path, values: Mapping[str, str | None]) -> None:
+    if sys.platform == "win32" or not values.get("DB_PASSWORD"):
+        return
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(f"{path} holds a password and is readable by group/others; run `chmod 600 {path}`")
+
+
+# --- loading ----------------------------------------------------------------------
+
+
+def load_settings(
+    env: str | Environment | None = None,
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> DatabaseSettings:
+    """Resolve the environment and load its settings.
+
+    ``overrides`` use field names (``host``, ``port``, ``dbname``, ``pool_max``
+    …). ``environ`` defaults to `os.environ`; it is read, never written.
+    Raises `ConfigurationError` for invalid input and `EnvironmentMismatchError`
+    when the database name belongs to another environment.
+    """
+    process_env = os.environ if environ is None else environ
+    resolved = get_environment(env, environ=process_env)
+    directory = resolve_config_dir(config_dir, process_env)
+    explicit_dir = config_dir is not None or bool(process_env.get("PRECOG_CONFIG_DIR", "").strip())
+    if directory.exists() and not directory.is_dir():
+        raise ConfigurationError(f"config directory {directory} is a file; point PRECOG_CONFIG_DIR at a directory")
+    if explicit_dir and not directory.exists():
+        raise ConfigurationError(
+            f"config directory {directory} does not exist; create it or fix PRECOG_CONFIG_DIR / --config-dir"
+        )
+
+    values: dict[str, Any] = _defaults(resolved)
+    origins = dict.fromkeys(values, "default")
+    files: list[Path] = []
+
+    for path in (directory / ".env", directory / f".env.{resolved.value}"):
+        content = _read_env_file(path)
+        if content is None:
+            continue
+        if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
+            _check_file_permissions(path, content)
+        files.append(path)
+        for var, raw in content.items():
+            spec = _BY_VAR.get(var)
+            if spec is None or raw is None or raw == "":
+                continue
+            values[spec.field] = _parse_field(spec.field, raw, str(path))
+            origins[spec.field] = str(path)
+
+    for spec in _SPECS:
+        raw = process_env.get(spec.var)
+        if raw is None or raw == "":
+            continue
+        values[spec.field] = _parse_field(spec.field, raw, "the process environment")
+        origins[spec.field] = "environment"
+
+    unknown = sorted(set(overrides) - _FIELD_NAMES)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
+        )
+    for name, raw in overrides.items():
+        if raw is None:
+            continue
+        values[name] = _parse_field(name, raw, "the arguments")
+        origins[name] = "argument"
+
+    if values["pool_min"] > values["pool_max"]:
+        raise ConfigurationError(
+            f"DB_POOL_MIN_CONN (from {origins['pool_min']}) is larger than DB_POOL_MAX_CONN "
+            f"(from {origins['pool_max']}); lower the minimum or raise the maximum"
+        )
+
+    named = environment_named_by(values["dbname"])
+    if named is not None and named is not resolved:
+        raise EnvironmentMismatchError(
+            f"environment is {resolved.value} but database {values['dbname']!r} (from "
+            f"{origins['dbname']}) belongs to {named.value}; fix DB_NAME or PRECOG_ENV "
+            "(a stale shell export is the usual cause)"
+        )
+
+    if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
+        log.warning(
+            "weak_sslmode_in_production",
+            sslmode=values["sslmode"],
+            source=origins["sslmode"],
+            env=resolved.value,
+        )
+
+    return DatabaseSettings(env=resolved, files=tuple(files), origins=origins, **values)
+
+
+def setting_fields() -> tuple[str, ...]:
+    """The names of the configurable fields, in documentation order."""
+    return tuple(f.name for f in fields(DatabaseSettings) if f.name in _FIELD_NAMES)

@@ -1,0 +1,152 @@
+"""Test harness: every database test runs against a real PostgreSQL.
+
+The server comes from ``PRECOG_TEST_DSN`` when it is set (its user must be
+allowed to create databases). Otherwise the harness starts a throwaway
+cluster with ``initdb`` + ``pg_ctl`` in a temporary directory on a free port
+(as the ``postgres`` user when running as root) and removes it at the end.
+If neither works the session stops with a message saying how to provide a
+server: database tests are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from precog_db import close_pool
+from precog_db.environment import Environment
+from precog_db.local_cluster import LocalCluster, LocalClusterError
+from precog_db.settings import DatabaseSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+_CLEARED_PREFIXES = ("DB_", "PRECOG_")
+_KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR"}
+
+
+@dataclass
+class Server:
+    """A PostgreSQL server the tests may create databases on."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    admin_db: str
+    cluster: LocalCluster | None = None
+
+    def conninfo(self, dbname: str | None = None) -> str:
+        parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname or self.admin_db}
+        if self.password:
+            parts["password"] = self.password
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def connect(self, dbname: str | None = None) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.conninfo(dbname), autocommit=True, connect_timeout=10)
+
+    def fresh_database(self, name: str) -> str:
+        """Drop (if present) and create database ``name``."""
+        with self.connect() as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return name
+
+    def settings(self, dbname: str = "precog_test", env: Environment = Environment.TEST, **kw: Any) -> DatabaseSettings:
+        values: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "dbname": dbname,
+            "pool_min": 1,
+            "pool_max": 4,
+            "pool_timeout": 5.0,
+            "connect_timeout": 5,
+            "sslmode": "disable",
+        }
+        values.update(kw)
+        return DatabaseSettings(env=env, **values)
+
+    def env_vars(self, dbname: str = "precog_test") -> dict[str, str]:
+        """The DB_* variables that point at this server."""
+        out = {"DB_HOST": self.host, "DB_PORT": str(self.port), "DB_USER": self.user, "DB_NAME": dbname}
+        if self.password:
+            out["DB_PASSWORD"] = self.password
+        return out
+
+
+def start_throwaway_cluster(**server_options: str) -> LocalCluster:
+    """Start a new cluster in a fresh temporary directory (caller destroys it)."""
+    root = Path(tempfile.mkdtemp(prefix="precog-test-"))
+    cluster = LocalCluster(root / "cluster", server_options={"fsync": "off", **server_options})
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[Server]:
+    """The session's PostgreSQL server (PRECOG_TEST_DSN or a throwaway cluster)."""
+    dsn = os.environ.get("PRECOG_TEST_DSN", "").strip()
+    if dsn:
+        try:
+            params = conninfo_to_dict(dsn)
+            server = Server(
+                host=str(params.get("host", "127.0.0.1")),
+                port=int(params.get("port", 5432)),
+                user=str(params.get("user", "postgres")),
+                password=str(params.get("password", "")),
+                admin_db=str(params.get("dbname", "postgres")),
+            )
+            with server.connect():
+                pass
+        except (psycopg.Error, ValueError) as exc:
+            pytest.exit(f"PRECOG_TEST_DSN is set but unusable ({type(exc).__name__}); fix it or unset it", 3)
+        yield server
+        return
+    try:
+        cluster = start_throwaway_cluster()
+    except LocalClusterError as exc:
+        pytest.exit(
+            "no PostgreSQL for the tests: set PRECOG_TEST_DSN to a server whose user can create "
+            f"databases, or install the PostgreSQL server binaries. Details: {exc}",
+            3,
+        )
+    try:
+        yield Server(
+            host=cluster.host, port=cluster.port, user="postgres", password="", admin_db="postgres", cluster=cluster
+        )
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def test_db(pg_server: Server) -> str:
+    """A database named precog_test, created once per session."""
+    return pg_server.fresh_database("precog_test")
+
+
+@pytest.fixture
+def test_settings(pg_server: Server, test_db: str) -> DatabaseSettings:
+    """Settings for the test environment pointing at the session's precog_test database."""
+    return pg_server.settings(test_db)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """Each test starts with no DB_*/PRECOG_* variables, in an empty directory, with no pool."""
+    for key in list(os.environ):
+        if key.startswith(_CLEARED_PREFIXES) and key not in _KEPT:
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    close_pool()
+    yield
+    close_pool()
