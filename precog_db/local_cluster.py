@@ -402,6 +402,7 @@ def _write_env_file(path: Path, values: dict[str, str]) -> str:
             return f"unchanged {path}"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode otherwise
     with os.fdopen(fd, "w") as fh:
         fh.write(body)
     return f"wrote {path}"

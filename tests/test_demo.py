@@ -1,0 +1,90 @@
+"""The README's demo and the local cluster behind it, run as a newcomer would."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from precog_db.local_cluster import LocalCluster, free_port, local_up
+
+MARKER = "# written by precog-db local up"
+
+
+def run_demo(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_"))}
+    return subprocess.run(
+        [sys.executable, str(REPO / "examples" / "demo.py")],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path
+    LocalCluster(tmp_path / ".precog").destroy()
+
+
+@pytest.mark.slow
+class TestDemo:
+    def test_demo_starts_local_cluster_and_keeps_data(self, workdir: Path) -> None:
+        """With no reachable dev database the demo starts a local cluster, runs the service, and reuses it next time."""
+        # A stale generated file pointing at a port where nothing listens: "no dev database reachable".
+        (workdir / "config").mkdir()
+        (workdir / "config" / ".env.dev").write_text(f"{MARKER}\nDB_HOST=127.0.0.1\nDB_PORT={free_port()}\n")
+        first = run_demo(workdir)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "no dev database reachable" in first.stdout
+        assert "using the local cluster" in first.stdout and "PostgreSQL binaries in" in first.stdout
+        assert "recorded fill #5" in first.stdout
+        env_dev = (workdir / "config" / ".env.dev").read_text()
+        assert "DB_NAME=precog_dev" in env_dev
+        assert (workdir / "config" / ".env.dev").stat().st_mode & 0o077 == 0
+
+        second = run_demo(workdir)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "using the configured dev database" in second.stdout
+        assert "recorded fill #10" in second.stdout  # data from the first run survived
+        fills = sum(int(n) for n in re.findall(r"\((\d+) fills\)", second.stdout))
+        assert fills == 10
+
+
+@pytest.mark.slow
+class TestLocalUp:
+    def test_idempotent_and_respects_hand_written_files(self, workdir: Path) -> None:
+        """local_up twice reuses the cluster; a .env file a person wrote is never overwritten."""
+        config = workdir / "config"
+        config.mkdir()
+        (config / ".env.test").write_text("DB_HOST=my-own-server\n")
+        cluster, done = local_up(workdir / ".precog", config)
+        assert any(line.startswith("started") for line in done)
+        assert any("kept" in line and ".env.test" in line for line in done)
+        assert (config / ".env.test").read_text() == "DB_HOST=my-own-server\n"
+        again_cluster, again = local_up(workdir / ".precog", config)
+        assert again_cluster.port == cluster.port
+        assert any(line.startswith("reused running") for line in again)
+        assert "kept database precog_dev" in again and f"unchanged {config / '.env.dev'}" in again
+
+    def test_stop_and_start_keep_data(self, workdir: Path) -> None:
+        """Stopping and starting the cluster keeps databases and rows."""
+        cluster, _ = local_up(workdir / ".precog", workdir / "config")
+        import psycopg
+
+        with psycopg.connect(cluster.conninfo("precog_dev"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (x int); INSERT INTO kept VALUES (42)")
+        cluster.stop()
+        assert not cluster.running()
+        reopened = LocalCluster(workdir / ".precog")
+        reopened.start()
+        with psycopg.connect(reopened.conninfo("precog_dev"), autocommit=True) as conn:
+            assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
