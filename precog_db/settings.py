@@ -33,7 +33,7 @@ from dotenv.parser import parse_stream
 from precog_db.environment import Environment, environment_named_by, get_environment
 from precog_db.errors import ConfigurationError, EnvironmentMismatchError
 
-__all__ = ["ENV_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir"]
+__all__ = ["ENV_VARS", "FIELD_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir"]
 
 log = structlog.get_logger("precog_db")
 
@@ -267,6 +267,8 @@ _BY_FIELD = {s.field: s for s in _SPECS}
 _FIELD_NAMES = frozenset(_BY_FIELD)
 #: Variable name -> one-line description, for documentation and ``precog-db env``.
 ENV_VARS: dict[str, str] = {s.var: s.help for s in _SPECS}
+#: Field name -> the variable that sets it (``host`` -> ``DB_HOST``), for ``precog-db env``.
+FIELD_VARS: dict[str, str] = {s.field: s.var for s in _SPECS}
 _OTHER_KNOWN = {"PRECOG_ENV", "PRECOG_CONFIG_DIR", "PRECOG_PROD_CONFIRMED", "PRECOG_AUDIT_LOG"}
 
 
