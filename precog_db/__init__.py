@@ -16,11 +16,15 @@ from precog_db.errors import (
     PoolStateError,
     PrecogDBError,
     ProductionAccessError,
+    RestoredCopyError,
+    StampError,
+    UnstampedDatabaseError,
 )
 from precog_db.gates import dangerous_operation, delete_all, truncate_tables
 from precog_db.log import configure_logging
 from precog_db.pool import PrecogPool, close_pool, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.stamp import Stamp, read_stamp, stamp_database
 
 __version__ = "0.1.0"
 
@@ -37,6 +41,10 @@ __all__ = [
     "PrecogDBError",
     "PrecogPool",
     "ProductionAccessError",
+    "RestoredCopyError",
+    "Stamp",
+    "StampError",
+    "UnstampedDatabaseError",
     "close_pool",
     "configure_logging",
     "dangerous_operation",
@@ -47,6 +55,8 @@ __all__ = [
     "get_pool",
     "initialize_pool",
     "load_settings",
+    "read_stamp",
     "require_environment",
+    "stamp_database",
     "truncate_tables",
 ]

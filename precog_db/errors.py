@@ -21,6 +21,9 @@ __all__ = [
     "PoolStateError",
     "PrecogDBError",
     "ProductionAccessError",
+    "RestoredCopyError",
+    "StampError",
+    "UnstampedDatabaseError",
 ]
 
 
@@ -38,6 +41,18 @@ class EnvironmentNotAllowedError(PrecogDBError, RuntimeError):
 
 class EnvironmentMismatchError(PrecogDBError, RuntimeError):
     """The configured database belongs to another environment than the resolved one."""
+
+
+class RestoredCopyError(EnvironmentMismatchError):
+    """The database is a restored copy of another environment's database and must be re-stamped before use."""
+
+
+class UnstampedDatabaseError(PrecogDBError, RuntimeError):
+    """A staging or production database carries no identity stamp."""
+
+
+class StampError(PrecogDBError, RuntimeError):
+    """The identity stamp could not be read or written (usually missing privileges)."""
 
 
 class ProductionAccessError(PrecogDBError, RuntimeError):

@@ -35,6 +35,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import require_production_confirmation
 from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.stamp import verify_stamp
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -192,7 +193,7 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
 
 def _on_open(settings: DatabaseSettings, conn: Connection[Any]) -> None:
     """Checks run once per pool on the probe connection (identity stamp, audit)."""
-    return None
+    verify_stamp(settings, conn)
 
 
 # --- the process-wide pool ---------------------------------------------------------

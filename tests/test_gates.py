@@ -14,6 +14,7 @@ from precog_db import (
     delete_all,
     get_cursor,
     initialize_pool,
+    stamp_database,
     truncate_tables,
 )
 from precog_db.settings import DatabaseSettings
@@ -88,6 +89,7 @@ class TestDecorator:
         """A pool opened for prod blocks the gate even when PRECOG_ENV says test."""
         pg_server.fresh_database("trading_live")
         monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        stamp_database("prod", settings=pg_server.settings("trading_live", env=Environment.PROD))
         initialize_pool(settings=pg_server.settings("trading_live", env=Environment.PROD))
         monkeypatch.setenv("PRECOG_ENV", "test")
         with pytest.raises(EnvironmentNotAllowedError, match="prod"):

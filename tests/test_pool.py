@@ -23,6 +23,7 @@ from precog_db import (
     get_cursor,
     get_pool,
     initialize_pool,
+    stamp_database,
 )
 from precog_db.local_cluster import free_port
 from precog_db.settings import DatabaseSettings
@@ -122,7 +123,9 @@ class TestOpening:
 class TestProductionGuard:
     def prod_settings(self, pg_server: Server) -> DatabaseSettings:
         pg_server.fresh_database("trading_live") if not _exists(pg_server, "trading_live") else None
-        return pg_server.settings("trading_live", env=Environment.PROD)
+        settings = pg_server.settings("trading_live", env=Environment.PROD)
+        stamp_database("prod", settings=settings)  # an unstamped prod database is refused (test_stamp.py)
+        return settings
 
     @pytest.mark.parametrize("value", [None, "", "YES", "yes ", "true", "1"])
     def test_refused_without_exact_confirmation(

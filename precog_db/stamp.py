@@ -1,0 +1,437 @@
+"""The identity stamp: the database itself says which environment it belongs to.
+
+Environment variables lie (a stale shell export, a copied ``.env``), so each
+database can carry a one-row table, ``precog_meta.stamp``, recording the
+environment it belongs to, who stamped it and when, the database name and the
+cluster's ``system_identifier`` (from ``pg_control_system()``).
+
+`stamp_database` writes it; `read_stamp` reads it; `verify_stamp` is what the
+pool runs once, on its probe connection, when it opens:
+
+* stamped with another environment than the resolved one: `EnvironmentMismatchError`;
+* unstamped ``staging`` / ``prod``: `UnstampedDatabaseError` with the command that stamps it;
+* unstamped ``dev`` / ``test``: allowed, with a ``database_unstamped`` warning;
+* a restored copy (the stamp names another database or another cluster) of
+  another environment: `RestoredCopyError`, saying it is a copy and giving the
+  one command that re-stamps it. A copy of the *same* environment is allowed
+  with a ``database_copy_detected`` warning.
+
+This module works on the settings and connections it is given; it imports the
+pool layer only inside `stamp_database` / `read_stamp`, so the pool can import
+it without a loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import metadata
+from typing import Any
+
+import psycopg
+import structlog
+from psycopg import Connection, Cursor
+from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
+
+from precog_db.environment import Environment, parse_environment
+from precog_db.errors import (
+    ConfigurationError,
+    EnvironmentMismatchError,
+    RestoredCopyError,
+    StampError,
+    UnstampedDatabaseError,
+)
+from precog_db.guard import current_os_user, require_production_confirmation
+from precog_db.settings import DatabaseSettings, load_settings
+
+__all__ = [
+    "SCHEMA",
+    "TABLE",
+    "Stamp",
+    "cluster_system_identifier",
+    "read_stamp",
+    "read_stamp_on",
+    "stamp_command",
+    "stamp_database",
+    "verify_stamp",
+]
+
+log = structlog.get_logger("precog_db")
+
+SCHEMA = "precog_meta"
+TABLE = f"{SCHEMA}.stamp"
+
+#: Serializes concurrent stampers of one database (any constant works; this is "precog_stamp" in ASCII).
+_LOCK_KEY = 0x707265636F675F73
+
+_STRICT = (Environment.STAGING, Environment.PROD)
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {TABLE} (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    env text NOT NULL CHECK (env IN ('dev', 'test', 'staging', 'prod')),
+    dbname text NOT NULL,
+    system_identifier bigint,
+    stamped_by text NOT NULL,
+    stamped_role text NOT NULL DEFAULT current_user,
+    stamped_at timestamptz NOT NULL DEFAULT now(),
+    library_version text NOT NULL
+);
+COMMENT ON TABLE {TABLE} IS
+    'Which environment this database belongs to. Written by precog_db stamp_database '
+    '(precog-db --env <env> stamp); checked by precog_db whenever a pool opens. One row.';
+GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
+GRANT SELECT ON {TABLE} TO PUBLIC;
+"""
+
+_COLUMNS = "env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version"
+
+_UPSERT = f"""
+INSERT INTO {TABLE} (singleton, env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version)
+VALUES (true, %s, current_database(), %s, %s, current_user, now(), %s)
+ON CONFLICT (singleton) DO UPDATE SET
+    env = EXCLUDED.env,
+    dbname = EXCLUDED.dbname,
+    system_identifier = EXCLUDED.system_identifier,
+    stamped_by = EXCLUDED.stamped_by,
+    stamped_role = EXCLUDED.stamped_role,
+    stamped_at = EXCLUDED.stamped_at,
+    library_version = EXCLUDED.library_version
+RETURNING {_COLUMNS}
+"""
+
+
+def _library_version() -> str:
+    try:
+        return metadata.version("precog-db")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """One database's identity stamp, plus where it was read from.
+
+    ``env`` … ``library_version`` are what was recorded when the database was
+    stamped; ``current_dbname`` and ``current_system_identifier`` describe the
+    database and cluster it was read from just now. A difference between the
+    two means the database is a restored copy (see `copy_reason`).
+    ``system_identifier`` is None when the stamping role could not read
+    ``pg_control_system()``; ``current_system_identifier`` is None when the
+    reading role cannot. Copy detection then relies on the database name alone.
+    """
+
+    env: Environment
+    dbname: str
+    system_identifier: int | None
+    stamped_by: str
+    stamped_role: str
+    stamped_at: datetime
+    library_version: str
+    current_dbname: str
+    current_system_identifier: int | None
+
+    @property
+    def copy_reason(self) -> str | None:
+        """Why this database is a copy of the one that was stamped, or None when it is that database."""
+        if self.dbname != self.current_dbname:
+            return f"it was stamped as database {self.dbname!r} and is now database {self.current_dbname!r}"
+        if (
+            self.system_identifier is not None
+            and self.current_system_identifier is not None
+            and self.system_identifier != self.current_system_identifier
+        ):
+            return (
+                f"it was stamped on the cluster with system identifier {self.system_identifier} "
+                f"and now lives on the cluster {self.current_system_identifier}"
+            )
+        return None
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the database is a restored copy of the one that was stamped."""
+        return self.copy_reason is not None
+
+    def describe(self) -> str:
+        """``stamped prod by alice (role precog_prod) at 2024-05-01 10:00:00+00:00``."""
+        return (
+            f"stamped {self.env.value} by {self.stamped_by} (role {self.stamped_role}) "
+            f"at {self.stamped_at.isoformat(sep=' ', timespec='seconds')}"
+        )
+
+
+def stamp_command(env: Environment, *, force: bool = False) -> str:
+    """The shell command that stamps the configured database as ``env``."""
+    prefix = "PRECOG_PROD_CONFIRMED=yes " if env is Environment.PROD else ""
+    return f"{prefix}precog-db --env {env.value} stamp{' --force' if force else ''}"
+
+
+def _call(env: Environment, *, force: bool = False) -> str:
+    return f"stamp_database({env.value!r}{', force=True' if force else ''})"
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def _run_guarded(conn: Connection[Any], query: str) -> tuple[Any, ...] | None:
+    """Run a one-row query that may fail for lack of privileges, without breaking a transaction."""
+    idle_autocommit = conn.autocommit and conn.pgconn.transaction_status == TransactionStatus.IDLE
+    with conn.cursor(row_factory=tuple_row) as cur:
+        if idle_autocommit:
+            cur.execute(query)
+            return cur.fetchone()
+        with conn.transaction():
+            cur.execute(query)
+            return cur.fetchone()
+
+
+def cluster_system_identifier(conn: Connection[Any]) -> int | None:
+    """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``.
+
+    PostgreSQL grants ``pg_control_system()`` to PUBLIC by default; an
+    administrator can revoke it, and some managed services do not provide it.
+    """
+    try:
+        row = _run_guarded(conn, "SELECT system_identifier FROM pg_catalog.pg_control_system()")
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction, psycopg.errors.FeatureNotSupported):
+        log.info("system_identifier_unreadable", reason="pg_control_system() is not available to this role")
+        return None
+    return int(row[0]) if row and row[0] is not None else None
+
+
+def _read(cur: Cursor[Any], conn: Connection[Any], *, for_update: bool = False) -> Stamp | None:
+    cur.execute("SELECT current_database(), to_regclass(%s) IS NOT NULL", (TABLE,))
+    row = cur.fetchone()
+    assert row is not None
+    current_dbname, exists = str(row[0]), bool(row[1])
+    if not exists:
+        return None
+    cur.execute(f"SELECT {_COLUMNS} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
+    found = cur.fetchone()
+    if found is None:
+        return None
+    recorded_id = None if found[2] is None else int(found[2])
+    # Read the live identifier only when there is one to compare with.
+    current_id = cluster_system_identifier(conn) if recorded_id is not None else None
+    return Stamp(
+        env=parse_environment(found[0], source=f"the stamp in {TABLE}"),
+        dbname=str(found[1]),
+        system_identifier=recorded_id,
+        stamped_by=str(found[3]),
+        stamped_role=str(found[4]),
+        stamped_at=found[5],
+        library_version=str(found[6]),
+        current_dbname=current_dbname,
+        current_system_identifier=current_id,
+    )
+
+
+def _privilege_error(settings: DatabaseSettings, action: str, fix: str) -> StampError:
+    return StampError(f"role {settings.user!r} may not {action} in the {settings.describe()}; {fix}")
+
+
+def read_stamp_on(conn: Connection[Any], settings: DatabaseSettings) -> Stamp | None:
+    """Read the stamp over an open connection; None when the database is unstamped."""
+    try:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            return _read(cur, conn)
+    except psycopg.errors.InsufficientPrivilege:
+        raise _privilege_error(
+            settings,
+            f"read the identity stamp {TABLE}",
+            f"stamping grants it to everyone, so someone revoked it: run `GRANT USAGE ON SCHEMA {SCHEMA} "
+            f"TO {settings.user}; GRANT SELECT ON {TABLE} TO {settings.user};` as the database owner",
+        ) from None
+
+
+def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
+    """Connect to the configured database and return its stamp, or None when it is unstamped.
+
+    ``settings`` defaults to `load_settings()`. Reading production needs
+    ``PRECOG_PROD_CONFIRMED=yes`` like any other production access.
+    """
+    from precog_db.pool import probe_connection
+
+    if settings is None:
+        settings = load_settings()
+    require_production_confirmation(settings, operation="read the identity stamp")
+    conn = probe_connection(settings)
+    try:
+        return read_stamp_on(conn, settings)
+    finally:
+        conn.close()
+
+
+# --- checking (at pool open) ---------------------------------------------------------------
+
+
+def verify_stamp(settings: DatabaseSettings, conn: Connection[Any]) -> Stamp | None:
+    """Check the database behind ``conn`` against the environment of ``settings``.
+
+    Called once per pool, on its probe connection. Returns the stamp (None
+    when unstamped) or raises `EnvironmentMismatchError`, `RestoredCopyError`,
+    `UnstampedDatabaseError` or `StampError`. See the module docstring for the rules.
+    """
+    env = settings.env
+    stamp = read_stamp_on(conn, settings)
+    where = settings.describe()
+    if stamp is None:
+        if env in _STRICT:
+            raise UnstampedDatabaseError(
+                f"the {where} carries no identity stamp, and {env.value} databases must: "
+                f"without it nothing proves this is the {env.value} database rather than another one "
+                f"reached through a stale setting. If it is the {env.value} database, stamp it once "
+                f"with `{stamp_command(env)}` (or {_call(env)} in Python) and try again"
+            )
+        log.warning(
+            "database_unstamped",
+            env=env.value,
+            dbname=settings.dbname,
+            host=settings.host,
+            port=settings.port,
+            fix=stamp_command(env),
+        )
+        return None
+    copy = stamp.copy_reason
+    if stamp.env is env:
+        if copy is not None:
+            log.warning(
+                "database_copy_detected",
+                env=env.value,
+                dbname=settings.dbname,
+                host=settings.host,
+                port=settings.port,
+                reason=copy,
+                fix=stamp_command(env),
+            )
+        return stamp
+    if copy is not None:
+        raise RestoredCopyError(
+            f"the {where} is {stamp.describe()}, but it is a restored copy ({copy}), so it is not the "
+            f"{stamp.env.value} database itself. If it now belongs to {env.value}, re-stamp it once with "
+            f"`{stamp_command(env, force=True)}` (or {_call(env, force=True)} in Python); until then it is "
+            f"refused, because a real {stamp.env.value} database that moved to a new cluster looks the same"
+        )
+    hint = (
+        " (re-stamping a production database also needs PRECOG_PROD_CONFIRMED=yes)"
+        if stamp.env is Environment.PROD
+        else ""
+    )
+    raise EnvironmentMismatchError(
+        f"the {where} is {stamp.describe()}, but this process resolved environment {env.value}; "
+        f"refusing to open a {stamp.env.value} database as {env.value}. Fix PRECOG_ENV or DB_NAME "
+        "(a stale shell export or a copied .env file is the usual cause). Only if the database really "
+        f"belongs to {env.value} now, re-stamp it with `{stamp_command(env, force=True)}`{hint}"
+    )
+
+
+# --- writing ----------------------------------------------------------------------------
+
+
+def stamp_database(
+    env: str | Environment | None = None,
+    *,
+    force: bool = False,
+    settings: DatabaseSettings | None = None,
+) -> Stamp:
+    """Stamp the configured database as belonging to ``env``; return the new stamp.
+
+    ``settings`` defaults to `load_settings(env)`; ``env`` defaults to the
+    settings' environment. Stamping again with the same environment refreshes
+    the stamp (who, when, database name, cluster). A database stamped with
+    another environment needs ``force=True``. Stamping ``prod`` needs
+    ``PRECOG_PROD_CONFIRMED=yes``, and so does re-stamping a database stamped
+    ``prod`` as anything else, unless it is a restored copy.
+    """
+    from precog_db.pool import probe_connection
+
+    if settings is None:
+        settings = load_settings(env)
+    elif env is not None and parse_environment(env) is not settings.env:
+        raise ConfigurationError(
+            f"stamp_database got env={parse_environment(env).value} but settings for "
+            f"{settings.env.value}; pass one or the other"
+        )
+    require_production_confirmation(settings, operation="write the prod identity stamp")
+    conn = probe_connection(settings)
+    try:
+        return _write(conn, settings, force=force)
+    finally:
+        conn.close()
+
+
+def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) -> Stamp:
+    target = settings.env
+    current_id = cluster_system_identifier(conn)
+    if current_id is None:
+        log.warning(
+            "stamp_without_system_identifier",
+            dbname=settings.dbname,
+            role=settings.user,
+            reason="pg_control_system() is not readable by this role; copies will be detected by name only",
+            fix=f"stamp as a role that may run pg_control_system(), e.g. GRANT EXECUTE ON FUNCTION "
+            f"pg_control_system() TO {settings.user}",
+        )
+    try:
+        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,))
+            row = cur.fetchone()
+            if not (row and row[0]):
+                cur.execute(_DDL)
+            previous = _read(cur, conn, for_update=True)
+            if previous is not None and previous.env is not target:
+                _check_restamp(settings, previous, force=force)
+            cur.execute(_UPSERT, (target.value, current_id, current_os_user(), _library_version()))
+            written = cur.fetchone()
+            assert written is not None
+            cur.execute("SELECT current_database()")
+            db_row = cur.fetchone()
+    except psycopg.errors.InsufficientPrivilege:
+        raise _privilege_error(
+            settings,
+            f"create or update {TABLE}",
+            "stamp as the database owner or a superuser (set DB_USER/DB_PASSWORD for that role just for "
+            f"this command), or grant CREATE on the database and UPDATE on {TABLE} to this role",
+        ) from None
+    stamp = Stamp(
+        env=parse_environment(written[0]),
+        dbname=str(written[1]),
+        system_identifier=None if written[2] is None else int(written[2]),
+        stamped_by=str(written[3]),
+        stamped_role=str(written[4]),
+        stamped_at=written[5],
+        library_version=str(written[6]),
+        current_dbname=str(db_row[0]) if db_row else str(written[1]),
+        current_system_identifier=current_id,
+    )
+    log.info(
+        "database_stamped",
+        env=target.value,
+        previous_env=None if previous is None else previous.env.value,
+        previous_was_copy=None if previous is None else previous.is_copy,
+        dbname=stamp.dbname,
+        host=settings.host,
+        port=settings.port,
+        os_user=stamp.stamped_by,
+        system_identifier=stamp.system_identifier,
+    )
+    return stamp
+
+
+def _check_restamp(settings: DatabaseSettings, previous: Stamp, *, force: bool) -> None:
+    target = settings.env
+    if not force:
+        raise EnvironmentMismatchError(
+            f"the {settings.describe()} is {previous.describe()}; stamping it {target.value} "
+            f"replaces that, so it needs force=True (`{stamp_command(target, force=True)}`). "
+            "Check first that you are connected to the database you think you are"
+        )
+    if previous.env is Environment.PROD and not previous.is_copy:
+        # Turning the real production database into anything else disarms every
+        # check that protects it, so it is production access like any other.
+        as_prod = dataclasses.replace(settings, env=Environment.PROD)
+        require_production_confirmation(as_prod, operation=f"re-stamp the production database as {target.value}")
