@@ -1,6 +1,10 @@
-"""A throwaway local PostgreSQL cluster built from the binaries on the machine.
+"""A throwaway local PostgreSQL cluster, started with ``initdb`` and ``pg_ctl``.
 
 Used by ``precog-db local up``, the README's demo and the test harness.
+:func:`find_server_binaries` is the one place that picks the binaries:
+``PRECOG_PG_BINDIR``, else PostgreSQL installed on the machine, else the
+embedded server of the ``local`` extra (:mod:`precog_db.embedded`);
+``PRECOG_PG_SEARCH=system|embedded`` limits the search.
 PostgreSQL refuses to run as root, so when this process is root the server
 runs as the unprivileged ``postgres`` user (via ``runuser``), in a directory
 that user owns. State lives in ``<root>/cluster.json``; the data survives
@@ -19,6 +23,7 @@ import socket
 import stat
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +32,24 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from precog_db.errors import PrecogDBError
+from precog_db import embedded
+from precog_db.errors import ConfigurationError, PrecogDBError
 
-__all__ = ["LocalCluster", "LocalClusterError", "find_postgres_bindir", "free_port", "local_up"]
+__all__ = [
+    "LocalCluster",
+    "LocalClusterError",
+    "ServerBinaries",
+    "find_postgres_bindir",
+    "find_server_binaries",
+    "free_port",
+    "local_up",
+    "search_mode",
+]
 
 SUPERUSER = "postgres"
+BINDIR_ENV = "PRECOG_PG_BINDIR"
+SEARCH_ENV = "PRECOG_PG_SEARCH"
+SEARCH_MODES = ("auto", "system", "embedded")
 _MARKER = "# written by precog-db local up"
 
 
@@ -51,11 +69,9 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(digits) or (0,)
 
 
-def _candidate_bindirs() -> list[tuple[Path, str]]:
+def _system_candidates() -> list[tuple[Path, str]]:
+    """Directories that may hold PostgreSQL binaries installed on the machine, best first."""
     found: list[tuple[Path, str]] = []
-    explicit = os.environ.get("PRECOG_PG_BINDIR", "").strip()
-    if explicit:
-        found.append((Path(explicit), "PRECOG_PG_BINDIR"))
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
@@ -82,24 +98,117 @@ def _candidate_bindirs() -> list[tuple[Path, str]]:
     return found
 
 
+def _has_server(bindir: Path) -> bool:
+    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres"))
+
+
+def _major_version(bindir: Path) -> int | None:
+    """The major version of the binaries in ``bindir`` (``pg_ctl --version``), None if unknown."""
+    try:
+        out = subprocess.run(
+            [str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = out.stdout.split()
+    if out.returncode != 0 or not words:
+        return None
+    head = words[-1].split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class ServerBinaries:
+    """The PostgreSQL binaries a local cluster runs, and how they were found."""
+
+    bindir: Path
+    kind: str  # "configured" (PRECOG_PG_BINDIR), "system" (installed on the machine) or "embedded" (the extra)
+    found_by: str
+
+    def describe(self) -> str:
+        """One line for messages: which server, where, found how."""
+        if self.kind == "embedded":
+            return embedded.embedded_description(self.bindir)
+        major = _major_version(self.bindir)
+        where = "set by" if self.kind == "configured" else "installed on this machine, found by"
+        return f"PostgreSQL binaries in {self.bindir} (PostgreSQL {major or '?'}, {where} {self.found_by})"
+
+
+def search_mode(value: str | None = None) -> str:
+    """The lookup mode: ``value``, else ``PRECOG_PG_SEARCH``, else ``auto``; validated."""
+    raw = os.environ.get(SEARCH_ENV, "") if value is None else value
+    mode = raw.strip().lower() or "auto"
+    if mode not in SEARCH_MODES:
+        raise ConfigurationError(
+            f"{SEARCH_ENV} must be one of {', '.join(SEARCH_MODES)} (auto: installed binaries, then the embedded "
+            "server; system: installed binaries only; embedded: the embedded server only)"
+        )
+    return mode
+
+
+def find_server_binaries(search: str | None = None, *, major: int | None = None) -> ServerBinaries:
+    """The one place that decides which PostgreSQL a local cluster starts.
+
+    Order: (1) ``PRECOG_PG_BINDIR``, when set, and nothing else; (2) binaries
+    installed on the machine (``pg_config --bindir``, the usual Debian, RHEL and
+    Homebrew locations, ``PATH``); (3) the embedded server of the ``local``
+    extra. ``search`` (default ``PRECOG_PG_SEARCH``) limits steps 2 and 3 to
+    ``system`` or ``embedded``. ``major`` keeps only binaries of that major
+    version (an existing data directory needs the version that created it).
+    Servers that need no starting (``PRECOG_TEST_DSN``, the settings) are the
+    callers' first choice and never reach this function.
+    """
+    mode = search_mode(search)
+    wanted = f"PostgreSQL {major} " if major else "PostgreSQL "
+    explicit = os.environ.get(BINDIR_ENV, "").strip()
+    if explicit:
+        path = Path(explicit)
+        if not _has_server(path):
+            raise LocalClusterError(
+                f"{BINDIR_ENV}={explicit} does not hold initdb, pg_ctl and postgres; "
+                "point it at PostgreSQL's bin directory or unset it"
+            )
+        if major and _major_version(path) != major:
+            raise LocalClusterError(
+                f"{BINDIR_ENV}={explicit} holds PostgreSQL {_major_version(path)}, but the data directory was "
+                f"created by PostgreSQL {major}; point it at {wanted}binaries or unset it"
+            )
+        return ServerBinaries(path, "configured", BINDIR_ENV)
+    looked: list[str] = []
+    if mode in ("auto", "system"):
+        for path, how in _system_candidates():
+            if _has_server(path) and (major is None or _major_version(path) == major):
+                return ServerBinaries(path, "system", how)
+            looked.append(str(path))
+    else:
+        looked.append(f"no installed binaries ({SEARCH_ENV}=embedded)")
+    if mode in ("auto", "embedded"):
+        try:
+            bindir = embedded.embedded_bindir(shared=_is_root())
+        except embedded.EmbeddedPostgresError as exc:
+            raise LocalClusterError(str(exc)) from None
+        if bindir is not None and (major is None or _major_version(bindir) == major):
+            return ServerBinaries(bindir, "embedded", f"the {embedded.EXTRA} extra")
+        looked.append("the embedded server (not installed)" if bindir is None else f"the embedded server in {bindir}")
+    else:
+        looked.append(f"not the embedded server ({SEARCH_ENV}=system)")
+    raise LocalClusterError(
+        f"no {wanted}server binaries (initdb, pg_ctl, postgres) to start a local cluster; looked in: "
+        + ", ".join(dict.fromkeys(looked))
+        + ". Fix it one of three ways: (1) install PostgreSQL (`apt-get install postgresql`, "
+        f"`brew install postgresql`) or set {BINDIR_ENV} to the directory holding initdb; (2) "
+        + embedded.INSTALL_HINT
+        + "; (3) point PRECOG_TEST_DSN (tests) or the settings (config/.env.dev) at a server you already have"
+    )
+
+
 def find_postgres_bindir() -> tuple[Path, str]:
     """Find a directory holding ``initdb`` and ``pg_ctl``; return it and how it was found.
 
-    Order: ``PRECOG_PG_BINDIR``, ``pg_config --bindir``, the usual Debian,
-    RHEL and Homebrew locations, then ``PATH``.
+    Same lookup as :func:`find_server_binaries`.
     """
-    looked: list[str] = []
-    for path, how in _candidate_bindirs():
-        looked.append(str(path))
-        if (path / "initdb").is_file() and (path / "pg_ctl").is_file() and (path / "postgres").is_file():
-            return path, how
-    raise LocalClusterError(
-        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) were found; looked in: "
-        + ", ".join(dict.fromkeys(looked))
-        + ". Fix it one of three ways: install PostgreSQL (e.g. `apt-get install postgresql`), "
-        "set PRECOG_PG_BINDIR to the directory holding initdb, or point the settings "
-        "(config/.env.dev, PRECOG_TEST_DSN) at a server you already have"
-    )
+    found = find_server_binaries()
+    return found.bindir, found.found_by
 
 
 def _is_root() -> bool:
@@ -131,6 +240,7 @@ class LocalCluster:
     root: Path
     server_options: dict[str, str] = field(default_factory=dict)
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    recovered: str | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root).absolute()
@@ -168,16 +278,42 @@ class LocalCluster:
 
     @property
     def bindir(self) -> Path:
-        if "bindir" not in self._state or not (Path(self._state["bindir"]) / "pg_ctl").is_file():
-            path, how = find_postgres_bindir()
-            self._state["bindir"], self._state["found_by"] = str(path), how
-        return Path(self._state["bindir"])
+        """The binaries this cluster runs: those that created it, else the lookup's choice.
+
+        A data directory can only be run by the major version that created it, so
+        when the saved binaries are gone (an emptied temporary cache, an
+        uninstalled package) the lookup is limited to that version.
+        """
+        saved = self._state.get("bindir")
+        if saved and _has_server(Path(saved)):
+            return Path(saved)
+        found = find_server_binaries(major=self._data_major())
+        self._state.update(bindir=str(found.bindir), kind=found.kind, found_by=found.found_by, server=found.describe())
+        if self.initialized():
+            self._save()
+        return found.bindir
+
+    @property
+    def kind(self) -> str:
+        """``configured``, ``system`` or ``embedded``: see :func:`find_server_binaries`."""
+        self.bindir  # noqa: B018 - runs the lookup when nothing is saved yet
+        return str(self._state.get("kind", "system"))
 
     @property
     def source(self) -> str:
         """Which server this cluster runs, for messages: binaries and how they were found."""
         bindir = self.bindir
+        saved = self._state.get("server")
+        if saved:
+            return str(saved)
         return f"PostgreSQL binaries in {bindir} (found by {self._state.get('found_by', 'saved state')})"
+
+    def _data_major(self) -> int | None:
+        try:
+            text = (self.data_dir / "PG_VERSION").read_text().strip()
+        except OSError:
+            return None
+        return int(text) if text.isdigit() else None
 
     def conninfo(self, dbname: str = "postgres") -> str:
         return f"host={self.host} port={self.port} user={SUPERUSER} dbname={dbname}"
@@ -201,7 +337,7 @@ class LocalCluster:
         raise LocalClusterError("running as root but neither runuser nor su exists to drop to the postgres user")
 
     def _run(
-        self, argv: Sequence[str], *, timeout: float = 120, check: bool = True
+        self, argv: Sequence[str], *, timeout: float = 120, check: bool = True, log_tail: bool = False
     ) -> subprocess.CompletedProcess[str]:
         cmd = self._as_server_user(argv)
         try:
@@ -210,6 +346,9 @@ class LocalCluster:
             raise LocalClusterError(f"{Path(argv[0]).name} did not finish within {timeout:.0f}s") from None
         if check and result.returncode != 0:
             detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+            if log_tail:
+                with contextlib.suppress(OSError):
+                    detail += [f"log: {line}" for line in self.log_file.read_text(errors="replace").splitlines()[-5:]]
             raise LocalClusterError(
                 f"{Path(argv[0]).name} failed (exit {result.returncode}): "
                 + " | ".join(detail)
@@ -244,7 +383,11 @@ class LocalCluster:
         return (self.data_dir / "PG_VERSION").is_file()
 
     def running(self) -> bool:
+        """Is this cluster's own server running? A pid file naming another process does not count."""
         if not self.initialized():
+            return False
+        pid = self._postmaster_pid()
+        if pid is None or not _alive(pid) or self._is_our_postmaster(pid) is False:
             return False
         result = self._run([str(self.bindir / "pg_ctl"), "status", "-D", str(self.data_dir)], check=False)
         return result.returncode == 0
@@ -284,11 +427,16 @@ class LocalCluster:
         self._save()
 
     def start(self, *, wait: float = 60) -> None:
-        """Start the server if it is not running, recovering from a stale pid file."""
+        """Start the server if it is not running, recovering from a stale pid file.
+
+        After a start, ``recovered`` says what was found when the previous server
+        had not shut down cleanly (None when it had).
+        """
         self.init()
+        self.recovered = None
         if self.running():
             return
-        self._clear_stale_pid()
+        self.recovered = self._clear_stale_pid()
         try:
             self._pg_ctl_start(wait)
         except LocalClusterError:
@@ -322,26 +470,78 @@ class LocalCluster:
                 opts,
             ],
             timeout=wait + 30,
+            log_tail=True,
         )
 
-    def _clear_stale_pid(self) -> None:
-        pid_file = self.data_dir / "postmaster.pid"
+    def _postmaster_pid(self) -> int | None:
         try:
-            pid = int(pid_file.read_text().splitlines()[0])
+            return int((self.data_dir / "postmaster.pid").read_text().splitlines()[0])
         except (OSError, ValueError, IndexError):
-            return
+            return None
+
+    def _is_our_postmaster(self, pid: int) -> bool | None:
+        """Is ``pid`` a server running in this data directory? None when this platform cannot tell.
+
+        A postmaster's working directory is its data directory; when that is
+        unreadable (another user's process, no root) its program name decides.
+        """
+        proc = Path(f"/proc/{pid}")
         try:
-            os.kill(pid, 0)
-            alive = True
-        except ProcessLookupError:
-            alive = False
+            return os.path.realpath(os.readlink(proc / "cwd")) == os.path.realpath(self.data_dir)
         except PermissionError:
-            alive = True
-        if alive:
             with contextlib.suppress(OSError):
-                alive = "postgres" in Path(f"/proc/{pid}/comm").read_text()
-        if not alive:
-            pid_file.unlink(missing_ok=True)
+                return "postgres" in (proc / "comm").read_text()
+            return None
+        except OSError:
+            return False if Path("/proc/self").is_dir() else None
+
+    def _clear_stale_pid(self, leftovers_wait: float = 15) -> str | None:
+        """Deal with a ``postmaster.pid`` whose server is gone; return what was found, None if nothing.
+
+        A dead pid: the file stays, because PostgreSQL replaces a stale file
+        itself, after checking that no process of the old server still uses its
+        shared memory. A pid that now belongs to another program: PostgreSQL
+        would refuse to start ("lock file already exists"), so the file is
+        removed once no process is left in the data directory.
+        """
+        pid = self._postmaster_pid()
+        if pid is None or (_alive(pid) and self._is_our_postmaster(pid) is not False):
+            return None
+        leftovers = _processes_in(self.data_dir)
+        deadline = time.monotonic() + leftovers_wait
+        while leftovers and time.monotonic() < deadline:
+            time.sleep(0.2)
+            leftovers = _processes_in(self.data_dir)
+        if leftovers:
+            pids = " ".join(str(p) for p in leftovers)
+            raise LocalClusterError(
+                f"the server of {self.data_dir} stopped without a clean shutdown, but processes {pids} still "
+                f"run in its data directory; stop them (kill {pids}) and start again"
+            )
+        what = f"the server that wrote {self.data_dir / 'postmaster.pid'} (pid {pid}) "
+        if _alive(pid):
+            (self.data_dir / "postmaster.pid").unlink(missing_ok=True)
+            what += "is gone and its pid now belongs to another program, so the stale file was removed"
+        else:
+            what += "is gone"
+        if self._control_state() == "shut down":
+            return f"found a stale pid file: {what}; the data had been shut down cleanly"
+        return (
+            f"recovered from an unclean stop: {what}; the previous server crashed, was killed or the machine "
+            "restarted, and PostgreSQL replays its write-ahead log on this start"
+        )
+
+    def _control_state(self) -> str | None:
+        """``Database cluster state`` from pg_controldata (``shut down``, ``in production``, ...)."""
+        tool = self.bindir / "pg_controldata"
+        if not tool.is_file():
+            return None
+        result = self._run([str(tool), "-D", str(self.data_dir)], check=False)
+        for line in result.stdout.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Database cluster state":
+                return value.strip()
+        return None
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``fast``, ``smart`` or ``immediate``); a no-op when it is not running."""
@@ -386,6 +586,35 @@ class LocalCluster:
         }
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _processes_in(directory: Path) -> list[int]:
+    """Processes whose working directory is inside ``directory`` (Linux /proc; empty elsewhere)."""
+    target = os.path.realpath(directory)
+    found: list[int] = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if cwd == target or cwd.startswith(target + os.sep):
+            found.append(int(entry.name))
+    return sorted(found)
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -420,6 +649,8 @@ def local_up(root: Path, config_dir: Path, envs: Sequence[str] = ("dev", "test")
         f"{'reused running' if was_running else 'started'} local PostgreSQL on {cluster.host}:{cluster.port} "
         f"using {cluster.source}"
     ]
+    if cluster.recovered:
+        done.append(cluster.recovered)
     for env in envs:
         name = f"precog_{env}"
         created = cluster.create_database(name)

@@ -3,9 +3,12 @@
 The server comes from ``PRECOG_TEST_DSN`` when it is set (its user must be
 allowed to create databases). Otherwise the harness starts a throwaway
 cluster with ``initdb`` + ``pg_ctl`` in a temporary directory on a free port
-(as the ``postgres`` user when running as root) and removes it at the end.
-If neither works the session stops with a message saying how to provide a
-server: database tests are never skipped silently.
+(as the ``postgres`` user when running as root) and removes it at the end; the
+binaries come from ``find_server_binaries`` (``PRECOG_PG_BINDIR``, PostgreSQL
+installed on the machine, then the embedded server of the ``local`` extra;
+``PRECOG_PG_SEARCH`` limits the search). The report header and the final
+summary say which server was used. If none works the session stops with a
+message saying how to provide one: database tests are never skipped silently.
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ from psycopg.conninfo import conninfo_to_dict
 
 from precog_db import close_pool
 from precog_db.environment import Environment
-from precog_db.local_cluster import LocalCluster, LocalClusterError
+from precog_db.errors import PrecogDBError
+from precog_db.local_cluster import LocalCluster, find_server_binaries
 from precog_db.settings import DatabaseSettings
 
 REPO = Path(__file__).resolve().parent.parent
 
 _CLEARED_PREFIXES = ("DB_", "PRECOG_")
-_KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR"}
+_KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR", "PRECOG_PG_SEARCH"}
+_USED: list[str] = []  # what pg_server used, for the final summary
 
 
 @dataclass
@@ -43,6 +48,7 @@ class Server:
     password: str
     admin_db: str
     cluster: LocalCluster | None = None
+    source: str = ""
 
     def conninfo(self, dbname: str | None = None) -> str:
         parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname or self.admin_db}
@@ -92,6 +98,22 @@ def start_throwaway_cluster(**server_options: str) -> LocalCluster:
     return cluster
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Say up front which server the database tests will use."""
+    if os.environ.get("PRECOG_TEST_DSN", "").strip():
+        return "precog_db test server: the server named by PRECOG_TEST_DSN"
+    try:
+        return f"precog_db test server: throwaway clusters from {find_server_binaries().describe()}"
+    except PrecogDBError:
+        return "precog_db test server: none found (database tests will stop with the fix)"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Repeat, after the results, which server the database tests ran against (also under -q)."""
+    for line in _USED:
+        terminalreporter.write_line(f"precog_db test server: {line}")
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[Server]:
     """The session's PostgreSQL server (PRECOG_TEST_DSN or a throwaway cluster)."""
@@ -110,19 +132,25 @@ def pg_server() -> Iterator[Server]:
                 pass
         except (psycopg.Error, ValueError) as exc:
             pytest.exit(f"PRECOG_TEST_DSN is set but unusable ({type(exc).__name__}); fix it or unset it", 3)
+        server.source = f"the server from PRECOG_TEST_DSN ({server.host}:{server.port})"
+        _USED.append(server.source)
         yield server
         return
     try:
         cluster = start_throwaway_cluster()
-    except LocalClusterError as exc:
-        pytest.exit(
-            "no PostgreSQL for the tests: set PRECOG_TEST_DSN to a server whose user can create "
-            f"databases, or install the PostgreSQL server binaries. Details: {exc}",
-            3,
-        )
+    except PrecogDBError as exc:
+        pytest.exit(f"no PostgreSQL for the tests: {exc}", 3)
+    source = f"a throwaway cluster on {cluster.host}:{cluster.port} from {cluster.source}"
+    _USED.append(source)
     try:
         yield Server(
-            host=cluster.host, port=cluster.port, user="postgres", password="", admin_db="postgres", cluster=cluster
+            host=cluster.host,
+            port=cluster.port,
+            user="postgres",
+            password="",
+            admin_db="postgres",
+            cluster=cluster,
+            source=source,
         )
     finally:
         cluster.destroy()
