@@ -71,6 +71,10 @@ def table_identifier(name: str) -> sql.Identifier:
     """Quote ``table`` or ``schema.table`` safely; never string-formatted into SQL."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigurationError("a table name must be a non-empty string")
+    if "\x00" in name:
+        # libpq's identifier escaping stops at a NUL byte: "victims\0; junk"
+        # would be quoted as "victims" and hit that table.
+        raise ConfigurationError("a table name must not contain a NUL character; nothing was run")
     parts = name.split(".")
     if len(parts) > 2 or any(not p for p in parts):
         # Not schema.table: treat the whole thing as one (quoted) name.

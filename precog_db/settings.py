@@ -40,6 +40,8 @@ log = structlog.get_logger("precog_db")
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _STRONG_SSL = ("require", "verify-ca", "verify-full")
 _INT32_MAX = 2_147_483_647
+#: A settings file larger than this is not a settings file (and is not read into memory).
+_MAX_ENV_FILE_BYTES = 1 << 20
 
 #: Pool sizes per environment: (min, max).
 _POOL_SIZES: dict[Environment, tuple[int, int]] = {
@@ -180,18 +182,30 @@ def _number(value: str) -> float:
     return result
 
 
+def _encodable(value: str) -> bool:
+    # A value read from an environment holding invalid UTF-8 carries lone
+    # surrogates (surrogateescape); libpq would fail on it much later.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _nonempty(value: Any) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must not be empty"
-    if "\x00" in value:
-        return "must not contain a NUL character"
-    return None
+    return _no_nul(value)
 
 
 def _no_nul(value: Any) -> str | None:
     if not isinstance(value, str):
         return "must be text"
-    return "must not contain a NUL character" if "\x00" in value else None
+    if "\x00" in value:
+        return "must not contain a NUL character"
+    if not _encodable(value):
+        return "must be valid UTF-8 text (it contains undecodable bytes)"
+    return None
 
 
 def _int_range(lo: int, hi: int, unit: str = "") -> Callable[[Any], str | None]:
@@ -325,6 +339,18 @@ def resolve_config_dir(
 def _read_env_file(path: Path) -> dict[str, str | None] | None:
     """Read one `.env` file; None when it does not exist."""
     try:
+        info = path.stat()
+        if stat.S_ISREG(info.st_mode) and info.st_size > _MAX_ENV_FILE_BYTES:
+            raise ConfigurationError(
+                f"{path} is larger than {_MAX_ENV_FILE_BYTES // 1024} KiB, which no settings file is; "
+                "point PRECOG_CONFIG_DIR at the right directory or replace the file"
+            )
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):
+            # A FIFO would block the service at startup and a device like
+            # /dev/zero would be read forever: refuse before opening.
+            raise ConfigurationError(
+                f"{path} is not a regular file (a pipe, socket or device); replace it with a text file"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
@@ -346,10 +372,20 @@ def _read_env_file(path: Path) -> dict[str, str | None] | None:
         line = text[: text.index("\x00")].count("\n") + 1
         raise ConfigurationError(f"{path} line {line} contains a NUL byte; this is not a text file")
     for binding in parse_stream(io.StringIO(text)):
-        if binding.error:
+        # A key without '=' (python-dotenv accepts it as "no value") is almost
+        # always a broken line, e.g. the second line of a wrapped password or
+        # DB_PASSWORDsecret with the '=' lost; its "key" may be a secret, so
+        # it is reported by line number only, like any malformed line.
+        if binding.error or (binding.key is not None and binding.value is None):
             raise ConfigurationError(
                 f"{path} line {binding.original.line} is not a valid KEY=VALUE line; "
                 "fix or remove it (quote values that contain spaces or #)"
+            )
+        key = binding.key or ""
+        if key.startswith(("DB_", "PRECOG_")) and not key.isidentifier():
+            raise ConfigurationError(
+                f"{path} line {binding.original.line} has a malformed variable name (letters, digits and _ "
+                "only); fix the line"
             )
     values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     _warn_unknown_keys(path, values)
