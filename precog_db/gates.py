@@ -4,17 +4,21 @@
 wrapped function runs. The environment checked is the strictest of the one
 resolved from the process (``PRECOG_ENV`` …) and the one the open pool
 serves, so neither a stale export nor an explicitly opened pool can slip by.
+Every gated call, refused or run, gets an entry in the audit log (see
+`precog_db.audit`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
+from time import monotonic
 from typing import ParamSpec, TypeVar
 
 import structlog
 from psycopg import sql
 
+from precog_db import audit
 from precog_db.cursors import get_cursor
 from precog_db.environment import Environment, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
@@ -50,21 +54,48 @@ def dangerous_operation(
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(func)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
+            started = monotonic()
             envs = current_environments()
             refused = [e for e in envs if e not in permitted]
             if refused:
                 names = ", ".join(e.value for e in permitted)
                 log.warning("dangerous_operation_refused", operation=func.__name__, env=refused[-1].value)
-                raise EnvironmentNotAllowedError(
+                error = EnvironmentNotAllowedError(
                     f"{func.__name__} is allowed only in {names}, but the current environment is "
                     f"{refused[-1].value}; it did not run"
                 )
-            return func(*args, **kwargs)
+                _audit(func.__name__, args, envs, started, error)
+                raise error
+            try:
+                result = func(*args, **kwargs)
+            except Exception as exc:
+                _audit(func.__name__, args, envs, started, exc)
+                raise
+            _audit(func.__name__, args, envs, started, None)
+            return result
 
         gated.__precog_allowed__ = permitted  # type: ignore[attr-defined]
         return gated
 
     return decorate
+
+
+def _audit(
+    operation: str, args: tuple[object, ...], envs: tuple[Environment, ...], started: float, error: Exception | None
+) -> None:
+    """One audit entry per gated call: ran (ok/failed) or refused. Text arguments are the targets (tables)."""
+    pool = active_pool()
+    audit.record_safely(
+        operation,
+        outcome=audit.OK if error is None else audit.outcome_of(error),
+        settings=pool.settings if pool is not None else None,
+        environment=envs[-1],
+        duration_s=monotonic() - started,
+        error=error,
+        targets=[a[:200] for a in args if isinstance(a, str)],
+    )
+    if error is not None:
+        audit.mark_recorded(error)
 
 
 def table_identifier(name: str) -> sql.Identifier:
