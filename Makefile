@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ENV ?= dev
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest clean check migrate migrate-status backup local-up local-down
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -30,6 +30,26 @@ typecheck: install
 
 pytest: install
 	$(BIN)/python -m pytest
+
+## Database tasks through precog-db, for ENV (default dev): `make migrate ENV=test`.
+check: install
+	$(BIN)/precog-db --env $(ENV) check
+
+migrate: install
+	$(BIN)/precog-db --env $(ENV) migrate up
+
+migrate-status: install
+	$(BIN)/precog-db --env $(ENV) migrate status
+
+backup: install
+	$(BIN)/precog-db --env $(ENV) backup
+
+## A throwaway PostgreSQL under .precog/ with precog_dev and precog_test (ENV only picks the banner/URL).
+local-up: install
+	$(BIN)/precog-db --env $(ENV) local up
+
+local-down: install
+	$(BIN)/precog-db --env $(ENV) local down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

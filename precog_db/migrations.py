@@ -1,0 +1,530 @@
+"""SQL migrations: numbered files, a ledger in the database, and a promotion check.
+
+* Files live in ``migrations/`` (or a directory given explicitly) and are
+  named ``<version>_<name>.sql``, e.g. ``0001_create_markets.sql``. Versions
+  are positive integers; other ``.sql`` names are an error, not ignored.
+* The ledger is ``precog_meta.schema_migrations``: version, name, checksum
+  (SHA-256 of the file with line endings normalised), kind (``applied`` or
+  ``baseline``), who applied it (OS user and machine), the database role,
+  when, and how long it took.
+* Each file runs in its own transaction together with its ledger row, so a
+  file is either applied and recorded, or neither. Do not put ``BEGIN`` /
+  ``COMMIT`` in a file; statements that cannot run in a transaction
+  (``CREATE INDEX CONCURRENTLY``) are not supported.
+* A session-level advisory lock serializes runs on one database. A second
+  run waits for it, saying who holds it, up to a timeout, then fails
+  clearly. It re-reads the ledger after getting the lock, so each
+  migration is applied exactly once.
+* Promotion: staging may only apply what test has applied with the same
+  checksum, prod only what staging has (`check_promotion`).
+
+This module works on connections and paths it is given; the CLI decides
+which database to connect to and what to confirm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import Connection
+from psycopg.rows import tuple_row
+
+from precog_db.environment import Environment
+from precog_db.errors import ConfigurationError, PrecogDBError
+from precog_db.guard import current_os_user
+
+__all__ = [
+    "LEDGER",
+    "PREDECESSOR",
+    "AppliedMigration",
+    "MigrationError",
+    "MigrationFile",
+    "MigrationLockError",
+    "MigrationValidationError",
+    "Problem",
+    "PromotionError",
+    "apply_migration",
+    "baseline",
+    "check_promotion",
+    "discover",
+    "ensure_ledger",
+    "migration_lock",
+    "new_migration",
+    "pending",
+    "read_ledger",
+    "validate",
+]
+
+SCHEMA = "precog_meta"
+LEDGER = f"{SCHEMA}.schema_migrations"
+
+#: The environment whose ledger must already hold a migration before it may run here.
+PREDECESSOR: dict[Environment, Environment] = {
+    Environment.STAGING: Environment.TEST,
+    Environment.PROD: Environment.STAGING,
+}
+
+#: Advisory lock key shared by every migration run ("precogmg" in ASCII).
+LOCK_KEY = 0x707265636F676D67
+
+_FILENAME = re.compile(r"^(?P<version>\d+)_(?P<name>[A-Za-z0-9][A-Za-z0-9_-]*)\.sql$")
+_SLUG = re.compile(r"[^a-z0-9]+")
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {LEDGER} (
+    version integer PRIMARY KEY CHECK (version > 0),
+    name text NOT NULL,
+    checksum text NOT NULL,
+    kind text NOT NULL DEFAULT 'applied' CHECK (kind IN ('applied', 'baseline')),
+    applied_by text NOT NULL,
+    applied_role text NOT NULL DEFAULT current_user,
+    applied_at timestamptz NOT NULL DEFAULT now(),
+    duration_ms integer NOT NULL DEFAULT 0
+);
+COMMENT ON TABLE {LEDGER} IS
+    'Migrations applied to this database by precog-db migrate (one row per file). Do not edit by hand.';
+"""
+
+
+class MigrationError(PrecogDBError, RuntimeError):
+    """A migration file could not be applied, or the migrations directory is unusable."""
+
+
+class MigrationValidationError(MigrationError):
+    """The files and the ledger disagree (edited, missing, gaps, out of order); nothing was applied."""
+
+    refusal = True
+
+
+class PromotionError(MigrationError):
+    """A migration has not been applied to the previous environment first; nothing was applied."""
+
+    refusal = True
+
+
+class MigrationLockError(MigrationError):
+    """Another migration run held the lock for longer than the timeout."""
+
+
+@dataclass(frozen=True)
+class MigrationFile:
+    """One ``<version>_<name>.sql`` file."""
+
+    version: int
+    name: str
+    path: Path
+    checksum: str
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    def sql(self) -> str:
+        return _normalised(self.path.read_bytes()).decode("utf-8")
+
+
+@dataclass(frozen=True)
+class AppliedMigration:
+    """One row of the ledger."""
+
+    version: int
+    name: str
+    checksum: str
+    kind: str
+    applied_by: str
+    applied_role: str
+    applied_at: datetime
+    duration_ms: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A disagreement between files and ledger found by `validate`."""
+
+    kind: str  # edited | missing | gap | out_of_order
+    version: int
+    message: str
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _normalised(raw: bytes) -> bytes:
+    return raw.replace(b"\r\n", b"\n")
+
+
+def checksum_of(raw: bytes) -> str:
+    """SHA-256 of a file's bytes with CRLF turned into LF (a checkout on Windows is not an edit)."""
+    return hashlib.sha256(_normalised(raw)).hexdigest()
+
+
+def discover(directory: Path) -> list[MigrationFile]:
+    """The migration files in ``directory``, by version. Raises `ConfigurationError` on a bad directory or name."""
+    if not directory.exists():
+        raise ConfigurationError(
+            f"migrations directory {directory} does not exist; create it with `precog-db migrate new NAME` "
+            "or pass --migrations-dir"
+        )
+    if not directory.is_dir():
+        raise ConfigurationError(f"migrations directory {directory} is a file; pass a directory with --migrations-dir")
+    found: dict[int, MigrationFile] = {}
+    for path in sorted(directory.iterdir()):
+        if path.suffix.lower() != ".sql" or not path.is_file():
+            continue
+        match = _FILENAME.match(path.name)
+        if match is None:
+            raise ConfigurationError(
+                f"{path} is not named <version>_<name>.sql (e.g. 0001_create_markets.sql); rename it, "
+                "or move it out of the migrations directory"
+            )
+        version = int(match["version"])
+        if version <= 0:
+            raise ConfigurationError(f"{path} has version 0; versions start at 1")
+        if version in found:
+            raise ConfigurationError(
+                f"{path} and {found[version].path} both have version {version}; renumber one of them"
+            )
+        raw = path.read_bytes()
+        try:
+            _normalised(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{path} is not valid UTF-8; save it as UTF-8") from None
+        found[version] = MigrationFile(version, match["name"], path, checksum_of(raw))
+    return [found[v] for v in sorted(found)]
+
+
+def new_migration(directory: Path, name: str) -> Path:
+    """Create the next ``<version>_<name>.sql`` in ``directory`` (created if missing); return its path."""
+    slug = _SLUG.sub("_", name.strip().lower()).strip("_")
+    if not slug:
+        raise ConfigurationError(
+            "a migration name needs at least one letter or digit, e.g. `precog-db migrate new create_markets`"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = discover(directory)
+    version = existing[-1].version + 1 if existing else 1
+    width = max(4, len(str(version)))
+    path = directory / f"{version:0{width}d}_{slug}.sql"
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    path.write_text(
+        f"-- {version:0{width}d} {slug}, written {stamp}\n"
+        "-- Runs in one transaction together with its ledger row: do not add BEGIN or COMMIT.\n"
+        "-- Once applied anywhere, never edit this file: write a new migration instead.\n\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+# --- the ledger ---------------------------------------------------------------------------
+
+
+def ensure_ledger(conn: Connection[Any]) -> None:
+    """Create ``precog_meta.schema_migrations`` if it does not exist (call it holding the lock)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (LEDGER,))
+        row = cur.fetchone()
+        if not (row and row[0]):
+            cur.execute(_DDL)
+
+
+def read_ledger(conn: Connection[Any]) -> dict[int, AppliedMigration]:
+    """The ledger by version; empty when the database has none yet."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (LEDGER,))
+        row = cur.fetchone()
+        if not (row and row[0]):
+            return {}
+        cur.execute(
+            "SELECT version, name, checksum, kind, applied_by, applied_role, applied_at, duration_ms "
+            f"FROM {LEDGER} ORDER BY version"
+        )
+        return {int(r[0]): _applied(r) for r in cur.fetchall()}
+
+
+def _applied(row: Sequence[Any]) -> AppliedMigration:
+    return AppliedMigration(
+        version=int(row[0]),
+        name=str(row[1]),
+        checksum=str(row[2]),
+        kind=str(row[3]),
+        applied_by=str(row[4]),
+        applied_role=str(row[5]),
+        applied_at=row[6],
+        duration_ms=int(row[7]),
+    )
+
+
+def applied_by() -> str:
+    """``user@machine`` for the ledger."""
+    return f"{current_os_user()}@{socket.gethostname()}"
+
+
+# --- checks -----------------------------------------------------------------------------
+
+
+def validate(files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigration]) -> list[Problem]:
+    """Every disagreement between the files and the ledger, by version.
+
+    * ``edited``: an applied file's checksum differs from the ledger's;
+    * ``missing``: the ledger has a version with no file;
+    * ``gap``: a version between the lowest and the highest is neither a file nor in the ledger;
+    * ``out_of_order``: a file is pending but a later version is already applied.
+    """
+    problems: list[Problem] = []
+    by_version = {f.version: f for f in files}
+    for version, row in sorted(ledger.items()):
+        file = by_version.get(version)
+        if file is None:
+            problems.append(
+                Problem(
+                    "missing",
+                    version,
+                    f"version {version} ({row.name}) is in the ledger but its file is missing; restore the file "
+                    "from version control",
+                )
+            )
+        elif file.checksum != row.checksum:
+            problems.append(
+                Problem(
+                    "edited",
+                    version,
+                    f"{file.filename} was edited after it was applied (checksum {file.checksum[:12]} now, "
+                    f"{row.checksum[:12]} when applied {row.applied_at:%Y-%m-%d %H:%M}); revert the edit and "
+                    "put the change in a new migration",
+                )
+            )
+    known = sorted(set(by_version) | set(ledger))
+    for low, high in itertools.pairwise(known):
+        for missing in range(low + 1, high):
+            problems.append(
+                Problem(
+                    "gap",
+                    missing,
+                    f"version {missing} is missing between {low} and {high}; renumber the files so that "
+                    "versions are consecutive",
+                )
+            )
+    latest = max(ledger, default=0)
+    for file in files:
+        if file.version not in ledger and file.version < latest:
+            problems.append(
+                Problem(
+                    "out_of_order",
+                    file.version,
+                    f"{file.filename} is not applied but version {latest} already is; give it a version after {latest}",
+                )
+            )
+    return sorted(problems, key=lambda p: (p.version, p.kind))
+
+
+def pending(
+    files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigration], target: int | None = None
+) -> list[MigrationFile]:
+    """The files to apply, in order, up to ``target``; raises `MigrationValidationError` on any problem."""
+    problems = validate(files, ledger)
+    if problems:
+        raise MigrationValidationError(
+            "the migrations do not match the ledger, so nothing was applied: "
+            + "; ".join(p.message for p in problems)
+            + ". Run `precog-db migrate validate` for the list"
+        )
+    if target is not None and target not in {f.version for f in files}:
+        raise ConfigurationError(f"--target {target} is not the version of any migration file")
+    return [f for f in files if f.version not in ledger and (target is None or f.version <= target)]
+
+
+def check_promotion(
+    plan: Sequence[MigrationFile],
+    predecessor_ledger: Mapping[int, AppliedMigration],
+    *,
+    env: Environment,
+    predecessor: Environment,
+) -> None:
+    """Raise `PromotionError` unless ``predecessor`` applied every planned file with the same checksum."""
+    absent = [m for m in plan if m.version not in predecessor_ledger]
+    changed = [
+        m for m in plan if m.version in predecessor_ledger and predecessor_ledger[m.version].checksum != m.checksum
+    ]
+    if not absent and not changed:
+        return
+    parts = []
+    if absent:
+        parts.append(f"not applied to {predecessor.value}: " + ", ".join(m.filename for m in absent))
+    if changed:
+        parts.append(
+            f"applied to {predecessor.value} with a different checksum (the file was edited since): "
+            + ", ".join(m.filename for m in changed)
+        )
+    raise PromotionError(
+        f"refusing to migrate {env.value}: migrations reach {env.value} only after {predecessor.value}, and "
+        + "; ".join(parts)
+        + f". Run `precog-db --env {predecessor.value} migrate up` first (and test it); nothing was applied"
+    )
+
+
+# --- locking and applying ----------------------------------------------------------------
+
+
+def _lock_holder(conn: Connection[Any]) -> str:
+    classid, objid = (LOCK_KEY >> 32) & 0xFFFFFFFF, LOCK_KEY & 0xFFFFFFFF
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            SELECT a.pid, a.usename, a.application_name, a.client_addr::text, a.backend_start
+            FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+              AND l.classid::bigint = %s AND l.objid::bigint = %s
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+            """,
+            (classid, objid),
+        )
+        row = cur.fetchone()
+    if row is None:
+        return "another run"
+    started = row[4].strftime("%H:%M:%S %Z") if row[4] is not None else "?"
+    return (
+        f"another run (server pid {row[0]}, role {row[1]}, {row[2] or 'no application name'} from "
+        f"{row[3] or 'a local socket'}, connected at {started})"
+    )
+
+
+def _to_signed(key: int) -> int:
+    return key - (1 << 64) if key >= 1 << 63 else key
+
+
+def _try_lock(conn: Connection[Any]) -> bool:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute("SELECT pg_try_advisory_lock(%s)", (_to_signed(LOCK_KEY),))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+@contextmanager
+def migration_lock(
+    conn: Connection[Any],
+    *,
+    timeout: float,
+    on_wait: Callable[[str], None] | None = None,
+    poll: float = 0.25,
+) -> Iterator[None]:
+    """Hold the migration advisory lock of this database for the block.
+
+    When another session holds it, ``on_wait`` is called once with a
+    sentence naming the holder, and the lock is retried every ``poll``
+    seconds until ``timeout``; then `MigrationLockError`. ``conn`` must be in
+    autocommit mode (the lock is session-level and survives the per-file
+    transactions).
+    """
+    if not _try_lock(conn):
+        holder = _lock_holder(conn)
+        if on_wait is not None:
+            on_wait(f"{holder} holds the migration lock on this database; waiting up to {timeout:g}s for it")
+        deadline = time.monotonic() + timeout
+        while True:
+            if time.monotonic() >= deadline:
+                raise MigrationLockError(
+                    f"gave up after {timeout:g}s waiting for the migration lock held by {holder}; nothing was "
+                    "applied. Wait for that run to finish and try again, or raise --lock-timeout"
+                )
+            time.sleep(poll)
+            if _try_lock(conn):
+                break
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            with conn.cursor() as cur:
+                cur.execute("SELECT pg_advisory_unlock(%s)", (_to_signed(LOCK_KEY),))
+
+
+def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str | None = None) -> AppliedMigration:
+    """Run one file and record it, in one transaction. Raises `MigrationError` naming the file on failure."""
+    try:
+        raw = migration.path.read_bytes()
+    except OSError as exc:
+        raise MigrationError(f"{migration.path} cannot be read ({exc.strerror}); nothing of it was applied") from None
+    if checksum_of(raw) != migration.checksum:
+        raise MigrationError(
+            f"{migration.path} changed while migrating; nothing of it was applied, run migrate up again"
+        )
+    body = _normalised(raw).decode("utf-8")
+    started = time.monotonic()
+    try:
+        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            if body.strip():
+                cur.execute(body.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
+            duration_ms = int((time.monotonic() - started) * 1000)
+            cur.execute(
+                f"INSERT INTO {LEDGER} (version, name, checksum, kind, applied_by, duration_ms) "
+                "VALUES (%s, %s, %s, 'applied', %s, %s) "
+                "RETURNING version, name, checksum, kind, applied_by, applied_role, applied_at, duration_ms",
+                (migration.version, migration.name, migration.checksum, who or applied_by(), duration_ms),
+            )
+            row = cur.fetchone()
+    except psycopg.Error as exc:
+        if conn.broken:
+            raise MigrationError(
+                f"{migration.filename}: the connection was lost while applying it; PostgreSQL rolled the file "
+                "back, so run migrate up again"
+            ) from None
+        raise MigrationError(f"{migration.filename} failed and was rolled back: {_describe(exc)}") from None
+    assert row is not None
+    return _applied(row)
+
+
+def _describe(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    message = diag.message_primary or str(exc).strip().splitlines()[0]
+    where = f" (SQLSTATE {diag.sqlstate})" if diag.sqlstate else ""
+    hint = f"; hint: {diag.message_hint}" if diag.message_hint else ""
+    position = ""
+    if diag.statement_position:
+        position = f" at character {diag.statement_position}"
+    return f"{message}{position}{where}{hint}"
+
+
+def baseline(conn: Connection[Any], files: Sequence[MigrationFile], version: int) -> list[AppliedMigration]:
+    """Record every file up to ``version`` as already applied (kind ``baseline``) in an empty ledger.
+
+    For a database that existed before the ledger: write its current schema
+    as migration files, then baseline at the last of them. Hold the lock.
+    """
+    upto = [f for f in files if f.version <= version]
+    if not any(f.version == version for f in files):
+        raise ConfigurationError(
+            f"there is no migration file with version {version}; baseline marks existing files as applied, "
+            "so write the file that describes the current schema first"
+        )
+    ensure_ledger(conn)
+    ledger = read_ledger(conn)
+    if ledger:
+        raise MigrationValidationError(
+            f"the ledger already records {len(ledger)} migration(s) (latest {max(ledger)}); baseline is only "
+            "for a database that has none. Nothing was changed"
+        )
+    who = applied_by()
+    out: list[AppliedMigration] = []
+    with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+        for f in upto:
+            cur.execute(
+                f"INSERT INTO {LEDGER} (version, name, checksum, kind, applied_by, duration_ms) "
+                "VALUES (%s, %s, %s, 'baseline', %s, 0) "
+                "RETURNING version, name, checksum, kind, applied_by, applied_role, applied_at, duration_ms",
+                (f.version, f.name, f.checksum, who),
+            )
+            row = cur.fetchone()
+            assert row is not None
+            out.append(_applied(row))
+    return out

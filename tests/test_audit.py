@@ -1,0 +1,207 @@
+"""The audit log: format, rotation, secrets, and who writes entries (pool, gates, CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
+from conftest import Server
+from structlog.testing import capture_logs
+
+from precog_db import audit
+from precog_db.environment import Environment
+from precog_db.errors import EnvironmentNotAllowedError, ProductionAccessError
+from precog_db.gates import delete_all, truncate_tables
+from precog_db.pool import create_pool, initialize_pool
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w
+
+
+class TestRecord:
+    def test_entry_has_every_field(self, pg_server: Server, tmp_path: Path) -> None:
+        """An entry records who, host, pid, argv, environment, database, operation, confirmation, outcome, duration."""
+        settings = pg_server.settings("cli_x_prod", env=Environment.PROD, password=SENTINEL)
+        entry = audit.record(
+            "backup", outcome="ok", settings=settings, confirmation="typed", duration_s=0.25, argv=["x", "y"]
+        )
+        line = json.loads((tmp_path / "logs" / "audit.log").read_text().splitlines()[0])
+        assert line == entry
+        for key in (
+            "ts",
+            "who",
+            "host",
+            "pid",
+            "argv",
+            "environment",
+            "database",
+            "operation",
+            "confirmation",
+            "outcome",
+            "duration_ms",
+        ):
+            assert key in line
+        assert line["pid"] == os.getpid()
+        assert line["environment"] == "prod"
+        assert line["database"] == {
+            "name": "cli_x_prod",
+            "host": pg_server.host,
+            "port": pg_server.port,
+            "user": pg_server.user,
+        }
+        assert (line["operation"], line["outcome"], line["duration_ms"], line["argv"]) == (
+            "backup",
+            "ok",
+            250.0,
+            ["x", "y"],
+        )
+
+    def test_password_never_reaches_the_file(self, pg_server: Server, tmp_path: Path) -> None:
+        """The settings' password, URL and key=value secrets and secret-looking keys are all masked."""
+        settings = pg_server.settings("cli_x_test", password=SENTINEL)
+        audit.record(
+            "stamp",
+            outcome="failed",
+            settings=settings,
+            argv=["precog-db", "--database", f"postgresql://u:{SENTINEL}@h/db"],
+            error=RuntimeError(f"could not use password={SENTINEL} here, nor {SENTINEL}"),
+            detail={"dsn": f"host=h password='{SENTINEL}'", "password": SENTINEL, "token": "abc"},
+        )
+        text = (tmp_path / "logs" / "audit.log").read_text()
+        assert SENTINEL not in text
+        entry = json.loads(text)
+        assert entry["detail"]["password"] == "***" and entry["detail"]["token"] == "***"
+        assert entry["argv"][-1] == "postgresql://u:***@h/db"
+
+    def test_path_from_precog_audit_log_and_private_mode(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """PRECOG_AUDIT_LOG chooses the file; a new file is not readable by others."""
+        target = tmp_path / "var" / "audit.jsonl"
+        monkeypatch.setenv("PRECOG_AUDIT_LOG", str(target))
+        audit.record("x", outcome="ok")
+        assert target.is_file()
+        assert not stat.S_IMODE(target.stat().st_mode) & stat.S_IROTH
+        assert audit.tail(5)[0]["operation"] == "x"
+
+    def test_rotates_and_tail_reads_across_files(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Past MAX_BYTES the file rotates to audit.log.1 and tail still returns the latest entries in order."""
+        monkeypatch.setattr(audit, "MAX_BYTES", 1500)
+        for i in range(12):
+            audit.record(f"op{i}", outcome="ok", argv=["precog-db"])
+        assert (tmp_path / "logs" / "audit.log.1").is_file()
+        names = [e["operation"] for e in audit.tail(6)]
+        assert names == [f"op{i}" for i in range(6, 12)]
+
+    def test_unwritable_log_raises_for_the_cli_and_warns_for_the_library(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """record raises AuditLogError (an OSError); record_safely logs audit_log_unwritable instead."""
+        blocker = tmp_path / "file"
+        blocker.write_text("")
+        monkeypatch.setenv("PRECOG_AUDIT_LOG", str(blocker / "audit.log"))
+        with pytest.raises(audit.AuditLogError, match="cannot write the audit log"):
+            audit.record("x", outcome="ok")
+        with pytest.raises(OSError):
+            audit.ensure_writable()
+        with capture_logs() as logs:
+            assert audit.record_safely("x", outcome="ok") is None
+        assert logs[0]["event"] == "audit_log_unwritable"
+
+    def test_partial_line_is_reported_not_dropped(self, tmp_path: Path) -> None:
+        """A torn line in the log shows up in tail as unreadable."""
+        audit.record("a", outcome="ok")
+        with open(tmp_path / "logs" / "audit.log", "a") as fh:
+            fh.write('{"ts": "2024\n')
+        entries = audit.tail(5)
+        assert entries[0]["operation"] == "a"
+        assert "unreadable" in entries[1]
+
+
+class TestLibraryHooks:
+    def test_staging_pool_open_is_audited_and_dev_is_not(self, ws: Workspace) -> None:
+        """Opening a staging pool writes one entry; a dev pool writes none."""
+        staging = ws.add("staging")
+        dev = ws.add("dev")
+        create_pool(dev, prod_confirmed=False).close()
+        assert ws.audit_entries() == []
+        create_pool(staging, prod_confirmed=False).close()
+        entries = ws.audit_entries()
+        assert [(e["operation"], e["outcome"], e["environment"]) for e in entries] == [("pool open", "ok", "staging")]
+        assert SENTINEL not in ws.audit_log.read_text()
+
+    def test_refused_prod_pool_open_is_audited(self, ws: Workspace) -> None:
+        """A prod pool refused for lack of confirmation leaves a refused entry."""
+        prod = ws.add("prod")
+        with pytest.raises(ProductionAccessError):
+            create_pool(prod, prod_confirmed=False)
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"]) == ("pool open", "refused")
+        assert "ProductionAccessError" in entry["error"]
+
+    def test_gated_helpers_are_audited_with_their_tables(self, ws: Workspace) -> None:
+        """truncate_tables and delete_all each write an entry naming the tables; a refusal writes one too."""
+        test = ws.add("test")
+        ws.monkeypatch.setenv("PRECOG_ENV", "test")
+        with ws.server.connect(test.dbname) as conn:
+            conn.execute("CREATE TABLE victims (id int)")
+            conn.execute("INSERT INTO victims VALUES (1), (2)")
+        initialize_pool(settings=test)
+        truncate_tables("victims")
+        delete_all("victims")
+        ws.monkeypatch.setenv("PRECOG_ENV", "prod")
+        with pytest.raises(EnvironmentNotAllowedError):
+            delete_all("victims")
+        got = [(e["operation"], e["outcome"], e["targets"], e["environment"]) for e in ws.audit_entries()]
+        assert got == [
+            ("truncate_tables", "ok", ["victims"], "test"),
+            ("delete_all", "ok", ["victims"], "test"),
+            ("delete_all", "refused", ["victims"], "prod"),
+        ]
+
+
+def test_one_entry_per_operation_and_never_the_password(ws: Workspace, capfd: pytest.CaptureFixture[str]) -> None:
+    """A day of CLI work on test, staging and prod: one entry per operation, and the password nowhere."""
+    ws.add("test")
+    ws.add("staging")
+    prod = ws.add("prod")
+    ws.write_migration("0001_markets.sql", "CREATE TABLE markets (id int);")
+    outputs = []
+
+    def run(*argv: str, stdin: object = None) -> int:
+        result = ws.run(*argv, stdin=stdin)
+        outputs.append(result.out + result.err)
+        return result.code
+
+    assert run("--env", "test", "migrate", "up") == 0
+    assert run("--env", "staging", "--yes", "migrate", "up") == 0
+    assert run("--env", "staging", "check") == 0
+    assert run("--env", "prod", "--confirm-database", prod.dbname, "migrate", "up") == 1  # no PRECOG_PROD_CONFIRMED
+    ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+    with tty_stdin("wrong\n") as stdin:
+        assert run("--env", "prod", "migrate", "up", stdin=stdin) == 1
+    assert run("--env", "prod", "--confirm-database", prod.dbname, "migrate", "up") == 0
+    assert run("--env", "prod", "backup") == 0
+    assert run("--env", "test", "--database", f"postgresql://u:{SENTINEL}@127.0.0.1:1/x_prod", "env") == 1
+    got = [(e["operation"], e["environment"], e["outcome"]) for e in ws.audit_entries()]
+    assert got == [
+        ("migrate up", "test", "ok"),
+        ("migrate up", "staging", "ok"),
+        ("pool open", "staging", "ok"),
+        ("migrate up", "prod", "refused"),
+        ("migrate up", "prod", "refused"),
+        ("backup", "prod", "ok"),
+        ("migrate up", "prod", "ok"),
+        ("backup", "prod", "ok"),
+        ("env", "test", "refused"),
+    ]
+    captured = capfd.readouterr()
+    everything = ws.audit_log.read_text() + "".join(outputs) + captured.out + captured.err
+    assert SENTINEL not in everything
+    assert "postgresql://u:***@127.0.0.1:1/x_prod" in ws.audit_log.read_text()

@@ -1,0 +1,229 @@
+"""Backups and restores with the real pg_dump / pg_restore."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
+from conftest import Server
+
+from precog_db.backup import BackupError, backup, find_tool, prune, restore, retention, verify
+from precog_db.environment import Environment
+from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
+from precog_db.stamp import read_stamp
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w
+
+
+def server_major(ws: Workspace) -> int:
+    with ws.server.connect() as conn:
+        return conn.info.server_version // 10000
+
+
+def fill(ws: Workspace, env: str, rows: int = 3) -> None:
+    with ws.server.connect(ws.databases[env].dbname) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS markets (id int PRIMARY KEY, symbol text)")
+        conn.execute("TRUNCATE markets")
+        conn.execute("INSERT INTO markets SELECT g, 'M' || g FROM generate_series(1, %s) g", (rows,))
+
+
+class TestBackup:
+    def test_dump_is_verified_private_and_named_by_env(self, ws: Workspace) -> None:
+        """backup writes backups/<env>/<db>-<timestamp>.dump, mode 600, that pg_restore can list."""
+        settings = ws.add("dev")
+        fill(ws, "dev")
+        result = ws.run("--env", "dev", "--json", "backup")
+        assert result.code == 0, result.err
+        data = result.json()
+        path = Path(data["path"])
+        assert path.parent == Path("backups") / "dev"
+        assert path.name.startswith(settings.dbname + "-") and path.name.endswith("Z.dump")
+        assert data["verified"] is True and data["entries"] > 0
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert not list(path.parent.glob("*.partial"))
+        listing = subprocess.run(
+            [data["tool"].replace("pg_dump", "pg_restore"), "--list", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "TABLE DATA public markets" in listing.stdout
+        assert [e["operation"] for e in ws.audit_entries()] == ["backup"]
+
+    def test_retention_prunes_old_dumps_of_that_database_only(self, ws: Workspace) -> None:
+        """After a backup only the newest --keep dumps of that database remain; other files are untouched."""
+        ws.add("dev")
+        folder = ws.root / "backups" / "dev"
+        folder.mkdir(parents=True)
+        settings = ws.databases["dev"]
+        old = [folder / f"{settings.dbname}-2020010{i}T000000.000Z.dump" for i in range(1, 5)]
+        for path in old:
+            path.write_bytes(b"old")
+        other = folder / "other_db-20200101T000000.000Z.dump"
+        other.write_bytes(b"keep me")
+        notes = folder / "README.txt"
+        notes.write_text("keep me")
+        result = ws.run("--env", "dev", "backup", "--keep", "2")
+        assert result.code == 0, result.err
+        remaining = sorted(p.name for p in folder.iterdir())
+        assert old[-1].name in remaining and all(p.name not in remaining for p in old[:-1])
+        assert other.name in remaining and notes.name in remaining
+        assert len([n for n in remaining if n.startswith(settings.dbname)]) == 2
+        assert "pruned 3 old dump(s)" in result.out
+
+    def test_failed_dump_leaves_no_file_and_one_line(self, ws: Workspace) -> None:
+        """pg_dump failing (no such database) is one line, exit 1, and no partial file."""
+        ws.add("dev")
+        settings = ws.databases["dev"].replace(dbname="missing_dev_db")
+        with pytest.raises(BackupError, match=r"pg_dump of .* failed"):
+            backup(settings, server_major=server_major(ws), root=ws.root / "b")
+        assert not list((ws.root / "b" / "dev").iterdir())
+
+    def test_corrupt_archive_does_not_verify(self, ws: Workspace) -> None:
+        """A truncated dump fails pg_restore --list verification."""
+        ws.add("dev")
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
+        data = made.path.read_bytes()
+        made.path.write_bytes(data[:20])
+        tool = find_tool("pg_restore", server_major(ws))
+        with pytest.raises(BackupError):
+            verify(made.path, ws.databases["dev"], tool=tool)
+        junk = ws.root / "junk.dump"
+        junk.write_text("not a dump")
+        with pytest.raises(BackupError):
+            verify(junk, ws.databases["dev"], tool=tool)
+
+    def test_archive_of_another_database_does_not_verify_as_this_one(self, ws: Workspace) -> None:
+        """Verification checks the archive names the database that was dumped."""
+        ws.add("dev")
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
+        with pytest.raises(BackupError, match="names database"):
+            verify(made.path, ws.databases["dev"], tool=made.tool.with_name("pg_restore"), expect_dbname="other")
+
+    def test_tool_too_old_for_the_server_is_refused(self) -> None:
+        """find_tool refuses when no pg_dump is at least the server's major version, listing what it saw."""
+        with pytest.raises(BackupError, match="no pg_dump of PostgreSQL 99 or newer"):
+            find_tool("pg_dump", 99)
+
+    def test_retention_must_keep_at_least_one(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """--keep 0 and a non-numeric PRECOG_BACKUP_KEEP are configuration errors; the default is 7."""
+        assert retention() == 7
+        with pytest.raises(ConfigurationError):
+            retention(0)
+        monkeypatch.setenv("PRECOG_BACKUP_KEEP", "lots")
+        with pytest.raises(ConfigurationError):
+            retention()
+        monkeypatch.setenv("PRECOG_BACKUP_KEEP", "3")
+        assert retention() == 3
+
+    def test_prune_keeps_newest(self, tmp_path: Path) -> None:
+        """prune sorts by the timestamp in the name and deletes the oldest."""
+        names = [f"db-2024010{i}T000000.000Z.dump" for i in (3, 1, 2)]
+        for n in names:
+            (tmp_path / n).write_text("x")
+        gone = prune(tmp_path, "db", 1)
+        assert sorted(p.name for p in gone) == ["db-20240101T000000.000Z.dump", "db-20240102T000000.000Z.dump"]
+
+    def test_password_goes_through_the_environment_not_argv(self, ws: Workspace, tmp_path: Path) -> None:
+        """pg_dump gets the password as PGPASSWORD, never on its command line."""
+        ws.add("dev")
+        fake = tmp_path / "fakebin"
+        fake.mkdir()
+        real = find_tool("pg_dump", server_major(ws))
+        for name in ("pg_dump", "pg_restore"):
+            script = fake / name
+            script.write_text(
+                "#!/bin/sh\n"
+                f'echo "$@" >> {tmp_path}/argv.log\n'
+                f'[ "$PGPASSWORD" = "{SENTINEL}" ] && echo has-password >> {tmp_path}/argv.log\n'
+                f'exec {real.with_name(name)} "$@"\n'
+            )
+            script.chmod(0o755)
+        ws.monkeypatch.setenv("PRECOG_PG_BINDIR", str(fake))
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=tmp_path / "b")
+        log = (tmp_path / "argv.log").read_text()
+        assert made.tool == fake / "pg_dump"
+        assert "has-password" in log
+        assert SENTINEL not in log.replace("has-password", "")
+
+
+class TestRestore:
+    def test_restore_a_prod_dump_into_dev_and_restamp(self, ws: Workspace) -> None:
+        """A prod dump restored into dev brings the data, replaces dev's objects, and re-stamps it dev."""
+        ws.add("prod")
+        dev = ws.add("dev")
+        fill(ws, "prod", rows=5)
+        fill(ws, "dev", rows=1)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        dumped = ws.run("--env", "prod", "--json", "backup")
+        assert dumped.code == 0, dumped.err
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        result = ws.run("--env", "dev", "--yes", "restore", dumped.json()["path"])
+        assert result.code == 0, result.err
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(5,)]
+        stamp = read_stamp(dev)
+        assert stamp is not None and stamp.env is Environment.DEV and not stamp.is_copy
+        assert "re-stamped it as dev (the dump carried the prod stamp)" in result.out
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"], entry["restamped"]) == ("restore", "ok", "prod -> dev")
+
+    @pytest.mark.parametrize("env", ["staging", "prod"])
+    def test_restore_into_staging_or_prod_is_refused(self, ws: Workspace, env: str) -> None:
+        """restore refuses staging and prod whatever the confirmation, and changes nothing."""
+        ws.add("dev")
+        fill(ws, "dev")
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
+        ws.add(env)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        name = ws.databases[env].dbname
+        result = ws.run("--env", env, "--yes", "--confirm-database", name, "restore", str(made.path))
+        assert result.code == 1
+        assert "restore is allowed only into dev or test" in result.err
+        assert not ws.has_table(env, "markets")
+        assert ws.audit_entries()[-1]["outcome"] == "refused"
+        with pytest.raises(EnvironmentNotAllowedError):
+            restore(ws.databases[env], made.path, server_major=server_major(ws))
+
+    def test_restore_needs_confirmation_and_wrong_name_changes_nothing(self, ws: Workspace) -> None:
+        """Without a terminal restore needs --yes; a wrong name typed at a pty aborts with dev untouched."""
+        ws.add("dev")
+        fill(ws, "dev", rows=2)
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
+        fill(ws, "dev", rows=9)
+        plain = ws.run("--env", "dev", "restore", str(made.path))
+        assert plain.code == 1 and "--yes" in plain.err
+        with tty_stdin("precog_dev\n") as stdin:
+            wrong = ws.run("--env", "dev", "restore", str(made.path), stdin=stdin)
+        assert wrong.code == 1 and "does not match" in wrong.err
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(9,)]
+        with tty_stdin(ws.databases["dev"].dbname + "\n") as stdin:
+            right = ws.run("--env", "dev", "restore", str(made.path), stdin=stdin)
+        assert right.code == 0, right.err
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(2,)]
+
+    def test_restore_refuses_a_target_stamped_as_another_environment(self, ws: Workspace) -> None:
+        """A 'dev' target that is really stamped prod is refused before anything is restored."""
+        ws.add("dev")
+        made = backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
+        neutral = ws.add("prod", dbname=f"ledger_{os.getpid()}")
+        fill(ws, "prod", rows=4)
+        result = ws.run("--env", "dev", "--database", neutral.dbname, "--yes", "restore", str(made.path))
+        assert result.code == 1
+        assert "refused" in result.err
+        assert ws.query("prod", "SELECT count(*) FROM markets") == [(4,)]
+
+    def test_missing_file_is_a_clear_error(self, ws: Workspace) -> None:
+        """restore of a file that does not exist is one line naming it."""
+        ws.add("dev")
+        result = ws.run("--env", "dev", "--yes", "restore", "nope.dump")
+        assert result.code == 1
+        assert "nope.dump does not exist" in result.err
