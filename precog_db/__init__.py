@@ -5,7 +5,7 @@ Import this instead of psycopg. See the README for the rules it enforces.
 
 from __future__ import annotations
 
-from precog_db.cursors import ConnectionLostError, get_connection, get_cursor
+from precog_db.cursors import CommitOutcomeUnknownError, ConnectionLostError, get_connection, get_cursor
 from precog_db.environment import Environment, get_environment, require_environment
 from precog_db.errors import (
     ConfigurationError,
@@ -29,6 +29,7 @@ from precog_db.stamp import Stamp, read_stamp, stamp_database
 __version__ = "0.1.0"
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
     "ConnectionLostError",
     "DatabaseSettings",

@@ -13,7 +13,9 @@ import psycopg
 import psycopg_pool
 
 __all__ = [
+    "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConnectionLostError",
     "DatabaseUnavailableError",
     "EnvironmentMismatchError",
     "EnvironmentNotAllowedError",
@@ -69,3 +71,11 @@ class DatabaseUnavailableError(PrecogDBError, psycopg.OperationalError):
 
 class PoolExhaustedError(PrecogDBError, psycopg_pool.PoolTimeout):
     """No pooled connection became free within the checkout timeout."""
+
+
+class ConnectionLostError(PrecogDBError, psycopg.OperationalError):
+    """The server closed the connection, or stopped answering, while a block was using it."""
+
+
+class CommitOutcomeUnknownError(ConnectionLostError):
+    """The connection was lost while COMMIT was in flight: the transaction may or may not be committed."""

@@ -10,6 +10,15 @@ and cannot write, while `psycopg.Connection.transaction` starts an explicit
 ``BEGIN READ WRITE``. A checkout runs a zero-round-trip liveness check (is the
 idle socket readable, i.e. did the server close it or send a FATAL?), so dead
 connections are dropped without a ``SELECT 1`` on every checkout.
+
+Faults (see docs/RELIABILITY.md): while the server is down the pool retries
+at least every `MAX_RECONNECT_DELAY` seconds and a caller that cannot get a
+connection gets `DatabaseUnavailableError` with the reason, not a misleading
+"pool exhausted"; with ``DB_STATEMENT_TIMEOUT`` set, a statement whose reply
+never comes (a stalled proxy keeps TCP alive, so keepalives and
+``tcp_user_timeout`` cannot notice) fails after the statement timeout plus
+``DB_TCP_USER_TIMEOUT`` instead of blocking its thread for good; a pool
+inherited through ``fork()`` is never used by the child.
 """
 
 from __future__ import annotations
@@ -17,18 +26,22 @@ from __future__ import annotations
 import os
 import select
 import threading
+from collections.abc import Generator
 from time import monotonic
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import psycopg
 import structlog
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg.pq.abc import PGconn
 from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from precog_db.environment import Environment, parse_environment
 from precog_db.errors import (
     ConfigurationError,
+    ConnectionLostError,
     DatabaseUnavailableError,
     PoolExhaustedError,
     PoolStateError,
@@ -42,6 +55,12 @@ __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_po
 log = structlog.get_logger("precog_db")
 
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
+#: Longest pause, in seconds, between two attempts to reconnect while the server is down.
+#: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
+#: the pool could stay empty for minutes after the server came back.
+MAX_RECONNECT_DELAY = 5.0
+#: Grace added to the statement timeout when DB_TCP_USER_TIMEOUT is 0 (the OS default).
+_DEFAULT_REPLY_GRACE = 30.0
 _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
@@ -72,10 +91,84 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
         return False
 
 
-def _configure(conn: Connection[Any]) -> None:
-    # Explicit transactions are read-write; everything else inherits the
-    # read-only default set through the startup options.
-    conn.read_only = False
+def reply_timeout(settings: DatabaseSettings) -> float | None:
+    """Seconds of silence tolerated while a statement runs; None when unbounded.
+
+    The server ends every statement after ``DB_STATEMENT_TIMEOUT``; if not one
+    byte of its answer has arrived ``DB_TCP_USER_TIMEOUT`` later, the path to
+    the server is stalled. Without a statement timeout a statement may
+    legitimately run for hours, so nothing is bounded.
+    """
+    if not settings.statement_timeout_ms:
+        return None
+    grace = settings.tcp_user_timeout_ms / 1000 if settings.tcp_user_timeout_ms else _DEFAULT_REPLY_GRACE
+    return settings.statement_timeout_ms / 1000 + grace
+
+
+_RV = TypeVar("_RV")
+
+
+class _Silent(Exception):
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"no reply for {waited:.1f}s")
+        self.waited = waited
+
+
+def _bounded(gen: Generator[Any, Any, _RV], pgconn: PGconn, limit: float) -> Generator[Any, Any, _RV]:
+    """Relay psycopg's wait generator; raise `_Silent` when a running statement hears nothing for ``limit`` s.
+
+    psycopg's wait loop wakes the generator every 0.1 s even when the socket
+    is quiet (``Ready.NONE``), which is where the clock is checked. Only a
+    statement in progress (``ACTIVE``) counts: waiting for notifications is not
+    bounded.
+    """
+    last = monotonic()
+    try:
+        state = next(gen)
+        while True:
+            ready = yield state
+            now = monotonic()
+            if ready:
+                last = now
+            elif now - last >= limit and pgconn.transaction_status == TransactionStatus.ACTIVE:
+                raise _Silent(now - last)
+            state = gen.send(ready)
+    except StopIteration as done:
+        result: _RV = done.value
+        return result
+
+
+class PrecogConnection(Connection[Any]):
+    """A psycopg connection that does not wait forever for a server that went silent.
+
+    `reply_timeout` (set by the pool from the settings, see `reply_timeout()`)
+    bounds how long a statement in progress may go without a byte from the
+    server. When it expires the connection is closed and `ConnectionLostError`
+    raised; the pool replaces the connection. Set ``conn.reply_timeout = None``
+    on a connection from `get_connection` before lifting ``statement_timeout``
+    for a deliberately long statement.
+    """
+
+    reply_timeout: float | None = None
+    description: str = "database"
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        limit = self.reply_timeout
+        if limit is None:
+            return super().wait(gen, *args, **kwargs)
+        try:
+            return super().wait(_bounded(gen, self.pgconn, limit), *args, **kwargs)
+        except _Silent as silent:
+            waited = silent.waited
+        # Outside the except block: the half-finished statement leaves the
+        # protocol out of step, so the connection cannot be reused.
+        self.close()
+        raise ConnectionLostError(
+            f"no reply from the {self.description} for {waited:.1f}s while a statement was running "
+            f"(DB_STATEMENT_TIMEOUT plus DB_TCP_USER_TIMEOUT): the server or the network path to it is "
+            "stalled. The connection was closed and the pool replaces it; retry the operation. "
+            "If this was the COMMIT of commit=True, the transaction may or may not have been committed"
+        )
 
 
 class PrecogPool(ConnectionPool[Connection[Any]]):
@@ -91,6 +184,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
     def __init__(self, settings: DatabaseSettings, **pool_kwargs: Any) -> None:
         self.settings = settings
         self.pid = os.getpid()
+        self.pool_kwargs = dict(pool_kwargs)
+        self._reply_timeout = reply_timeout(settings)
+        #: (when, reason) of the last failed attempt to open a connection; None after a success.
+        self._last_connect_failure: tuple[float, str] | None = None
         kwargs = settings.connect_kwargs()
         kwargs["autocommit"] = True
         options = kwargs.get("options")
@@ -100,7 +197,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             "max_size": settings.pool_max,
             "timeout": settings.pool_timeout,
             "name": settings.pool_name,
-            "configure": _configure,
+            "configure": self._configure_connection,
+            "connection_class": PrecogConnection,
             "open": False,
         }
         params.update(pool_kwargs)
@@ -114,15 +212,49 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
 
+    def _configure_connection(self, conn: Connection[Any]) -> None:
+        # Explicit transactions are read-write; everything else inherits the
+        # read-only default set through the startup options.
+        conn.read_only = False
+        if isinstance(conn, PrecogConnection):
+            conn.reply_timeout = self._reply_timeout
+            conn.description = self.settings.describe()
+
+    def _connect(self, timeout: float | None = None) -> Connection[Any]:
+        # Remember why the server could not be reached, so that a caller who
+        # times out meanwhile is told the real reason (psycopg_pool itself
+        # only logs it from its background worker).
+        try:
+            conn = super()._connect(timeout)
+        except psycopg.Error as exc:
+            lines = _scrub(str(exc), self.settings).splitlines()
+            self._last_connect_failure = (monotonic(), lines[-1] if lines else type(exc).__name__)
+            raise
+        self._last_connect_failure = None
+        return conn
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # psycopg_pool doubles the delay after each failure before scheduling
+        # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
+        if attempt is not None:
+            attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+        super()._add_connection(attempt, growing=growing)
+
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
         """Take a live, idle, autocommit connection out of the pool."""
+        if self.pid != os.getpid():
+            raise PoolStateError(
+                f"pool {self.name!r} was opened in process {self.pid} and inherited through fork(); "
+                "its connections belong to the parent. Use get_cursor()/get_pool() in the child, "
+                "which open the child's own pool with the same settings"
+            )
         wait = self.timeout if timeout is None else timeout
         deadline = monotonic() + wait
         while True:
             try:
                 conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
             except PoolTimeout:
-                raise self._exhausted(wait) from None
+                raise self._timed_out(wait) from None
             if connection_is_usable(conn):
                 return conn
             log.info("discarding_dead_connection", pool=self.name, env=self.env.value)
@@ -140,6 +272,19 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             except Exception:
                 conn.close()
         self.putconn(conn)
+
+    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
+        failure = self._last_connect_failure
+        if failure is None:
+            return self._exhausted(waited)
+        when, reason = failure
+        return DatabaseUnavailableError(
+            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
+            f"{self.settings.describe()} cannot be reached: {reason} (last attempt "
+            f"{max(monotonic() - when, 0.0):.1f}s ago). The pool keeps reconnecting by itself, at least every "
+            f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
+            "and DB_HOST / DB_PORT"
+        )
 
     def _exhausted(self, waited: float) -> PoolExhaustedError:
         stats = self.get_stats()
@@ -164,12 +309,15 @@ def probe_connection(settings: DatabaseSettings) -> Connection[Any]:
         return psycopg.connect(**settings.connect_kwargs(), autocommit=True)
     except psycopg.OperationalError as exc:
         reason = _scrub(str(exc), settings).splitlines()
-        detail = reason[-1] if reason else "no reason given"
-        raise DatabaseUnavailableError(
-            f"cannot connect to the {settings.describe()}: {detail}. "
-            "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER "
-            "and DB_PASSWORD are right (`precog-db env` shows where each value came from)"
-        ) from None
+    # Raised outside the except block on purpose: the psycopg error (and the
+    # frames of psycopg.connect, whose locals hold the full conninfo with the
+    # password) must not stay reachable as __context__ of what we raise.
+    detail = reason[-1] if reason else "no reason given"
+    raise DatabaseUnavailableError(
+        f"cannot connect to the {settings.describe()}: {detail}. "
+        "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER "
+        "and DB_PASSWORD are right (`precog-db env` shows where each value came from)"
+    )
 
 
 def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> PrecogPool:
@@ -202,13 +350,22 @@ def _on_open(settings: DatabaseSettings, conn: Connection[Any]) -> None:
 class _State:
     pool: PrecogPool | None = None
     lock = threading.Lock()
+    #: In a forked child: the settings and arguments of the pool the parent had open.
+    inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
+    #: Pools inherited through fork, kept referenced so that their finalizer
+    #: never runs in the child (it would talk to the parent's worker threads).
+    orphans: ClassVar[list[PrecogPool]] = []
 
 
 def _forget_pool_in_child() -> None:
     # After fork the child shares the parent's sockets. Closing them would
     # send Terminate on the parent's connections, so the child just drops the
     # inherited pool (psycopg does not PQfinish in a forked child) and opens
-    # its own on first use.
+    # its own on first use, with the same settings as the parent's pool.
+    pool = _State.pool
+    if pool is not None:
+        _State.inherited = (pool.settings, pool.pool_kwargs)
+        _State.orphans.append(pool)
     _State.pool = None
     _State.lock = threading.Lock()
 
@@ -256,9 +413,19 @@ def _same_target(a: DatabaseSettings, b: DatabaseSettings) -> bool:
 
 
 def get_pool() -> PrecogPool:
-    """The process-wide pool, opened from the environment on first use."""
+    """The process-wide pool, opened from the environment on first use.
+
+    In a child forked while the parent had a pool open, the child's own pool
+    is opened with the parent pool's settings.
+    """
     pool = _State.pool
-    return pool if pool is not None else initialize_pool()
+    if pool is not None:
+        return pool
+    inherited = _State.inherited
+    if inherited is not None:
+        settings, pool_kwargs = inherited
+        return initialize_pool(settings=settings, **pool_kwargs)
+    return initialize_pool()
 
 
 def active_pool() -> PrecogPool | None:
