@@ -286,6 +286,9 @@ FIELD_VARS: dict[str, str] = {s.field: s.var for s in _SPECS}
 _OTHER_KNOWN = {"PRECOG_ENV", "PRECOG_CONFIG_DIR", "PRECOG_PROD_CONFIRMED", "PRECOG_AUDIT_LOG"}
 
 
+_UNPARSABLE = object()
+
+
 def _parse_field(name: str, raw: Any, where: str) -> Any:
     spec = _BY_FIELD[name]
     if not isinstance(raw, str):
@@ -293,9 +296,14 @@ def _parse_field(name: str, raw: Any, where: str) -> Any:
     try:
         value = spec.parse(raw)
     except (ValueError, OverflowError):
+        value = _UNPARSABLE
+    if value is _UNPARSABLE:
+        # Raised outside the except block: int()'s own message quotes the raw
+        # value, and it would stay reachable as __context__ (a password pasted
+        # on the wrong line must not leak through a traceback).
         raise ConfigurationError(
             f"{spec.var} in {where} is not valid: {spec.check(None) if spec.check else 'bad value'}"
-        ) from None
+        )
     if spec.check is not None:
         problem = spec.check(value)
         if problem:
