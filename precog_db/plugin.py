@@ -1,0 +1,495 @@
+"""pytest plugin: database fixtures that can only ever touch a test database.
+
+Installed with precog_db through the ``pytest11`` entry point named
+``precog_db``, so a project gets it without a ``conftest.py``; ``-p no:precog_db``
+disables it.
+
+Fixtures: ``db_pool`` (session), ``db_cursor`` (rolled back after each test),
+``clean_test_data`` (truncates the tables of the ``precog_clean_tables`` ini
+option, children first) and ``unique_test_id``.
+
+The session guard runs once collection is done, before any test, and only
+when a collected test uses ``db_pool``, ``db_cursor`` or ``clean_test_data``
+(directly or through other fixtures); a session that never touches the
+database, such as precog_db's own suite, is left alone. The guard exits the
+session unless the resolved environment is ``test``, the database name names
+``test``, and the database is not stamped as another environment. Staging and
+prod are refused whatever the flags: no option or variable turns the guard off.
+When neither ``PRECOG_ENV`` nor ``DB_NAME`` is set, a test run resolves to
+``test`` (not the library's usual ``dev``) and the plugin sets
+``PRECOG_ENV=test`` for the session so that code under test agrees.
+
+Under pytest-xdist each worker gets its own database, cloned from a template
+database that the first worker to need it builds from the configured test
+database, once per run. See docs/TESTING.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+
+import psycopg
+import pytest
+import structlog
+from psycopg import Connection, Cursor, sql
+from psycopg.rows import dict_row, tuple_row
+
+from precog_db.environment import Environment, environment_named_by, get_environment
+from precog_db.errors import EnvironmentNotAllowedError, PrecogDBError
+from precog_db.gates import current_environments
+from precog_db.pool import PrecogPool, close_pool, initialize_pool, probe_connection
+from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.stamp import stamp_database, verify_stamp
+
+__all__ = ["DB_FIXTURES", "resolve_test_target"]
+
+log = structlog.get_logger("precog_db")
+
+#: Fixtures that touch the database; a session that uses one of them is guarded.
+DB_FIXTURES = frozenset({"db_pool", "db_cursor", "clean_test_data"})
+
+_MAX_IDENT = 63
+_TARGET = pytest.StashKey[DatabaseSettings]()
+_SUMMARY = pytest.StashKey[list[str]]()
+_TEMPLATES = pytest.StashKey[dict[str, str]]()
+_PATCH = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+# --- options ---------------------------------------------------------------------------
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("precog_db", "precog_db test databases")
+    group.addoption(
+        "--precog-reuse-db",
+        action="store_true",
+        default=False,
+        help="under xdist: keep the template and per-worker test databases after the run and reuse them "
+        "next time instead of cloning them again (ini: precog_reuse_db)",
+    )
+    group.addoption(
+        "--precog-create-db",
+        action="store_true",
+        default=False,
+        help="under xdist: rebuild the template and per-worker databases at the start of this run even "
+        "with --precog-reuse-db (use it after a schema change)",
+    )
+    parser.addini(
+        "precog_clean_tables",
+        type="linelist",
+        default=[],
+        help="tables the clean_test_data fixture truncates, one per line, in any order",
+    )
+    parser.addini(
+        "precog_reuse_db",
+        type="bool",
+        default=False,
+        help="same as --precog-reuse-db",
+    )
+    parser.addini(
+        "precog_maintenance_db",
+        default="postgres",
+        help="database the plugin connects to while it creates and drops xdist databases (default: postgres)",
+    )
+
+
+def _reuse(config: pytest.Config) -> bool:
+    return bool(config.getoption("precog_reuse_db") or config.getini("precog_reuse_db"))
+
+
+def _recreate(config: pytest.Config) -> bool:
+    return bool(config.getoption("precog_create_db"))
+
+
+def _workerinput(config: pytest.Config) -> Mapping[str, Any] | None:
+    value = getattr(config, "workerinput", None)
+    return value if isinstance(value, Mapping) else None
+
+
+# --- the guard --------------------------------------------------------------------------
+
+
+def _declared(environ: Mapping[str, str]) -> bool:
+    return bool(environ.get("PRECOG_ENV", "").strip() or environ.get("DB_NAME", "").strip())
+
+
+def _environment_source(environ: Mapping[str, str]) -> str:
+    if environ.get("PRECOG_ENV", "").strip():
+        return "from PRECOG_ENV"
+    return "inferred from DB_NAME"
+
+
+def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSettings:
+    """Return the settings of the test database, or raise a `PrecogDBError` that says why not.
+
+    Checks, in order: the resolved environment is ``test`` (``staging`` and
+    ``prod`` are refused outright); the settings load without an environment
+    mismatch; the database name names ``test``; the server is reachable; the
+    database is not stamped as another environment (nor a copy of one).
+    When neither ``PRECOG_ENV`` nor ``DB_NAME`` is set, a test run resolves to
+    ``test`` rather than the library's usual ``dev``.
+    """
+    env_vars = os.environ if environ is None else environ
+    if not _declared(env_vars):
+        return _checked(load_settings(Environment.TEST, environ=env_vars))
+    env = get_environment(environ=env_vars)
+    why = _environment_source(env_vars)
+    if env in (Environment.STAGING, Environment.PROD):
+        raise EnvironmentNotAllowedError(
+            f"the environment is {env.value} ({why}). precog_db's test fixtures never run against "
+            "staging or production, whatever PRECOG_PROD_CONFIRMED or any option says. Point the tests "
+            "at a test database: PRECOG_ENV=test and DB_NAME=<name>_test (for example in config/.env.test)"
+        )
+    if env is not Environment.TEST:
+        raise EnvironmentNotAllowedError(
+            f"the environment is {env.value} ({why}), and database tests run only in test. "
+            "Set PRECOG_ENV=test for the test run (and DB_NAME to a test database, e.g. in config/.env.test)"
+        )
+    return _checked(load_settings(Environment.TEST, environ=env_vars))
+
+
+_ORIGINS = {"default": "the defaults", "environment": "DB_NAME in the process environment", "argument": "an argument"}
+
+
+def _checked(settings: DatabaseSettings) -> DatabaseSettings:
+    if environment_named_by(settings.dbname) is not Environment.TEST:
+        origin = settings.origins.get("dbname", "default")
+        raise EnvironmentNotAllowedError(
+            f"database {settings.dbname!r} (from {_ORIGINS.get(origin, origin)}) does not "
+            "look like a test database: its name must contain the word 'test', e.g. precog_test or "
+            "myapp_test. Point DB_NAME at a test database; the plugin never runs tests on anything else"
+        )
+    conn = probe_connection(settings)
+    try:
+        verify_stamp(settings, conn)
+    finally:
+        conn.close()
+    return settings
+
+
+def _stop(session: pytest.Session, message: str) -> NoReturn:
+    # An xdist worker cannot just exit: its controller would report "no active
+    # workers" and lose the message. `shouldstop` travels back to the
+    # controller, which stops the run and shows it.
+    session.shouldstop = message
+    pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+
+
+def _guarded_settings(session: pytest.Session) -> DatabaseSettings:
+    """The checked test target; stops the session with the reason when there is none."""
+    cached = session.config.stash.get(_TARGET, None)
+    if cached is not None:
+        return cached
+    try:
+        settings = resolve_test_target()
+    except PrecogDBError as exc:
+        _stop(session, f"precog_db refuses to run database tests: {exc}")
+    if not _declared(os.environ):
+        # Code under test resolves the environment itself: make it agree (undone at exit).
+        patch = pytest.MonkeyPatch()
+        patch.setenv("PRECOG_ENV", Environment.TEST.value)
+        session.config.stash[_PATCH] = patch
+    session.config.stash[_TARGET] = settings
+    return settings
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    patch = config.stash.get(_PATCH, None)
+    if patch is not None:
+        patch.undo()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Guard the session before any test runs, when a collected test uses a database fixture."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if DB_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            _guarded_settings(session)
+            return
+
+
+# --- xdist: one database per worker ----------------------------------------------------------
+
+
+def derived_name(base: str, suffix: str) -> str:
+    """``<base>_<suffix>``, shortened to PostgreSQL's 63-byte limit while still naming test."""
+    name = f"{base}_{suffix}"
+    if len(name.encode()) <= _MAX_IDENT:
+        return name
+    digest = hashlib.sha256(base.encode()).hexdigest()[:12]
+    return f"precog_test_{digest}_{suffix}"
+
+
+def _lock_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _database_exists(admin: Connection[Any], name: str) -> tuple[bool, str | None]:
+    row = admin.execute(
+        "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (name,)
+    ).fetchone()
+    return (row is not None, None if row is None else row[0])
+
+
+def _admin_failure(exc: psycopg.Error, settings: DatabaseSettings, action: str) -> str:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        fix = f"the role {settings.user!r} needs CREATEDB (ALTER ROLE {settings.user} CREATEDB), or run without -n"
+    elif isinstance(exc, psycopg.errors.ObjectInUse):
+        fix = (
+            f"close the other sessions on {settings.dbname!r} (pg_stat_activity lists them), because a "
+            "database is cloned only while nobody is connected to it"
+        )
+    else:
+        fix = "check the server log"
+    return f"precog_db could not {action}: {detail}; {fix}"
+
+
+def _clone(admin: Connection[Any], name: str, template: str) -> None:
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(template)))
+
+
+def _maintenance(settings: DatabaseSettings, config: pytest.Config) -> DatabaseSettings:
+    return settings.replace(dbname=str(config.getini("precog_maintenance_db") or "postgres"))
+
+
+def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker: str, run: str) -> DatabaseSettings:
+    """Build (once per run) the template and clone this worker's database from it."""
+    config = session.config
+    template = derived_name(settings.dbname, "template")
+    mine = derived_name(settings.dbname, worker)
+    marker = f"precog_db test template built from {settings.dbname} for run {run}"
+    reuse, recreate = _reuse(config), _recreate(config)
+    notes = config.stash.setdefault(_SUMMARY, [])
+    admin = probe_connection(_maintenance(settings, config))
+    step = f"build the template database {template!r} from {settings.dbname!r}"
+    try:
+        admin.execute("SELECT pg_advisory_lock(%s)", (_lock_key(template),))
+        try:
+            exists, comment = _database_exists(admin, template)
+            built_this_run = comment == marker
+            if not built_this_run and (not exists or not reuse or recreate):
+                _clone(admin, template, settings.dbname)
+                stamp_database(Environment.TEST, settings=settings.replace(dbname=template))
+                admin.execute(
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(template), sql.Literal(marker))
+                )
+                notes.append(f"built template database {template} from {settings.dbname}")
+            step = f"create the worker database {mine!r} from {template!r}"
+            exists, _ = _database_exists(admin, mine)
+            if exists and reuse and not recreate:
+                notes.append(f"reused worker database {mine}")
+            else:
+                _clone(admin, mine, template)
+                notes.append(f"cloned worker database {mine} from {template}")
+        finally:
+            admin.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(template),))
+    except psycopg.Error as exc:
+        _stop(session, _admin_failure(exc, settings, step))
+    finally:
+        admin.close()
+    worker_settings = settings.replace(dbname=mine)
+    stamp_database(Environment.TEST, settings=worker_settings)
+    workeroutput = getattr(config, "workeroutput", None)
+    if isinstance(workeroutput, dict):
+        workeroutput["precog_template"] = template
+        workeroutput["precog_template_marker"] = marker
+    return worker_settings
+
+
+def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
+    """Drop ``name`` (only if its comment is ``marker``, when given); never fails the run."""
+    try:
+        admin = probe_connection(_maintenance(settings, config))
+    except PrecogDBError as exc:
+        log.warning("test_database_not_dropped", dbname=name, reason=str(exc))
+        return
+    try:
+        if marker is not None and _database_exists(admin, name)[1] != marker:
+            return
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    except psycopg.Error as exc:
+        log.warning("test_database_not_dropped", dbname=name, reason=str(exc).strip().splitlines()[0])
+    finally:
+        admin.close()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object | None) -> None:
+    """Controller side: remember the template a worker used, to drop it at the end of the run."""
+    output = getattr(node, "workeroutput", None) or {}
+    template, marker = output.get("precog_template"), output.get("precog_template_marker")
+    if template and marker:
+        node.config.stash.setdefault(_TEMPLATES, {})[str(template)] = str(marker)
+    for line in output.get("precog_summary", ()):
+        node.config.stash.setdefault(_SUMMARY, []).append(f"[{output.get('workerid', '?')}] {line}")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    workeroutput = getattr(config, "workeroutput", None)
+    if isinstance(workeroutput, dict):
+        summary: list[str] = config.stash.get(_SUMMARY, [])
+        workeroutput["precog_summary"] = list(summary)
+        workeroutput["workerid"] = (_workerinput(config) or {}).get("workerid", "?")
+        return
+    templates: dict[str, str] = config.stash.get(_TEMPLATES, {})
+    if templates and not _reuse(config):
+        try:
+            settings = load_settings(Environment.TEST)
+        except PrecogDBError as exc:
+            log.warning("test_database_not_dropped", dbname=", ".join(templates), reason=str(exc))
+            return
+        for name, marker in templates.items():
+            _drop_database(settings, config, name, marker=marker)
+            config.stash.setdefault(_SUMMARY, []).append(f"dropped template database {name}")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    lines: list[str] = config.stash.get(_SUMMARY, [])
+    if lines:
+        terminalreporter.section("precog_db")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+# --- fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def db_pool(request: pytest.FixtureRequest) -> Iterator[PrecogPool]:
+    """The process-wide pool, opened on the (guarded) test database; under xdist, this worker's own database."""
+    config = request.config
+    settings = _guarded_settings(request.session)
+    workerinput = _workerinput(config)
+    with pytest.MonkeyPatch.context() as patch:
+        if workerinput is not None:
+            worker = str(workerinput["workerid"])
+            settings = _worker_database(request.session, settings, worker, str(workerinput["testrunuid"]))
+            # Code under test that loads settings itself must find this worker's database too.
+            patch.setenv("DB_NAME", settings.dbname)
+        else:
+            config.stash.setdefault(_SUMMARY, []).append(f"tests ran on the {settings.describe()}")
+        pool = initialize_pool(settings=settings)
+        try:
+            yield pool
+        finally:
+            close_pool()
+            if workerinput is not None and not _reuse(config):
+                _drop_database(settings, config, settings.dbname)
+                config.stash.setdefault(_SUMMARY, []).append(f"dropped worker database {settings.dbname}")
+
+
+@pytest.fixture
+def db_cursor(db_pool: PrecogPool) -> Iterator[Cursor[dict[str, Any]]]:
+    """A dict-row cursor inside a read-write transaction that is rolled back after the test."""
+    conn = db_pool.checkout()
+    try:
+        with conn.transaction(force_rollback=True), conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+    finally:
+        db_pool.checkin(conn)
+
+
+def _refuse_outside_test(pool: PrecogPool) -> None:
+    envs = set(current_environments()) | {pool.env}
+    named = environment_named_by(pool.settings.dbname)
+    wrong = sorted(e.value for e in envs if e is not Environment.TEST)
+    if wrong or named is not Environment.TEST:
+        what = f"environment {', '.join(wrong)}" if wrong else f"database {pool.settings.dbname!r}"
+        pytest.fail(
+            f"clean_test_data refuses to truncate anything outside test: the {what} is not a test one. "
+            "Nothing was truncated",
+            pytrace=False,
+        )
+
+
+def _children_first(conn: Connection[Any], names: Sequence[str]) -> list[tuple[str, str]]:
+    """Resolve ``names`` and order them so that a table comes before the tables it references."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        resolved: dict[int, tuple[str, str]] = {}
+        order: list[int] = []
+        for name in names:
+            cur.execute(
+                "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass(%s)",
+                (name,),
+            )
+            row = cur.fetchone()
+            if row is None:
+                pytest.fail(
+                    f"precog_clean_tables lists {name!r}, which does not exist in database "
+                    f"{conn.info.dbname!r}; fix the ini option. Nothing was truncated",
+                    pytrace=False,
+                )
+            if int(row[0]) not in resolved:
+                resolved[int(row[0])] = (str(row[1]), str(row[2]))
+                order.append(int(row[0]))
+        cur.execute(
+            "SELECT conrelid::oid, confrelid::oid, conrelid::regclass::text FROM pg_constraint "
+            "WHERE contype = 'f' AND confrelid = ANY(%s) AND conrelid <> confrelid",
+            (order,),
+        )
+        edges = cur.fetchall()
+    missing = sorted({str(text) for child, _, text in edges if int(child) not in resolved})
+    if missing:
+        pytest.fail(
+            f"clean_test_data cannot truncate the tables in precog_clean_tables: {', '.join(missing)} "
+            "reference(s) them through a foreign key but is not listed. Add it to precog_clean_tables "
+            "(the plugin never cascades into tables you did not list). Nothing was truncated",
+            pytrace=False,
+        )
+    children: dict[int, set[int]] = {oid: set() for oid in order}
+    for child, parent, _ in edges:
+        children[int(parent)].add(int(child))
+    done: list[int] = []
+    remaining = list(order)
+    while remaining:
+        ready = [oid for oid in remaining if children[oid] <= set(done)]
+        if not ready:  # a cycle: one TRUNCATE statement handles it whatever the order
+            ready = remaining[:1]
+        for oid in ready:
+            done.append(oid)
+            remaining.remove(oid)
+    return [resolved[oid] for oid in done]
+
+
+@pytest.fixture
+def clean_test_data(db_pool: PrecogPool, request: pytest.FixtureRequest) -> list[str]:
+    """Truncate the ``precog_clean_tables`` tables, children first, before the test; return them in that order.
+
+    One ``TRUNCATE … RESTART IDENTITY`` statement, so foreign keys between the
+    listed tables never get in the way. Refuses outside the test environment.
+    """
+    _refuse_outside_test(db_pool)
+    names = [str(n) for n in request.config.getini("precog_clean_tables")]
+    if not names:
+        pytest.fail(
+            "clean_test_data needs the tables to truncate: list them, one per line, in the ini option "
+            "precog_clean_tables (e.g. in pytest.ini or [tool.pytest.ini_options])",
+            pytrace=False,
+        )
+    conn = db_pool.checkout()
+    try:
+        ordered = _children_first(conn, names)
+        idents = [sql.Identifier(schema, table) for schema, table in ordered]
+        with conn.transaction():
+            conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(idents)))
+    finally:
+        db_pool.checkin(conn)
+    tables = [f"{schema}.{table}" for schema, table in ordered]
+    log.info("test_tables_truncated", tables=tables, dbname=db_pool.settings.dbname)
+    return tables
+
+
+@pytest.fixture
+def unique_test_id() -> str:
+    """A short string unique to this test, for names and keys of test data (``t`` + 12 hex digits)."""
+    return f"t{uuid.uuid4().hex[:12]}"
