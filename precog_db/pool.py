@@ -38,6 +38,7 @@ from psycopg.pq.abc import PGconn
 from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
+from precog_db import audit
 from precog_db.environment import Environment, parse_environment
 from precog_db.errors import (
     ConfigurationError,
@@ -327,16 +328,39 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
     connection bounded by the connect timeout (a clear error if it fails),
     then the pool. ``pool_kwargs`` go to `psycopg_pool.ConnectionPool`.
     """
-    require_production_confirmation(settings, confirmed=prod_confirmed)
-    probe = probe_connection(settings)
+    started = monotonic()
     try:
-        _on_open(settings, probe)
-    finally:
-        probe.close()
-    pool = PrecogPool(settings, **pool_kwargs)
-    pool.open(wait=False)
+        require_production_confirmation(settings, confirmed=prod_confirmed)
+        probe = probe_connection(settings)
+        try:
+            _on_open(settings, probe)
+        finally:
+            probe.close()
+        pool = PrecogPool(settings, **pool_kwargs)
+        pool.open(wait=False)
+    except Exception as exc:
+        _audit_open(settings, started, exc)
+        raise
+    _audit_open(settings, started, None)
     log.info("pool_opened", pool=pool.name, env=settings.env.value, min_size=pool.min_size, max_size=pool.max_size)
     return pool
+
+
+def _audit_open(settings: DatabaseSettings, started: float, error: Exception | None) -> None:
+    """Audit every staging/prod pool open (whatever its outcome) and every refusal to open any pool."""
+    outcome = audit.OK if error is None else audit.outcome_of(error)
+    if settings.env not in (Environment.STAGING, Environment.PROD) and outcome != audit.REFUSED:
+        return
+    audit.record_safely(
+        "pool open",
+        outcome=outcome,
+        settings=settings,
+        confirmation="PRECOG_PROD_CONFIRMED=yes" if settings.env is Environment.PROD and outcome == audit.OK else None,
+        duration_s=monotonic() - started,
+        error=error,
+    )
+    if error is not None:
+        audit.mark_recorded(error)
 
 
 def _on_open(settings: DatabaseSettings, conn: Connection[Any]) -> None:
