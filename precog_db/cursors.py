@@ -15,15 +15,15 @@ retrying.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import Connection, Cursor
 from psycopg.rows import RowFactory, dict_row
 
-from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError
+from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError, PoolStateError
 from precog_db.pool import PrecogPool, get_pool
 
 __all__ = ["CommitOutcomeUnknownError", "ConnectionLostError", "get_connection", "get_cursor"]
@@ -54,23 +54,16 @@ def _commit_unknown(pool: PrecogPool, exc: psycopg.OperationalError) -> CommitOu
     )
 
 
-@contextmanager
-def get_connection() -> Iterator[Connection[Any]]:
+def get_connection() -> AbstractContextManager[Connection[Any]]:
     """Borrow a pooled connection (autocommit, read-only by default).
 
     Use ``with conn.transaction():`` for writes. The connection goes back to
     the pool when the block ends, whatever happened in it.
     """
-    pool = get_pool()
-    conn = pool.checkout()
-    try:
-        yield conn
-    finally:
-        pool.checkin(conn)
+    return _ConnectionBlock()
 
 
-@contextmanager
-def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row) -> Iterator[Cursor[Any]]:
+def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row) -> AbstractContextManager[Cursor[Any]]:
     """Borrow a cursor; rows are dicts by default.
 
     ``commit=False``: statements run read-only in autocommit; writes raise
@@ -78,25 +71,97 @@ def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row)
     transaction, committed when the block exits cleanly and rolled back when
     it raises (the exception propagates).
     """
-    pool = get_pool()
-    conn = pool.checkout()
-    committing = False
-    try:
-        if commit:
-            with conn.transaction(), conn.cursor(row_factory=row_factory) as cur:
-                yield cur
-                # Reached only when the block exited cleanly: what fails from
-                # here on is the COMMIT (leaving the `with` sends it).
-                committing = True
-        else:
-            with conn.cursor(row_factory=row_factory) as cur:
-                yield cur
-    except psycopg.OperationalError as exc:
-        gone = conn.broken or conn.closed
-        if committing and gone and not isinstance(exc, CommitOutcomeUnknownError):
-            raise _commit_unknown(pool, exc) from exc
-        if gone and not isinstance(exc, ConnectionLostError):
-            raise _lost(pool, exc) from exc
-        raise
-    finally:
-        pool.checkin(conn)
+    return _CursorBlock(commit, row_factory)
+
+
+# The blocks are classes rather than @contextmanager generators: they sit on
+# every query path, and a generator-based context manager costs several times
+# more per block (docs/PERFORMANCE.md).
+
+
+class _ConnectionBlock:
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self) -> None:
+        self._pool: PrecogPool | None = None
+        self._conn: Connection[Any] | None = None
+
+    def __enter__(self) -> Connection[Any]:
+        if self._conn is not None:
+            raise PoolStateError("a get_connection() block cannot be entered twice; call get_connection() again")
+        pool = self._pool = get_pool()
+        conn = self._conn = pool.checkout()
+        return conn
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        pool, conn = self._pool, self._conn
+        self._conn = None
+        if pool is not None and conn is not None:
+            pool.checkin(conn)
+
+
+class _CursorBlock:
+    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_row_factory", "_transaction")
+
+    def __init__(self, commit: bool, row_factory: RowFactory[Any]) -> None:
+        self._commit = commit
+        self._row_factory = row_factory
+        self._conn: Connection[Any] | None = None
+
+    def __enter__(self) -> Cursor[Any]:
+        if self._conn is not None:
+            raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
+        pool = self._pool = get_pool()
+        conn = self._conn = pool.checkout()
+        cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+        self._transaction = None
+        if self._commit:
+            try:
+                transaction = conn.transaction()
+                transaction.__enter__()  # BEGIN READ WRITE
+            except BaseException as exc:
+                self._conn = None
+                try:
+                    cursor.close()
+                    if isinstance(exc, psycopg.OperationalError) and (wrapped := _translate(pool, conn, exc, False)):
+                        raise wrapped from exc
+                    raise
+                finally:
+                    pool.checkin(conn)
+            self._transaction = transaction
+        return cursor
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
+        pool, conn = self._pool, self._conn
+        assert conn is not None, "get_cursor() block exited without being entered"
+        self._conn = None
+        try:
+            try:
+                self._cursor.close()
+                # psycopg.Rollback raised in the block: rolled back, and the
+                # transaction swallows it; so does this block.
+                if self._transaction is not None and self._transaction.__exit__(et, ev, tb):
+                    return True
+            except psycopg.OperationalError as exc:
+                # With a clean block, what failed here is the COMMIT.
+                if wrapped := _translate(pool, conn, exc, et is None and self._transaction is not None):
+                    raise wrapped from exc
+                raise
+            if isinstance(ev, psycopg.OperationalError) and (wrapped := _translate(pool, conn, ev, False)):
+                raise wrapped from ev
+            return False
+        finally:
+            pool.checkin(conn)
+
+
+def _translate(
+    pool: PrecogPool, conn: Connection[Any], exc: psycopg.OperationalError, committing: bool
+) -> ConnectionLostError | None:
+    """The error to raise instead of ``exc`` when the connection is gone, else None (raise ``exc``)."""
+    if not (conn.broken or conn.closed):
+        return None
+    if committing and not isinstance(exc, CommitOutcomeUnknownError):
+        return _commit_unknown(pool, exc)
+    if not isinstance(exc, ConnectionLostError):
+        return _lost(pool, exc)
+    return None

@@ -23,6 +23,7 @@ inherited through ``fork()`` is never used by the child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -66,17 +67,24 @@ _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
-def _socket_is_quiet(fd: int) -> bool:
+def _socket_is_quiet(fd: int, conn: Connection[Any] | None = None) -> bool:
     """True when nothing is waiting on an idle connection's socket.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
     arrived; either way the connection is not safe to hand out as it is.
+    The poll object is kept on the connection (its socket never changes), which
+    saves building and registering one on every checkout.
     """
     if _HAS_POLL:
-        poller = select.poll()
-        poller.register(fd, _POLL_MASK)
-        return not poller.poll(0)
+        poller = getattr(conn, "_precog_poller", None)
+        if poller is None or poller[0] != fd:
+            poller = (fd, select.poll())
+            poller[1].register(fd, _POLL_MASK)
+            if conn is not None:
+                with contextlib.suppress(AttributeError):
+                    conn._precog_poller = poller  # type: ignore[attr-defined]
+        return not poller[1].poll(0)
     readable, _, _ = select.select([fd], [], [], 0)
     return not readable
 
@@ -87,8 +95,8 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
     if pgconn.status != ConnStatus.OK or pgconn.transaction_status != TransactionStatus.IDLE:
         return False
     try:
-        return _socket_is_quiet(pgconn.socket)
-    except (psycopg.OperationalError, OSError, ValueError):
+        return _socket_is_quiet(pgconn.socket, conn)
+    except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
 
 
@@ -249,6 +257,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 "its connections belong to the parent. Use get_cursor()/get_pool() in the child, "
                 "which open the child's own pool with the same settings"
             )
+        conn = self._take_idle()
+        if conn is not None:
+            if connection_is_usable(conn):
+                return conn
+            self._discard(conn)
         wait = self.timeout if timeout is None else timeout
         deadline = monotonic() + wait
         while True:
@@ -258,9 +271,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 raise self._timed_out(wait) from None
             if connection_is_usable(conn):
                 return conn
-            log.info("discarding_dead_connection", pool=self.name, env=self.env.value)
-            conn.close()
-            self.putconn(conn)
+            self._discard(conn)
 
     def checkin(self, conn: Connection[Any]) -> None:
         """Give a connection back, restoring the state `checkout` promises."""
@@ -272,6 +283,54 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 conn.read_only = False
             except Exception:
                 conn.close()
+        # Fast path: an idle, unexpired connection of this open pool goes
+        # straight to the first waiter or back on the stack, exactly as
+        # `putconn` would do, minus its per-call logging. Anything else
+        # (in a transaction, broken, expired, pool closed, a reset hook) takes
+        # `putconn`, which rolls back, replaces or closes it.
+        if (
+            getattr(conn, "_pool", None) is self
+            and not self._closed
+            and self._reset is None
+            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+            and conn._created_at > self._drained_at
+            and conn._expire_at > monotonic()
+        ):
+            self._add_to_pool(conn)
+        else:
+            self.putconn(conn)
+
+    def _take_idle(self) -> Connection[Any] | None:
+        """An idle connection if one is ready right now, else None (the caller then queues in `getconn`).
+
+        The same bookkeeping as `getconn`, without its per-call logging; with
+        a ``check`` callback configured every checkout goes through `getconn`.
+        """
+        if self._closed or self._check is not None:
+            return None
+        with self._lock:
+            if not self._pool:
+                return None
+            conn = self._get_ready_connection(None)
+        if conn is not None:
+            self._stats[self._REQUESTS_NUM] += 1
+            conn._pool = self
+        return conn
+
+    def _get_ready_connection(self, timeout: float | None) -> Connection[Any] | None:
+        # Hand out the most recently returned connection (LIFO) instead of
+        # psycopg_pool's oldest-first rotation: at low concurrency the same few
+        # server processes stay hot instead of waking a cold one every call,
+        # and the connections left idle are the ones max_idle shrinking closes.
+        # Called with the pool lock held; waiting callers are still served FIFO.
+        idle = self._pool
+        if len(idle) > 1:
+            idle.rotate(1)
+        return super()._get_ready_connection(timeout)
+
+    def _discard(self, conn: Connection[Any]) -> None:
+        log.info("discarding_dead_connection", pool=self.name, env=self.env.value)
+        conn.close()
         self.putconn(conn)
 
     def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
