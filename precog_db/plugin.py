@@ -434,7 +434,9 @@ def _children_first(conn: Connection[Any], names: Sequence[str]) -> list[tuple[s
                 order.append(int(row[0]))
         cur.execute(
             "SELECT conrelid::oid, confrelid::oid, conrelid::regclass::text FROM pg_constraint "
-            "WHERE contype = 'f' AND confrelid = ANY(%s) AND conrelid <> confrelid",
+            # conparentid = 0 skips the copies of a foreign key on each partition of a partitioned
+            # table: truncating the partitioned table truncates its partitions.
+            "WHERE contype = 'f' AND confrelid = ANY(%s) AND conrelid <> confrelid AND conparentid = 0",
             (order,),
         )
         edges = cur.fetchall()

@@ -45,7 +45,9 @@ def target(pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
         DB,
         "CREATE TABLE parent (id serial PRIMARY KEY, name text NOT NULL);"
         "CREATE TABLE child (id serial PRIMARY KEY, parent_id int NOT NULL REFERENCES parent (id));"
-        "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL, worker text);",
+        "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL, worker text);"
+        "CREATE TABLE events (id int NOT NULL, parent_id int REFERENCES parent (id)) PARTITION BY RANGE (id);"
+        "CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (1000);",
     )
     for key, value in pg_server.env_vars(DB).items():
         monkeypatch.setenv(key, value)
@@ -232,13 +234,18 @@ class TestFixtures:
     def test_clean_test_data_truncates_children_first(
         self, pytester: pytest.Pytester, run: Run, pg_server: Server
     ) -> None:
-        """Listed parent first, FK-linked tables are still truncated (children first) and identities restart."""
-        admin(pg_server, DB, "INSERT INTO parent (name) VALUES ('a'), ('b'); INSERT INTO child (parent_id) VALUES (1)")
-        pytester.makeini("[pytest]\nprecog_clean_tables =\n    parent\n    public.child\n")
+        """Listed parent first, FK-linked tables (one partitioned) are truncated children first; identities restart."""
+        admin(
+            pg_server,
+            DB,
+            "INSERT INTO parent (name) VALUES ('a'), ('b'); INSERT INTO child (parent_id) VALUES (1);"
+            "INSERT INTO events VALUES (5, 2)",
+        )
+        pytester.makeini("[pytest]\nprecog_clean_tables =\n    parent\n    public.child\n    events\n")
         pytester.makepyfile(
             test_clean="""
             def test_clean(clean_test_data, db_cursor):
-                assert clean_test_data == ["public.child", "public.parent"]
+                assert clean_test_data == ["public.child", "public.events", "public.parent"]
                 db_cursor.execute("SELECT (SELECT count(*) FROM parent) + (SELECT count(*) FROM child) AS n")
                 assert db_cursor.fetchone() == {"n": 0}
                 db_cursor.execute("INSERT INTO parent (name) VALUES ('c') RETURNING id")
@@ -272,7 +279,7 @@ class TestFixtures:
         result.stdout.fnmatch_lines(
             [
                 "*clean_test_data refuses to truncate anything outside test: the environment staging*",
-                "*child reference(s) them through a foreign key but is not listed*",
+                "*child, events reference(s) them through a foreign key but is not listed*",
             ]
         )
         assert admin(pg_server, DB, "SELECT (SELECT count(*) FROM parent), (SELECT count(*) FROM child)") == [(1, 1)]
