@@ -143,7 +143,6 @@ def _sub(
         help=help_text,
         description=kw.pop("description", help_text),
         parents=list(parents),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
         **kw,
     )
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ import pytest
 from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from conftest import REPO, Server
 
-from precog_db.cli import build_parser, main
+from precog_db.cli import Progress, build_parser, main
 from precog_db.stamp import read_stamp
 
 
@@ -191,6 +192,35 @@ class TestStamp:
         outcomes = [(e["operation"], e["outcome"], e["confirmation"]) for e in ws.audit_entries()]
         assert outcomes[-1] == ("stamp", "ok", "PRECOG_PROD_CONFIRMED=yes + typed database name")
         assert ("stamp", "refused", None) in outcomes
+
+
+class TestProgress:
+    def test_progress_only_on_a_terminal(self) -> None:
+        """Progress lines are drawn on a terminal and nothing is written when output is not one."""
+        quiet = io.StringIO()
+        progress = Progress(quiet)
+        progress.update("[1/2] applying 0001_x.sql ...")
+        progress.done()
+        assert quiet.getvalue() == ""
+
+        class Terminal(io.StringIO):
+            def isatty(self) -> bool:
+                return True
+
+        loud = Terminal()
+        progress = Progress(loud)
+        progress.update("[1/2] applying 0001_x.sql ...")
+        progress.done()
+        assert "\r[1/2] applying 0001_x.sql ..." in loud.getvalue()
+
+    def test_migrate_up_off_a_terminal_draws_no_progress(self, ws: Workspace) -> None:
+        """A multi-file migrate up with stderr captured writes no carriage-return progress."""
+        ws.add("test")
+        ws.write_migration("0001_a.sql", "SELECT 1;")
+        ws.write_migration("0002_b.sql", "SELECT 2;")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 0, result.err
+        assert "\r" not in result.err
 
 
 class TestAuditTail:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -352,6 +353,17 @@ class TestPromotion:
         assert entry["reason"] == "test env rebuilt"
         assert entry["promotion"].startswith("skipped (test unavailable")
 
+    def test_predecessor_configured_to_the_same_database_is_refused(self, ws: Workspace) -> None:
+        """.env.test pointing at the staging database cannot vouch for staging's migrations."""
+        staging = ws.add("staging", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
+        two_migrations(ws)
+        (ws.config / ".env.test").write_text((ws.config / ".env.staging").read_text())
+        result = ws.run("--env", "staging", "--yes", "migrate", "up")
+        assert result.code == 1
+        assert "the test settings point at the same database as staging" in result.err
+        assert staging.dbname in result.err
+        assert not ws.has_table("staging", "markets")
+
     def test_skip_does_not_override_a_known_gap(self, ws: Workspace) -> None:
         """--skip-promotion-check cannot push a migration the reachable predecessor does not have."""
         ws.add("test")
@@ -454,6 +466,18 @@ class TestProduction:
         assert "does not match" in result.err
         assert not prod.has_table("prod", "markets")
         assert SENTINEL not in result.out + result.err + prod.audit_log.read_text()
+
+
+def test_unwritable_audit_log_stops_the_operation_before_it_starts(ws: Workspace) -> None:
+    """When the audit log cannot be written, migrate up refuses to run at all."""
+    ws.add("test")
+    two_migrations(ws)
+    (ws.root / "blocker").write_text("")
+    ws.monkeypatch.setenv("PRECOG_AUDIT_LOG", str(ws.root / "blocker" / "audit.log"))
+    result = ws.run("--env", "test", "migrate", "up")
+    assert result.code == 1
+    assert "cannot write the audit log" in result.err
+    assert not ws.has_table("test", "markets")
 
 
 def test_psycopg_runs_a_multi_statement_file(ws: Workspace) -> None:
