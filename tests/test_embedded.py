@@ -279,6 +279,36 @@ class TestEmbeddedServer:
         with psycopg.connect(cluster.conninfo("precog_dev"), autocommit=True) as conn:
             assert conn.execute("SELECT note FROM kept").fetchall() == [("survives down/up",)]
 
+    def test_cli_local_up_down_up_on_embedded_server(self, workdir: Path) -> None:
+        """`precog-db local up` says it started the embedded server; `local down` then `local up` keep the data."""
+
+        def cli(*args: str) -> str:
+            result = subprocess.run(
+                [str(Path(sys.executable).parent / "precog-db"), "local", *args],
+                cwd=workdir,
+                env=hidden_env(),
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+            return result.stdout
+
+        up = cli("up")
+        assert "started local PostgreSQL" in up and "embedded: the pgserver" in up
+        cluster = LocalCluster(workdir / ".precog")
+        with psycopg.connect(cluster.conninfo("precog_test"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (n int)")
+            conn.execute("INSERT INTO kept VALUES (42)")
+        assert "stopped the local cluster" in cli("down")
+        assert not cluster.running()
+        again = cli("up")
+        assert "started local PostgreSQL" in again and "embedded: the pgserver" in again
+        assert "kept database precog_test" in again
+        with psycopg.connect(cluster.conninfo("precog_test"), autocommit=True) as conn:
+            assert conn.execute("SELECT n FROM kept").fetchall() == [(42,)]
+        assert server_version(cluster) == 16
+
     def test_demo_runs_on_embedded_server(self, workdir: Path) -> None:
         """The README's demo starts the embedded server, says so, and runs the service through get_cursor."""
         result = subprocess.run(
