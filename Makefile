@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ENV ?= dev
 
-.PHONY: install demo test lint typecheck pytest clean check migrate migrate-status backup local-up local-down
+.PHONY: install demo test lint typecheck pytest clean check migrate migrate-status backup local-up local-down bench bench-quick
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -23,7 +23,7 @@ demo: install
 test: lint typecheck pytest
 
 lint: install
-	$(BIN)/ruff check precog_db tests examples
+	$(BIN)/ruff check precog_db tests examples bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -50,6 +50,18 @@ local-up: install
 
 local-down: install
 	$(BIN)/precog-db --env $(ENV) local down
+
+## Benchmark get_cursor against the bare driver, psycopg_pool, psycopg2, asyncpg and pgbench
+## (about 8 minutes on 2 cores; see docs/PERFORMANCE.md). `make bench BENCH_ARGS=--quick` is a smoke run.
+bench: $(BIN)/.bench-installed
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-quick: $(BIN)/.bench-installed
+	$(BIN)/python -m bench --quick
+
+$(BIN)/.bench-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
