@@ -398,7 +398,10 @@ class Context:
         """The environment, without loading settings (for commands that do not connect)."""
         if self.args.env is not None:
             self.env_source = "--env"
-            return parse_environment(self.args.env, source="--env")
+            try:
+                return parse_environment(self.args.env, source="--env")
+            except ConfigurationError as exc:
+                raise UsageError(str(exc)) from None
         if self._database_overrides().get("dbname") and not os.environ.get("PRECOG_ENV", "").strip():
             self.env_source = "inferred from --database"
             return infer_environment(self._database_overrides()["dbname"])

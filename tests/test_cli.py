@@ -50,6 +50,7 @@ class TestOptions:
         assert main(["frobnicate"]) == 2
         assert main(["migrate"]) == 2
         assert main(["migrate", "up", "--target", "x"]) == 2
+        assert main(["--env", "production-eu", "env"]) == 2
         assert "usage:" in capsys.readouterr().err
 
     def test_help_exits_0_and_documents_exit_codes(self, capsys: pytest.CaptureFixture[str]) -> None:
