@@ -24,6 +24,7 @@ resolved by `backup_dir` / `retention` from arguments or ``PRECOG_BACKUP_DIR``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import os
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError, PrecogDBError
 from precog_db.log import redact
@@ -135,6 +137,11 @@ def _candidate_dirs() -> list[Path]:
         "/Applications/Postgres.app/Contents/Versions/*/bin",
     ):
         dirs.extend(sorted((Path(p) for p in glob.glob(pattern)), key=_dir_version, reverse=True))
+    # Last: the embedded PostgreSQL of the `local` extra (pg_dump/pg_restore run as us, so no shared copy).
+    with contextlib.suppress(EmbeddedPostgresError):
+        bundled = embedded_bindir(shared=False)
+        if bundled is not None:
+            dirs.append(bundled)
     return dirs
 
 
