@@ -93,7 +93,7 @@ class Server:
 def start_throwaway_cluster(**server_options: str) -> LocalCluster:
     """Start a new cluster in a fresh temporary directory (caller destroys it)."""
     root = Path(tempfile.mkdtemp(prefix="precog-test-"))
-    cluster = LocalCluster(root / "cluster", server_options={"fsync": "off", **server_options})
+    cluster = LocalCluster(root, server_options={"fsync": "off", **server_options})  # destroy() removes root
     cluster.start()
     return cluster
 
