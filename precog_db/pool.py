@@ -180,6 +180,65 @@ class PrecogConnection(Connection[Any]):
         )
 
 
+class _Waiter:
+    """A caller queued for a connection; the interface of psycopg_pool's ``WaitingClient``.
+
+    The hand-off is one lock release, where ``WaitingClient`` goes through a
+    ``Condition`` (a reentrant lock, a new lock per wait, a notify loop). With
+    more threads than connections every checkout is a hand-off, and all of it
+    runs holding the GIL, so the leaner path is worth having (docs/PERFORMANCE.md).
+    Exactly one of `set`, `fail` and the waiter giving up wins, under `_mutex`.
+    """
+
+    __slots__ = ("_done", "_gate", "_mutex", "conn", "error")
+
+    def __init__(self) -> None:
+        self.conn: Connection[Any] | None = None
+        self.error: BaseException | None = None
+        self._done = False
+        self._mutex = threading.Lock()
+        self._gate = threading.Lock()
+        self._gate.acquire()
+
+    def set(self, conn: Connection[Any]) -> bool:
+        """Hand ``conn`` over; False if the caller already gave up (the pool offers it to the next one)."""
+        with self._mutex:
+            if self._done:
+                return False
+            self._done = True
+            self.conn = conn
+        self._gate.release()
+        return True
+
+    def fail(self, error: BaseException) -> bool:
+        """Wake the caller with ``error`` (the pool is closing); False if it already gave up."""
+        with self._mutex:
+            if self._done:
+                return False
+            self._done = True
+            self.error = error
+        self._gate.release()
+        return True
+
+    def wait(self, timeout: float) -> Connection[Any]:
+        """Block until handed a connection or an error, or raise `PoolTimeout` after ``timeout`` seconds."""
+        if not self._gate.acquire(True, timeout) and self.abandon() is None and self.error is None:
+            raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
+        # Woken, or handed a connection just as the wait expired.
+        if self.error is not None:
+            raise self.error
+        assert self.conn is not None
+        return self.conn
+
+    def abandon(self) -> Connection[Any] | None:
+        """Give up waiting; return the connection if one was handed over first (the caller must pass it on)."""
+        with self._mutex:
+            if self._done:
+                return self.conn
+            self._done = True
+            return None
+
+
 class PrecogPool(ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
@@ -266,7 +325,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         deadline = monotonic() + wait
         while True:
             try:
-                conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
+                conn = self._wait_in_line(max(deadline - monotonic(), 0.001))
             except PoolTimeout:
                 raise self._timed_out(wait) from None
             if connection_is_usable(conn):
@@ -315,6 +374,44 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         if conn is not None:
             self._stats[self._REQUESTS_NUM] += 1
             conn._pool = self
+        return conn
+
+    def _wait_in_line(self, timeout: float) -> Connection[Any]:
+        """`getconn`, except that a caller who must wait queues a `_Waiter` (first come, first served).
+
+        Same bookkeeping as psycopg_pool (statistics, growing the pool, the
+        ``max_waiting`` limit, PoolClosed, PoolTimeout). With a ``check``
+        callback configured it simply calls `getconn`, which runs it.
+        """
+        if self._check is not None:
+            return self.getconn(timeout=timeout)
+        self._check_open_getconn()
+        waiter: _Waiter | None = None
+        with self._lock:
+            conn = self._get_ready_connection(timeout)
+            if conn is None:
+                waiter = _Waiter()
+                self._waiting.append(waiter)  # type: ignore[arg-type]
+                self._stats[self._REQUESTS_QUEUED] += 1
+                self._maybe_grow_pool()
+        if conn is None:
+            assert waiter is not None
+            started = monotonic()
+            try:
+                conn = waiter.wait(timeout)
+            except BaseException:
+                self._stats[self._REQUESTS_ERRORS] += 1
+                handed = waiter.abandon()
+                if handed is not None:  # given to us just as we gave up: pass it on
+                    self._return_connection(handed, from_getconn=True)
+                else:  # leave the queue now, so requests_waiting and max_waiting count live callers only
+                    with self._lock, contextlib.suppress(ValueError):
+                        self._waiting.remove(waiter)  # type: ignore[arg-type]
+                raise
+            finally:
+                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (monotonic() - started))
+        self._stats[self._REQUESTS_NUM] += 1
+        conn._pool = self
         return conn
 
     def _get_ready_connection(self, timeout: float | None) -> Connection[Any] | None:

@@ -11,10 +11,10 @@ import time
 import psycopg
 import pytest
 from conftest import Server
-from psycopg_pool import PoolClosed
+from psycopg_pool import PoolClosed, PoolTimeout
 
-from precog_db import PoolStateError, get_connection, get_cursor, get_pool, initialize_pool
-from precog_db.pool import PrecogPool
+from precog_db import PoolExhaustedError, PoolStateError, get_connection, get_cursor, get_pool, initialize_pool
+from precog_db.pool import PrecogPool, _Waiter
 from precog_db.settings import DatabaseSettings
 
 
@@ -71,6 +71,49 @@ class TestOrder:
         assert served == list(range(6))
 
 
+class TestWaiter:
+    """The hand-off protocol between a queued caller and whoever returns a connection (no server needed)."""
+
+    def test_handed_connection_is_returned_by_wait(self) -> None:
+        """A connection set before or during the wait is what wait returns."""
+        waiter, conn = _Waiter(), object()
+        assert waiter.set(conn)  # type: ignore[arg-type]
+        assert waiter.wait(5) is conn
+
+    def test_timeout_raises_and_later_hand_off_is_refused(self) -> None:
+        """A caller whose wait expired raises PoolTimeout, and the pool cannot hand it a connection afterwards."""
+        waiter = _Waiter()
+        with pytest.raises(PoolTimeout):
+            waiter.wait(0.01)
+        assert not waiter.set(object())  # type: ignore[arg-type]
+        assert waiter.abandon() is None
+
+    def test_hand_off_racing_the_timeout_is_not_lost(self) -> None:
+        """If the connection arrives before the caller gives up, abandon returns it so it can be passed on."""
+        waiter, conn = _Waiter(), object()
+        waiter.set(conn)  # type: ignore[arg-type]
+        assert waiter.abandon() is conn
+
+    def test_fail_wakes_the_caller_with_the_error(self) -> None:
+        """fail() (the pool closing) makes the waiting caller raise that error, once."""
+        waiter = _Waiter()
+        result: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                waiter.wait(10)
+            except PoolClosed as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.05)
+        assert waiter.fail(PoolClosed("closing"))
+        t.join(timeout=10)
+        assert len(result) == 1
+        assert not waiter.set(object())  # type: ignore[arg-type]
+
+
 class TestSafetyOnTheFastPath:
     def test_connection_left_in_transaction_is_rolled_back(self, test_settings: DatabaseSettings) -> None:
         """A connection returned inside a transaction is rolled back, never handed out mid-transaction."""
@@ -106,6 +149,37 @@ class TestSafetyOnTheFastPath:
                 cur.execute("SELECT pg_backend_pid() AS pid")
                 row = cur.fetchone()
                 assert row is not None and row["pid"] != victim
+
+    def test_waiter_gets_pool_closed_when_the_pool_closes(self, test_settings: DatabaseSettings) -> None:
+        """A caller queued for a connection is woken with PoolClosed when the pool closes, not left hanging."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1, pool_timeout=30))
+        held = pool.checkout()
+        errors: list[BaseException] = []
+
+        def wait() -> None:
+            try:
+                pool.checkout()
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        _wait_until(lambda: pool.get_stats().get("requests_waiting", 0) == 1, "the caller to queue")
+        pool.close(timeout=1)
+        t.join(timeout=10)
+        assert len(errors) == 1 and isinstance(errors[0], PoolClosed)
+        held.close()
+
+    def test_waiter_times_out_with_the_pool_exhausted_error(self, test_settings: DatabaseSettings) -> None:
+        """A queued caller that waits past the timeout gets PoolExhaustedError and leaves the queue."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1, pool_timeout=0.3))
+        held = pool.checkout()
+        with pytest.raises(PoolExhaustedError):
+            pool.checkout()
+        assert pool.get_stats().get("requests_waiting", 0) == 0
+        pool.checkin(held)
+        with get_cursor() as cur:  # the returned connection is not lost to the departed waiter
+            cur.execute("SELECT 1")
 
     def test_closed_pool_refuses_checkout(self, test_settings: DatabaseSettings) -> None:
         """After close, checkout raises PoolClosed instead of handing out a connection."""
