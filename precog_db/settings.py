@@ -81,6 +81,8 @@ class DatabaseSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env", Environment(self.env))
+        if isinstance(self.password, str) and not isinstance(self.password, Secret):
+            object.__setattr__(self, "password", Secret(self.password))
         if not self.dbname:
             object.__setattr__(self, "dbname", f"precog_{self.env.value}")
         if not self.user:
@@ -167,8 +169,23 @@ def _text(value: str) -> str:
     return value.strip()
 
 
+class Secret(str):
+    """A password: a plain `str` to every consumer (libpq included) whose `repr` is masked.
+
+    Tracebacks that render frame locals (structlog's ``dict_tracebacks``, its
+    default JSON exception format; rich; better-exceptions) print each local
+    with `repr`, so a password held in a dict or a variable on its way to
+    libpq would be logged with any exception passing through that frame.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
 def _secret(value: str) -> str:
-    return value
+    return value if isinstance(value, Secret) else Secret(value)
 
 
 def _integer(value: str) -> int:
@@ -438,6 +455,26 @@ def load_settings(
     Raises `ConfigurationError` for invalid input and `EnvironmentMismatchError`
     when the database name belongs to another environment.
     """
+    if isinstance(overrides.get("password"), str):
+        overrides["password"] = Secret(overrides["password"])
+    try:
+        return _load_settings(env, config_dir, environ, overrides)
+    except (ConfigurationError, EnvironmentMismatchError) as exc:
+        error = exc
+    # Re-raised from here with a fresh traceback: the frames below hold every
+    # raw value read (file contents, a password pasted on the wrong line) as
+    # locals, and tracebacks that render locals would log them. The message
+    # already names the file, line or variable.
+    error.__traceback__ = None
+    raise error
+
+
+def _load_settings(
+    env: str | Environment | None,
+    config_dir: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None,
+    overrides: dict[str, Any],
+) -> DatabaseSettings:
     process_env = os.environ if environ is None else environ
     resolved = get_environment(env, environ=process_env)
     directory = resolve_config_dir(config_dir, process_env)
