@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -13,7 +14,8 @@ from precog_db.plugin import derived_name
 
 pytest_plugins = ["pytester"]
 
-DB = "precog_plugin_test"
+# One database per outer xdist worker, in case they share a server (PRECOG_TEST_DSN).
+DB = "precog_plugin_test" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
 RUN_TIMEOUT = 180
 
 Run = Callable[..., pytest.RunResult]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -31,13 +32,16 @@ from precog_db.local_cluster import find_postgres_bindir
 from precog_db.pool import active_pool, close_pool
 from precog_db.stamp import TABLE, stamp_command
 
-ROLE = "stamp_app"
+# Role and database names per outer xdist worker, in case they share a server (PRECOG_TEST_DSN).
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+ROLE = f"stamp_app_{WORKER}"
+PREFIX = f"stampdb_{WORKER}_"
 ROLE_PASSWORD = "stamp-app-pw"  # the harness server trusts loopback; this only matters under PRECOG_TEST_DSN
 
 
 def fresh(pg_server: Server) -> str:
     """A new, empty database with a unique neutral name."""
-    return pg_server.fresh_database(f"stampdb_{uuid.uuid4().hex[:8]}")
+    return pg_server.fresh_database(f"{PREFIX}{uuid.uuid4().hex[:8]}")
 
 
 def admin(pg_server: Server, dbname: str, query: str) -> list[tuple[object, ...]]:
@@ -63,7 +67,8 @@ def app_role(pg_server: Server) -> Iterator[str]:
         conn.execute(create.format(sql.Identifier(ROLE), sql.Literal(ROLE_PASSWORD)))
     yield ROLE
     with pg_server.connect() as conn:
-        for (name,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'stampdb_%'").fetchall():
+        rows = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (PREFIX,)).fetchall()
+        for (name,) in rows:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(ROLE)))
 
@@ -264,7 +269,7 @@ class TestCopies:
     ) -> None:
         """A prod database cloned under another name and opened as dev is a RestoredCopyError with the fix."""
         source = self._stamped_prod(pg_server, monkeypatch)
-        copy = f"stampdb_{uuid.uuid4().hex[:8]}"
+        copy = f"{PREFIX}{uuid.uuid4().hex[:8]}"
         admin(pg_server, pg_server.admin_db, f"CREATE DATABASE {copy} TEMPLATE {source}")
         dev = pg_server.settings(copy, env=Environment.DEV)
         with pytest.raises(RestoredCopyError) as info:
@@ -280,7 +285,7 @@ class TestCopies:
     def test_copy_needs_force_to_restamp(self, pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
         """Re-stamping a copy of another environment still needs force=True."""
         source = self._stamped_prod(pg_server, monkeypatch)
-        copy = f"stampdb_{uuid.uuid4().hex[:8]}"
+        copy = f"{PREFIX}{uuid.uuid4().hex[:8]}"
         admin(pg_server, pg_server.admin_db, f"CREATE DATABASE {copy} TEMPLATE {source}")
         with pytest.raises(EnvironmentMismatchError, match="force=True"):
             stamp_database("dev", settings=pg_server.settings(copy, env=Environment.DEV))
@@ -296,7 +301,7 @@ class TestCopies:
         """A copy of a test database opened as test is allowed, with a database_copy_detected warning."""
         source = fresh(pg_server)
         stamp_database("test", settings=pg_server.settings(source))
-        copy = f"stampdb_{uuid.uuid4().hex[:8]}"
+        copy = f"{PREFIX}{uuid.uuid4().hex[:8]}"
         admin(pg_server, pg_server.admin_db, f"CREATE DATABASE {copy} TEMPLATE {source}")
         with capture_logs() as logs:
             initialize_pool(settings=pg_server.settings(copy))
