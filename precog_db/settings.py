@@ -147,6 +147,8 @@ class DatabaseSettings:
             raise ConfigurationError(
                 f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
             )
+        if isinstance(changes.get("password"), str):
+            changes["password"] = Secret(changes["password"])  # masked in this frame's locals
         parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
         origins = dict(self.origins)
         origins.update({k: "argument" for k in changes})

@@ -215,6 +215,7 @@ def test_sentinel_password_appears_nowhere(
     cap.attempt(lambda: load_settings("test", config_dir=config, environ={}))
     (config / ".env.test").write_text(f"DB_PASSWORD\n{SENTINEL}\n")
     cap.attempt(lambda: load_settings("test", config_dir=config, environ={}))
+    cap.attempt(lambda: app().replace(password=SENTINEL, port=0))
     (config / ".env.staging").write_text(f"DB_PASSWORD={SENTINEL}\n")
     (config / ".env.staging").chmod(0o644)
     cap.attempt(lambda: load_settings("staging", config_dir=config, environ={}))
