@@ -295,8 +295,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         try:
             conn = super()._connect(timeout)
         except psycopg.Error as exc:
-            lines = _scrub(str(exc), self.settings).splitlines()
-            self._last_connect_failure = (monotonic(), lines[-1] if lines else type(exc).__name__)
+            self._last_connect_failure = (monotonic(), _reason(exc, self.settings))
             raise
         self._last_connect_failure = None
         return conn
@@ -460,16 +459,21 @@ def _scrub(message: str, settings: DatabaseSettings) -> str:
     return message.strip()
 
 
+def _reason(exc: BaseException, settings: DatabaseSettings) -> str:
+    """libpq's message on one line: "…failed: Connection refused; Is the server running…?"."""
+    lines = [line.strip() for line in _scrub(str(exc), settings).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
+
+
 def probe_connection(settings: DatabaseSettings) -> Connection[Any]:
     """Open one direct connection, or raise `DatabaseUnavailableError` with the reason."""
     try:
         return psycopg.connect(**settings.connect_kwargs(), autocommit=True)
     except psycopg.OperationalError as exc:
-        reason = _scrub(str(exc), settings).splitlines()
+        detail = _reason(exc, settings)
     # Raised outside the except block on purpose: the psycopg error (and the
     # frames of psycopg.connect, whose locals hold the full conninfo with the
     # password) must not stay reachable as __context__ of what we raise.
-    detail = reason[-1] if reason else "no reason given"
     raise DatabaseUnavailableError(
         f"cannot connect to the {settings.describe()}: {detail}. "
         "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER "

@@ -215,6 +215,7 @@ class TestReconnectBackoff:
                 cur.execute("SELECT 1")
             message = str(info.value)
             assert "precog-test" in message and "cannot be reached" in message
+            assert "Connection refused" in message, "the server's reason, not only libpq's generic hint"
             assert "DB_POOL_MAX_CONN" not in message
             assert isinstance(info.value, psycopg.OperationalError)
 
