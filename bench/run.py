@@ -77,46 +77,61 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _paired(a: list[float], b: list[float]) -> float | None:
+    """Median over rounds of a[r] / b[r]: two cells measured seconds apart move together on a busy machine."""
+    ratios = [x / y for x, y in zip(a, b, strict=False) if x and y]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def matrix(
     opened: list[C.Contender], threads: tuple[int, ...], workloads: tuple[str, ...], args: argparse.Namespace
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """results[workload][threads][contender] for every cell, rounds interleaved."""
+    """results[workload][threads][contender] for every cell.
+
+    One round runs every thread count and every contender once, in rotated
+    order, so that the cells compared with each other (contender against the
+    bare connection, 64 threads against 8) ran close together in time.
+    """
     results: dict[str, dict[str, dict[str, Any]]] = {}
-    for n in threads:
-        for workload in workloads:
-            runs: dict[str, list[dict[str, Any]]] = {}
-            players = [c for c in opened if workload in c.workloads]
-            for r in range(args.rounds):
+    for workload in workloads:
+        players = [c for c in opened if workload in c.workloads]
+        runs: dict[int, dict[str, list[dict[str, Any]]]] = {n: {} for n in threads}
+        for r in range(args.rounds):
+            for n in threads if r % 2 == 0 else tuple(reversed(threads)):
                 order = players[r % len(players) :] + players[: r % len(players)]
                 for contender in order:
-                    runs.setdefault(contender.name, []).append(
+                    runs[n].setdefault(contender.name, []).append(
                         contender.run(workload, n, args.duration, args.warmup)
                     )
-            cells = {name: _median_cell(v) for name, v in runs.items()}
+        for n in threads:
+            cells = {name: _median_cell(v) for name, v in runs[n].items()}
+            for base, key in ((BASELINE, "ratio"), ("bare_tuple", "ratio_tuple")):
+                base_rounds = cells.get(base, {}).get("qps_rounds", [])
+                for cell in cells.values():
+                    cell[key] = _paired(cell["qps_rounds"], base_rounds)
             results.setdefault(workload, {})[str(n)] = cells
-            base = cells.get(BASELINE, {}).get("qps") or 0
-            summary = "  ".join(
-                f"{name}={cell['qps']:,.0f}" + (f"({cell['qps'] / base:.2f})" if base else "")
-                for name, cell in cells.items()
-            )
+            summary = "  ".join(f"{name}={cell['qps']:,.0f}({cell['ratio']})" for name, cell in cells.items())
             _log(f"  {workload:<8} {n:>2} thr  {summary}")
+        if len(threads) > 1:
+            top, eight = str(max(threads)), "8" if 8 in threads else str(min(threads))
+            for name, cell in results[workload][top].items():
+                lower = results[workload][eight].get(name)
+                if lower:
+                    cell["ratio_to_8_threads"] = _paired(cell["qps_rounds"], lower["qps_rounds"])
     return results
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a and b else None
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     m = report["matrix"]
     out: list[dict[str, Any]] = []
 
-    def qps(workload: str, threads: int, name: str) -> float | None:
-        return m.get(workload, {}).get(str(threads), {}).get(name, {}).get("qps")
+    def cell(workload: str, threads: int, name: str) -> dict[str, Any]:
+        found: dict[str, Any] = m.get(workload, {}).get(str(threads), {}).get(name, {})
+        return found
 
     for n in (1, 8):
-        for base in ("bare_dict", "bare_tuple"):
-            value = _ratio(qps("pk", n, "precog"), qps("pk", n, base))
+        for base, key in (("bare_dict", "ratio"), ("bare_tuple", "ratio_tuple")):
+            value = cell("pk", n, "precog").get(key)
             out.append(
                 {
                     "target": f"get_cursor() PK read vs {base} at {n} thread(s)",
@@ -125,7 +140,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "met": value is not None and value >= 0.9,
                 }
             )
-    value = _ratio(qps("pk", 1, "precog"), qps("pk", 1, "psycopg2"))
+    value = _paired(cell("pk", 1, "precog").get("qps_rounds", []), cell("pk", 1, "psycopg2").get("qps_rounds", []))
     out.append(
         {
             "target": "get_cursor() PK read vs psycopg2 pool at 1 thread",
@@ -147,8 +162,8 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     )
     top = max((int(t) for t in m.get("pk", {})), default=0)
     if top > 8:
-        cell64 = m["pk"][str(top)].get("precog", {})
-        value = _ratio(cell64.get("qps"), qps("pk", 8, "precog"))
+        cell64 = cell("pk", top, "precog")
+        value = cell64.get("ratio_to_8_threads")
         out.append(
             {
                 "target": f"get_cursor() PK read, {top} threads on {C.POOL_SIZE} connections vs 8 threads",
@@ -197,7 +212,8 @@ def render(report: dict[str, Any]) -> str:
     lines.append(f"server: {report['server']['server'].split(',')[0]}  fsync={report['server']['fsync']}")
     lines.append(
         f"{report['settings']['rounds']} rounds x {report['settings']['duration']}s per cell, median round; "
-        f"pool size {C.POOL_SIZE}; ratio = ops/s divided by the bare connection with dict rows"
+        f"pool size {C.POOL_SIZE}; (ratio) = median over rounds of ops/s / the bare connection with dict rows "
+        "in the same round"
     )
     names = {cls.name: cls for cls in C.ALL}
     rts = report.get("round_trips", {})
@@ -224,9 +240,7 @@ def render(report: dict[str, Any]) -> str:
             row = f"  {cls.label:<52} {cls.rows:<8} {_fmt(rts.get(name, {}).get(workload), '.1f'):>5}"
             for n in threads:
                 cell = per_threads.get(str(n), {}).get(name, {})
-                base = per_threads.get(str(n), {}).get(BASELINE, {}).get("qps")
-                ratio = _ratio(cell.get("qps"), base)
-                row += f" {_fmt(cell.get('qps')):>9} ({_fmt(ratio, '.2f'):>5})"
+                row += f" {_fmt(cell.get('qps')):>9} ({_fmt(cell.get('ratio'), '.2f'):>5})"
             cell = per_threads.get(top, {}).get(name, {})
             row += f"   {_fmt(cell.get('checkout_p50_us'), ',.0f'):>7} / {_fmt(cell.get('checkout_p99_us'), ',.0f')}"
             if cell.get("errors"):
@@ -283,9 +297,9 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: short cells, one round (under a minute)")
-    p.add_argument("--duration", type=float, help="measured seconds per cell (default 1.2, quick 0.3)")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.3, quick 0.1)")
-    p.add_argument("--rounds", type=int, help="rounds per cell, order rotated; the median is kept (default 3)")
+    p.add_argument("--duration", type=float, help="measured seconds per cell (default 0.6, quick 0.3)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.2, quick 0.1)")
+    p.add_argument("--rounds", type=int, help="rounds per cell, order rotated; medians are kept (default 5)")
     p.add_argument("--threads", default="1,8,64", help="comma-separated thread counts (default 1,8,64)")
     p.add_argument("--workloads", default=",".join(C.WORKLOADS), help="comma-separated subset of pk,fetch100,...")
     p.add_argument(
@@ -299,9 +313,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dsn", default=os.environ.get("PRECOG_BENCH_DSN"), help="use this server (PRECOG_BENCH_DSN)")
     p.add_argument("--output", type=Path, help="write the JSON here too")
     args = p.parse_args(argv)
-    args.duration = args.duration or (0.3 if args.quick else 1.2)
-    args.warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 0.3)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.duration = args.duration or (0.3 if args.quick else 0.6)
+    args.warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 0.2)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     args.duration = min(args.duration, 30.0)
     args.rounds = min(args.rounds, 10)
     return args
