@@ -222,7 +222,11 @@ class _Waiter:
 
     def wait(self, timeout: float) -> Connection[Any]:
         """Block until handed a connection or an error, or raise `PoolTimeout` after ``timeout`` seconds."""
-        if not self._gate.acquire(True, timeout) and self.abandon() is None and self.error is None:
+        if (
+            not self._gate.acquire(True, min(max(timeout, 0.0), threading.TIMEOUT_MAX))
+            and self.abandon() is None
+            and self.error is None
+        ):
             raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
         # Woken, or handed a connection just as the wait expired.
         if self.error is not None:
