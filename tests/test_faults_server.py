@@ -72,9 +72,7 @@ class TestRestartUnderLoad:
             assert server.cluster is not None
             timeout, connect_timeout = 1.5, 2
             initialize_pool(
-                settings=server.settings(
-                    pool_min=4, pool_max=4, pool_timeout=timeout, connect_timeout=connect_timeout
-                )
+                settings=server.settings(pool_min=4, pool_max=4, pool_timeout=timeout, connect_timeout=connect_timeout)
             )
             attempted: dict[int, str] = {}
             lock = threading.Lock()
@@ -232,9 +230,7 @@ class TestTerminatedBackends:
             for pid in pids:
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
             assert wait_until(
-                lambda: not admin.execute(
-                    "SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
-                ).fetchone(),
+                lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)).fetchone(),
                 timeout=10,
             )
         return pids
