@@ -178,7 +178,8 @@ def find_tool(name: str, server_major: int) -> Path:
     raise BackupError(
         f"no {name} of PostgreSQL {server_major} or newer (the server's version){found}. Install the "
         f"PostgreSQL {server_major} client tools (e.g. `apt-get install postgresql-client-{server_major}`) "
-        "or set PRECOG_PG_BINDIR to the directory that holds them"
+        "or `pip install 'precog-db[local]'` for the embedded ones, or set PRECOG_PG_BINDIR to the "
+        "directory that holds them"
     )
 
 

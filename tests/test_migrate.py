@@ -14,6 +14,7 @@ import pytest
 from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from conftest import Server
 
+from precog_db.backup import find_tool
 from precog_db.errors import ConfigurationError
 from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
 
@@ -422,10 +423,10 @@ class TestProduction:
         assert "PRODUCTION" in result.err
         dumps = sorted((prod.root / "backups" / "prod").glob(f"{name}-*.dump"))
         assert len(dumps) == 1
+        with prod.server.connect(name) as conn:
+            server_major = conn.info.server_version // 10000
         listing = subprocess.run(
-            ["/usr/lib/postgresql/15/bin/pg_restore", "--list", str(dumps[0])]
-            if Path("/usr/lib/postgresql/15/bin/pg_restore").exists()
-            else ["pg_restore", "--list", str(dumps[0])],
+            [str(find_tool("pg_restore", server_major)), "--list", str(dumps[0])],
             capture_output=True,
             text=True,
             check=True,
