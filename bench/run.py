@@ -58,6 +58,66 @@ def _machine() -> dict[str, Any]:
     return info
 
 
+class CpuAccount:
+    """Who used the machine's CPU during the run: this benchmark (client and server) or everything else.
+
+    Machine-wide busy time comes from /proc/stat; the client's from os.times()
+    (all threads, plus finished children such as pgbench); the server's from the
+    postmaster, which accumulates its backends' CPU as it reaps them, so it is
+    read after every connection has closed. Linux and a benchmark-started
+    server only; elsewhere it reports nothing.
+    """
+
+    def __init__(self, server: BenchServer) -> None:
+        self.server = server
+        self.start = self._sample()
+
+    def _postmaster_seconds(self) -> float | None:
+        cluster = self.server.cluster
+        if cluster is None:
+            return None
+        try:
+            pid = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> dict[str, float] | None:
+        try:
+            cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in cpu[:8])
+        tick = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return {
+            "wall": time.monotonic(),
+            "busy": (user + nice + system + irq + softirq) / tick,
+            "steal": steal / tick,
+            "client": t.user + t.system + t.children_user + t.children_system,
+            "server": self._postmaster_seconds() or 0.0,
+        }
+
+    def report(self) -> dict[str, Any]:
+        end = self._sample()
+        if self.start is None or end is None:
+            return {}
+        d = {k: end[k] - self.start[k] for k in end}
+        capacity = d["wall"] * (os.cpu_count() or 1)
+        ours = d["client"] + (d["server"] if self.server.cluster is not None else 0.0)
+        out = {
+            "wall_s": round(d["wall"], 1),
+            "machine_busy_pct": round(100 * d["busy"] / capacity, 1),
+            "benchmark_client_pct": round(100 * d["client"] / capacity, 1),
+            "steal_pct": round(100 * d["steal"] / capacity, 1),
+        }
+        if self.server.cluster is not None:
+            out["benchmark_server_pct"] = round(100 * d["server"] / capacity, 1)
+            out["other_processes_pct"] = round(max(0.0, 100 * (d["busy"] - ours) / capacity), 1)
+        return out
+
+
 def _median_cell(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each metric over the rounds; counts are summed."""
     cell: dict[str, Any] = {}
@@ -210,6 +270,13 @@ def render(report: dict[str, Any]) -> str:
         f"python {mach['python']}  load {mach['load_average_before']} -> {mach.get('load_average_after')}"
     )
     lines.append(f"server: {report['server']['server'].split(',')[0]}  fsync={report['server']['fsync']}")
+    cpu = report.get("cpu") or {}
+    if "other_processes_pct" in cpu:
+        lines.append(
+            f"CPU over {cpu['wall_s']} s: machine {cpu['machine_busy_pct']}% busy; benchmark client "
+            f"{cpu['benchmark_client_pct']}%, its server {cpu['benchmark_server_pct']}%, other processes "
+            f"{cpu['other_processes_pct']}% (steal {cpu['steal_pct']}%): other processes slow every cell down"
+        )
     lines.append(
         f"{report['settings']['rounds']} rounds x {report['settings']['duration']}s per cell, median round; "
         f"pool size {C.POOL_SIZE}; (ratio) = median over rounds of ops/s / the bare connection with dict rows "
@@ -297,8 +364,8 @@ def render(report: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: short cells, one round (under a minute)")
-    p.add_argument("--duration", type=float, help="measured seconds per cell (default 0.6, quick 0.3)")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.2, quick 0.1)")
+    p.add_argument("--duration", type=float, help="measured seconds per cell (default 0.5, quick 0.3)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each cell (default 0.15, quick 0.1)")
     p.add_argument("--rounds", type=int, help="rounds per cell, order rotated; medians are kept (default 5)")
     p.add_argument("--threads", default="1,8,64", help="comma-separated thread counts (default 1,8,64)")
     p.add_argument("--workloads", default=",".join(C.WORKLOADS), help="comma-separated subset of pk,fetch100,...")
@@ -313,8 +380,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dsn", default=os.environ.get("PRECOG_BENCH_DSN"), help="use this server (PRECOG_BENCH_DSN)")
     p.add_argument("--output", type=Path, help="write the JSON here too")
     args = p.parse_args(argv)
-    args.duration = args.duration or (0.3 if args.quick else 0.6)
-    args.warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 0.2)
+    args.duration = args.duration or (0.3 if args.quick else 0.5)
+    args.warmup = args.warmup if args.warmup is not None else (0.1 if args.quick else 0.15)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.duration = min(args.duration, 30.0)
     args.rounds = min(args.rounds, 10)
@@ -359,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         _log("preparing the server and the benchmark tables")
         server.prepare()
         report["server"] = server.describe()
+        account = CpuAccount(server)
         if "memory" not in skip:
             # First, on a fresh database: after the matrix the first new backends
             # rebuild caches the heavy writes invalidated and look several MB larger.
@@ -393,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if "pgbench" not in skip:
             _log("pgbench -S -M prepared")
             report["pgbench"] = extras.pgbench(server, threads, 1 if args.quick else 5)
+        report["cpu"] = account.report()  # every benchmark connection is closed by now
         if "startup" not in skip:
             _log("start-up time")
             report["startup"] = extras.startup(server.bench, 3 if args.quick else 11)
