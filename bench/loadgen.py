@@ -14,7 +14,7 @@ import random
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from time import perf_counter
+from time import perf_counter, process_time
 from typing import Any
 
 Op = Callable[[random.Random], float]
@@ -31,6 +31,7 @@ FIFO_SLACK_S = 0.005
 @dataclass
 class _Worker:
     ops: int = 0
+    all_ops: int = 0
     errors: int = 0
     first_error: str = ""
     checkout: list[float] = field(default_factory=list)
@@ -45,9 +46,16 @@ def _percentile(values: list[float], q: float) -> float:
     return values[index]
 
 
-def summarize(workers: list[_Worker], seconds: float) -> dict[str, Any]:
-    """Throughput, latency percentiles (microseconds) and FIFO order for one cell."""
+def summarize(workers: list[_Worker], seconds: float, cpu_seconds: float) -> dict[str, Any]:
+    """Throughput, latency percentiles (microseconds), FIFO order and client CPU per operation for one cell.
+
+    ``cpu_seconds`` is this process's CPU time (all threads) over the whole
+    cell, warm-up included, so it is divided by every operation of the cell:
+    the client-side cost of one operation, which a busy machine disturbs far
+    less than it disturbs throughput.
+    """
     ops = sum(w.ops for w in workers)
+    all_ops = sum(w.all_ops for w in workers)
     checkout = sorted(c for w in workers for c in w.checkout)
     latency = sorted(x for w in workers for x in w.latency)
     waits = sorted((acq, req) for w in workers for (req, acq) in w.waits)
@@ -69,6 +77,7 @@ def summarize(workers: list[_Worker], seconds: float) -> dict[str, Any]:
         "op_p99_us": round(_percentile(latency, 0.99) * 1e6, 1),
         "waited": len(waits),
         "served_out_of_order": overtaken,
+        "client_cpu_us_per_op": round(cpu_seconds * 1e6 / all_ops, 1) if all_ops else None,
         "errors": errors,
         "first_error": next((w.first_error for w in workers if w.first_error), ""),
     }
@@ -97,6 +106,7 @@ def run_threads(make_op: Callable[[int], Op], threads: int, duration: float, war
         now = perf_counter()
         window["start"] = now + warmup
         window["end"] = now + warmup + duration
+        window["cpu"] = process_time()
 
     barrier = threading.Barrier(threads, action=set_window)
 
@@ -118,6 +128,7 @@ def run_threads(make_op: Callable[[int], Op], threads: int, duration: float, war
                     break
                 continue
             done = perf_counter()
+            w.all_ops += 1
             if requested >= start:
                 _record(w, requested, acquired, done)
 
@@ -128,7 +139,7 @@ def run_threads(make_op: Callable[[int], Op], threads: int, duration: float, war
         t.join(timeout=warmup + duration + 60)
         if t.is_alive():
             raise RuntimeError(f"a benchmark thread did not finish within {warmup + duration + 60:.0f}s")
-    return summarize(workers, duration)
+    return summarize(workers, duration, process_time() - window["cpu"])
 
 
 async def run_tasks(make_op: Callable[[int], AsyncOp], tasks: int, duration: float, warmup: float) -> dict[str, Any]:
@@ -137,6 +148,7 @@ async def run_tasks(make_op: Callable[[int], AsyncOp], tasks: int, duration: flo
     workers = [_Worker() for _ in range(tasks)]
     now = perf_counter()
     start, end = now + warmup, now + warmup + duration
+    cpu = process_time()
 
     async def body(i: int) -> None:
         op, w = ops[i], workers[i]
@@ -154,8 +166,9 @@ async def run_tasks(make_op: Callable[[int], AsyncOp], tasks: int, duration: flo
                     break
                 continue
             done = perf_counter()
+            w.all_ops += 1
             if requested >= start:
                 _record(w, requested, acquired, done)
 
     await asyncio.wait_for(asyncio.gather(*(body(i) for i in range(tasks))), timeout=warmup + duration + 60)
-    return summarize(workers, duration)
+    return summarize(workers, duration, process_time() - cpu)

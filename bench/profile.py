@@ -4,7 +4,11 @@
    a bare ``conn.cursor()``: the part of `get_cursor` that is not the server.
    CPU-only, so it is far less sensitive to a busy machine than throughput is;
    the best of several repeats is kept.
-2. A pyinstrument profile of N primary-key lookups through `get_cursor`.
+2. Python function calls per PK lookup (exact, from cProfile), bare against `get_cursor`.
+3. Sequential PK lookups in interleaved batches: a bare connection, `get_cursor`, and the same
+   pool handing out the connection idle the longest (psycopg_pool's order) instead of the most
+   recently used one.
+4. A pyinstrument profile of N primary-key lookups through `get_cursor`.
 
 Uses its own throwaway cluster, or ``PRECOG_BENCH_DSN``.
 """
@@ -20,10 +24,12 @@ from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
 
 from bench.contenders import PK, POOL_SIZE, Precog
 from bench.run import _quiet_logging
-from bench.server import ITEMS, BenchServer
+from bench.server import ITEMS, BenchServer, Target
+from precog_db.pool import PrecogPool
 
 
 def per_call_us(fn: Any, n: int, repeats: int = 7) -> float:
@@ -71,11 +77,69 @@ def overhead(n: int, bare: psycopg.Connection[Any]) -> dict[str, float]:
     }
 
 
-def pk_latency(n: int, bare: psycopg.Connection[Any]) -> dict[str, float]:
-    """Median of 5 runs of n sequential PK lookups, microseconds per lookup."""
-    from precog_db import get_cursor
+class _OldestFirst(PrecogPool):
+    """PrecogPool handing out the connection idle the longest, psycopg_pool's own order (for comparison only)."""
+
+    def _get_ready_connection(self, timeout: float | None) -> Any:
+        return ConnectionPool._get_ready_connection(self, timeout)
+
+
+def pk_latency(batches: int, batch: int, bare: psycopg.Connection[Any], target: Target) -> dict[str, float]:
+    """Median µs per sequential PK lookup over interleaved batches: bare, get_cursor, and oldest-first order."""
+    from precog_db import get_cursor, get_pool
 
     rng = random.Random(1)
+    oldest = _OldestFirst(get_pool().settings)
+    oldest.open(wait=True, timeout=60)
+
+    def precog() -> None:
+        with get_cursor() as cur:
+            cur.execute(PK, (rng.randint(1, ITEMS),))
+            cur.fetchone()
+
+    def oldest_first() -> None:
+        conn = oldest.checkout()
+        try:
+            with conn.cursor(row_factory=dict_row) as cur:
+                cur.execute(PK, (rng.randint(1, ITEMS),))
+                cur.fetchone()
+        finally:
+            oldest.checkin(conn)
+
+    def plain() -> None:
+        bare.execute(PK, (rng.randint(1, ITEMS),)).fetchone()
+
+    candidates = {
+        "bare dict-row connection": plain,
+        "get_cursor (most recently used first)": precog,
+        "same pool, oldest idle connection first": oldest_first,
+    }
+    out: dict[str, list[float]] = {name: [] for name in candidates}
+    try:
+        for fn in candidates.values():
+            for _ in range(batch):
+                fn()
+        for b in range(batches):
+            order = list(candidates.items())
+            random.Random(b).shuffle(order)
+            for name, fn in order:
+                t0 = perf_counter()
+                for _ in range(batch):
+                    fn()
+                out[name].append((perf_counter() - t0) / batch * 1e6)
+    finally:
+        oldest.close()
+    return {k: round(statistics.median(v), 1) for k, v in out.items()}
+
+
+def calls_per_lookup(bare: psycopg.Connection[Any], n: int = 1000) -> dict[str, float]:
+    """Python function calls per PK lookup (cProfile's exact count, not a timing)."""
+    import cProfile
+    import pstats
+
+    from precog_db import get_cursor
+
+    rng = random.Random(4)
 
     def precog() -> None:
         with get_cursor() as cur:
@@ -85,14 +149,17 @@ def pk_latency(n: int, bare: psycopg.Connection[Any]) -> dict[str, float]:
     def plain() -> None:
         bare.execute(PK, (rng.randint(1, ITEMS),)).fetchone()
 
-    out: dict[str, list[float]] = {"get_cursor PK": [], "bare dict-row PK": []}
-    for _ in range(5):
-        for name, fn in (("get_cursor PK", precog), ("bare dict-row PK", plain)):
-            t0 = perf_counter()
-            for _ in range(n):
-                fn()
-            out[name].append((perf_counter() - t0) / n * 1e6)
-    return {k: round(statistics.median(v), 1) for k, v in out.items()}
+    out = {}
+    for name, fn in (("bare dict-row connection", plain), ("get_cursor", precog)):
+        for _ in range(100):
+            fn()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(n):
+            fn()
+        profiler.disable()
+        out[name] = round(pstats.Stats(profiler).total_calls / n, 1)  # type: ignore[attr-defined]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pool size {POOL_SIZE}; per call, best of 7 (us):")
             for name, us in overhead(20_000, bare).items():
                 print(f"  {name:<52} {us:8.2f}")
-            print("sequential PK lookups, median of 5 (us per lookup):")
-            for name, us in pk_latency(2_000, bare).items():
+            print("function calls per PK lookup (exact):")
+            for name, calls in calls_per_lookup(bare).items():
+                print(f"  {name:<52} {calls:8.1f}")
+            print("sequential PK lookups, us per lookup (median of 30 interleaved batches of 200):")
+            for name, us in pk_latency(30, 200, bare, server.bench).items():
                 print(f"  {name:<52} {us:8.1f}")
             rng = random.Random(2)
             profiler = Profiler(interval=0.0002)
