@@ -337,19 +337,24 @@ def backup(
 # --- restore --------------------------------------------------------------------------------
 
 
+def check_restore_target(settings: DatabaseSettings, path: Path) -> None:
+    """Refuse a restore into staging or prod, or from a path that is not a file; nothing runs before this."""
+    if settings.env not in RESTORABLE:
+        raise EnvironmentNotAllowedError(
+            f"restore is allowed only into dev or test, and the target is the {settings.describe()}; "
+            "nothing was changed. Restore into a dev or test database (--env dev / --env test) instead"
+        )
+    if not path.is_file():
+        raise ConfigurationError(f"{path} does not exist or is not a file; pass the path of a .dump file")
+
+
 def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int:
     """Restore the archive at ``path`` into ``settings``' database (dev or test only); return its entry count.
 
     Raises `EnvironmentNotAllowedError` for staging and prod before anything
     runs. The restore is one transaction: on any error nothing is changed.
     """
-    if settings.env not in RESTORABLE:
-        raise EnvironmentNotAllowedError(
-            f"restore is allowed only into dev or test, and the target is the {settings.describe()}; "
-            "restore into a dev or test database (--env dev / --env test) instead"
-        )
-    if not path.is_file():
-        raise ConfigurationError(f"{path} does not exist or is not a file; pass the path of a .dump file")
+    check_restore_target(settings, path)
     pg_restore = find_tool("pg_restore", server_major)
     entries = verify(path, settings, tool=pg_restore)
     _run(

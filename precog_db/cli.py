@@ -1081,21 +1081,14 @@ def cmd_backup(ctx: Context) -> int:
 
 
 def cmd_restore(ctx: Context) -> int:
-    from precog_db.backup import RESTORABLE, restore
-    from precog_db.errors import EnvironmentNotAllowedError
+    from precog_db.backup import check_restore_target, restore
     from precog_db.stamp import read_stamp, stamp_database
 
     settings = ctx.settings()
     path = Path(ctx.args.file)
     ctx.show_banner(settings, "restore")
     with ctx.operation("restore", settings, file=str(path)) as info:
-        if settings.env not in RESTORABLE:
-            raise EnvironmentNotAllowedError(
-                f"restore is allowed only into dev or test, and the target is the {settings.describe()}; "
-                "nothing was changed"
-            )
-        if not path.is_file():
-            raise ConfigurationError(f"{path} does not exist or is not a file; pass the path of a .dump file")
+        check_restore_target(settings, path)
         conn = ctx.connect(settings, "restore")
         try:
             major = conn.info.server_version // 10000

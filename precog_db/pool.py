@@ -40,16 +40,15 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
 from precog_db import audit
-from precog_db.environment import Environment, parse_environment
+from precog_db.environment import Environment
 from precog_db.errors import (
-    ConfigurationError,
     ConnectionLostError,
     DatabaseUnavailableError,
     PoolExhaustedError,
     PoolStateError,
 )
 from precog_db.guard import require_production_confirmation
-from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.stamp import verify_stamp
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
@@ -576,13 +575,7 @@ def initialize_pool(
     from precog_db.guard import production_confirmed
 
     with _State.lock:
-        if settings is None:
-            settings = load_settings(env)
-        elif env is not None and parse_environment(env) is not settings.env:
-            raise ConfigurationError(
-                f"initialize_pool got env={parse_environment(env).value} but settings for "
-                f"{settings.env.value}; pass one or the other"
-            )
+        settings = settings_for(env, settings, caller="initialize_pool")
         current = _State.pool
         if current is not None:
             if _same_target(current.settings, settings):

@@ -30,10 +30,10 @@ import structlog
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from precog_db.environment import Environment, environment_named_by, get_environment
+from precog_db.environment import Environment, environment_named_by, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentMismatchError
 
-__all__ = ["ENV_VARS", "FIELD_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir"]
+__all__ = ["ENV_VARS", "FIELD_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir", "settings_for"]
 
 log = structlog.get_logger("precog_db")
 
@@ -552,3 +552,19 @@ def _load_settings(
 def setting_fields() -> tuple[str, ...]:
     """The names of the configurable fields, in documentation order."""
     return tuple(f.name for f in fields(DatabaseSettings) if f.name in _FIELD_NAMES)
+
+
+def settings_for(env: str | Environment | None, settings: DatabaseSettings | None, *, caller: str) -> DatabaseSettings:
+    """The settings an API call acts on: ``settings`` if given, else `load_settings(env)`.
+
+    Passing both with different environments is a `ConfigurationError`
+    naming ``caller``, because it is ambiguous which one was meant.
+    """
+    if settings is None:
+        return load_settings(env)
+    if env is not None and parse_environment(env) is not settings.env:
+        raise ConfigurationError(
+            f"{caller} got env={parse_environment(env).value} but settings for "
+            f"{settings.env.value}; pass one or the other"
+        )
+    return settings

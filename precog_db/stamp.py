@@ -37,14 +37,13 @@ from psycopg.rows import tuple_row
 
 from precog_db.environment import Environment, parse_environment
 from precog_db.errors import (
-    ConfigurationError,
     EnvironmentMismatchError,
     RestoredCopyError,
     StampError,
     UnstampedDatabaseError,
 )
 from precog_db.guard import current_os_user, require_production_confirmation
-from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
 __all__ = [
     "SCHEMA",
@@ -348,13 +347,7 @@ def stamp_database(
     """
     from precog_db.pool import probe_connection
 
-    if settings is None:
-        settings = load_settings(env)
-    elif env is not None and parse_environment(env) is not settings.env:
-        raise ConfigurationError(
-            f"stamp_database got env={parse_environment(env).value} but settings for "
-            f"{settings.env.value}; pass one or the other"
-        )
+    settings = settings_for(env, settings, caller="stamp_database")
     require_production_confirmation(settings, operation="write the prod identity stamp")
     conn = probe_connection(settings)
     try:
