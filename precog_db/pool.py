@@ -66,35 +66,33 @@ _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
-def _socket_is_quiet(fd: int, conn: Connection[Any] | None = None) -> bool:
-    """True when nothing is waiting on an idle connection's socket.
+_OK = ConnStatus.OK
+_IDLE = TransactionStatus.IDLE
+
+
+def connection_is_usable(conn: Connection[Any]) -> bool:
+    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
     arrived; either way the connection is not safe to hand out as it is.
-    The poll object is kept on the connection (its socket never changes), which
-    saves building and registering one on every checkout.
+    The poll object is kept on the connection (its socket never changes),
+    which saves building and registering one on every checkout.
     """
-    if _HAS_POLL:
+    pgconn = conn.pgconn
+    if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+        return False
+    try:
+        fd = pgconn.socket
+        if not _HAS_POLL:
+            return not select.select([fd], [], [], 0)[0]
         poller = getattr(conn, "_precog_poller", None)
         if poller is None or poller[0] != fd:
             poller = (fd, select.poll())
             poller[1].register(fd, _POLL_MASK)
-            if conn is not None:
-                with contextlib.suppress(AttributeError):
-                    conn._precog_poller = poller  # type: ignore[attr-defined]
+            with contextlib.suppress(AttributeError):
+                conn._precog_poller = poller  # type: ignore[attr-defined]
         return not poller[1].poll(0)
-    readable, _, _ = select.select([fd], [], [], 0)
-    return not readable
-
-
-def connection_is_usable(conn: Connection[Any]) -> bool:
-    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket."""
-    pgconn = conn.pgconn
-    if pgconn.status != ConnStatus.OK or pgconn.transaction_status != TransactionStatus.IDLE:
-        return False
-    try:
-        return _socket_is_quiet(pgconn.socket, conn)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
 
@@ -353,7 +351,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             getattr(conn, "_pool", None) is self
             and not self._closed
             and self._reset is None
-            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+            and conn.pgconn.transaction_status == _IDLE
             and conn._created_at > self._drained_at
             and conn._expire_at > monotonic()
         ):
@@ -370,12 +368,14 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         if self._closed or self._check is not None:
             return None
         with self._lock:
-            if not self._pool:
+            idle = self._pool
+            if not idle:
                 return None
-            conn = self._get_ready_connection(None)
-        if conn is not None:
-            self._stats[self._REQUESTS_NUM] += 1
-            conn._pool = self
+            conn = idle.pop()  # the most recently returned one (see _get_ready_connection)
+            if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
+                self._nconns_min = len(idle)
+        self._stats[self._REQUESTS_NUM] += 1
+        conn._pool = self
         return conn
 
     def _wait_in_line(self, timeout: float) -> Connection[Any]:
