@@ -298,7 +298,7 @@ def render(report: dict[str, Any]) -> str:
             f"{workload}: {titles.get(workload, workload)}   (ops/s, ratio to bare dict rows; CPU/op = client CPU "
             f"microseconds per operation at {threads[0]} thread(s))"
         )
-        header = f"  {'contender':<52} {'rows':<8} {'RT/op':>5} {'CPU/op':>7}"
+        header = f"  {'contender':<60} {'rows':<8} {'RT/op':>5} {'CPU/op':>7}"
         for n in threads:
             header += f" {f'{n} thr':>17}"
         top = str(threads[-1])
@@ -310,7 +310,7 @@ def render(report: dict[str, Any]) -> str:
             cls = names[name]
             cpu = per_threads.get(str(threads[0]), {}).get(name, {}).get("client_cpu_us_per_op")
             rt = rts.get(name, {}).get(workload)
-            row = f"  {cls.label:<52} {cls.rows:<8} {_fmt(rt, '.1f'):>5} {_fmt(cpu, '.1f'):>7}"
+            row = f"  {cls.label:<60} {cls.rows:<8} {_fmt(rt, '.1f'):>5} {_fmt(cpu, '.1f'):>7}"
             for n in threads:
                 cell = per_threads.get(str(n), {}).get(name, {})
                 row += f" {_fmt(cell.get('qps')):>9} ({_fmt(cell.get('ratio'), '.2f'):>5})"
@@ -329,14 +329,14 @@ def render(report: dict[str, Any]) -> str:
         lines.append("")
         lines.append("rows fetched in one statement, 1 thread: median ms (us per row)")
         sizes = sorted({r["rows"] for r in report["scaling"]})
-        lines.append(f"  {'contender':<52}" + "".join(f" {f'{n:,} rows':>20}" for n in sizes))
+        lines.append(f"  {'contender':<60}" + "".join(f" {f'{n:,} rows':>20}" for n in sizes))
         by: dict[str, dict[int, dict[str, Any]]] = {}
         for r in report["scaling"]:
             by.setdefault(r["contender"], {})[r["rows"]] = r
         labels = {cls.name: cls.label for cls in C.SCALING}
         for name, per in by.items():
             lines.append(
-                f"  {labels.get(name, name):<52}"
+                f"  {labels.get(name, name):<60}"
                 + "".join(f" {per[n]['median_ms']:>10.2f} ({per[n]['us_per_row']:>5.2f})" for n in sizes)
             )
     if report.get("startup"):
