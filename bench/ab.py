@@ -33,7 +33,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bench.contenders import INSERT, PK, POOL_SIZE
-from bench.loadgen import run_threads
+from bench.loadgen import interleaved_times, run_threads
 from bench.run import _quiet_logging
 from bench.server import ITEMS, BenchServer, Target
 
@@ -86,18 +86,7 @@ def open_pool(package: ModuleType, target: Target) -> Callable[..., Any]:
 
 def sequential(candidates: dict[str, Callable[[], None]], batches: int, batch: int) -> dict[str, Any]:
     """Per candidate: median µs per call over batches, and the median of its ratio to ``bare`` in the same round."""
-    times: dict[str, list[float]] = {name: [] for name in candidates}
-    for fn in candidates.values():
-        for _ in range(batch):
-            fn()
-    for b in range(batches):
-        order = list(candidates.items())
-        random.Random(b).shuffle(order)
-        for name, fn in order:
-            t0 = perf_counter()
-            for _ in range(batch):
-                fn()
-            times[name].append((perf_counter() - t0) / batch * 1e6)
+    times = interleaved_times(candidates, batches, batch)
     bare = times["bare"]
     return {
         name: {
@@ -167,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: per call (median of {args.batches} batches); time relative to bare in the same round")
                 for cand, r in section.items():
                     print(
-                        f"  {cand:<8} {r['median_us']:9.2f} us   min {r['min_us']:9.2f}   "
-                        f"x bare {r['x_bare_time']:.3f}"
+                        f"  {cand:<8} {r['median_us']:9.2f} us   min {r['min_us']:9.2f}   x bare {r['x_bare_time']:.3f}"
                     )
             bare.close()
             threads = [int(t) for t in args.threads.split(",") if t.strip()]

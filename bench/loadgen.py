@@ -172,3 +172,25 @@ async def run_tasks(make_op: Callable[[int], AsyncOp], tasks: int, duration: flo
 
     await asyncio.wait_for(asyncio.gather(*(body(i) for i in range(tasks))), timeout=warmup + duration + 60)
     return summarize(workers, duration, process_time() - cpu)
+
+
+def interleaved_times(candidates: dict[str, Callable[[], None]], batches: int, batch: int) -> dict[str, list[float]]:
+    """µs per call of each candidate, one entry per batch.
+
+    Every candidate is warmed up once, then each round runs one batch of every
+    candidate in a shuffled (but seeded) order, so slow drift of a noisy machine
+    hits all of them alike.
+    """
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for fn in candidates.values():
+        for _ in range(batch):
+            fn()
+    for b in range(batches):
+        order = list(candidates.items())
+        random.Random(b).shuffle(order)
+        for name, fn in order:
+            t0 = perf_counter()
+            for _ in range(batch):
+                fn()
+            times[name].append((perf_counter() - t0) / batch * 1e6)
+    return times

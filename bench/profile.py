@@ -27,6 +27,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from bench.contenders import PK, POOL_SIZE, Precog
+from bench.loadgen import interleaved_times
 from bench.run import _quiet_logging
 from bench.server import ITEMS, BenchServer, Target
 from precog_db.pool import PrecogPool
@@ -114,19 +115,8 @@ def pk_latency(batches: int, batch: int, bare: psycopg.Connection[Any], target: 
         "get_cursor (most recently used first)": precog,
         "same pool, oldest idle connection first": oldest_first,
     }
-    out: dict[str, list[float]] = {name: [] for name in candidates}
     try:
-        for fn in candidates.values():
-            for _ in range(batch):
-                fn()
-        for b in range(batches):
-            order = list(candidates.items())
-            random.Random(b).shuffle(order)
-            for name, fn in order:
-                t0 = perf_counter()
-                for _ in range(batch):
-                    fn()
-                out[name].append((perf_counter() - t0) / batch * 1e6)
+        out = interleaved_times(candidates, batches, batch)
     finally:
         oldest.close()
     return {k: round(statistics.median(v), 1) for k, v in out.items()}
