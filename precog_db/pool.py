@@ -267,7 +267,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             "timeout": settings.pool_timeout,
             "name": settings.pool_name,
             "configure": self._configure_connection,
-            "connection_class": PrecogConnection,
+            # Only a bounded reply wait needs the overriding `wait`; without a
+            # statement timeout every statement goes straight to psycopg's.
+            "connection_class": PrecogConnection if self._reply_timeout is not None else Connection,
             "open": False,
         }
         params.update(pool_kwargs)
