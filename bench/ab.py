@@ -26,16 +26,15 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from time import perf_counter
-from types import ModuleType
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 
-from bench.contenders import INSERT, PK, POOL_SIZE
+from bench.contenders import INSERT, PK, open_precog_pool
 from bench.loadgen import interleaved_times, run_threads
 from bench.run import _quiet_logging
-from bench.server import ITEMS, BenchServer, Target
+from bench.server import ITEMS, BenchServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -62,26 +61,6 @@ def install_before(where: Path, *, revision: str | None, directory: Path | None)
     for path in dest.rglob("*.py"):
         text = path.read_text()
         path.write_text(re.sub(r"\bprecog_db\b", "precog_db_before", text))
-
-
-def open_pool(package: ModuleType, target: Target) -> Callable[..., Any]:
-    """Open ``package``'s global pool on ``target``; return its get_cursor."""
-    settings_mod = importlib.import_module(f"{package.__name__}.settings")
-    settings = settings_mod.DatabaseSettings(
-        env=package.Environment.DEV,
-        host=target.host,
-        port=target.port,
-        dbname=target.dbname,
-        user=target.user,
-        password=target.password,
-        pool_min=POOL_SIZE,
-        pool_max=POOL_SIZE,
-        pool_timeout=60.0,
-        sslmode="disable",
-    )
-    package.initialize_pool(settings=settings).wait(timeout=60)
-    get_cursor: Callable[..., Any] = package.get_cursor
-    return get_cursor
 
 
 def sequential(candidates: dict[str, Callable[[], None]], batches: int, batch: int) -> dict[str, Any]:
@@ -119,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         with BenchServer(os.environ.get("PRECOG_BENCH_DSN")) as server:
             server.prepare()
             target = server.bench
-            cursors = {"before": open_pool(before, target), "after": open_pool(after, target)}
+            cursors = {"before": open_precog_pool(before, target), "after": open_precog_pool(after, target)}
             bare = psycopg.connect(target.conninfo(), autocommit=True, row_factory=dict_row)
             rng = random.Random(3)
 

@@ -13,10 +13,12 @@ and can fetch N rows once (`fetch_rows`) for the cost-as-work-grows table.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import random
 import threading
 from collections.abc import Awaitable, Callable
 from time import perf_counter
+from types import ModuleType
 from typing import Any, ClassVar
 
 import psycopg
@@ -91,6 +93,29 @@ class Contender:
 # --- precog_db ---------------------------------------------------------------------
 
 
+def open_precog_pool(package: ModuleType, target: Target) -> Callable[..., Any]:
+    """Open ``package``'s global pool of `POOL_SIZE` on ``target``; return its get_cursor.
+
+    ``package`` is `precog_db`, or an older copy of it loaded by `bench.ab`.
+    """
+    settings_mod = importlib.import_module(f"{package.__name__}.settings")
+    settings = settings_mod.DatabaseSettings(
+        env=package.Environment.DEV,
+        host=target.host,
+        port=target.port,
+        dbname=target.dbname,
+        user=target.user,
+        password=target.password,
+        pool_min=POOL_SIZE,
+        pool_max=POOL_SIZE,
+        pool_timeout=60.0,
+        sslmode="disable",
+    )
+    package.initialize_pool(settings=settings).wait(timeout=60)
+    get_cursor: Callable[..., Any] = package.get_cursor
+    return get_cursor
+
+
 class Precog(Contender):
     """``precog_db.get_cursor()`` for reads; writes need ``commit=True`` and use it."""
 
@@ -102,22 +127,9 @@ class Precog(Contender):
     row_factory = staticmethod(dict_row)
 
     def open(self, target: Target, max_threads: int) -> None:
-        from precog_db import Environment, initialize_pool
-        from precog_db.settings import DatabaseSettings
+        import precog_db
 
-        settings = DatabaseSettings(
-            env=Environment.DEV,
-            host=target.host,
-            port=target.port,
-            dbname=target.dbname,
-            user=target.user,
-            password=target.password,
-            pool_min=POOL_SIZE,
-            pool_max=POOL_SIZE,
-            pool_timeout=60.0,
-            sslmode="disable",
-        )
-        initialize_pool(settings=settings).wait(timeout=60)
+        open_precog_pool(precog_db, target)
 
     def close(self) -> None:
         from precog_db import close_pool
