@@ -28,7 +28,7 @@ import structlog
 
 from precog_db import audit
 from precog_db.confirm import banner, require_confirmation, use_colour
-from precog_db.environment import Environment, environment_named_by, infer_environment, parse_environment
+from precog_db.environment import Environment, environment_named_by
 from precog_db.errors import ConfigurationError, PrecogDBError
 from precog_db.log import MASK, mask_secrets, redact
 from precog_db.settings import FIELD_VARS, DatabaseSettings, load_settings, resolve_config_dir
@@ -394,25 +394,28 @@ class Context:
     # settings ---------------------------------------------------------------------------------
 
     def environment(self) -> Environment:
-        """The environment, without loading settings (for commands that do not connect)."""
-        if self.args.env is not None:
-            self.env_source = "--env"
-            try:
-                return parse_environment(self.args.env, source="--env")
-            except ConfigurationError as exc:
-                raise UsageError(str(exc)) from None
-        if self._database_overrides().get("dbname") and not os.environ.get("PRECOG_ENV", "").strip():
-            self.env_source = "inferred from --database"
-            return infer_environment(self._database_overrides()["dbname"])
-        from precog_db.environment import get_environment
+        """The environment, without loading settings (for commands that do not connect).
 
-        if os.environ.get("PRECOG_ENV", "").strip():
-            self.env_source = "PRECOG_ENV"
-        elif os.environ.get("DB_NAME", "").strip():
-            self.env_source = "inferred from DB_NAME"
-        else:
-            self.env_source = "default"
-        return get_environment()
+        The same resolution as `load_settings` (`precog_db.settings.environment_resolution`):
+        --env, PRECOG_ENV (process, then config/.env), then inferred from --database or DB_NAME.
+        """
+        from precog_db.settings import environment_resolution
+
+        try:
+            resolution = environment_resolution(
+                self.args.env,
+                config_dir=self.args.config_dir,
+                dbname=self._database_overrides().get("dbname"),
+            )
+        except ConfigurationError as exc:
+            if self.args.env is not None:
+                raise UsageError(str(exc).replace("the environment argument", "--env")) from None
+            raise
+        self.env_source = {
+            "the environment argument": "--env",
+            "inferred from the dbname argument": "inferred from --database",
+        }.get(resolution.source, resolution.source)
+        return resolution.env
 
     def _database_overrides(self) -> dict[str, str]:
         value = self.args.database
@@ -482,19 +485,10 @@ class Context:
         )
 
     def connect(self, settings: DatabaseSettings, operation: str) -> Connection[Any]:
-        """A direct autocommit connection, after the production guard and the identity-stamp check."""
-        from precog_db.guard import require_production_confirmation
-        from precog_db.pool import probe_connection
-        from precog_db.stamp import verify_stamp
+        """A direct autocommit connection through the chokepoint (guard, naming rule, stamp, reply bound)."""
+        from precog_db.connection import connect
 
-        require_production_confirmation(settings, operation=operation)
-        conn = probe_connection(settings)
-        try:
-            verify_stamp(settings, conn)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        return connect(settings, operation=operation)
 
     @contextlib.contextmanager
     def operation(self, name: str, settings: DatabaseSettings, **details: Any) -> Iterator[dict[str, Any]]:

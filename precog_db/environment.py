@@ -1,8 +1,10 @@
 """Which environment this process runs in.
 
-Resolution, first match wins: the explicit argument, ``PRECOG_ENV``, an
-inference from ``DB_NAME``, then ``dev``. Inference errs toward the stricter
-environment: a name containing ``prod`` is production.
+Resolution, first match wins: the explicit argument, ``PRECOG_ENV`` (process,
+then ``config/.env``), an inference from the database name, then ``dev``
+(`resolve_environment`). One naming rule (`environment_named_by`) serves both
+the inference and the consistency check, and errs toward the stricter
+environment: a name containing ``prod`` anywhere is production.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 
 __all__ = [
     "Environment",
+    "Resolution",
     "environment_named_by",
     "get_environment",
     "infer_environment",
     "parse_environment",
     "require_environment",
+    "resolve_environment",
 ]
 
 
@@ -66,38 +71,94 @@ def parse_environment(value: str | Environment, *, source: str = "environment na
         raise ConfigurationError(f"{source} {shown} is not a known environment; use one of: {_VALID}") from None
 
 
-def infer_environment(dbname: str) -> Environment:
-    """Infer the environment from a database name, erring toward the stricter one.
+def environment_named_by(dbname: str) -> Environment | None:
+    """The environment a database name names, or None: the one naming rule.
 
-    A name that contains ``prod`` is production, then ``stag``, then ``test``;
-    anything else is ``dev``.
+    Both the inference (`infer_environment`, when neither ``--env`` nor
+    ``PRECOG_ENV`` says) and the consistency check (a database that names
+    another environment than the resolved one is refused) use this function,
+    so a name can never be inferred as one environment and yet pass as another.
+
+    It errs toward the stricter environment: ``prod`` or ``stag`` *anywhere*
+    in the name (``precog_prod``, ``x_precogprod``, ``products``) names
+    production or staging; ``test``/``testing``/``ci`` and
+    ``dev``/``development`` count only as whole words (``precog_test_gw0``
+    is test, ``contest`` names nothing). When a name mentions several, the
+    strictest wins.
     """
     name = dbname.lower()
     if "prod" in name:
         return Environment.PROD
     if "stag" in name:
         return Environment.STAGING
-    if "test" in name:
+    words = set(_WORD.findall(name))
+    if words & _TEST_WORDS:
         return Environment.TEST
-    return Environment.DEV
+    if words & _DEV_WORDS:
+        return Environment.DEV
+    return None
+
+
+def infer_environment(dbname: str) -> Environment:
+    """Infer the environment from a database name with `environment_named_by`; ``dev`` when it names none."""
+    return environment_named_by(dbname) or Environment.DEV
 
 
 _WORD = re.compile(r"[a-z]+")
+_TEST_WORDS = frozenset({"test", "testing", "ci"})
+_DEV_WORDS = frozenset({"dev", "development"})
 
 
-def environment_named_by(dbname: str) -> Environment | None:
-    """Return the environment a database name clearly names, or None.
+@dataclass(frozen=True)
+class Resolution:
+    """The environment and where it came from (for messages and ``precog-db env``)."""
 
-    Unlike `infer_environment`, this looks at whole words only (``precog_dev``
-    names dev, ``products`` names nothing), so that it can be used to refuse a
-    database that belongs to another environment without false alarms. When a
-    name mentions several environments, the strictest wins.
+    env: Environment
+    source: str
+
+
+def resolve_environment(
+    explicit: str | Environment | None = None,
+    *,
+    explicit_source: str = "the environment argument",
+    dbname: str | None = None,
+    dbname_source: str = "the database argument",
+    environ: Mapping[str, str] | None = None,
+    file_values: Mapping[str, str | None] | None = None,
+    file_name: str = "config/.env",
+) -> Resolution:
+    """Resolve the environment and say where it came from. First match wins:
+
+    1. ``explicit`` (an argument, ``--env``);
+    2. ``PRECOG_ENV`` in the process environment;
+    3. ``PRECOG_ENV`` in the shared ``config/.env`` (``file_values``);
+    4. inferred from ``dbname`` (a ``dbname=`` argument, ``--database``);
+    5. inferred from ``DB_NAME`` in the process environment;
+    6. inferred from ``DB_NAME`` in ``config/.env``;
+    7. ``dev``.
+
+    This is the only implementation of the order; `get_environment`,
+    `load_settings`, the CLI and the pytest plugin all call it.
     """
-    named = {_ALIASES[w] for w in _WORD.findall(dbname.lower()) if w in _ALIASES and w != "local"}
-    for env in (Environment.PROD, Environment.STAGING, Environment.TEST, Environment.DEV):
-        if env in named:
-            return env
-    return None
+    env = os.environ if environ is None else environ
+    files = file_values or {}
+    if explicit is not None and str(explicit).strip():
+        return Resolution(parse_environment(explicit, source=explicit_source), explicit_source)
+    declared = env.get("PRECOG_ENV", "").strip()
+    if declared:
+        return Resolution(parse_environment(declared, source="PRECOG_ENV"), "PRECOG_ENV")
+    declared = (files.get("PRECOG_ENV") or "").strip()
+    if declared:
+        where = f"PRECOG_ENV in {file_name}"
+        return Resolution(parse_environment(declared, source=where), where)
+    for name, where in (
+        (dbname, dbname_source),
+        (env.get("DB_NAME"), "DB_NAME"),
+        (files.get("DB_NAME"), f"DB_NAME in {file_name}"),
+    ):
+        if name and name.strip():
+            return Resolution(infer_environment(name.strip()), f"inferred from {where}")
+    return Resolution(Environment.DEV, "default")
 
 
 def get_environment(
@@ -105,21 +166,12 @@ def get_environment(
     *,
     environ: Mapping[str, str] | None = None,
 ) -> Environment:
-    """Resolve the current environment.
+    """Resolve the current environment from the process (see `resolve_environment` for the order).
 
-    First match wins: ``explicit``; ``PRECOG_ENV``; inferred from ``DB_NAME``;
-    ``dev``. ``environ`` defaults to `os.environ` and exists for tests.
+    ``environ`` defaults to `os.environ` and exists for tests. ``config/.env``
+    is not read here; `load_settings` reads it and passes its values on.
     """
-    env = os.environ if environ is None else environ
-    if explicit is not None and str(explicit).strip():
-        return parse_environment(explicit, source="the environment argument")
-    declared = env.get("PRECOG_ENV", "").strip()
-    if declared:
-        return parse_environment(declared, source="PRECOG_ENV")
-    dbname = env.get("DB_NAME", "").strip()
-    if dbname:
-        return infer_environment(dbname)
-    return Environment.DEV
+    return resolve_environment(explicit, environ=environ).env
 
 
 def require_environment(*allowed: str | Environment, current: Environment | None = None) -> Environment:

@@ -1,9 +1,11 @@
 """Environment gates around dangerous operations.
 
 `dangerous_operation` checks the environment on every call, before the
-wrapped function runs. The environment checked is the strictest of the one
-resolved from the process (``PRECOG_ENV`` …) and the one the open pool
-serves, so neither a stale export nor an explicitly opened pool can slip by.
+wrapped function runs: the one resolved from the process (``PRECOG_ENV`` …),
+the one the open pool serves, and in a forked child the one of the parent's
+pool. Then, while the function runs, every connection opened or lent through
+precog_db must be to an allowed environment (`precog_db.connection.gate_allows`):
+the database the operation actually runs on is checked, not a guess.
 Every gated call, refused or run, gets an entry in the audit log (see
 `precog_db.audit`).
 """
@@ -19,10 +21,11 @@ import structlog
 from psycopg import sql
 
 from precog_db import audit
+from precog_db.connection import gate_allows
 from precog_db.cursors import get_cursor
 from precog_db.environment import Environment, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
-from precog_db.pool import active_pool
+from precog_db.pool import active_pool, inherited_settings
 
 __all__ = ["current_environments", "dangerous_operation", "delete_all", "table_identifier", "truncate_tables"]
 
@@ -35,12 +38,16 @@ _STRICTNESS = (Environment.DEV, Environment.TEST, Environment.STAGING, Environme
 
 
 def current_environments() -> tuple[Environment, ...]:
-    """The environments in play: the resolved one and the open pool's, if different."""
-    resolved = get_environment()
+    """The environments in play, least strict first: the resolved one, the open pool's, and in a
+    forked child the parent pool's (which `get_cursor` would reopen), if different."""
+    envs = {get_environment()}
     pool = active_pool()
-    if pool is None or pool.env is resolved:
-        return (resolved,)
-    return tuple(sorted({resolved, pool.env}, key=_STRICTNESS.index))
+    if pool is not None:
+        envs.add(pool.env)
+    inherited = inherited_settings()
+    if inherited is not None:
+        envs.add(inherited.env)
+    return tuple(sorted(envs, key=_STRICTNESS.index))
 
 
 def dangerous_operation(
@@ -67,7 +74,10 @@ def dangerous_operation(
                 _audit(func.__name__, args, envs, started, error)
                 raise error
             try:
-                result = func(*args, **kwargs)
+                # Checked again wherever a connection is opened or lent while
+                # the body runs: the database actually used must be allowed too.
+                with gate_allows(func.__name__, permitted):
+                    result = func(*args, **kwargs)
             except Exception as exc:
                 _audit(func.__name__, args, envs, started, exc)
                 raise

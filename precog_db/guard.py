@@ -39,9 +39,9 @@ def current_os_user() -> str:
 
 
 def require_production_confirmation(
-    settings: DatabaseSettings, *, confirmed: bool | None = None, operation: str = "open a pool"
+    settings: DatabaseSettings, *, confirmed: bool | None = None, operation: str = "open a pool", quiet: bool = False
 ) -> None:
-    """Refuse production without confirmation; log confirmed production access.
+    """Refuse production without confirmation; log confirmed production access (unless ``quiet``).
 
     Does nothing for other environments. Raises `ProductionAccessError` before
     any connection is attempted.
@@ -55,6 +55,8 @@ def require_production_confirmation(
             f"set {CONFIRM_VAR}=yes in the environment of this process to confirm "
             "that you mean to touch real money"
         )
+    if quiet:
+        return
     log.warning(
         "production_access",
         operation=operation,

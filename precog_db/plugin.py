@@ -38,12 +38,13 @@ import structlog
 from psycopg import Connection, Cursor, sql
 from psycopg.rows import dict_row, tuple_row
 
-from precog_db.environment import Environment, environment_named_by, get_environment
+from precog_db.connection import connect
+from precog_db.environment import Environment, environment_named_by
 from precog_db.errors import EnvironmentNotAllowedError, PrecogDBError
 from precog_db.gates import current_environments
-from precog_db.pool import PrecogPool, close_pool, initialize_pool, probe_connection
-from precog_db.settings import DatabaseSettings, load_settings
-from precog_db.stamp import stamp_database, verify_stamp
+from precog_db.pool import PrecogPool, close_pool, initialize_pool
+from precog_db.settings import DatabaseSettings, environment_resolution, load_settings
+from precog_db.stamp import stamp_database
 
 __all__ = ["DB_FIXTURES", "resolve_test_target"]
 
@@ -114,13 +115,8 @@ def _workerinput(config: pytest.Config) -> Mapping[str, Any] | None:
 
 
 def _declared(environ: Mapping[str, str]) -> bool:
-    return bool(environ.get("PRECOG_ENV", "").strip() or environ.get("DB_NAME", "").strip())
-
-
-def _environment_source(environ: Mapping[str, str]) -> str:
-    if environ.get("PRECOG_ENV", "").strip():
-        return "from PRECOG_ENV"
-    return "inferred from DB_NAME"
+    """True when something besides the default decides the environment (see `environment_resolution`)."""
+    return environment_resolution(environ=environ).source != "default"
 
 
 def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSettings:
@@ -136,8 +132,8 @@ def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSet
     env_vars = os.environ if environ is None else environ
     if not _declared(env_vars):
         return _checked(load_settings(Environment.TEST, environ=env_vars))
-    env = get_environment(environ=env_vars)
-    why = _environment_source(env_vars)
+    resolution = environment_resolution(environ=env_vars)
+    env, why = resolution.env, f"from {resolution.source}"
     if env in (Environment.STAGING, Environment.PROD):
         raise EnvironmentNotAllowedError(
             f"the environment is {env.value} ({why}). precog_db's test fixtures never run against "
@@ -163,11 +159,7 @@ def _checked(settings: DatabaseSettings) -> DatabaseSettings:
             "look like a test database: its name must contain the word 'test', e.g. precog_test or "
             "myapp_test. Point DB_NAME at a test database; the plugin never runs tests on anything else"
         )
-    conn = probe_connection(settings)
-    try:
-        verify_stamp(settings, conn)
-    finally:
-        conn.close()
+    connect(settings, operation="check the test database").close()
     return settings
 
 
@@ -268,7 +260,7 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
     marker = f"precog_db test template built from {settings.dbname} for run {run}"
     reuse, recreate = _reuse(config), _recreate(config)
     notes = config.stash.setdefault(_SUMMARY, [])
-    admin = probe_connection(_maintenance(settings, config))
+    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
     step = f"build the template database {template!r} from {settings.dbname!r}"
     try:
         admin.execute("SELECT pg_advisory_lock(%s)", (_lock_key(template),))
@@ -307,7 +299,7 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
 def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
     """Drop ``name`` (only if its comment is ``marker``, when given); never fails the run."""
     try:
-        admin = probe_connection(_maintenance(settings, config))
+        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
     except PrecogDBError as exc:
         log.warning("test_database_not_dropped", dbname=name, reason=str(exc))
         return

@@ -27,29 +27,28 @@ import contextlib
 import os
 import select
 import threading
-from collections.abc import Generator
 from time import monotonic
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import psycopg
 import structlog
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
-from psycopg.pq.abc import PGconn
 from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
 
 from precog_db import audit
+from precog_db.connection import PrecogConnection, check_gate, check_target, connect, failure_reason, prepare
+from precog_db.connection import reply_timeout as reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
-    ConnectionLostError,
     DatabaseUnavailableError,
     PoolExhaustedError,
     PoolStateError,
+    PrecogDBError,
 )
-from precog_db.guard import require_production_confirmation
+from precog_db.guard import production_confirmed
 from precog_db.settings import DatabaseSettings, settings_for
-from precog_db.stamp import verify_stamp
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -60,8 +59,6 @@ _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 #: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
 #: the pool could stay empty for minutes after the server came back.
 MAX_RECONNECT_DELAY = 5.0
-#: Grace added to the statement timeout when DB_TCP_USER_TIMEOUT is 0 (the OS default).
-_DEFAULT_REPLY_GRACE = 30.0
 _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
@@ -95,86 +92,6 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
         return not poller[1].poll(0)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
-
-
-def reply_timeout(settings: DatabaseSettings) -> float | None:
-    """Seconds of silence tolerated while a statement runs; None when unbounded.
-
-    The server ends every statement after ``DB_STATEMENT_TIMEOUT``; if not one
-    byte of its answer has arrived ``DB_TCP_USER_TIMEOUT`` later, the path to
-    the server is stalled. Without a statement timeout a statement may
-    legitimately run for hours, so nothing is bounded.
-    """
-    if not settings.statement_timeout_ms:
-        return None
-    grace = settings.tcp_user_timeout_ms / 1000 if settings.tcp_user_timeout_ms else _DEFAULT_REPLY_GRACE
-    return settings.statement_timeout_ms / 1000 + grace
-
-
-_RV = TypeVar("_RV")
-
-
-class _Silent(Exception):
-    def __init__(self, waited: float) -> None:
-        super().__init__(f"no reply for {waited:.1f}s")
-        self.waited = waited
-
-
-def _bounded(gen: Generator[Any, Any, _RV], pgconn: PGconn, limit: float) -> Generator[Any, Any, _RV]:
-    """Relay psycopg's wait generator; raise `_Silent` when a running statement hears nothing for ``limit`` s.
-
-    psycopg's wait loop wakes the generator every 0.1 s even when the socket
-    is quiet (``Ready.NONE``), which is where the clock is checked. Only a
-    statement in progress (``ACTIVE``) counts: waiting for notifications is not
-    bounded.
-    """
-    last = monotonic()
-    try:
-        state = next(gen)
-        while True:
-            ready = yield state
-            now = monotonic()
-            if ready:
-                last = now
-            elif now - last >= limit and pgconn.transaction_status == TransactionStatus.ACTIVE:
-                raise _Silent(now - last)
-            state = gen.send(ready)
-    except StopIteration as done:
-        result: _RV = done.value
-        return result
-
-
-class PrecogConnection(Connection[Any]):
-    """A psycopg connection that does not wait forever for a server that went silent.
-
-    `reply_timeout` (set by the pool from the settings, see `reply_timeout()`)
-    bounds how long a statement in progress may go without a byte from the
-    server. When it expires the connection is closed and `ConnectionLostError`
-    raised; the pool replaces the connection. Set ``conn.reply_timeout = None``
-    on a connection from `get_connection` before lifting ``statement_timeout``
-    for a deliberately long statement.
-    """
-
-    reply_timeout: float | None = None
-    description: str = "database"
-
-    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        limit = self.reply_timeout
-        if limit is None:
-            return super().wait(gen, *args, **kwargs)
-        try:
-            return super().wait(_bounded(gen, self.pgconn, limit), *args, **kwargs)
-        except _Silent as silent:
-            waited = silent.waited
-        # Outside the except block: the half-finished statement leaves the
-        # protocol out of step, so the connection cannot be reused.
-        self.close()
-        raise ConnectionLostError(
-            f"no reply from the {self.description} for {waited:.1f}s while a statement was running "
-            f"(DB_STATEMENT_TIMEOUT plus DB_TCP_USER_TIMEOUT): the server or the network path to it is "
-            "stalled. The connection was closed and the pool replaces it; retry the operation. "
-            "If this was the COMMIT of commit=True, the transaction may or may not have been committed"
-        )
 
 
 class _Waiter:
@@ -250,8 +167,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
 
     settings: DatabaseSettings
 
-    def __init__(self, settings: DatabaseSettings, **pool_kwargs: Any) -> None:
+    def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
         self.settings = settings
+        #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
+        self.prod_confirmed = prod_confirmed
         self.pid = os.getpid()
         self.pool_kwargs = dict(pool_kwargs)
         self._reply_timeout = reply_timeout(settings)
@@ -287,18 +206,23 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
-        if isinstance(conn, PrecogConnection):
-            conn.reply_timeout = self._reply_timeout
-            conn.description = self.settings.describe()
+        # The chokepoint's post-connect checks: reply bound and identity stamp
+        # (on every physical connection; its warnings were logged at open).
+        prepare(conn, self.settings, quiet=True)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
+        # Every physical connection passes the chokepoint's checks first
+        # (naming rule, gate, production guard), however this pool was built.
         # Remember why the server could not be reached, so that a caller who
         # times out meanwhile is told the real reason (psycopg_pool itself
         # only logs it from its background worker).
         try:
+            check_target(
+                self.settings, operation="open a pooled connection", prod_confirmed=self.prod_confirmed, quiet=True
+            )
             conn = super()._connect(timeout)
-        except psycopg.Error as exc:
-            self._last_connect_failure = (monotonic(), _reason(exc, self.settings))
+        except (psycopg.Error, PrecogDBError) as exc:
+            self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
             raise
         self._last_connect_failure = None
         return conn
@@ -458,34 +382,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         )
 
 
-def _scrub(message: str, settings: DatabaseSettings) -> str:
-    if settings.password:
-        message = message.replace(settings.password, "***")
-    return message.strip()
-
-
-def _reason(exc: BaseException, settings: DatabaseSettings) -> str:
-    """libpq's message on one line: "…failed: Connection refused; Is the server running…?"."""
-    lines = [line.strip() for line in _scrub(str(exc), settings).splitlines() if line.strip()]
-    return "; ".join(lines) if lines else type(exc).__name__
-
-
-def probe_connection(settings: DatabaseSettings) -> Connection[Any]:
-    """Open one direct connection, or raise `DatabaseUnavailableError` with the reason."""
-    try:
-        return psycopg.connect(**settings.connect_kwargs(), autocommit=True)
-    except psycopg.OperationalError as exc:
-        detail = _reason(exc, settings)
-    # Raised outside the except block on purpose: the psycopg error (and the
-    # frames of psycopg.connect, whose locals hold the full conninfo with the
-    # password) must not stay reachable as __context__ of what we raise.
-    raise DatabaseUnavailableError(
-        f"cannot connect to the {settings.describe()}: {detail}. "
-        "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER "
-        "and DB_PASSWORD are right (`precog-db env` shows where each value came from)"
-    )
-
-
 def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> PrecogPool:
     """Check, then open a pool for ``settings``.
 
@@ -495,13 +391,9 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
     """
     started = monotonic()
     try:
-        require_production_confirmation(settings, confirmed=prod_confirmed)
-        probe = probe_connection(settings)
-        try:
-            _on_open(settings, probe)
-        finally:
-            probe.close()
-        pool = PrecogPool(settings, **pool_kwargs)
+        probe = connect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
+        probe.close()
+        pool = PrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)
         pool.open(wait=False)
     except Exception as exc:
         _audit_open(settings, started, exc)
@@ -526,11 +418,6 @@ def _audit_open(settings: DatabaseSettings, started: float, error: Exception | N
     )
     if error is not None:
         audit.mark_recorded(error)
-
-
-def _on_open(settings: DatabaseSettings, conn: Connection[Any]) -> None:
-    """Checks run once per pool on the probe connection (identity stamp, audit)."""
-    verify_stamp(settings, conn)
 
 
 # --- the process-wide pool ---------------------------------------------------------
@@ -574,13 +461,12 @@ def initialize_pool(
     Thread-safe and idempotent. Initializing for another environment or
     database without `close_pool` first raises `PoolStateError`.
     """
-    from precog_db.guard import production_confirmed
-
     with _State.lock:
         settings = settings_for(env, settings, caller="initialize_pool")
         current = _State.pool
         if current is not None:
             if _same_target(current.settings, settings):
+                check_gate(current.env)
                 return current
             raise PoolStateError(
                 f"the pool is already open for the {current.settings.describe()}; "
@@ -603,12 +489,19 @@ def get_pool() -> PrecogPool:
     """
     pool = _State.pool
     if pool is not None:
+        check_gate(pool.env)
         return pool
     inherited = _State.inherited
     if inherited is not None:
         settings, pool_kwargs = inherited
         return initialize_pool(settings=settings, **pool_kwargs)
     return initialize_pool()
+
+
+def inherited_settings() -> DatabaseSettings | None:
+    """In a forked child, the settings of the pool the parent had open (the child reopens it on first use)."""
+    inherited = _State.inherited
+    return None if inherited is None else inherited[0]
 
 
 def active_pool() -> PrecogPool | None:

@@ -30,10 +30,25 @@ import structlog
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
-from precog_db.environment import Environment, environment_named_by, get_environment, parse_environment
+from precog_db.environment import (
+    Environment,
+    Resolution,
+    environment_named_by,
+    parse_environment,
+    resolve_environment,
+)
 from precog_db.errors import ConfigurationError, EnvironmentMismatchError
 
-__all__ = ["ENV_VARS", "FIELD_VARS", "DatabaseSettings", "load_settings", "resolve_config_dir", "settings_for"]
+__all__ = [
+    "ENV_VARS",
+    "FIELD_VARS",
+    "DatabaseSettings",
+    "check_name_matches",
+    "environment_resolution",
+    "load_settings",
+    "resolve_config_dir",
+    "settings_for",
+]
 
 log = structlog.get_logger("precog_db")
 
@@ -52,6 +67,40 @@ _POOL_SIZES: dict[Environment, tuple[int, int]] = {
 }
 
 
+class _Unset:
+    """The default of every `DatabaseSettings` field: replaced by the environment's default on construction."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
+#: Fields whose default names the environment; an empty string also means "the default" for them.
+_NAMED_BY_ENV = frozenset({"dbname", "user", "application_name"})
+
+
+def _origin_text(origin: str) -> str:
+    return {"argument": "the arguments", "environment": "the process environment", "default": "the defaults"}.get(
+        origin, origin
+    )
+
+
+def check_name_matches(settings: DatabaseSettings) -> None:
+    """Refuse settings whose database name names another environment (`environment_named_by`).
+
+    Runs when any `DatabaseSettings` is built (by `load_settings`, by hand, by
+    `replace`) and again in `precog_db.connection` before every connection.
+    """
+    named = environment_named_by(settings.dbname)
+    if named is not None and named is not settings.env:
+        origin = _origin_text(settings.origins.get("dbname", "argument"))
+        raise EnvironmentMismatchError(
+            f"environment is {settings.env.value} but database {settings.dbname!r} (from {origin}) belongs to "
+            f"{named.value} by its name; fix DB_NAME or PRECOG_ENV (a stale shell export is the usual cause). "
+            "A name containing 'prod' or 'stag' anywhere names production or staging"
+        )
+
+
 @dataclass(frozen=True)
 class DatabaseSettings:
     """Everything needed to open a pool for one environment.
@@ -61,34 +110,41 @@ class DatabaseSettings:
     """
 
     env: Environment
-    host: str = "localhost"
-    port: int = 5432
-    dbname: str = ""
-    user: str = ""
-    password: str = field(default="", repr=False)
-    pool_min: int = 2
-    pool_max: int = 10
-    pool_timeout: float = 30.0
-    sslmode: str = "prefer"
-    connect_timeout: int = 5
-    statement_timeout_ms: int = 0
-    tcp_user_timeout_ms: int = 30_000
-    application_name: str = ""
+    host: str = _UNSET
+    port: int = _UNSET
+    dbname: str = _UNSET
+    user: str = _UNSET
+    password: str = field(default=_UNSET, repr=False)
+    pool_min: int = _UNSET
+    pool_max: int = _UNSET
+    pool_timeout: float = _UNSET
+    sslmode: str = _UNSET
+    connect_timeout: int = _UNSET
+    statement_timeout_ms: int = _UNSET
+    tcp_user_timeout_ms: int = _UNSET
+    application_name: str = _UNSET
     #: The `.env` files that were read, lowest precedence first.
     files: tuple[Path, ...] = ()
     #: Where each field's value came from ("default", a file, "environment", "argument").
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "env", Environment(self.env))
+        object.__setattr__(self, "env", parse_environment(self.env, source="DatabaseSettings(env=...)"))
+        # Fields left out take the environment's defaults from the one table
+        # (`_defaults`), exactly as `load_settings` does: a hand-built
+        # DatabaseSettings(env="prod") gets sslmode=require and pool 10/50 too.
+        defaults = _defaults(self.env)
+        origins = dict(self.origins)
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value is _UNSET or (name in _NAMED_BY_ENV and value == ""):
+                object.__setattr__(self, name, default)
+                origins.setdefault(name, "default")
+            else:
+                origins.setdefault(name, "argument")
+        object.__setattr__(self, "origins", origins)
         if isinstance(self.password, str) and not isinstance(self.password, Secret):
             object.__setattr__(self, "password", Secret(self.password))
-        if not self.dbname:
-            object.__setattr__(self, "dbname", f"precog_{self.env.value}")
-        if not self.user:
-            object.__setattr__(self, "user", f"precog_{self.env.value}")
-        if not self.application_name:
-            object.__setattr__(self, "application_name", f"precog-{self.env.value}")
         for spec in _SPECS:
             if spec.check is not None:
                 problem = spec.check(getattr(self, spec.field))
@@ -96,8 +152,10 @@ class DatabaseSettings:
                     raise ConfigurationError(f"setting {spec.field} ({spec.var}) {problem}")
         if self.pool_min > self.pool_max:
             raise ConfigurationError(
-                "DB_POOL_MIN_CONN is larger than DB_POOL_MAX_CONN; lower DB_POOL_MIN_CONN or raise DB_POOL_MAX_CONN"
+                f"DB_POOL_MIN_CONN (from {_origin_text(origins['pool_min'])}) is larger than DB_POOL_MAX_CONN "
+                f"(from {_origin_text(origins['pool_max'])}); lower the minimum or raise the maximum"
             )
+        check_name_matches(self)
 
     @property
     def pool_name(self) -> str:
@@ -142,16 +200,24 @@ class DatabaseSettings:
 
     def replace(self, **changes: Any) -> DatabaseSettings:
         """Return a validated copy with ``changes`` applied (field names as keys)."""
-        unknown = sorted(set(changes) - _FIELD_NAMES)
+        unknown = sorted(set(changes) - _FIELD_NAMES - {"env"})
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
             )
         if isinstance(changes.get("password"), str):
             changes["password"] = Secret(changes["password"])  # masked in this frame's locals
+        env = changes.pop("env", None)
         parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
-        origins = dict(self.origins)
-        origins.update({k: "argument" for k in changes})
+        origins = {k: v for k, v in self.origins.items() if k not in changes}
+        origins.update(dict.fromkeys(changes, "argument"))
+        if env is not None:
+            parsed["env"] = parse_environment(env, source="replace(env=...)")
+            # Fields that held the old environment's defaults take the new one's.
+            for name in _defaults(parsed["env"]):
+                if origins.get(name) == "default":
+                    parsed.setdefault(name, _UNSET)
+                    origins.pop(name)
         return replace(self, origins=origins, **parsed)
 
 
@@ -302,7 +368,9 @@ _FIELD_NAMES = frozenset(_BY_FIELD)
 ENV_VARS: dict[str, str] = {s.var: s.help for s in _SPECS}
 #: Field name -> the variable that sets it (``host`` -> ``DB_HOST``), for ``precog-db env``.
 FIELD_VARS: dict[str, str] = {s.field: s.var for s in _SPECS}
-_OTHER_KNOWN = {"PRECOG_ENV", "PRECOG_CONFIG_DIR", "PRECOG_PROD_CONFIRMED", "PRECOG_AUDIT_LOG"}
+#: PRECOG_* variables read only from the process environment: a file must not be able to set them.
+_PROCESS_ONLY = frozenset({"PRECOG_PROD_CONFIRMED", "PRECOG_CONFIG_DIR", "PRECOG_AUDIT_LOG"})
+_OTHER_KNOWN = {"PRECOG_ENV", *_PROCESS_ONLY}
 
 
 _UNPARSABLE = object()
@@ -478,7 +546,6 @@ def _load_settings(
     overrides: dict[str, Any],
 ) -> DatabaseSettings:
     process_env = os.environ if environ is None else environ
-    resolved = get_environment(env, environ=process_env)
     directory = resolve_config_dir(config_dir, process_env)
     explicit_dir = config_dir is not None or bool(process_env.get("PRECOG_CONFIG_DIR", "").strip())
     if directory.exists() and not directory.is_dir():
@@ -487,17 +554,31 @@ def _load_settings(
         raise ConfigurationError(
             f"config directory {directory} does not exist; create it or fix PRECOG_CONFIG_DIR / --config-dir"
         )
+    unknown = sorted(set(overrides) - _FIELD_NAMES)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
+        )
+
+    # The shared file is read first: its PRECOG_ENV and DB_NAME take part in
+    # resolving the environment (resolve_environment), which picks the second file.
+    shared_path = directory / ".env"
+    shared = _read_env_file(shared_path)
+    dbname_override = overrides.get("dbname")
+    resolution = _resolve(env, dbname_override, process_env, shared_path, shared)
+    resolved = resolution.env
 
     values: dict[str, Any] = _defaults(resolved)
     origins = dict.fromkeys(values, "default")
     files: list[Path] = []
 
-    for path in (directory / ".env", directory / f".env.{resolved.value}"):
-        content = _read_env_file(path)
+    own_path = directory / f".env.{resolved.value}"
+    for path, content in ((shared_path, shared), (own_path, _read_env_file(own_path))):
         if content is None:
             continue
         if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
             _check_file_permissions(path, content)
+        _check_process_only_keys(path, content, resolved, shared=path is shared_path)
         files.append(path)
         for var, raw in content.items():
             spec = _BY_VAR.get(var)
@@ -513,30 +594,11 @@ def _load_settings(
         values[spec.field] = _parse_field(spec.field, raw, "the process environment")
         origins[spec.field] = "environment"
 
-    unknown = sorted(set(overrides) - _FIELD_NAMES)
-    if unknown:
-        raise ConfigurationError(
-            f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
-        )
     for name, raw in overrides.items():
         if raw is None:
             continue
         values[name] = _parse_field(name, raw, "the arguments")
         origins[name] = "argument"
-
-    if values["pool_min"] > values["pool_max"]:
-        raise ConfigurationError(
-            f"DB_POOL_MIN_CONN (from {origins['pool_min']}) is larger than DB_POOL_MAX_CONN "
-            f"(from {origins['pool_max']}); lower the minimum or raise the maximum"
-        )
-
-    named = environment_named_by(values["dbname"])
-    if named is not None and named is not resolved:
-        raise EnvironmentMismatchError(
-            f"environment is {resolved.value} but database {values['dbname']!r} (from "
-            f"{origins['dbname']}) belongs to {named.value}; fix DB_NAME or PRECOG_ENV "
-            "(a stale shell export is the usual cause)"
-        )
 
     if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
         log.warning(
@@ -545,8 +607,81 @@ def _load_settings(
             source=origins["sslmode"],
             env=resolved.value,
         )
-
+    origins["env"] = resolution.source
+    # DatabaseSettings checks the rest: pool_min <= pool_max, and that the
+    # database name does not name another environment (check_name_matches).
     return DatabaseSettings(env=resolved, files=tuple(files), origins=origins, **values)
+
+
+def _check_process_only_keys(
+    path: Path, content: Mapping[str, str | None], resolved: Environment, *, shared: bool
+) -> None:
+    """PRECOG_ENV in an environment's own file must agree; process-only variables in a file are reported as ignored."""
+    declared = (content.get("PRECOG_ENV") or "").strip()
+    if declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}") is not resolved:
+        raise ConfigurationError(
+            f"{path} sets PRECOG_ENV to another environment than {resolved.value}, the one that chose this file; "
+            f"an environment's own file cannot change the environment. Remove PRECOG_ENV from {path} "
+            f"(set it in the process environment or in {path.parent / '.env'})"
+        )
+    for key in content:
+        if key == "PRECOG_PROD_CONFIRMED":
+            log.warning(
+                "prod_confirmation_in_file_ignored",
+                file=str(path),
+                reason="PRECOG_PROD_CONFIRMED is deliberately never read from a .env file: a file copied from a "
+                "server must not confirm production on another machine",
+                fix="remove the line; confirm in the process itself, e.g. PRECOG_PROD_CONFIRMED=yes precog-db ...",
+            )
+        elif key in _PROCESS_ONLY:
+            log.warning(
+                "setting_ignored",
+                file=str(path),
+                key=key,
+                reason=f"{key} is read only from the process environment",
+                fix=f"remove it from {path} and export it in the process environment instead",
+            )
+
+
+def _resolve(
+    env: str | Environment | None,
+    dbname: object,
+    environ: Mapping[str, str],
+    shared_path: Path,
+    shared: Mapping[str, str | None] | None,
+) -> Resolution:
+    return resolve_environment(
+        env,
+        dbname=dbname if isinstance(dbname, str) else None,
+        dbname_source="the dbname argument",
+        environ=environ,
+        file_values=shared,
+        file_name=str(shared_path),
+    )
+
+
+def environment_resolution(
+    env: str | Environment | None = None,
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dbname: str | None = None,
+) -> Resolution:
+    """Which environment `load_settings` would resolve, and where it came from, without loading the rest.
+
+    Reads ``config/.env`` (its PRECOG_ENV and DB_NAME count, see
+    `precog_db.environment.resolve_environment`); for commands that do not connect.
+    """
+    process_env = os.environ if environ is None else environ
+    shared_path = resolve_config_dir(config_dir, process_env) / ".env"
+    try:
+        shared = _read_env_file(shared_path)
+    except ConfigurationError as exc:
+        error = exc
+    else:
+        return _resolve(env, dbname, process_env, shared_path, shared)
+    error.__traceback__ = None  # the frames below hold the file's raw values
+    raise error
 
 
 def setting_fields() -> tuple[str, ...]:

@@ -23,7 +23,6 @@ it without a loop.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import metadata
@@ -38,11 +37,12 @@ from psycopg.rows import tuple_row
 from precog_db.environment import Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
+    ProductionAccessError,
     RestoredCopyError,
     StampError,
     UnstampedDatabaseError,
 )
-from precog_db.guard import current_os_user, require_production_confirmation
+from precog_db.guard import current_os_user, production_confirmed
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
 __all__ = [
@@ -77,7 +77,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     stamped_by text NOT NULL,
     stamped_role text NOT NULL DEFAULT current_user,
     stamped_at timestamptz NOT NULL DEFAULT now(),
-    library_version text NOT NULL
+    library_version text NOT NULL,
+    database_oid oid
 );
 COMMENT ON TABLE {TABLE} IS
     'Which environment this database belongs to. Written by precog_db stamp_database '
@@ -86,11 +87,17 @@ GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
 GRANT SELECT ON {TABLE} TO PUBLIC;
 """
 
-_COLUMNS = "env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version"
+_COLUMNS = "env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version, database_oid"
+#: Stamps written before database_oid existed gain the column when they are next written.
+_ADD_OID = f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS database_oid oid"
+#: The database's own OID: kept by ALTER DATABASE … RENAME, new for a copy (CREATE DATABASE … TEMPLATE, a restore).
+_CURRENT_OID = "(SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
 
 _UPSERT = f"""
-INSERT INTO {TABLE} (singleton, env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version)
-VALUES (true, %s, current_database(), %s, %s, current_user, now(), %s)
+INSERT INTO {TABLE} (
+    singleton, env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version, database_oid
+)
+VALUES (true, %s, current_database(), %s, %s, current_user, now(), %s, {_CURRENT_OID})
 ON CONFLICT (singleton) DO UPDATE SET
     env = EXCLUDED.env,
     dbname = EXCLUDED.dbname,
@@ -98,7 +105,8 @@ ON CONFLICT (singleton) DO UPDATE SET
     stamped_by = EXCLUDED.stamped_by,
     stamped_role = EXCLUDED.stamped_role,
     stamped_at = EXCLUDED.stamped_at,
-    library_version = EXCLUDED.library_version
+    library_version = EXCLUDED.library_version,
+    database_oid = EXCLUDED.database_oid
 RETURNING {_COLUMNS}
 """
 
@@ -132,10 +140,21 @@ class Stamp:
     library_version: str
     current_dbname: str
     current_system_identifier: int | None
+    #: The OID of the database that was stamped, and of the one read now (None for stamps written before 0.2).
+    database_oid: int | None = None
+    current_database_oid: int | None = None
 
     @property
     def copy_reason(self) -> str | None:
-        """Why this database is a copy of the one that was stamped, or None when it is that database."""
+        """Why this database is a copy of the one that was stamped, or None when it is that database.
+
+        The same cluster (``system_identifier``) and the same database OID
+        mean the same database, even under a new name: ``ALTER DATABASE …
+        RENAME`` keeps the OID, while a copy (``CREATE DATABASE … TEMPLATE``,
+        a restore) gets a new one.
+        """
+        if self.same_database_renamed:
+            return None
         if self.dbname != self.current_dbname:
             return f"it was stamped as database {self.dbname!r} and is now database {self.current_dbname!r}"
         if (
@@ -148,6 +167,33 @@ class Stamp:
                 f"and now lives on the cluster {self.current_system_identifier}"
             )
         return None
+
+    @property
+    def same_database_renamed(self) -> bool:
+        """True when this is provably the stamped database itself (same cluster, same OID), renamed or not."""
+        return (
+            self.database_oid is not None
+            and self.database_oid == self.current_database_oid
+            and self.system_identifier is not None
+            and self.system_identifier == self.current_system_identifier
+        )
+
+    @property
+    def provably_another_database(self) -> bool:
+        """True only when the stamp was written in another cluster, or in another database of this cluster."""
+        if (
+            self.system_identifier is not None
+            and self.current_system_identifier is not None
+            and self.system_identifier != self.current_system_identifier
+        ):
+            return True
+        return (
+            self.database_oid is not None
+            and self.current_database_oid is not None
+            and self.database_oid != self.current_database_oid
+            and self.system_identifier is not None
+            and self.system_identifier == self.current_system_identifier
+        )
 
     @property
     def is_copy(self) -> bool:
@@ -202,13 +248,19 @@ def cluster_system_identifier(conn: Connection[Any]) -> int | None:
 
 
 def _read(cur: Cursor[Any], conn: Connection[Any], *, for_update: bool = False) -> Stamp | None:
-    cur.execute("SELECT current_database(), to_regclass(%s) IS NOT NULL", (TABLE,))
+    cur.execute(
+        f"SELECT current_database(), to_regclass(%s) IS NOT NULL, {_CURRENT_OID}, "
+        "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(%s) "
+        "AND attname = 'database_oid' AND NOT attisdropped)",
+        (TABLE, TABLE),
+    )
     row = cur.fetchone()
     assert row is not None
-    current_dbname, exists = str(row[0]), bool(row[1])
+    current_dbname, exists, current_oid, has_oid = str(row[0]), bool(row[1]), int(row[2]), bool(row[3])
     if not exists:
         return None
-    cur.execute(f"SELECT {_COLUMNS} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
+    columns = _COLUMNS if has_oid else _COLUMNS.replace(", database_oid", ", NULL")
+    cur.execute(f"SELECT {columns} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
     found = cur.fetchone()
     if found is None:
         return None
@@ -225,6 +277,8 @@ def _read(cur: Cursor[Any], conn: Connection[Any], *, for_update: bool = False) 
         library_version=str(found[6]),
         current_dbname=current_dbname,
         current_system_identifier=current_id,
+        database_oid=None if found[7] is None else int(found[7]),
+        current_database_oid=current_oid,
     )
 
 
@@ -252,12 +306,11 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
     ``settings`` defaults to `load_settings()`. Reading production needs
     ``PRECOG_PROD_CONFIRMED=yes`` like any other production access.
     """
-    from precog_db.pool import probe_connection
+    from precog_db.connection import connect  # the chokepoint imports this module
 
     if settings is None:
         settings = load_settings()
-    require_production_confirmation(settings, operation="read the identity stamp")
-    conn = probe_connection(settings)
+    conn = connect(settings, operation="read the identity stamp", verify=False)
     try:
         return read_stamp_on(conn, settings)
     finally:
@@ -267,12 +320,14 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
 # --- checking (at pool open) ---------------------------------------------------------------
 
 
-def verify_stamp(settings: DatabaseSettings, conn: Connection[Any]) -> Stamp | None:
+def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bool = False) -> Stamp | None:
     """Check the database behind ``conn`` against the environment of ``settings``.
 
-    Called once per pool, on its probe connection. Returns the stamp (None
-    when unstamped) or raises `EnvironmentMismatchError`, `RestoredCopyError`,
-    `UnstampedDatabaseError` or `StampError`. See the module docstring for the rules.
+    `precog_db.connection` calls it on every new connection (``quiet`` after
+    the pool's first, so the warnings below are logged once per pool). Returns
+    the stamp (None when unstamped) or raises `EnvironmentMismatchError`,
+    `RestoredCopyError`, `UnstampedDatabaseError` or `StampError`. See the
+    module docstring for the rules.
     """
     env = settings.env
     stamp = read_stamp_on(conn, settings)
@@ -285,6 +340,8 @@ def verify_stamp(settings: DatabaseSettings, conn: Connection[Any]) -> Stamp | N
                 f"reached through a stale setting. If it is the {env.value} database, stamp it once "
                 f"with `{stamp_command(env)}` (or {_call(env)} in Python) and try again"
             )
+        if quiet:
+            return None
         log.warning(
             "database_unstamped",
             env=env.value,
@@ -296,7 +353,7 @@ def verify_stamp(settings: DatabaseSettings, conn: Connection[Any]) -> Stamp | N
         return None
     copy = stamp.copy_reason
     if stamp.env is env:
-        if copy is not None:
+        if copy is not None and not quiet:
             log.warning(
                 "database_copy_detected",
                 env=env.value,
@@ -345,11 +402,10 @@ def stamp_database(
     ``PRECOG_PROD_CONFIRMED=yes``, and so does re-stamping a database stamped
     ``prod`` as anything else, unless it is a restored copy.
     """
-    from precog_db.pool import probe_connection
+    from precog_db.connection import connect  # the chokepoint imports this module
 
     settings = settings_for(env, settings, caller="stamp_database")
-    require_production_confirmation(settings, operation="write the prod identity stamp")
-    conn = probe_connection(settings)
+    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False)
     try:
         return _write(conn, settings, force=force)
     finally:
@@ -375,6 +431,8 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
             row = cur.fetchone()
             if not (row and row[0]):
                 cur.execute(_DDL)
+            else:
+                cur.execute(_ADD_OID)
             previous = _read(cur, conn, for_update=True)
             if previous is not None and previous.env is not target:
                 _check_restamp(settings, previous, force=force)
@@ -400,6 +458,8 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
         library_version=str(written[6]),
         current_dbname=str(db_row[0]) if db_row else str(written[1]),
         current_system_identifier=current_id,
+        database_oid=None if written[7] is None else int(written[7]),
+        current_database_oid=None if written[7] is None else int(written[7]),
     )
     log.info(
         "database_stamped",
@@ -423,8 +483,27 @@ def _check_restamp(settings: DatabaseSettings, previous: Stamp, *, force: bool) 
             f"replaces that, so it needs force=True (`{stamp_command(target, force=True)}`). "
             "Check first that you are connected to the database you think you are"
         )
-    if previous.env is Environment.PROD and not previous.is_copy:
+    if previous.env is Environment.PROD and not previous.provably_another_database:
         # Turning the real production database into anything else disarms every
         # check that protects it, so it is production access like any other.
-        as_prod = dataclasses.replace(settings, env=Environment.PROD)
-        require_production_confirmation(as_prod, operation=f"re-stamp the production database as {target.value}")
+        # Only a copy proven to be another database (another cluster, or another
+        # OID on this one) is exempt: a renamed prod database keeps its OID, and
+        # an old stamp without one cannot tell a rename from a copy.
+        if not production_confirmed():
+            raise ProductionAccessError(
+                f"refusing to re-stamp the production database as {target.value}: the {settings.describe()} is "
+                f"{previous.describe()}, and nothing proves it is a copy rather than that database itself "
+                f"({previous.copy_reason or 'the same database'}; a renamed database keeps its identity). "
+                "Set PRECOG_PROD_CONFIRMED=yes in the environment of this process to confirm that you mean to "
+                "turn it into a non-production database"
+            )
+        log.warning(
+            "production_access",
+            operation=f"re-stamp the production database as {target.value}",
+            os_user=current_os_user(),
+            host=settings.host,
+            port=settings.port,
+            dbname=settings.dbname,
+            user=settings.user,
+            env=Environment.PROD.value,
+        )

@@ -9,7 +9,10 @@ proxied connection. Modes:
 * ``drop_all()``: reset every proxied connection (RST, as a crashed middlebox);
 * ``go_deaf()``: keep every socket open but forward nothing, in either
   direction, and accept new connections without ever answering them — the
-  path looks alive to the kernel (it still ACKs) but no byte gets through.
+  path looks alive to the kernel (it still ACKs) but no byte gets through;
+* ``stall_after_handshake()``: new connections complete their startup
+  (authentication up to the server's first ReadyForQuery) and then go deaf:
+  the first query is never delivered, so its reply never comes.
 
 The deaf mode models a stalled middlebox (a hung pgbouncer, a frozen
 load balancer): TCP is healthy, the application data is not delivered.
@@ -34,6 +37,7 @@ class FaultProxy:
         self.target = (target_host, target_port)
         self._lock = threading.Lock()
         self._deaf = threading.Event()
+        self._stall_after_ready = threading.Event()
         self._closing = threading.Event()
         self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
         self._servers: dict[socket.socket, threading.Thread] = {}
@@ -87,6 +91,10 @@ class FaultProxy:
     def go_deaf(self) -> None:
         """Stop forwarding in both directions without closing anything."""
         self._deaf.set()
+
+    def stall_after_handshake(self) -> None:
+        """Let each new connection finish its startup, then deliver nothing more (in either direction)."""
+        self._stall_after_ready.set()
 
     def forward(self) -> None:
         """Forward again (bytes held while deaf are delivered late)."""
@@ -164,9 +172,10 @@ class FaultProxy:
         upstream.settimeout(None)
         self._register(client, upstream)
         peers = {client: upstream, upstream: client}
+        startup = _StartupWatch() if self._stall_after_ready.is_set() else None
         try:
             while not self._closing.is_set():
-                if self._deaf.is_set():
+                if self._deaf.is_set() or (startup is not None and startup.ready):
                     if self._wait_closed([client, upstream], 0.05):
                         return
                     continue
@@ -176,6 +185,8 @@ class FaultProxy:
                     if not data:
                         return
                     peers[sock].sendall(data)
+                    if startup is not None and sock is upstream:
+                        startup.feed(data)
         except (OSError, ValueError):
             return
         finally:
@@ -202,6 +213,29 @@ class FaultProxy:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.close()
+
+
+class _StartupWatch:
+    """Follows the server's side of a connection until its first ReadyForQuery ('Z') message.
+
+    Server messages are a type byte and a 4-byte length (which counts itself);
+    the only unframed byte is the one-letter answer to an SSLRequest, which the
+    tests avoid with sslmode=disable.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = b""
+        self.ready = False
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while len(self.buffer) >= 5 and not self.ready:
+            kind = self.buffer[:1]
+            length = struct.unpack("!I", self.buffer[1:5])[0]
+            if len(self.buffer) < 1 + length:
+                return
+            self.buffer = self.buffer[1 + length :]
+            self.ready = kind == b"Z"
 
 
 @contextlib.contextmanager

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from precog_db import ConfigurationError, Environment, EnvironmentNotAllowedError, get_environment, require_environment
-from precog_db.environment import environment_named_by, infer_environment
+from precog_db.environment import environment_named_by, infer_environment, resolve_environment
+from precog_db.errors import EnvironmentMismatchError
+from precog_db.settings import load_settings
 
 
 class TestGetEnvironment:
@@ -83,14 +87,53 @@ class TestInference:
             ("precog_dev", Environment.DEV),
             ("precog_test_gw0", Environment.TEST),
             ("precog-prod2", Environment.PROD),
-            ("products", None),
+            ("x_precogprod", Environment.PROD),
+            ("products", Environment.PROD),
+            ("precogstaging", Environment.STAGING),
             ("contest", None),
+            ("devices", None),
             ("precog", None),
         ],
     )
-    def test_named_by_whole_words(self, name: str, expected: Environment | None) -> None:
-        """Only whole words name an environment for the consistency check."""
+    def test_one_naming_rule(self, name: str, expected: Environment | None) -> None:
+        """prod/stag anywhere name the strict environments; test/dev only as whole words."""
         assert environment_named_by(name) is expected
+
+    @pytest.mark.parametrize("name", ["x_precogprod", "products", "precogstaging", "precog_test_gw0", "precog_dev"])
+    def test_inference_and_mismatch_use_the_same_rule(self, name: str, tmp_path: Path) -> None:
+        """A DB_NAME inferred as one environment is refused under every other one (x_precogprod under dev was not)."""
+        inferred = load_settings(config_dir=tmp_path, environ={"DB_NAME": name}).env
+        assert inferred is infer_environment(name)
+        for env in Environment:
+            if env is inferred:
+                assert load_settings(env, config_dir=tmp_path, environ={"DB_NAME": name}).dbname == name
+            else:
+                with pytest.raises(EnvironmentMismatchError, match=f"belongs to {inferred.value}"):
+                    load_settings(env, config_dir=tmp_path, environ={"DB_NAME": name})
+
+
+class TestResolution:
+    def test_precog_env_in_shared_file_counts(self) -> None:
+        """PRECOG_ENV in config/.env decides the environment when the process says nothing."""
+        found = resolve_environment(environ={}, file_values={"PRECOG_ENV": "staging"}, file_name="config/.env")
+        assert found.env is Environment.STAGING
+        assert found.source == "PRECOG_ENV in config/.env"
+
+    def test_db_name_in_shared_file_is_inferred(self) -> None:
+        """DB_NAME in config/.env is inferred like DB_NAME in the process environment."""
+        found = resolve_environment(environ={}, file_values={"DB_NAME": "x_precogprod"}, file_name="config/.env")
+        assert found.env is Environment.PROD
+        assert found.source == "inferred from DB_NAME in config/.env"
+
+    def test_process_beats_file(self) -> None:
+        """PRECOG_ENV in the process beats the file's."""
+        found = resolve_environment(environ={"PRECOG_ENV": "dev"}, file_values={"PRECOG_ENV": "prod"})
+        assert (found.env, found.source) == (Environment.DEV, "PRECOG_ENV")
+
+    def test_dbname_argument_is_inferred_before_db_name(self) -> None:
+        """A dbname argument is what the caller will connect to, so it is inferred before DB_NAME."""
+        found = resolve_environment(dbname="precog_prod", environ={"DB_NAME": "precog_dev"})
+        assert found.env is Environment.PROD
 
 
 class TestRequireEnvironment:

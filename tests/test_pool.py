@@ -80,7 +80,7 @@ class TestOpening:
     ) -> None:
         """Initializing for a different environment while a pool is open raises PoolStateError."""
         initialize_pool(settings=test_settings)
-        dev = pg_server.settings("precog_test", env=Environment.DEV).replace(dbname="scratch")
+        dev = pg_server.settings("scratch", env=Environment.DEV)
         with pytest.raises(PoolStateError, match="close_pool"):
             initialize_pool(settings=dev)
         close_pool()

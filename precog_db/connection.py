@@ -1,0 +1,287 @@
+"""The chokepoint: every connection precog_db opens to a database is opened here.
+
+Pool connections, the pool's probe, the CLI's connections, the pytest
+plugin's, `stamp_database` / `read_stamp`, and the targets handed to
+``pg_dump`` / ``pg_restore`` / ``psql`` all pass through this module, which
+enforces every invariant on the settings it is given, however they were built
+(`load_settings`, by hand, `replace`, inherited through ``fork()``):
+
+1. **the naming rule**: a database whose name names another environment than
+   the settings' is refused (`precog_db.settings.check_name_matches`);
+2. **the gate**: inside a call decorated with
+   `precog_db.gates.dangerous_operation`, no connection to an environment the
+   gate does not allow is opened or lent (`gate_allows`, `check_gate`);
+3. **the production guard**: production needs ``PRECOG_PROD_CONFIRMED=yes``
+   before any byte is sent (`precog_db.guard.require_production_confirmation`);
+4. **the reply bound**: with ``DB_STATEMENT_TIMEOUT`` set, a statement whose
+   reply never comes fails after the statement timeout plus
+   ``DB_TCP_USER_TIMEOUT`` (`PrecogConnection`), on every connection, the
+   probe and the CLI's included;
+5. **the identity stamp**: the database's stamp is checked against the
+   settings' environment on every new connection (`verify_stamp`), so a
+   failover or DNS change to another environment's database is caught too.
+
+`check_target` runs 1 to 3 (no I/O); `prepare` runs 4 and 5 on a fresh connection;
+`connect` does both around ``psycopg.connect``. The pool calls `check_target`
+before each physical connection and `prepare` on it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from time import monotonic
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import Connection
+from psycopg.pq import TransactionStatus
+from psycopg.pq.abc import PGconn
+
+from precog_db.environment import Environment
+from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
+from precog_db.guard import require_production_confirmation
+from precog_db.settings import DatabaseSettings, check_name_matches
+from precog_db.stamp import verify_stamp
+
+__all__ = [
+    "PrecogConnection",
+    "check_gate",
+    "check_target",
+    "connect",
+    "gate_allows",
+    "prepare",
+    "reply_timeout",
+    "tool_conninfo",
+]
+
+#: Grace added to the statement timeout when DB_TCP_USER_TIMEOUT is 0 (the OS default).
+_DEFAULT_REPLY_GRACE = 30.0
+
+#: The environments the innermost running `dangerous_operation` allows; None outside any gate.
+_GATE: contextvars.ContextVar[tuple[str, tuple[Environment, ...]] | None] = contextvars.ContextVar(
+    "precog_db_gate", default=None
+)
+
+
+# --- the gate ------------------------------------------------------------------------------------
+
+
+@contextmanager
+def gate_allows(operation: str, allowed: tuple[Environment, ...]) -> Iterator[None]:
+    """While the block runs, refuse every connection to an environment outside ``allowed``.
+
+    Nested gates narrow: the innermost one's environments must also be
+    allowed by every outer one, so a gated helper called from a gated function
+    cannot widen what the outer call allows.
+    """
+    outer = _GATE.get()
+    if outer is not None:
+        allowed = tuple(e for e in allowed if e in outer[1])
+    token = _GATE.set((operation, allowed))
+    try:
+        yield
+    finally:
+        _GATE.reset(token)
+
+
+def check_gate(env: Environment) -> None:
+    """Raise `EnvironmentNotAllowedError` if a running gated operation does not allow ``env``."""
+    gate = _GATE.get()
+    if gate is None or env in gate[1]:
+        return
+    operation, allowed = gate
+    names = ", ".join(e.value for e in allowed) or "no environment"
+    raise EnvironmentNotAllowedError(
+        f"{operation} is allowed only in {names}, but it was about to use a {env.value} database; "
+        "nothing was run on it. (The database a call actually uses is checked, not just the resolved "
+        "environment: a pool inherited through fork() or opened with explicit settings counts too)"
+    )
+
+
+# --- before connecting ---------------------------------------------------------------------------
+
+
+def check_target(
+    settings: DatabaseSettings, *, operation: str, prod_confirmed: bool | None = None, quiet: bool = False
+) -> None:
+    """Every check that needs no connection: the naming rule, the gate, the production guard.
+
+    ``prod_confirmed`` None reads ``PRECOG_PROD_CONFIRMED`` from the process
+    environment now. ``quiet`` skips the ``production_access`` event (the pool
+    logs it once, when it opens, not for each connection). Raises before any
+    byte is sent to the server.
+    """
+    check_name_matches(settings)
+    check_gate(settings.env)
+    require_production_confirmation(settings, confirmed=prod_confirmed, operation=operation, quiet=quiet)
+
+
+# --- the reply bound -----------------------------------------------------------------------------
+
+
+def reply_timeout(settings: DatabaseSettings) -> float | None:
+    """Seconds of silence tolerated while a statement runs; None when unbounded.
+
+    The server ends every statement after ``DB_STATEMENT_TIMEOUT``; if not one
+    byte of its answer has arrived ``DB_TCP_USER_TIMEOUT`` later, the path to
+    the server is stalled. Without a statement timeout a statement may
+    legitimately run for hours, so nothing is bounded.
+    """
+    if not settings.statement_timeout_ms:
+        return None
+    grace = settings.tcp_user_timeout_ms / 1000 if settings.tcp_user_timeout_ms else _DEFAULT_REPLY_GRACE
+    return settings.statement_timeout_ms / 1000 + grace
+
+
+_RV = TypeVar("_RV")
+
+
+class _Silent(Exception):
+    def __init__(self, waited: float) -> None:
+        super().__init__(f"no reply for {waited:.1f}s")
+        self.waited = waited
+
+
+def _bounded(gen: Generator[Any, Any, _RV], pgconn: PGconn, limit: float) -> Generator[Any, Any, _RV]:
+    """Relay psycopg's wait generator; raise `_Silent` when a running statement hears nothing for ``limit`` s.
+
+    psycopg's wait loop wakes the generator every 0.1 s even when the socket
+    is quiet (``Ready.NONE``), which is where the clock is checked. Only a
+    statement in progress (``ACTIVE``) counts: waiting for notifications is not
+    bounded.
+    """
+    last = monotonic()
+    try:
+        state = next(gen)
+        while True:
+            ready = yield state
+            now = monotonic()
+            if ready:
+                last = now
+            elif now - last >= limit and pgconn.transaction_status == TransactionStatus.ACTIVE:
+                raise _Silent(now - last)
+            state = gen.send(ready)
+    except StopIteration as done:
+        result: _RV = done.value
+        return result
+
+
+class PrecogConnection(Connection[Any]):
+    """A psycopg connection that does not wait forever for a server that went silent.
+
+    `reply_timeout` (set by `prepare` from the settings, see `reply_timeout()`)
+    bounds how long a statement in progress may go without a byte from the
+    server. When it expires the connection is closed and `ConnectionLostError`
+    raised; the pool replaces the connection. Set ``conn.reply_timeout = None``
+    on a connection from `get_connection` before lifting ``statement_timeout``
+    for a deliberately long statement.
+    """
+
+    reply_timeout: float | None = None
+    description: str = "database"
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        limit = self.reply_timeout
+        if limit is None:
+            return super().wait(gen, *args, **kwargs)
+        try:
+            return super().wait(_bounded(gen, self.pgconn, limit), *args, **kwargs)
+        except _Silent as silent:
+            waited = silent.waited
+        # Outside the except block: the half-finished statement leaves the
+        # protocol out of step, so the connection cannot be reused.
+        self.close()
+        raise ConnectionLostError(
+            f"no reply from the {self.description} for {waited:.1f}s while a statement was running "
+            f"(DB_STATEMENT_TIMEOUT plus DB_TCP_USER_TIMEOUT): the server or the network path to it is "
+            "stalled. The connection was closed and the pool replaces it; retry the operation. "
+            "If this was the COMMIT of commit=True, the transaction may or may not have been committed"
+        )
+
+
+# --- after connecting ----------------------------------------------------------------------------
+
+
+def prepare(conn: Connection[Any], settings: DatabaseSettings, *, verify: bool = True, quiet: bool = False) -> None:
+    """The checks that need the fresh connection: arm the reply bound, then verify the identity stamp.
+
+    ``verify`` False skips the stamp (only for `stamp_database`, which writes
+    it, and for maintenance connections to a server's admin database).
+    ``quiet`` suppresses the warnings an unstamped dev/test database or a
+    same-environment copy log (the pool logs them once, at open). Closes the
+    connection and re-raises if a check fails.
+    """
+    if isinstance(conn, PrecogConnection):
+        conn.reply_timeout = reply_timeout(settings)
+        conn.description = settings.describe()
+    if not verify:
+        return
+    try:
+        verify_stamp(settings, conn, quiet=quiet)
+    except BaseException:
+        conn.close()
+        raise
+
+
+def connect(
+    settings: DatabaseSettings,
+    *,
+    operation: str,
+    prod_confirmed: bool | None = None,
+    verify: bool = True,
+    autocommit: bool = True,
+) -> PrecogConnection:
+    """Open one direct connection after every check (see the module docstring), or raise.
+
+    A server that cannot be reached raises `DatabaseUnavailableError` with
+    libpq's reason (password scrubbed). The connection is autocommit unless
+    told otherwise; the caller closes it.
+    """
+    check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    try:
+        conn = PrecogConnection.connect(**settings.connect_kwargs(), autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        detail = failure_reason(exc, settings)
+    else:
+        prepare(conn, settings, verify=verify)
+        return conn
+    # Raised outside the except block on purpose: the psycopg error (and the
+    # frames of psycopg.connect, whose locals hold the full conninfo with the
+    # password) must not stay reachable as __context__ of what we raise.
+    hint = ""
+    if settings.sslmode in ("require", "verify-ca", "verify-full") and "SSL" in detail:
+        hint = f" DB_SSLMODE is {settings.sslmode} (from {settings.origins.get('sslmode', 'the arguments')}),"
+    raise DatabaseUnavailableError(
+        f"cannot connect to the {settings.describe()}: {detail}.{hint} "
+        "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD "
+        "and DB_SSLMODE are right (`precog-db env` shows where each value came from)"
+    )
+
+
+def tool_conninfo(settings: DatabaseSettings, *, operation: str, prod_confirmed: bool | None = None) -> str:
+    """A libpq connection string for ``pg_dump`` / ``pg_restore`` / ``psql``, after `check_target`.
+
+    Every value is quoted by psycopg, so a database named ``dbname=x`` or
+    ``postgresql://…`` is a name, never expanded as a connection string. The
+    password is left out: pass it in the child's environment as ``PGPASSWORD``.
+    """
+    from psycopg.conninfo import make_conninfo
+
+    check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    kwargs = settings.connect_kwargs()
+    kwargs.pop("password", None)
+    return make_conninfo("", **{k: str(v) for k, v in kwargs.items()})
+
+
+def _scrub(message: str, settings: DatabaseSettings) -> str:
+    if settings.password:
+        message = message.replace(settings.password, "***")
+    return message.strip()
+
+
+def failure_reason(exc: BaseException, settings: DatabaseSettings) -> str:
+    """libpq's message on one line: "…failed: Connection refused; Is the server running…?"."""
+    lines = [line.strip() for line in _scrub(str(exc), settings).splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
