@@ -204,7 +204,8 @@ def tool_connection_args(settings: DatabaseSettings) -> tuple[list[str], dict[st
     ``PGPASSWORD`` in the returned environment, from which every other
     ``PG*`` variable is removed (none of them may redirect the tool).
     """
-    params = {k: v for k, v in settings.connect_kwargs().items() if k != "password"}
+    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
+    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
     params["application_name"] = f"{settings.application_name} backup".strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     if settings.password:

@@ -14,6 +14,7 @@ import pytest
 from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
 from conftest import Server, start_throwaway_cluster
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from precog_db.backup import (
     BackupError,
@@ -24,6 +25,7 @@ from precog_db.backup import (
     prune,
     restore,
     retention,
+    tool_connection_args,
     verify,
 )
 from precog_db.environment import Environment
@@ -301,6 +303,21 @@ class TestDatabaseNames:
         finally:
             if made.path.resolve().parent != (ws.root / "b" / "dev").resolve():
                 made.path.unlink(missing_ok=True)  # the unfixed code wrote it elsewhere: do not leave it there
+
+    def test_tool_connection_args_quote_every_value_and_keep_the_password_out(
+        self, pg_server: Server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The tools get one --dbname conninfo whose dbname is the literal name; the password only as PGPASSWORD."""
+        monkeypatch.setenv("PGHOST", "elsewhere.invalid")
+        monkeypatch.setenv("PGSERVICE", "other")
+        name = "dbname=x host=elsewhere.invalid user=mallory"
+        args, env = tool_connection_args(pg_server.settings(name, password=SENTINEL))
+        assert args[0].startswith("--dbname=") and "--no-password" in args
+        params = conninfo_to_dict(args[0].removeprefix("--dbname="))
+        assert (params["dbname"], params["host"], params["port"]) == (name, pg_server.host, str(pg_server.port))
+        assert "password" not in params and SENTINEL not in " ".join(args)
+        assert env["PGPASSWORD"] == SENTINEL
+        assert sorted(k for k in env if k.startswith("PG")) == ["PGPASSWORD"]
 
     def test_different_names_that_reduce_alike_get_different_prefixes(self, pg_server: Server) -> None:
         """Two names that reduce to the same safe characters (``a/b``, ``a_b``) never share a dump prefix."""
