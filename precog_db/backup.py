@@ -1,17 +1,22 @@
 """Backups with the real ``pg_dump`` / ``pg_restore``: verified, pruned, and restorable into dev or test only.
 
 * `backup` runs ``pg_dump --format=custom`` into
-  ``<backup dir>/<env>/<db>-<UTC timestamp>.dump`` (written as ``.partial``
-  first), checks the archive with ``pg_restore --list`` (it must read, and
-  name the database that was dumped), and only then gives it its final
-  name. Older dumps of the same database are then pruned down to the
-  retention count.
+  ``<backup dir>/<env>/<db>@<host>-<port>-<key>-<UTC timestamp>.dump``
+  (`archive_name`: names reduced to safe characters, ``<key>`` a hash of
+  host, port and database; written as ``.partial`` first), checks the
+  archive with ``pg_restore --list`` (it must read, and name the database
+  that was dumped), and only then gives it its final name. Older dumps of
+  the same database on the same server (host, port, name) are then pruned
+  down to the retention count.
 * `restore` refuses any environment but dev and test, checks the archive
   the same way, and restores it with ``--clean --if-exists --no-owner
   --no-privileges --single-transaction --exit-on-error``: it applies
   completely or not at all.
-* The password reaches the tools through ``PGPASSWORD`` in their
-  environment, never their command line, and the tools run with
+* The tools connect through `tool_connection_args`: one ``--dbname``
+  conninfo string in which every value, the database name included, is
+  quoted (so a name like ``dbname=x`` is never expanded into connection
+  parameters). The password reaches them through ``PGPASSWORD`` in their
+  environment, never their command line, and they run with
   ``--no-password`` so they never wait for a prompt.
 * Tools are looked up in ``PRECOG_PG_BINDIR``, ``pg_config --bindir``, the
   usual install locations and ``PATH``; the first whose major version is at
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -37,6 +43,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from psycopg.conninfo import make_conninfo
 
 from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
 from precog_db.environment import Environment
@@ -49,12 +57,15 @@ __all__ = [
     "KEEP_VAR",
     "Backup",
     "BackupError",
+    "archive_name",
+    "archive_prefix",
     "backup",
     "backup_dir",
     "find_tool",
     "prune",
     "restore",
     "retention",
+    "tool_connection_args",
     "verify",
 ]
 
@@ -183,22 +194,23 @@ def find_tool(name: str, server_major: int) -> Path:
     )
 
 
-def _tool_env(settings: DatabaseSettings) -> dict[str, str]:
+def tool_connection_args(settings: DatabaseSettings) -> tuple[list[str], dict[str, str]]:
+    """The ``--dbname=<conninfo>`` argument and the environment that point a PostgreSQL tool at ``settings``.
+
+    Every connection parameter is a quoted value inside one conninfo string
+    (``psycopg.conninfo.make_conninfo``), so a database name such as
+    ``dbname=x`` or ``postgresql://…`` is a name and never expanded as a
+    connection string by libpq. The password is not in it: it travels only as
+    ``PGPASSWORD`` in the returned environment, from which every other
+    ``PG*`` variable is removed (none of them may redirect the tool).
+    """
+    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
+    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
+    params["application_name"] = f"{settings.application_name} backup".strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(
-        {
-            "PGHOST": settings.host,
-            "PGPORT": str(settings.port),
-            "PGUSER": settings.user,
-            "PGDATABASE": settings.dbname,
-            "PGSSLMODE": settings.sslmode,
-            "PGCONNECT_TIMEOUT": str(settings.connect_timeout),
-            "PGAPPNAME": f"{settings.application_name} backup",
-        }
-    )
     if settings.password:
         env["PGPASSWORD"] = settings.password
-    return env
+    return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
 
 
 def _scrub(text: str, settings: DatabaseSettings) -> str:
@@ -212,14 +224,25 @@ def _run(
     settings: DatabaseSettings,
     *,
     what: str,
+    connect: bool,
     progress: Callable[[float], None] | None = None,
     timeout: float | None = None,
 ) -> str:
-    """Run a tool; return its stdout. Raises `BackupError` with the tail of its stderr on failure."""
+    """Run a tool; return its stdout. Raises `BackupError` with the tail of its stderr on failure.
+
+    With ``connect`` the tool gets `tool_connection_args` (right after its
+    name) and their environment; without, it gets no connection parameters
+    at all (``pg_restore --list`` reads only the file).
+    """
+    if connect:
+        args, environ = tool_connection_args(settings)
+        argv = [argv[0], *args, *argv[1:]]
+    else:
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         started = time.monotonic()
         try:
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=_tool_env(settings))
+            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=environ)
         except OSError as exc:
             raise BackupError(f"cannot run {argv[0]} ({exc.strerror}); check PRECOG_PG_BINDIR") from None
         while True:
@@ -247,12 +270,44 @@ def _run(
 # --- backup ---------------------------------------------------------------------------------
 
 
-def _archive_name(dbname: str, now: datetime) -> str:
-    return f"{dbname}-{now.strftime(_TIMESTAMP)}.{now.microsecond // 1000:03d}Z.dump"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_STAMP_PATTERN = r"\d{8}T\d{6}\.\d{3}Z\.dump"
 
 
-def _archive_pattern(dbname: str) -> re.Pattern[str]:
-    return re.compile(rf"^{re.escape(dbname)}-\d{{8}}T\d{{6}}\.\d{{3}}Z\.dump$")
+def _label(text: str, limit: int) -> str:
+    """``text`` reduced to letters, digits, ``_ . -`` (runs of anything else become ``_``), no leading dot."""
+    cleaned = _UNSAFE.sub("_", text)[:limit].lstrip(".")
+    return cleaned or "_"
+
+
+def archive_prefix(settings: DatabaseSettings) -> str:
+    """The start of every dump file name of ``settings``' database: ``<db>@<host>-<port>-<key>-``.
+
+    ``<db>`` and ``<host>`` are the names reduced to safe characters (so no
+    name can leave the backup directory), and ``<key>`` is the first 10 hex
+    digits of the SHA-256 of host, port and database name as given, so two
+    databases whose reduced names coincide, or same-named databases on other
+    servers, never share a prefix (and never prune each other's dumps).
+    """
+    key = hashlib.sha256(f"{settings.host}\n{settings.port}\n{settings.dbname}".encode()).hexdigest()[:10]
+    return f"{_label(settings.dbname, 63)}@{_label(settings.host, 63)}-{settings.port}-{key}-"
+
+
+def archive_name(settings: DatabaseSettings, now: datetime) -> str:
+    """``<db>@<host>-<port>-<key>-<UTC timestamp>.dump`` (see `archive_prefix`)."""
+    return f"{archive_prefix(settings)}{now.strftime(_TIMESTAMP)}.{now.microsecond // 1000:03d}Z.dump"
+
+
+def _archive_pattern(settings: DatabaseSettings) -> re.Pattern[str]:
+    return re.compile(rf"^{re.escape(archive_prefix(settings))}{_STAMP_PATTERN}$")
+
+
+def _inside(directory: Path, name: str) -> Path:
+    """``directory / name``, after checking that it resolves to a file directly inside ``directory``."""
+    path = directory / name
+    if path.resolve().parent != directory.resolve():
+        raise BackupError(f"the dump file name {name!r} would leave {directory}; nothing was written")
+    return path
 
 
 def verify(path: Path, settings: DatabaseSettings, *, tool: Path, expect_dbname: str | None = None) -> int:
@@ -261,7 +316,7 @@ def verify(path: Path, settings: DatabaseSettings, *, tool: Path, expect_dbname:
     Raises `BackupError` when it does not read, or names another database
     than ``expect_dbname``.
     """
-    listing = _run([str(tool), "--list", str(path)], settings, what=f"pg_restore --list {path.name}")
+    listing = _run([str(tool), "--list", str(path)], settings, what=f"pg_restore --list {path.name}", connect=False)
     header = [line for line in listing.splitlines() if line.startswith(";")]
     entries = [line for line in listing.splitlines() if line.strip() and not line.startswith(";")]
     if not any("Archive created at" in line for line in header):
@@ -276,9 +331,15 @@ def verify(path: Path, settings: DatabaseSettings, *, tool: Path, expect_dbname:
     return len(entries)
 
 
-def prune(directory: Path, dbname: str, keep: int) -> list[Path]:
-    """Delete all but the newest ``keep`` dumps of ``dbname`` in ``directory``; return what was deleted."""
-    pattern = _archive_pattern(dbname)
+def prune(directory: Path, settings: DatabaseSettings, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` dumps of ``settings``' database in ``directory``; return them.
+
+    Only files named by `archive_name` for the same host, port and database
+    count; dumps of same-named databases on other servers, other files, and
+    dumps in the earlier naming (``<db>-<timestamp>.dump``, which does not say
+    which server they came from) are never touched.
+    """
+    pattern = _archive_pattern(settings)
     dumps = sorted(p for p in directory.iterdir() if p.is_file() and pattern.match(p.name))
     doomed = dumps[:-keep] if keep < len(dumps) else []
     for path in doomed:
@@ -304,7 +365,7 @@ def backup(
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     pg_dump = find_tool("pg_dump", server_major)
     pg_restore = find_tool("pg_restore", server_major)
-    final = directory / _archive_name(settings.dbname, datetime.now(UTC))
+    final = _inside(directory, archive_name(settings, datetime.now(UTC)))
     partial = final.with_name(final.name + ".partial")
     started = time.monotonic()
 
@@ -318,9 +379,10 @@ def backup(
 
     try:
         _run(
-            [str(pg_dump), "--format=custom", "--no-password", f"--file={partial}"],
+            [str(pg_dump), "--format=custom", f"--file={partial}"],
             settings,
             what=f"pg_dump of {settings.describe()}",
+            connect=True,
             progress=tick,
         )
         os.chmod(partial, 0o600)
@@ -330,7 +392,7 @@ def backup(
         partial.unlink(missing_ok=True)
         raise
     size = final.stat().st_size
-    pruned = prune(directory, settings.dbname, keep)
+    pruned = prune(directory, settings, keep)
     return Backup(final, size, entries, time.monotonic() - started, pg_dump, tuple(pruned))
 
 
@@ -360,8 +422,6 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
     _run(
         [
             str(pg_restore),
-            "--no-password",
-            f"--dbname={settings.dbname}",
             "--clean",
             "--if-exists",
             "--no-owner",
@@ -372,5 +432,6 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
         ],
         settings,
         what=f"pg_restore of {path.name} into {settings.describe()}",
+        connect=True,
     )
     return entries

@@ -775,6 +775,8 @@ def _status_rows(
             state = "GAP"
         elif "out_of_order" in kinds:
             state = "OUT OF ORDER"
+        elif "transaction_control" in kinds:
+            state = "ENDS ITS TRANSACTION"
         elif row is not None:
             state = row.kind
         else:

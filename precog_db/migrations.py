@@ -8,9 +8,17 @@
   ``baseline``), who applied it (OS user and machine), the database role,
   when, and how long it took.
 * Each file runs in its own transaction together with its ledger row, so a
-  file is either applied and recorded, or neither. Do not put ``BEGIN`` /
-  ``COMMIT`` in a file; statements that cannot run in a transaction
-  (``CREATE INDEX CONCURRENTLY``) are not supported.
+  file is either applied and recorded, or neither. A file with a top-level
+  ``BEGIN``, ``COMMIT``, ``ROLLBACK``, ``END``, ``ABORT``, ``START
+  TRANSACTION``, ``PREPARE TRANSACTION`` … is refused before anything runs
+  (`find_transaction_control`, a lexer that skips comments, literals,
+  quoted identifiers and dollar-quoted bodies), and after a file runs its
+  ledger row is written only inside the same transaction it started in.
+  Statements that cannot run in a transaction (``CREATE INDEX
+  CONCURRENTLY``) are not supported. A server error names the line and
+  column of the file.
+* A ``.sql`` entry that is not a regular file (a dangling symbolic link, a
+  directory) is an error, not skipped.
 * A session-level advisory lock serializes runs on one database. A second
   run waits for it, saying who holds it, up to a timeout, then fails
   clearly. It re-reads the ledger after getting the lock, so each
@@ -38,6 +46,7 @@ from typing import Any
 
 import psycopg
 from psycopg import Connection
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from precog_db.environment import Environment
@@ -54,11 +63,13 @@ __all__ = [
     "MigrationValidationError",
     "Problem",
     "PromotionError",
+    "TransactionControl",
     "apply_migration",
     "baseline",
     "check_promotion",
     "discover",
     "ensure_ledger",
+    "find_transaction_control",
     "migration_lock",
     "new_migration",
     "pending",
@@ -153,7 +164,7 @@ class AppliedMigration:
 class Problem:
     """A disagreement between files and ledger found by `validate`."""
 
-    kind: str  # edited | missing | gap | out_of_order
+    kind: str  # edited | missing | gap | out_of_order | transaction_control
     version: int
     message: str
 
@@ -181,8 +192,18 @@ def discover(directory: Path) -> list[MigrationFile]:
         raise ConfigurationError(f"migrations directory {directory} is a file; pass a directory with --migrations-dir")
     found: dict[int, MigrationFile] = {}
     for path in sorted(directory.iterdir()):
-        if path.suffix.lower() != ".sql" or not path.is_file():
+        if path.suffix.lower() != ".sql":
             continue
+        if not path.is_file():
+            if path.is_symlink() and not path.exists():
+                raise ConfigurationError(
+                    f"{path} is a symbolic link to {_link_target(path)}, which does not exist; restore the file it "
+                    "points to, or remove the link"
+                )
+            raise ConfigurationError(
+                f"{path} is not a regular file (a directory or a special file); a migration is a .sql file, so "
+                "remove it or rename it"
+            )
         match = _FILENAME.match(path.name)
         if match is None:
             raise ConfigurationError(
@@ -205,6 +226,13 @@ def discover(directory: Path) -> list[MigrationFile]:
     return [found[v] for v in sorted(found)]
 
 
+def _link_target(path: Path) -> str:
+    try:
+        return str(path.readlink())
+    except OSError:
+        return "a path that cannot be read"
+
+
 def new_migration(directory: Path, name: str) -> Path:
     """Create the next ``<version>_<name>.sql`` in ``directory`` (created if missing); return its path."""
     slug = _SLUG.sub("_", name.strip().lower()).strip("_")
@@ -225,6 +253,178 @@ def new_migration(directory: Path, name: str) -> Path:
         encoding="utf-8",
     )
     return path
+
+
+# --- transaction control ------------------------------------------------------------------
+
+_WORD = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
+_DOLLAR = re.compile(r"\$(?:[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_\u0080-\U0010ffff]*)?\$")
+_NUMBER = re.compile(r"[0-9][0-9A-Za-z_.]*")
+_ROUTINE_HEADS = (("CREATE", "FUNCTION"), ("CREATE", "PROCEDURE"))
+
+
+@dataclass(frozen=True)
+class TransactionControl:
+    """A top-level statement of a migration file that would end (or start) the migration's transaction."""
+
+    line: int
+    column: int
+    statement: str  # its leading keywords, e.g. "COMMIT" or "START TRANSACTION"
+
+    def describe(self) -> str:
+        return f"line {self.line}: {self.statement}"
+
+
+def line_and_column(text: str, offset: int) -> tuple[int, int]:
+    """The 1-based line and column of the 0-based character ``offset`` in ``text``."""
+    offset = max(0, min(offset, len(text)))
+    line_start = text.rfind("\n", 0, offset) + 1
+    return text.count("\n", 0, offset) + 1, offset - line_start + 1
+
+
+def _skip_block_comment(sql: str, i: int) -> int:
+    depth, n = 0, len(sql)
+    while i < n:
+        if sql.startswith("/*", i):
+            depth, i = depth + 1, i + 2
+        elif sql.startswith("*/", i):
+            depth, i = depth - 1, i + 2
+            if depth == 0:
+                return i
+        else:
+            i += 1
+    return n
+
+
+def _skip_quoted(sql: str, i: int, quote: str, *, backslash: bool = False) -> int:
+    """Past the literal or identifier opening at ``i`` (doubled quotes inside; backslash escapes in E'')."""
+    i, n = i + 1, len(sql)
+    while i < n:
+        ch = sql[i]
+        if backslash and ch == "\\":
+            i += 2
+        elif ch == quote:
+            if i + 1 < n and sql[i + 1] == quote:
+                i += 2
+            else:
+                return i + 1
+        else:
+            i += 1
+    return n
+
+
+def _transaction_control(words: Sequence[str]) -> str | None:
+    """The statement's leading keywords when they end or start a transaction, else None."""
+    if not words:
+        return None
+    head = words[0]
+    if head in ("BEGIN", "COMMIT", "END", "ABORT"):
+        return " ".join(words[:2]) if head == "COMMIT" and words[1:2] == ["PREPARED"] else head
+    if head == "START" and words[1:2] == ["TRANSACTION"]:
+        return "START TRANSACTION"
+    if head == "PREPARE" and words[1:2] == ["TRANSACTION"]:
+        return "PREPARE TRANSACTION"
+    if head == "ROLLBACK":
+        rest = words[1:]
+        if rest[:1] in (["WORK"], ["TRANSACTION"]):
+            rest = rest[1:]
+        if rest[:1] == ["TO"]:
+            return None  # ROLLBACK TO SAVEPOINT stays inside the transaction
+        return "ROLLBACK PREPARED" if rest[:1] == ["PREPARED"] else "ROLLBACK"
+    return None
+
+
+def find_transaction_control(sql: str) -> list[TransactionControl]:
+    """Every top-level statement of ``sql`` that ends or starts a transaction (``COMMIT``, ``BEGIN`` …).
+
+    A small lexer, not a parser: it skips ``--`` and nested ``/* */``
+    comments, '…' and E'…' literals, "quoted identifiers" and $tag$ dollar
+    quotes (so plpgsql ``BEGIN … END`` bodies and the words inside strings
+    or identifiers never count), splits statements at top-level semicolons,
+    and keeps the semicolons of a ``CREATE FUNCTION|PROCEDURE … BEGIN ATOMIC
+    … END`` body inside that statement (as psql does). ``SAVEPOINT``,
+    ``RELEASE`` and ``ROLLBACK TO`` stay inside the transaction and pass.
+    """
+    found: list[TransactionControl] = []
+    words: list[str] = []
+    start = -1
+    parens = begins = 0
+    i, n = 0, len(sql)
+
+    def finish() -> None:
+        statement = _transaction_control(words)
+        if statement is not None:
+            line, column = line_and_column(sql, start)
+            found.append(TransactionControl(line, column, statement))
+
+    while i < n:
+        ch = sql[i]
+        if ch.isspace():
+            i += 1
+            continue
+        if sql.startswith("--", i):
+            newline = sql.find("\n", i)
+            i = n if newline < 0 else newline + 1
+            continue
+        if sql.startswith("/*", i):
+            i = _skip_block_comment(sql, i)
+            continue
+        if start < 0:
+            start = i
+        if ch == ";":
+            if parens == 0 and begins == 0:
+                finish()
+                words, start = [], -1
+            i += 1
+        elif ch in "'\"":
+            i = _skip_quoted(sql, i, ch)
+        elif ch == "$":
+            dollar = _DOLLAR.match(sql, i)
+            if dollar is None:
+                i += 1  # $1 and the like
+            else:
+                close = sql.find(dollar.group(), dollar.end())
+                i = n if close < 0 else close + len(dollar.group())
+        elif ch == "(":
+            parens, i = parens + 1, i + 1
+        elif ch == ")":
+            parens, i = max(0, parens - 1), i + 1
+        elif (number := _NUMBER.match(sql, i)) is not None:
+            i = number.end()
+        elif (word := _WORD.match(sql, i)) is not None:
+            i = word.end()
+            text = word.group()
+            if text in ("E", "e") and i < n and sql[i] == "'":
+                i = _skip_quoted(sql, i, "'", backslash=True)
+                continue
+            upper = text.upper()
+            if len(words) < 4:
+                words.append(upper)
+            heads = [w for w in words[:4] if w not in ("OR", "REPLACE")][:2]
+            if tuple(heads) in _ROUTINE_HEADS and parens == 0:
+                if upper == "BEGIN" or (upper == "CASE" and begins > 0):
+                    begins += 1
+                elif upper == "END" and begins > 0:
+                    begins -= 1
+        else:
+            i += 1
+    if start >= 0:
+        finish()
+    return found
+
+
+def transaction_control_problem(migration: MigrationFile, sql: str) -> str | None:
+    """The sentence refusing ``migration`` when ``sql`` (its text) ends its own transaction, else None."""
+    found = find_transaction_control(sql)
+    if not found:
+        return None
+    where = "; ".join(f.describe() for f in found)
+    return (
+        f"{migration.path} controls its own transaction ({where}); a migration runs in one transaction "
+        "together with its ledger row, so it must not BEGIN, COMMIT, ROLLBACK, END, ABORT or PREPARE "
+        "TRANSACTION. Remove those statements (split the file into several migrations if it needs several "
+        "transactions)"
+    )
 
 
 # --- the ledger ---------------------------------------------------------------------------
@@ -280,7 +480,9 @@ def validate(files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigrati
     * ``edited``: an applied file's checksum differs from the ledger's;
     * ``missing``: the ledger has a version with no file;
     * ``gap``: a version between the lowest and the highest is neither a file nor in the ledger;
-    * ``out_of_order``: a file is pending but a later version is already applied.
+    * ``out_of_order``: a file is pending but a later version is already applied;
+    * ``transaction_control``: a pending file ends or starts its own transaction
+      (a top-level ``COMMIT``, ``ROLLBACK``, ``BEGIN`` …, see `find_transaction_control`).
     """
     problems: list[Problem] = []
     by_version = {f.version: f for f in files}
@@ -316,6 +518,15 @@ def validate(files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigrati
                     "versions are consecutive",
                 )
             )
+    for file in files:
+        if file.version in ledger:
+            continue
+        try:
+            refusal = transaction_control_problem(file, file.sql())
+        except (OSError, UnicodeDecodeError):
+            continue  # apply_migration reports an unreadable file when it gets there
+        if refusal is not None:
+            problems.append(Problem("transaction_control", file.version, refusal))
     latest = max(ledger, default=0)
     for file in files:
         if file.version not in ledger and file.version < latest:
@@ -336,7 +547,11 @@ def pending(
     problems = validate(files, ledger)
     if problems:
         raise MigrationValidationError(
-            "the migrations do not match the ledger, so nothing was applied: "
+            (
+                "the migrations do not match the ledger, so nothing was applied: "
+                if any(p.kind != "transaction_control" for p in problems)
+                else "nothing was applied: "
+            )
             + "; ".join(p.message for p in problems)
             + ". Run `precog-db migrate validate` for the list"
         )
@@ -450,7 +665,15 @@ def migration_lock(
 
 
 def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str | None = None) -> AppliedMigration:
-    """Run one file and record it, in one transaction. Raises `MigrationError` naming the file on failure."""
+    """Run one file and record it, in one transaction. Raises `MigrationError` naming the file on failure.
+
+    A file that ends or starts its own transaction is refused before it
+    runs (`find_transaction_control`); and whatever the file did, the ledger
+    row is written only if the connection is still inside the very
+    transaction the file started in (same transaction id, still in a
+    transaction block), so a file is never recorded as applied when part of
+    it was rolled back or committed on its own.
+    """
     try:
         raw = migration.path.read_bytes()
     except OSError as exc:
@@ -460,11 +683,23 @@ def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str
             f"{migration.path} changed while migrating; nothing of it was applied, run migrate up again"
         )
     body = _normalised(raw).decode("utf-8")
+    refusal = transaction_control_problem(migration, body)
+    if refusal is not None:
+        raise MigrationValidationError(f"{refusal}; nothing of it was applied")
     started = time.monotonic()
     try:
         with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            before = _transaction_id(cur)
             if body.strip():
                 cur.execute(body.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
+            status = conn.info.transaction_status
+            if status != TransactionStatus.INTRANS or _transaction_id(cur) != before:
+                raise MigrationError(
+                    f"{migration.path} ended the migration's transaction itself, so it was NOT recorded as "
+                    "applied: the statements before that point were committed or rolled back by the file, and "
+                    "any after it may have been committed on their own. Check the database by hand, remove the "
+                    "transaction control from the file, and run migrate up again"
+                )
             duration_ms = int((time.monotonic() - started) * 1000)
             cur.execute(
                 f"INSERT INTO {LEDGER} (version, name, checksum, kind, applied_by, duration_ms) "
@@ -479,19 +714,36 @@ def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str
                 f"{migration.filename}: the connection was lost while applying it; PostgreSQL rolled the file "
                 "back, so run migrate up again"
             ) from None
-        raise MigrationError(f"{migration.filename} failed and was rolled back: {_describe(exc)}") from None
+        raise MigrationError(f"{migration.filename} failed and was rolled back: {_describe(exc, body)}") from None
     assert row is not None
     return _applied(row)
 
 
-def _describe(exc: psycopg.Error) -> str:
+def _transaction_id(cur: psycopg.Cursor[Any]) -> int:
+    """The current top-level transaction id (assigning one: the file is about to write the ledger anyway)."""
+    cur.execute("SELECT txid_current()")
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _describe(exc: psycopg.Error, body: str | None = None) -> str:
+    """The server's message, with its error position as a line and column of the file when it has one."""
     diag = exc.diag
     message = diag.message_primary or str(exc).strip().splitlines()[0]
     where = f" (SQLSTATE {diag.sqlstate})" if diag.sqlstate else ""
     hint = f"; hint: {diag.message_hint}" if diag.message_hint else ""
     position = ""
     if diag.statement_position:
-        position = f" at character {diag.statement_position}"
+        try:
+            offset = int(diag.statement_position) - 1  # 1-based characters into the statement sent
+        except ValueError:
+            offset = -1
+        if body is not None and 0 <= offset <= len(body):
+            line, column = line_and_column(body, offset)
+            position = f" at line {line}, column {column}"
+        else:
+            position = f" at character {diag.statement_position}"
     return f"{message}{position}{where}{hint}"
 
 

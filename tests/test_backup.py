@@ -5,14 +5,29 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
-from conftest import Server
+from conftest import Server, start_throwaway_cluster
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
-from precog_db.backup import BackupError, backup, find_tool, prune, restore, retention, verify
+from precog_db.backup import (
+    BackupError,
+    archive_name,
+    archive_prefix,
+    backup,
+    find_tool,
+    prune,
+    restore,
+    retention,
+    tool_connection_args,
+    verify,
+)
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 from precog_db.stamp import read_stamp
@@ -46,7 +61,8 @@ class TestBackup:
         data = result.json()
         path = Path(data["path"])
         assert path.parent == Path("backups") / "dev"
-        assert path.name.startswith(settings.dbname + "-") and path.name.endswith("Z.dump")
+        assert path.name.startswith(f"{settings.dbname}@{settings.host}-{settings.port}-")
+        assert path.name.endswith("Z.dump")
         assert data["verified"] is True and data["entries"] > 0
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert not list(path.parent.glob("*.partial"))
@@ -65,19 +81,21 @@ class TestBackup:
         folder = ws.root / "backups" / "dev"
         folder.mkdir(parents=True)
         settings = ws.databases["dev"]
-        old = [folder / f"{settings.dbname}-2020010{i}T000000.000Z.dump" for i in range(1, 5)]
+        old = [folder / archive_name(settings, datetime(2020, 1, i, tzinfo=UTC)) for i in range(1, 5)]
         for path in old:
             path.write_bytes(b"old")
-        other = folder / "other_db-20200101T000000.000Z.dump"
+        other = folder / archive_name(settings.replace(dbname="other_db"), datetime(2020, 1, 1, tzinfo=UTC))
         other.write_bytes(b"keep me")
+        legacy = folder / f"{settings.dbname}-20200101T000000.000Z.dump"  # the earlier naming: server unknown
+        legacy.write_bytes(b"keep me")
         notes = folder / "README.txt"
         notes.write_text("keep me")
         result = ws.run("--env", "dev", "backup", "--keep", "2")
         assert result.code == 0, result.err
         remaining = sorted(p.name for p in folder.iterdir())
         assert old[-1].name in remaining and all(p.name not in remaining for p in old[:-1])
-        assert other.name in remaining and notes.name in remaining
-        assert len([n for n in remaining if n.startswith(settings.dbname)]) == 2
+        assert other.name in remaining and notes.name in remaining and legacy.name in remaining
+        assert len([n for n in remaining if n.startswith(archive_prefix(settings))]) == 2
         assert "pruned 3 old dump(s)" in result.out
 
     def test_failed_dump_leaves_no_file_and_one_line(self, ws: Workspace) -> None:
@@ -125,13 +143,14 @@ class TestBackup:
         monkeypatch.setenv("PRECOG_BACKUP_KEEP", "3")
         assert retention() == 3
 
-    def test_prune_keeps_newest(self, tmp_path: Path) -> None:
+    def test_prune_keeps_newest(self, tmp_path: Path, pg_server: Server) -> None:
         """prune sorts by the timestamp in the name and deletes the oldest."""
-        names = [f"db-2024010{i}T000000.000Z.dump" for i in (3, 1, 2)]
+        settings = pg_server.settings("db")
+        names = [archive_name(settings, datetime(2024, 1, day, tzinfo=UTC)) for day in (3, 1, 2)]
         for n in names:
             (tmp_path / n).write_text("x")
-        gone = prune(tmp_path, "db", 1)
-        assert sorted(p.name for p in gone) == ["db-20240101T000000.000Z.dump", "db-20240102T000000.000Z.dump"]
+        gone = prune(tmp_path, settings, 1)
+        assert sorted(p.name for p in gone) == sorted(names[1:])
 
     def test_password_goes_through_the_environment_not_argv(self, ws: Workspace, tmp_path: Path) -> None:
         """pg_dump gets the password as PGPASSWORD, never on its command line."""
@@ -227,3 +246,115 @@ class TestRestore:
         result = ws.run("--env", "dev", "--yes", "restore", "nope.dump")
         assert result.code == 1
         assert "nope.dump does not exist" in result.err
+
+
+class TestDatabaseNames:
+    """Database names are names: never a connection string to the tools, never a path out of the directory."""
+
+    def test_restore_into_a_database_named_dbname_x_never_touches_database_x(self, ws: Workspace) -> None:
+        """Restoring into a dev database literally named ``dbname=x`` restores there, not into prod-stamped x."""
+        x = f"x_{uuid.uuid4().hex[:8]}"
+        ws.add("prod", dbname=x)
+        fill(ws, "prod", rows=4)
+        ws.add("test")
+        fill(ws, "test", rows=0)
+        empty = backup(ws.databases["test"], server_major=server_major(ws), root=ws.root / "b")
+        odd = ws.add("dev", dbname=f"dbname={x}")
+        result = ws.run("--env", "dev", "--yes", "restore", str(empty.path))
+        assert result.code == 0, result.err
+        assert ws.query("prod", "SELECT count(*) FROM markets") == [(4,)]
+        with ws.monkeypatch.context() as m:
+            m.setenv("PRECOG_PROD_CONFIRMED", "yes")
+            stamp = read_stamp(ws.databases["prod"])
+        assert stamp is not None and stamp.env is Environment.PROD and stamp.dbname == x and not stamp.is_copy
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(0,)]
+        restamped = read_stamp(odd)
+        assert restamped is not None and restamped.env is Environment.DEV and not restamped.is_copy
+
+    def test_backup_of_a_database_named_dbname_x_dumps_that_database(self, ws: Workspace) -> None:
+        """pg_dump of a database literally named ``dbname=x`` dumps that database, not prod-stamped x."""
+        x = f"x_{uuid.uuid4().hex[:8]}"
+        ws.add("prod", dbname=x)
+        fill(ws, "prod", rows=4)
+        named = ws.add("dev", dbname=f"dbname={x}")
+        with ws.server.connect(named.dbname) as conn:
+            conn.execute("CREATE TABLE only_in_the_odd_one (id int)")
+        made = backup(named, server_major=server_major(ws), root=ws.root / "b")
+        listing = subprocess.run(
+            [str(made.tool.with_name("pg_restore")), "--list", str(made.path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "only_in_the_odd_one" in listing and "markets" not in listing
+
+    @pytest.mark.parametrize("shape", ["../../esc_{}", "/tmp/esc_{}", "a/b/{}", ".{}"])
+    def test_dump_file_stays_in_the_backup_directory(self, ws: Workspace, shape: str) -> None:
+        """Whatever the database name (``../..``, absolute, slashes, a leading dot) the dump lands in <dir>/<env>/."""
+        name = shape.format(uuid.uuid4().hex[:8])
+        settings = ws.add("dev", dbname=name)
+        made = backup(settings, server_major=server_major(ws), root=ws.root / "b")
+        try:
+            folder = (ws.root / "b" / "dev").resolve()
+            assert made.path.resolve().parent == folder
+            assert not made.path.name.startswith(".")
+            assert [p.resolve() for p in ws.root.rglob("*.dump")] == [made.path.resolve()]
+            assert verify(made.path, settings, tool=made.tool.with_name("pg_restore"), expect_dbname=name) > 0
+        finally:
+            if made.path.resolve().parent != (ws.root / "b" / "dev").resolve():
+                made.path.unlink(missing_ok=True)  # the unfixed code wrote it elsewhere: do not leave it there
+
+    def test_tool_connection_args_quote_every_value_and_keep_the_password_out(
+        self, pg_server: Server, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The tools get one --dbname conninfo whose dbname is the literal name; the password only as PGPASSWORD."""
+        monkeypatch.setenv("PGHOST", "elsewhere.invalid")
+        monkeypatch.setenv("PGSERVICE", "other")
+        name = "dbname=x host=elsewhere.invalid user=mallory"
+        args, env = tool_connection_args(pg_server.settings(name, password=SENTINEL))
+        assert args[0].startswith("--dbname=") and "--no-password" in args
+        params = conninfo_to_dict(args[0].removeprefix("--dbname="))
+        assert (params["dbname"], params["host"], params["port"]) == (name, pg_server.host, str(pg_server.port))
+        assert "password" not in params and SENTINEL not in " ".join(args)
+        assert env["PGPASSWORD"] == SENTINEL
+        assert sorted(k for k in env if k.startswith("PG")) == ["PGPASSWORD"]
+
+    def test_different_names_that_reduce_alike_get_different_prefixes(self, pg_server: Server) -> None:
+        """Two names that reduce to the same safe characters (``a/b``, ``a_b``) never share a dump prefix."""
+        assert archive_prefix(pg_server.settings("a/b")) != archive_prefix(pg_server.settings("a_b"))
+
+
+@pytest.fixture(scope="module")
+def second_server() -> Iterator[Server]:
+    """A second throwaway cluster on its own port (a shard or DR server of the same database names)."""
+    cluster = start_throwaway_cluster()
+    try:
+        yield Server(host=cluster.host, port=cluster.port, user="postgres", password="", admin_db="postgres")
+    finally:
+        cluster.destroy()
+
+
+class TestRetentionPerServer:
+    def test_same_named_databases_on_two_servers_do_not_prune_each_other(
+        self, pg_server: Server, second_server: Server, tmp_path: Path
+    ) -> None:
+        """Retention keys on host, port and name: a dump of db on server B survives keep=1 backups of db on A."""
+        assert (pg_server.host, pg_server.port) != (second_server.host, second_server.port)
+        name = f"shard_{uuid.uuid4().hex[:8]}"
+        first, second = pg_server.settings(name, env=Environment.DEV), second_server.settings(name, env=Environment.DEV)
+        for server in (pg_server, second_server):
+            server.fresh_database(name)
+        try:
+            with pg_server.connect() as conn:
+                major = conn.info.server_version // 10000
+            root = tmp_path / "b"
+            b1 = backup(second, server_major=major, root=root, keep=1)
+            a1 = backup(first, server_major=major, root=root, keep=1)
+            a2 = backup(first, server_major=major, root=root, keep=1)
+            b2 = backup(second, server_major=major, root=root, keep=1)
+            assert a2.pruned == (a1.path,) and b2.pruned == (b1.path,)
+            assert sorted(p.name for p in (root / "dev").iterdir()) == sorted([a2.path.name, b2.path.name])
+        finally:
+            for server in (pg_server, second_server):
+                with server.connect() as conn:
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -292,7 +292,7 @@ class TestLocalAndMakefile:
             assert "1 applied, 0 pending" in status.stdout
             backup = make("backup")
             assert backup.returncode == 0, backup.stderr
-            assert len(list((tmp_path / "backups" / "dev").glob("precog_dev-*.dump"))) == 1
+            assert len(list((tmp_path / "backups" / "dev").glob("precog_dev@*.dump"))) == 1
             url = console_script(["--env", "test", "local", "url"], cwd=tmp_path)
             assert url.code == 0 and url.out.strip().endswith("/precog_test")
             refused = console_script(["local", "url", "--env", "prod"], cwd=tmp_path)

@@ -14,9 +14,10 @@ import pytest
 from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from conftest import Server
 
+from precog_db import migrations
 from precog_db.backup import find_tool
 from precog_db.errors import ConfigurationError
-from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
+from precog_db.migrations import LOCK_KEY, MigrationError, checksum_of, discover, new_migration
 
 MARKETS = "CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);\n"
 TRADES = "CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets, note text DEFAULT '100%');\n"
@@ -421,7 +422,7 @@ class TestProduction:
             result = prod.run("--env", "prod", "migrate", "up", stdin=stdin)
         assert result.code == 0, result.err
         assert "PRODUCTION" in result.err
-        dumps = sorted((prod.root / "backups" / "prod").glob(f"{name}-*.dump"))
+        dumps = sorted((prod.root / "backups" / "prod").glob(f"{name}@*.dump"))
         assert len(dumps) == 1
         with prod.server.connect(name) as conn:
             server_major = conn.info.server_version // 10000
@@ -494,3 +495,119 @@ def test_psycopg_runs_a_multi_statement_file(ws: Workspace) -> None:
             "INSERT INTO precog_meta.schema_migrations (version, name, checksum, applied_by) "
             "VALUES (1, 'again', 'x', 'me')"
         )
+
+
+class TestLedgerTellsTheTruth:
+    """A file is recorded as applied only when all of it ran inside the migration's own transaction."""
+
+    def test_file_that_rolls_back_is_refused_before_anything_runs(self, ws: Workspace) -> None:
+        """``CREATE TABLE r1 …; ROLLBACK;`` is refused naming the file and line; nothing runs, nothing is recorded."""
+        ws.add("test")
+        ws.write_migration("0001_create_markets.sql", MARKETS)
+        ws.write_migration("0002_rolls_back.sql", "-- a comment\nCREATE TABLE r1 (id int);\nROLLBACK;\n")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert "0002_rolls_back.sql controls its own transaction (line 3: ROLLBACK)" in result.err
+        assert ws.ledger("test") == []
+        assert not ws.has_table("test", "r1") and not ws.has_table("test", "markets")
+        status = ws.run("--env", "test", "--json", "migrate", "status")
+        states = {row["version"]: row["state"] for row in status.json()["migrations"]}
+        assert states == {1: "pending", 2: "ENDS ITS TRANSACTION"}
+
+    @pytest.mark.parametrize(
+        ("statement", "named"),
+        [
+            ("COMMIT", "COMMIT"),
+            ("commit and chain", "COMMIT"),
+            ("BEGIN", "BEGIN"),
+            ("begin isolation level serializable", "BEGIN"),
+            ("START TRANSACTION", "START TRANSACTION"),
+            ("END", "END"),
+            ("ABORT", "ABORT"),
+            ("ROLLBACK WORK", "ROLLBACK"),
+            ("PREPARE TRANSACTION 'p1'", "PREPARE TRANSACTION"),
+            ("COMMIT PREPARED 'p1'", "COMMIT PREPARED"),
+            ("ROLLBACK PREPARED 'p1'", "ROLLBACK PREPARED"),
+        ],
+    )
+    def test_every_transaction_control_statement_is_refused(self, ws: Workspace, statement: str, named: str) -> None:
+        """Each top-level statement that ends or starts a transaction is refused with its line; nothing runs."""
+        ws.add("test")
+        ws.write_migration("0001_ctl.sql", f"CREATE TABLE before_it (id int);\n\n  {statement};\nSELECT 1;\n")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert f"0001_ctl.sql controls its own transaction (line 3: {named})" in result.err
+        assert ws.ledger("test") == []
+        assert not ws.has_table("test", "before_it")
+
+    def test_the_words_inside_bodies_literals_comments_and_identifiers_still_run(self, ws: Workspace) -> None:
+        """plpgsql BEGIN…END, BEGIN ATOMIC bodies, "commit" identifiers, literals, comments and savepoints apply."""
+        ws.add("test")
+        body = (
+            'CREATE TABLE "commit" ("rollback" text);\n'
+            "INSERT INTO \"commit\" VALUES ('COMMIT; ROLLBACK;'), (E'it\\'s; END;'), ($q$BEGIN; ABORT;$q$);\n"
+            "-- COMMIT;\n"
+            "/* ROLLBACK; /* nested */ END; */\n"
+            "CREATE FUNCTION bump() RETURNS trigger LANGUAGE plpgsql AS $$\n"
+            "BEGIN\n  IF NEW.rollback IS NULL THEN NEW.rollback := 'x'; END IF;\n  RETURN NEW;\nEND;\n$$;\n"
+            "CREATE FUNCTION sign_of(a int) RETURNS int LANGUAGE sql\n"
+            "BEGIN ATOMIC\n  SELECT CASE WHEN a > 0 THEN 1 ELSE 0 END;\nEND;\n"
+            "SAVEPOINT s1;\nINSERT INTO \"commit\" VALUES ('gone');\nROLLBACK TO SAVEPOINT s1;\nRELEASE s1;\n"
+            "DO $$ BEGIN PERFORM 1; END $$;\n"
+        )
+        ws.write_migration("0001_tricky.sql", body)
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 0, result.err
+        assert [v for v, _ in ws.ledger("test")] == [1]
+        assert ws.query("test", 'SELECT count(*) FROM "commit"') == [(3,)]
+        assert ws.query("test", "SELECT sign_of(5)") == [(1,)]
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            "CREATE TABLE r1 (id int);\nROLLBACK;\nCREATE TABLE r2 (id int);\n",
+            "CREATE TABLE r1 (id int);\nCOMMIT AND CHAIN;\nCREATE TABLE r2 (id int);\n",
+        ],
+    )
+    def test_a_file_that_slips_past_the_lexer_is_still_never_recorded(
+        self, ws: Workspace, monkeypatch: pytest.MonkeyPatch, body: str
+    ) -> None:
+        """With the up-front check disabled, a file that ended its transaction is caught after it ran, not recorded."""
+        settings = ws.add("test")
+        ws.write_migration("0001_sneaky.sql", body)
+        monkeypatch.setattr(migrations, "find_transaction_control", lambda sql: [], raising=False)
+        with ws.server.connect(settings.dbname) as conn:
+            migrations.ensure_ledger(conn)
+            (migration,) = discover(ws.root / "migrations")
+            with pytest.raises(MigrationError, match=r"0001_sneaky\.sql ended the migration's transaction itself"):
+                migrations.apply_migration(conn, migration)
+        assert ws.ledger("test") == []
+
+    def test_dangling_symlink_is_an_error(self, ws: Workspace) -> None:
+        """A .sql symbolic link whose target is gone is an error naming it, for discover and for migrate up."""
+        ws.add("test")
+        ws.write_migration("0001_create_markets.sql", MARKETS)
+        link = ws.root / "migrations" / "0002_gone.sql"
+        link.symlink_to(ws.root / "elsewhere" / "0002_gone.sql")
+        with pytest.raises(ConfigurationError, match=r"0002_gone\.sql is a symbolic link to .* which does not exist"):
+            discover(ws.root / "migrations")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1 and "0002_gone.sql is a symbolic link" in result.err
+        assert ws.ledger("test") == []
+
+    def test_a_directory_named_like_a_migration_is_an_error(self, tmp_path: Path) -> None:
+        """A directory called 0001_x.sql is reported rather than silently skipped."""
+        (tmp_path / "m" / "0001_x.sql").mkdir(parents=True)
+        with pytest.raises(ConfigurationError, match=r"0001_x\.sql is not a regular file"):
+            discover(tmp_path / "m")
+
+    def test_a_failing_statement_is_reported_by_line_and_column_of_the_file(self, ws: Workspace) -> None:
+        """The server's error position becomes the line and column in the file, not a character offset."""
+        ws.add("test")
+        ws.write_migration(
+            "0001_typo.sql", "-- ünïcode comment\nCREATE TABLE ok (id int);\n\nSELECT id,\n       nosuchcol FROM ok;\n"
+        )
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert 'column "nosuchcol" does not exist at line 5, column 8' in result.err
+        assert "at character" not in result.err
