@@ -44,8 +44,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from psycopg.conninfo import make_conninfo
-
+from precog_db.connection import tool_connection_args
 from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError, PrecogDBError
@@ -194,25 +193,6 @@ def find_tool(name: str, server_major: int) -> Path:
     )
 
 
-def tool_connection_args(settings: DatabaseSettings) -> tuple[list[str], dict[str, str]]:
-    """The ``--dbname=<conninfo>`` argument and the environment that point a PostgreSQL tool at ``settings``.
-
-    Every connection parameter is a quoted value inside one conninfo string
-    (``psycopg.conninfo.make_conninfo``), so a database name such as
-    ``dbname=x`` or ``postgresql://…`` is a name and never expanded as a
-    connection string by libpq. The password is not in it: it travels only as
-    ``PGPASSWORD`` in the returned environment, from which every other
-    ``PG*`` variable is removed (none of them may redirect the tool).
-    """
-    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
-    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
-    params["application_name"] = f"{settings.application_name} backup".strip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if settings.password:
-        env["PGPASSWORD"] = settings.password
-    return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
-
-
 def _scrub(text: str, settings: DatabaseSettings) -> str:
     if settings.password:
         text = text.replace(settings.password, "***")
@@ -235,7 +215,7 @@ def _run(
     at all (``pg_restore --list`` reads only the file).
     """
     if connect:
-        args, environ = tool_connection_args(settings)
+        args, environ = tool_connection_args(settings, operation=f"run {what}")
         argv = [argv[0], *args, *argv[1:]]
     else:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}

@@ -53,7 +53,7 @@ __all__ = [
     "gate_allows",
     "prepare",
     "reply_timeout",
-    "tool_conninfo",
+    "tool_connection_args",
 ]
 
 #: Grace added to the statement timeout when DB_TCP_USER_TIMEOUT is 0 (the OS default).
@@ -260,19 +260,30 @@ def connect(
     )
 
 
-def tool_conninfo(settings: DatabaseSettings, *, operation: str, prod_confirmed: bool | None = None) -> str:
-    """A libpq connection string for ``pg_dump`` / ``pg_restore`` / ``psql``, after `check_target`.
+def tool_connection_args(
+    settings: DatabaseSettings, *, operation: str = "run a PostgreSQL tool", prod_confirmed: bool | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The ``--dbname=<conninfo>`` argument and the environment that point ``pg_dump`` / ``pg_restore`` at ``settings``.
 
-    Every value is quoted by psycopg, so a database named ``dbname=x`` or
-    ``postgresql://…`` is a name, never expanded as a connection string. The
-    password is left out: pass it in the child's environment as ``PGPASSWORD``.
+    `check_target` runs first. Every connection parameter is a quoted value
+    inside one conninfo string (``psycopg.conninfo.make_conninfo``), so a
+    database name such as ``dbname=x`` or ``postgresql://…`` is a name and never
+    expanded as a connection string by libpq. The password is not in it: it
+    travels only as ``PGPASSWORD`` in the returned environment, from which
+    every other ``PG*`` variable is removed (none of them may redirect the tool).
     """
+    import os
+
     from psycopg.conninfo import make_conninfo
 
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
-    kwargs = settings.connect_kwargs()
-    kwargs.pop("password", None)
-    return make_conninfo("", **{k: str(v) for k, v in kwargs.items()})
+    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
+    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
+    params["application_name"] = f"{settings.application_name} backup".strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if settings.password:
+        env["PGPASSWORD"] = settings.password
+    return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
 
 
 def _scrub(message: str, settings: DatabaseSettings) -> str:
