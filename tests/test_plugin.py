@@ -157,9 +157,11 @@ class TestGuard:
         self, pytester: pytest.Pytester, run: Run, pg_server: Server, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """A test-named database stamped prod is refused, naming the stamp."""
-        monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
-        stamp_database("prod", settings=pg_server.settings(DB, env=Environment.PROD))
-        monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        # No DatabaseSettings can say prod for a test-named database any more (the naming
+        # rule), so the prod stamp is written behind the library's back, as a restore would.
+        stamp_database("test", settings=pg_server.settings(DB))
+        with pg_server.connect(DB) as conn:
+            conn.execute("UPDATE precog_meta.stamp SET env = 'prod'")
         self._refused(pytester, run, "stamped prod", "resolved environment test")
 
     def test_guard_sees_fixtures_used_indirectly(

@@ -234,10 +234,10 @@ class TestCheckedAtPoolOpen:
         assert active_pool() is None
 
     def test_checked_once_per_pool_not_per_checkout(self, pg_server: Server) -> None:
-        """The stamp is read when the pool opens; checkouts do not re-read it, the next pool does."""
+        """The stamp is read when a connection opens; checkouts do not re-read it, the next pool does."""
         db = fresh(pg_server)
         stamp_database("test", settings=pg_server.settings(db))
-        initialize_pool(settings=pg_server.settings(db))
+        initialize_pool(settings=pg_server.settings(db)).wait(timeout=10)  # its connection opened and checked
         stamp_database("dev", force=True, settings=pg_server.settings(db, env=Environment.DEV))
         with get_cursor() as cur:
             cur.execute("SELECT 1 AS one")
