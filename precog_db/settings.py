@@ -149,10 +149,19 @@ class DatabaseSettings:
             )
         if isinstance(changes.get("password"), str):
             changes["password"] = Secret(changes["password"])  # masked in this frame's locals
-        parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
-        origins = dict(self.origins)
-        origins.update({k: "argument" for k in changes})
-        return replace(self, origins=origins, **parsed)
+        try:
+            parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
+            origins = dict(self.origins)
+            origins.update({k: "argument" for k in changes})
+            return replace(self, origins=origins, **parsed)
+        except ConfigurationError as exc:
+            error = exc
+        # As in load_settings: re-raised from here with a fresh traceback and the raw values dropped,
+        # so tracebacks that render frame locals show none of them (a password pasted into port=).
+        changes.clear()
+        parsed = {}
+        error.__traceback__ = None
+        raise error
 
 
 # --- field specifications -------------------------------------------------------
