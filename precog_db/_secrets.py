@@ -57,7 +57,10 @@ _SECRET_PARAMS = frozenset({"password", "sslpassword", "oauth_client_secret", "s
 
 # password=... in free text: single-quoted (an unterminated quote runs to the
 # end), or unquoted with backslash escapes (libpq reads ``ab\ cd`` as "ab cd").
-_KV_SECRET = re.compile(r"(?i)\b((?:ssl)?password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*(?:'|\\?$)|(?:\\.|\\$|[^\s\\])+)")
+_KV_SECRET = re.compile(
+    r"(?i)\b((?:ssl)?password|passwd|pwd|oauth_client_secret|scram_(?:client|server)_key)\s*=\s*"
+    r"('(?:[^'\\]|\\.)*(?:'|\\?$)|(?:\\.|\\$|[^\s\\])+)"
+)
 # scheme://user:secret@host, the user name possibly empty.
 _URL_SECRET = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]*:)([^@\s]+)(@)")
 # Where a PostgreSQL URL starts (libpq's prefixes are case-sensitive; a

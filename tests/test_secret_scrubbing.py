@@ -133,6 +133,16 @@ class TestFreeText:
         assert scrub_text(f"postgresql://:{PW}@h/db failed") == "postgresql://:***@h/db failed"
         assert scrub_text(f"bad password=ab\\ {PW} here") == "bad password=*** here"
 
+    def test_every_libpq_secret_parameter_is_masked(self) -> None:
+        """sslpassword, oauth_client_secret and the SCRAM keys are masked in free text and in parsed strings."""
+        from precog_db._secrets import scrub_argv, scrub_text
+
+        text = f"x sslpassword='{PW} y' oauth_client_secret={PW} scram_client_key={PW} pwd=a\\ {PW}"
+        assert PW not in scrub_text(text)
+        assert scrub_argv([f"host=h oauth_client_secret={PW} sslpassword={PW}"]) == [
+            "host=h oauth_client_secret=*** sslpassword=***"
+        ]
+
     def test_current_os_user_is_still_importable_from_guard(self) -> None:
         """`current_os_user` moved to _secrets; `precog_db.guard` re-exports the same function."""
         from precog_db._secrets import current_os_user
