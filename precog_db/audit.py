@@ -1,10 +1,11 @@
 """The audit log: one JSON line per operation on a database, and never a password.
 
 Entries are appended to ``PRECOG_AUDIT_LOG`` (default ``logs/audit.log``,
-relative to the current directory). Each entry records who (OS user), the machine, the pid, the
-command line, the environment, the database (host, port, name, role), the
-operation, the confirmation given, the outcome (``ok``, ``refused`` or
-``failed``) and the duration, plus operation-specific details.
+relative to the current directory). Each entry records who (OS user), the
+machine, the pid, the command line, the environment, the database (host,
+port, name, role), the operation, the confirmation given, the outcome
+(``ok``, ``refused`` or ``failed``) and the duration, plus
+operation-specific details.
 
 Who writes entries: the pool (every staging or prod pool open, and every
 refusal to open one), the gates (every gated destructive call and refusal)
@@ -307,8 +308,11 @@ def ensure_writable(path: Path | None = None) -> Path:
 
 
 def _unwritable(path: Path, exc: OSError) -> AuditLogError:
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename is not None and str(exc.filename) != str(path):
+        reason = f"{exc.filename}: {reason}"  # e.g. the lock file or a backup
     return AuditLogError(
-        f"cannot write the audit log {path} ({exc.strerror or type(exc).__name__}); make its directory "
+        f"cannot write the audit log {path} ({reason}); make its directory and files "
         f"writable or set {AUDIT_LOG_VAR} to a file this user may append to"
     )
 

@@ -309,6 +309,14 @@ class TestConcurrentWriters:
         audit.record("y", outcome="ok")  # released: writing works again
         assert [e["operation"] for e in audit.tail(5)] == ["y"]
 
+    def test_an_unusable_lock_file_is_named_in_the_error(self, tmp_path: Path) -> None:
+        """When <log>.lock cannot be opened, AuditLogError names the lock file rather than only the log."""
+        (tmp_path / "logs" / "audit.log.lock").mkdir(parents=True)
+        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock: Is a directory"):
+            audit.record("x", outcome="ok")
+        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock"):
+            audit.ensure_writable()
+
 
 class TestRotationSettings:
     def test_max_bytes_and_backups_come_from_the_environment(
