@@ -55,10 +55,10 @@ SECRET_KEY = re.compile(r"pass(word|wd)?|pwd|secret|token|api[_-]?key|credential
 #: libpq connection parameters that hold a secret (libpq also flags its own with display char ``*``).
 _SECRET_PARAMS = frozenset({"password", "sslpassword", "oauth_client_secret", "scram_client_key", "scram_server_key"})
 
-# password=... in free text: single-quoted (an unterminated quote runs to the
-# end), or unquoted with backslash escapes (libpq reads ``ab\ cd`` as "ab cd").
+# password=... in free text (also DB_PASSWORD=, PGPASSWORD=, sslpassword= …): single-quoted (an
+# unterminated quote runs to the end), or unquoted with backslash escapes (libpq reads ``ab\ cd`` as "ab cd").
 _KV_SECRET = re.compile(
-    r"(?i)\b((?:ssl)?password|passwd|pwd|oauth_client_secret|scram_(?:client|server)_key)\s*=\s*"
+    r"(?i)(\b(?:\w*?_|pg)?(?:(?:ssl)?password|passwd|pwd|oauth_client_secret|scram_(?:client|server)_key))\s*=\s*"
     r"('(?:[^'\\]|\\.)*(?:'|\\?$)|(?:\\.|\\$|[^\s\\])+)"
 )
 # scheme://user:secret@host, the user name possibly empty.

@@ -60,10 +60,12 @@ class TestArgvInTheAuditLog:
             ("postgresql://u@h/db", "postgresql://u@h/db"),
             (f"host=h port=5432 password='{PW} x' dbname=db", "host=h port=5432 password=*** dbname=db"),
             (f"password={PW}", "password=***"),
+            (f"PGPASSWORD={PW}", "PGPASSWORD=***"),
+            (f"DB_PASSWORD={PW}", "DB_PASSWORD=***"),
         ],
     )
     def test_connection_strings_are_parsed_and_re_emitted_masked(self, tmp_path: Path, given: str, logged: str) -> None:
-        """URLs (either scheme, with or without user, percent-encoded, IPv6, query password) and key=value strings."""
+        """URLs (either scheme, with or without user, percent-encoded, IPv6, query password), key=value, PGPASSWORD=."""
         text, argv = _logged_argv(tmp_path, "--database", given)
         assert PW not in text and PW_PCT not in text and PW_DECODED not in text
         assert argv[-1] == logged
