@@ -1,34 +1,45 @@
 """The audit log: one JSON line per operation on a database, and never a password.
 
-Entries are appended through a `logging.handlers.RotatingFileHandler` to
-``PRECOG_AUDIT_LOG`` (default ``logs/audit.log``, relative to the current
-directory). Each entry records who (OS user), the machine, the pid, the
-command line, the environment, the database (host, port, name, role), the
-operation, the confirmation given, the outcome (``ok``, ``refused`` or
-``failed``) and the duration, plus operation-specific details.
+Entries are appended to ``PRECOG_AUDIT_LOG`` (default ``logs/audit.log``,
+relative to the current directory). Each entry records who (OS user), the
+machine, the pid, the command line, the environment, the database (host,
+port, name, role), the operation, the confirmation given, the outcome
+(``ok``, ``refused`` or ``failed``) and the duration, plus
+operation-specific details.
 
 Who writes entries: the pool (every staging or prod pool open, and every
 refusal to open one), the gates (every gated destructive call and refusal)
 and the ``precog-db`` command line (every migration, backup, restore, stamp
 and refusal). Callers pass what they know explicitly; this module reads only
-``PRECOG_AUDIT_LOG``, so the pool and the gates can call it without an import
-loop.
+``PRECOG_AUDIT_LOG``, ``PRECOG_AUDIT_MAX_BYTES`` and ``PRECOG_AUDIT_BACKUPS``,
+so the pool and the gates can call it without an import loop.
 
-Secrets: every string is passed through `precog_db.log.redact` (which masks
-``password=…`` and ``user:secret@`` in connection strings), keys that look
-secret are masked, and the password of the settings given is replaced
-wherever it appears.
+Many processes may append at once (services, job runners, the CLI). Each
+entry is written under an exclusive `fcntl.flock` on the sidecar file
+``<log>.lock``: check the size, rotate if the entry would pass
+``PRECOG_AUDIT_MAX_BYTES`` (``audit.log`` → ``audit.log.1`` → … →
+``audit.log.<PRECOG_AUDIT_BACKUPS>``, the oldest dropped), then open the live
+file with ``O_APPEND`` and write the whole line with one ``write()``. No
+writer ever appends to a file another is renaming, so no entry is lost and
+no writer fails mid-rotation. The directory must be writable (rotation and
+the lock file need it).
+
+Secrets (`precog_db._secrets`): the command line is scrubbed by *parsing*
+each argument that is a connection string or URL and re-emitting it with the
+password masked (one that does not parse is masked whole); every other
+string has the settings' password replaced and passwords in connection
+strings masked; keys that look secret are masked whatever they hold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
-import logging
-import logging.handlers
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -37,37 +48,45 @@ from typing import Any
 
 import structlog
 
+from precog_db._secrets import current_os_user, scrub_argv, scrub_value
 from precog_db.environment import Environment
 from precog_db.errors import (
+    ConfigurationError,
     EnvironmentMismatchError,
     EnvironmentNotAllowedError,
     PrecogDBError,
     ProductionAccessError,
     UnstampedDatabaseError,
 )
-from precog_db.guard import current_os_user
-from precog_db.log import MASK, mask_secrets, redact
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
     "AUDIT_LOG_VAR",
+    "BACKUPS_VAR",
+    "MAX_BYTES_VAR",
     "AuditLogError",
+    "AuditSettingError",
     "audit_log_path",
     "command_line",
     "ensure_writable",
     "outcome_of",
     "record",
     "record_safely",
+    "rotation",
     "tail",
 ]
 
 log = structlog.get_logger("precog_db")
 
 AUDIT_LOG_VAR = "PRECOG_AUDIT_LOG"
+MAX_BYTES_VAR = "PRECOG_AUDIT_MAX_BYTES"
+BACKUPS_VAR = "PRECOG_AUDIT_BACKUPS"
 DEFAULT_PATH = Path("logs") / "audit.log"
-#: Rotate at 10 MiB, keep five old files (audit.log.1 … audit.log.5).
+#: Defaults: rotate at 10 MiB, keep five old files (audit.log.1 … audit.log.5).
 MAX_BYTES = 10 * 1024 * 1024
 BACKUP_COUNT = 5
+#: How long a writer waits for another process's lock before giving up (it is held for one append).
+LOCK_WAIT_S = 15.0
 
 OK = "ok"
 REFUSED = "refused"
@@ -81,11 +100,46 @@ class AuditLogError(PrecogDBError, OSError):
     """The audit log could not be written."""
 
 
+class AuditSettingError(AuditLogError, ConfigurationError):
+    """``PRECOG_AUDIT_MAX_BYTES`` or ``PRECOG_AUDIT_BACKUPS`` is invalid (so the audit log cannot be written)."""
+
+
 def audit_log_path(environ: Mapping[str, str] | None = None) -> Path:
     """Where entries go: ``PRECOG_AUDIT_LOG``, else ``logs/audit.log`` under the current directory."""
     env = os.environ if environ is None else environ
     configured = env.get(AUDIT_LOG_VAR, "").strip()
     return Path(configured) if configured else DEFAULT_PATH
+
+
+def _whole_number(environ: Mapping[str, str], var: str, default: int, minimum: int, meaning: str) -> int:
+    raw = environ.get(var, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        # The value itself is not echoed: a misplaced secret must not reach a message.
+        raise AuditSettingError(f"{var} is not a whole number >= {minimum}; set it to {meaning}, or unset it")
+    return value
+
+
+def rotation(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(max_bytes, backups)``: from ``PRECOG_AUDIT_MAX_BYTES`` / ``PRECOG_AUDIT_BACKUPS``, else the defaults.
+
+    ``max_bytes`` 0 turns rotation off. ``backups`` is at least 1: rotation
+    never simply truncates the audit log. Raises `AuditSettingError` for a
+    value that is not such a whole number.
+    """
+    env = os.environ if environ is None else environ
+    max_bytes = _whole_number(
+        env, MAX_BYTES_VAR, MAX_BYTES, 0, f"the size in bytes at which the log rotates (default {MAX_BYTES}; 0: never)"
+    )
+    backups = _whole_number(
+        env, BACKUPS_VAR, BACKUP_COUNT, 1, f"how many rotated files to keep (default {BACKUP_COUNT}; at least 1)"
+    )
+    return max_bytes, backups
 
 
 @contextlib.contextmanager
@@ -128,20 +182,6 @@ def was_recorded(exc: BaseException) -> bool:
     return bool(getattr(exc, _RECORDED, False))
 
 
-def _scrub(value: Any, secrets: Sequence[str]) -> Any:
-    if isinstance(value, str):
-        for secret in secrets:
-            value = value.replace(secret, MASK)
-        return redact(value)
-    if isinstance(value, Mapping):
-        return {str(k): _scrub(v, secrets) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [_scrub(v, secrets) for v in value]
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    return _scrub(str(value), secrets)
-
-
 def _database(settings: DatabaseSettings | None) -> dict[str, Any] | None:
     if settings is None:
         return None
@@ -167,7 +207,8 @@ def _entry(
         "who": current_os_user(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "argv": list(command),
+        # Parsed, not pattern-matched: connection strings and URLs lose their password.
+        "argv": scrub_argv(command),
         "environment": str(env.value if isinstance(env, Environment) else env) if env is not None else None,
         "database": _database(settings),
         "operation": operation,
@@ -179,43 +220,99 @@ def _entry(
         entry["error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     entry.update(details)
     secrets = [s for s in ((settings.password if settings is not None else ""),) if s]
-    scrubbed = _scrub(entry, secrets)
-    # Keys that look secret (password, token …) are masked whatever they hold.
-    return dict(mask_secrets(None, "", scrubbed))
+    # Every string scrubbed; keys that look secret (password, token …) masked whatever they hold.
+    scrubbed: dict[str, Any] = scrub_value(entry, secrets)
+    return scrubbed
 
 
-class _AuditHandler(logging.handlers.RotatingFileHandler):
-    """A rotating handler whose write errors reach the caller instead of stderr."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        raise  # called by emit() inside its except block: re-raise what failed
+def _lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
 
 
-def _open_handler(path: Path) -> _AuditHandler:
+def _backup_path(path: Path, number: int) -> Path:
+    return path.with_name(f"{path.name}.{number}")
+
+
+def _open_append(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock on ``<path>.lock`` (bounded wait: a stopped holder cannot hang every writer)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        os.close(fd)
-    handler = _AuditHandler(path, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    return handler
+    fd = os.open(_lock_path(path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AuditLogError(
+                        f"another process has held the audit log lock {_lock_path(path)} for over {LOCK_WAIT_S:g}s "
+                        "(it is held for one append); find the stuck process with `fuser` and end it"
+                    ) from None
+                time.sleep(pause)
+                pause = min(pause * 2, 0.01)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _rotate(path: Path, backups: int) -> None:
+    """``path`` → ``path.1`` → … → ``path.<backups>`` (the oldest is replaced). Called under the lock."""
+    for number in range(backups - 1, 0, -1):
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(_backup_path(path, number), _backup_path(path, number + 1))
+    os.replace(path, _backup_path(path, 1))
+
+
+def _append(path: Path, data: bytes, max_bytes: int, backups: int) -> None:
+    """Rotate if ``data`` would take the file past ``max_bytes``, then append it with one write, under the lock."""
+    with _locked(path):
+        fd = _open_append(path)
+        try:
+            size = os.fstat(fd).st_size
+            if max_bytes > 0 and size > 0 and size + len(data) > max_bytes:
+                os.close(fd)
+                fd = -1
+                _rotate(path, backups)
+                fd = _open_append(path)
+            view = memoryview(data)
+            while view:  # a regular file takes it in one write; a short write is finished, still locked
+                view = view[os.write(fd, view) :]
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
 
 def ensure_writable(path: Path | None = None) -> Path:
-    """Raise `AuditLogError` unless the audit log can be appended to; return its path."""
+    """Raise `AuditLogError` unless the audit log (and its lock file) can be appended to; return its path.
+
+    Also checks ``PRECOG_AUDIT_MAX_BYTES`` and ``PRECOG_AUDIT_BACKUPS``
+    (`AuditSettingError`).
+    """
     target = audit_log_path() if path is None else path
+    rotation()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        os.close(fd)
+        with _locked(target):
+            os.close(_open_append(target))
+    except AuditLogError:
+        raise
     except OSError as exc:
         raise _unwritable(target, exc) from None
     return target
 
 
 def _unwritable(path: Path, exc: OSError) -> AuditLogError:
+    reason = exc.strerror or type(exc).__name__
+    if exc.filename is not None and str(exc.filename) != str(path):
+        reason = f"{exc.filename}: {reason}"  # e.g. the lock file or a backup
     return AuditLogError(
-        f"cannot write the audit log {path} ({exc.strerror or type(exc).__name__}); make its directory "
+        f"cannot write the audit log {path} ({reason}); make its directory and files "
         f"writable or set {AUDIT_LOG_VAR} to a file this user may append to"
     )
 
@@ -253,22 +350,19 @@ def record(
         details=details,
     )
     target = audit_log_path() if log_file is None else log_file
-    line = json.dumps(entry, ensure_ascii=False, default=str)
+    max_bytes, backups = rotation()
+    data = (json.dumps(entry, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     try:
-        handler = _open_handler(target)
+        _append(target, data, max_bytes, backups)
+    except AuditLogError:
+        raise
     except OSError as exc:
         raise _unwritable(target, exc) from None
-    try:
-        handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
-    except OSError as exc:
-        raise _unwritable(target, exc) from None
-    finally:
-        handler.close()
     return entry
 
 
 def record_safely(operation: str, **kwargs: Any) -> dict[str, Any] | None:
-    """`record`, but an unwritable audit log is logged as ``audit_log_unwritable`` instead of raised.
+    """`record`, but an unwritable audit log (or a bad audit setting) is logged as ``audit_log_unwritable``.
 
     For the library's own hooks (pool open, gates): a service on a read-only
     filesystem keeps working, and says loudly that it could not audit.
@@ -281,14 +375,18 @@ def record_safely(operation: str, **kwargs: Any) -> dict[str, Any] | None:
 
 
 def tail(count: int = 20, path: Path | None = None) -> list[dict[str, Any]]:
-    """The last ``count`` entries, oldest first, reading the rotated file too when needed.
+    """The last ``count`` entries, oldest first, reading rotated files too when needed.
 
     A line that is not valid JSON (a partial write) is returned as
     ``{"unreadable": <line>}`` rather than dropped.
     """
     target = audit_log_path() if path is None else path
     lines: list[str] = []
-    for candidate in (target, target.with_name(target.name + ".1")):
+    try:
+        backups = rotation()[1]
+    except AuditSettingError:
+        backups = BACKUP_COUNT
+    for candidate in (target, *(_backup_path(target, n) for n in range(1, backups + 1))):
         try:
             text = candidate.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:

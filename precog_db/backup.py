@@ -44,11 +44,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from precog_db._secrets import scrub_text
 from precog_db.connection import tool_connection_args
 from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError, PrecogDBError
-from precog_db.log import redact
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
@@ -194,9 +194,7 @@ def find_tool(name: str, server_major: int) -> Path:
 
 
 def _scrub(text: str, settings: DatabaseSettings) -> str:
-    if settings.password:
-        text = text.replace(settings.password, "***")
-    return redact(text)
+    return scrub_text(text, [settings.password])
 
 
 def _run(

@@ -27,10 +27,11 @@ from typing import TYPE_CHECKING, Any, TextIO
 import structlog
 
 from precog_db import audit
+from precog_db._secrets import MASK, scrub_argv, scrub_text
 from precog_db.confirm import banner, require_confirmation, use_colour
 from precog_db.environment import Environment, environment_named_by
 from precog_db.errors import ConfigurationError, PrecogDBError
-from precog_db.log import MASK, mask_secrets, redact
+from precog_db.log import mask_secrets
 from precog_db.settings import FIELD_VARS, DatabaseSettings, load_settings, resolve_config_dir
 
 if TYPE_CHECKING:
@@ -387,9 +388,8 @@ class Context:
         self.stderr.flush()
 
     def scrub(self, text: str) -> str:
-        if self._settings is not None and self._settings.password:
-            text = text.replace(self._settings.password, MASK)
-        return redact(text)
+        """``text`` without the settings' password or any connection-string password."""
+        return scrub_text(text, [self._settings.password] if self._settings is not None else [])
 
     # settings ---------------------------------------------------------------------------------
 
@@ -1172,7 +1172,7 @@ def _fail(ctx: Context | None, stderr: TextIO, exc: BaseException, settings: Dat
     text = str(exc).strip() or type(exc).__name__
     if isinstance(exc, OSError) and not isinstance(exc, PrecogDBError) and exc.strerror:
         text = f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    text = ctx.scrub(text) if ctx is not None else redact(text)
+    text = ctx.scrub(text) if ctx is not None else scrub_text(text)
     label = "refused" if outcome == audit.REFUSED else "error"
     stderr.write(f"{PROG}: {label}: {' '.join(text.split())}\n")
     stderr.flush()
@@ -1209,7 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         code = exit_.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_USAGE)
-    command_line = [PROG, *(redact(a) for a in arguments)]
+    command_line = [PROG, *scrub_argv(arguments)]  # parsed: a DSN keeps no password
     ctx = Context(args, command_line, stdout, stderr)
     handler: Callable[[Context], int] = args.handler
     try:

@@ -39,6 +39,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._secrets import scrub_text
 from precog_db.environment import Environment
 from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
 from precog_db.guard import require_production_confirmation
@@ -286,13 +287,7 @@ def tool_connection_args(
     return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
 
 
-def _scrub(message: str, settings: DatabaseSettings) -> str:
-    if settings.password:
-        message = message.replace(settings.password, "***")
-    return message.strip()
-
-
 def failure_reason(exc: BaseException, settings: DatabaseSettings) -> str:
     """libpq's message on one line: "…failed: Connection refused; Is the server running…?"."""
-    lines = [line.strip() for line in _scrub(str(exc), settings).splitlines() if line.strip()]
+    lines = [line.strip() for line in scrub_text(str(exc), [settings.password]).strip().splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(exc).__name__

@@ -7,12 +7,12 @@ from a server must not be able to confirm production on a laptop.
 
 from __future__ import annotations
 
-import getpass
 import os
 from collections.abc import Mapping
 
 import structlog
 
+from precog_db._secrets import current_os_user  # re-exported: it lived here
 from precog_db.environment import Environment
 from precog_db.errors import ProductionAccessError
 from precog_db.settings import DatabaseSettings
@@ -28,14 +28,6 @@ def production_confirmed(environ: Mapping[str, str] | None = None) -> bool:
     """True when ``PRECOG_PROD_CONFIRMED`` is exactly ``yes``."""
     env = os.environ if environ is None else environ
     return env.get(CONFIRM_VAR) == "yes"
-
-
-def current_os_user() -> str:
-    """The OS user running this process, for logs and the audit trail."""
-    try:
-        return getpass.getuser()
-    except Exception:  # no login name and no passwd entry (some containers)
-        return f"uid:{os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
 def require_production_confirmation(

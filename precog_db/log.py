@@ -8,33 +8,23 @@ secrets in event values.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
+from precog_db._secrets import MASK, SECRET_KEY, redact, scrub_text
+
 __all__ = ["configure_logging", "mask_secrets", "redact"]
 
-_SECRET_KEY = re.compile(r"pass(word|wd)?|pwd|secret|token|api[_-]?key|credential", re.IGNORECASE)
-# password=... inside a conninfo string, quoted or not.
-_KV_SECRET = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('(?:[^'\\]|\\.)*'|\S+)")
-# scheme://user:secret@host
-_URL_SECRET = re.compile(r"(?i)([a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)")
-
-MASK = "***"
-
-
-def redact(text: str) -> str:
-    """Mask ``password=...`` pairs and ``user:password@`` in URLs inside ``text``."""
-    text = _KV_SECRET.sub(lambda m: f"{m.group(1)}={MASK}", text)
-    return _URL_SECRET.sub(lambda m: f"{m.group(1)}{MASK}{m.group(3)}", text)
+# The masking itself lives in precog_db._secrets (one implementation for logs, messages and the audit log).
+_SECRET_KEY = SECRET_KEY
 
 
 def _mask(value: Any) -> Any:
     if isinstance(value, str):
-        return redact(value)
+        return scrub_text(value)
     if isinstance(value, dict):
         return {k: (MASK if isinstance(k, str) and _SECRET_KEY.search(k) else _mask(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):

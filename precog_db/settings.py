@@ -207,18 +207,27 @@ class DatabaseSettings:
             )
         if isinstance(changes.get("password"), str):
             changes["password"] = Secret(changes["password"])  # masked in this frame's locals
-        env = changes.pop("env", None)
-        parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
-        origins = {k: v for k, v in self.origins.items() if k not in changes}
-        origins.update(dict.fromkeys(changes, "argument"))
-        if env is not None:
-            parsed["env"] = parse_environment(env, source="replace(env=...)")
-            # Fields that held the old environment's defaults take the new one's.
-            for name in _defaults(parsed["env"]):
-                if origins.get(name) == "default":
-                    parsed.setdefault(name, _UNSET)
-                    origins.pop(name)
-        return replace(self, origins=origins, **parsed)
+        try:
+            env = changes.pop("env", None)
+            parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
+            origins = {k: v for k, v in self.origins.items() if k not in changes}
+            origins.update(dict.fromkeys(changes, "argument"))
+            if env is not None:
+                parsed["env"] = parse_environment(env, source="replace(env=...)")
+                # Fields that held the old environment's defaults take the new one's.
+                for name in _defaults(parsed["env"]):
+                    if origins.get(name) == "default":
+                        parsed.setdefault(name, _UNSET)
+                        origins.pop(name)
+            return replace(self, origins=origins, **parsed)
+        except (ConfigurationError, EnvironmentMismatchError) as exc:
+            error = exc
+        # As in load_settings: re-raised from here with a fresh traceback and the raw values dropped,
+        # so tracebacks that render frame locals show none of them (a password pasted into port=).
+        changes.clear()
+        parsed = {}
+        error.__traceback__ = None
+        raise error
 
 
 # --- field specifications -------------------------------------------------------
@@ -369,7 +378,9 @@ ENV_VARS: dict[str, str] = {s.var: s.help for s in _SPECS}
 #: Field name -> the variable that sets it (``host`` -> ``DB_HOST``), for ``precog-db env``.
 FIELD_VARS: dict[str, str] = {s.field: s.var for s in _SPECS}
 #: PRECOG_* variables read only from the process environment: a file must not be able to set them.
-_PROCESS_ONLY = frozenset({"PRECOG_PROD_CONFIRMED", "PRECOG_CONFIG_DIR", "PRECOG_AUDIT_LOG"})
+_PROCESS_ONLY = frozenset(
+    {"PRECOG_PROD_CONFIRMED", "PRECOG_CONFIG_DIR", "PRECOG_AUDIT_LOG", "PRECOG_AUDIT_MAX_BYTES", "PRECOG_AUDIT_BACKUPS"}
+)
 _OTHER_KNOWN = {"PRECOG_ENV", *_PROCESS_ONLY}
 
 
@@ -534,7 +545,8 @@ def load_settings(
     # Re-raised from here with a fresh traceback: the frames below hold every
     # raw value read (file contents, a password pasted on the wrong line) as
     # locals, and tracebacks that render locals would log them. The message
-    # already names the file, line or variable.
+    # already names the file, line or variable. This frame's own overrides go too.
+    overrides.clear()
     error.__traceback__ = None
     raise error
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
+import textwrap
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -205,3 +209,188 @@ def test_one_entry_per_operation_and_never_the_password(ws: Workspace, capfd: py
     everything = ws.audit_log.read_text() + "".join(outputs) + captured.out + captured.err
     assert SENTINEL not in everything
     assert "postgresql://u:***@127.0.0.1:1/x_prod" in ws.audit_log.read_text()
+
+
+#: A writer process: waits for the start file (bounded), appends its records, exits 0; any error exits 1.
+_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from precog_db import audit
+
+    worker, count, start = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+    deadline = time.monotonic() + 60
+    while not start.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    for i in range(count):
+        audit.record(f"w{worker}-{i}", outcome="ok", argv=["writer", str(worker)], padding="x" * (i % 97))
+    """
+)
+
+
+def _all_lines(log: Path, backups: int) -> list[str]:
+    """Every line of the live file and its rotated backups."""
+    lines: list[str] = []
+    for candidate in (log, *(log.with_name(f"{log.name}.{n}") for n in range(1, backups + 1))):
+        if candidate.exists():
+            lines += candidate.read_text(encoding="utf-8").splitlines()
+    return lines
+
+
+class TestConcurrentWriters:
+    @pytest.mark.slow
+    def test_processes_appending_through_rotation_lose_nothing_and_never_fail(self, tmp_path: Path) -> None:
+        """8 processes x 300 records while the file rotates dozens of times: all 2,400 present once, no writer fails."""
+        writers, per_writer, max_bytes, backups = 8, 300, 16_384, 1_000
+        log = tmp_path / "shared" / "audit.log"
+        start = tmp_path / "go"
+        env = {
+            **os.environ,
+            "PRECOG_AUDIT_LOG": str(log),
+            "PRECOG_AUDIT_MAX_BYTES": str(max_bytes),
+            "PRECOG_AUDIT_BACKUPS": str(backups),
+        }
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", _WRITER, str(n), str(per_writer), str(start)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for n in range(writers)
+        ]
+        start.touch()
+        failures = []
+        for proc in procs:
+            _out, err = proc.communicate(timeout=240)
+            if proc.returncode != 0 or err.strip():
+                failures.append((proc.returncode, err[-2000:]))
+        assert failures == []
+        lines = _all_lines(log, backups)
+        parsed = [json.loads(line) for line in lines]  # a torn or interleaved line would not parse
+        counts = Counter(entry["operation"] for entry in parsed)
+        expected = {f"w{n}-{i}" for n in range(writers) for i in range(per_writer)}
+        assert set(counts) == expected
+        assert [op for op, seen in counts.items() if seen != 1] == []
+        assert len(lines) == writers * per_writer
+        rotated = sorted(log.parent.glob("audit.log.[0-9]*"))
+        assert len(rotated) >= 20  # the file really rotated many times under the writers
+        assert all(path.stat().st_size <= max_bytes for path in [log, *rotated])
+
+    def test_a_held_lock_is_waited_for_boundedly_then_reported(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A process stuck holding <log>.lock makes record raise AuditLogError naming the lock, not hang."""
+        log = tmp_path / "logs" / "audit.log"
+        log.parent.mkdir()
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl, os, sys, time\n"
+                "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+                "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                "print('held', flush=True)\n"
+                "sys.stdin.read()\n",
+                str(log) + ".lock",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            monkeypatch.setattr(audit, "LOCK_WAIT_S", 0.3)
+            with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock"):
+                audit.record("x", outcome="ok")
+        finally:
+            holder.communicate(input="", timeout=30)
+        audit.record("y", outcome="ok")  # released: writing works again
+        assert [e["operation"] for e in audit.tail(5)] == ["y"]
+
+    def test_an_unusable_lock_file_is_named_in_the_error(self, tmp_path: Path) -> None:
+        """When <log>.lock cannot be opened, AuditLogError names the lock file rather than only the log."""
+        (tmp_path / "logs" / "audit.log.lock").mkdir(parents=True)
+        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock: Is a directory"):
+            audit.record("x", outcome="ok")
+        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock"):
+            audit.ensure_writable()
+
+
+class TestRotationSettings:
+    def test_max_bytes_and_backups_come_from_the_environment(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """PRECOG_AUDIT_MAX_BYTES sets the rotation size and PRECOG_AUDIT_BACKUPS how many old files are kept."""
+        monkeypatch.setenv("PRECOG_AUDIT_MAX_BYTES", "600")
+        monkeypatch.setenv("PRECOG_AUDIT_BACKUPS", "3")
+        for i in range(30):
+            audit.record(f"op{i}", outcome="ok", argv=["precog-db"])
+        logs = tmp_path / "logs"
+        assert sorted(p.name for p in logs.glob("audit.log*")) == [
+            "audit.log",
+            "audit.log.1",
+            "audit.log.2",
+            "audit.log.3",
+            "audit.log.lock",
+        ]
+        assert all((logs / name).stat().st_size <= 600 for name in ("audit.log", "audit.log.1", "audit.log.3"))
+        kept = [json.loads(line)["operation"] for line in _all_lines(logs / "audit.log", 3)]
+        assert "op29" in kept and "op0" not in kept  # the oldest file was dropped
+        names = [e["operation"] for e in audit.tail(len(kept))]
+        assert names == sorted(kept, key=lambda op: int(op[2:]))  # tail reads every backup, oldest first
+
+    def test_zero_max_bytes_never_rotates(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """PRECOG_AUDIT_MAX_BYTES=0 turns rotation off."""
+        monkeypatch.setenv("PRECOG_AUDIT_MAX_BYTES", "0")
+        for i in range(20):
+            audit.record(f"op{i}", outcome="ok")
+        assert not (tmp_path / "logs" / "audit.log.1").exists()
+        assert len((tmp_path / "logs" / "audit.log").read_text().splitlines()) == 20
+
+    @pytest.mark.parametrize(
+        ("var", "value"),
+        [
+            ("PRECOG_AUDIT_MAX_BYTES", "ten-megs"),
+            ("PRECOG_AUDIT_MAX_BYTES", "-1"),
+            ("PRECOG_AUDIT_MAX_BYTES", "1.5"),
+            ("PRECOG_AUDIT_BACKUPS", "0"),
+            ("PRECOG_AUDIT_BACKUPS", "lots"),
+        ],
+    )
+    def test_bad_values_are_clear_errors_that_do_not_echo_them(
+        self, monkeypatch: pytest.MonkeyPatch, var: str, value: str
+    ) -> None:
+        """A bad value names the variable and the fix, never the value; the library only warns about it."""
+        monkeypatch.setenv(var, value)
+        with pytest.raises(audit.AuditSettingError, match=var) as caught:
+            audit.record("x", outcome="ok")
+        assert value not in str(caught.value) and "unset it" in str(caught.value)
+        assert isinstance(caught.value, ValueError) and isinstance(caught.value, audit.AuditLogError)
+        with pytest.raises(audit.AuditSettingError, match=var):
+            audit.ensure_writable()
+        with capture_logs() as logs:
+            assert audit.record_safely("x", outcome="ok") is None
+        assert logs[0]["event"] == "audit_log_unwritable" and var in logs[0]["reason"]
+
+    def test_cli_reports_a_bad_setting_before_acting(self, ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A CLI command with an invalid PRECOG_AUDIT_BACKUPS fails with a message naming it."""
+        ws.add("test")
+        monkeypatch.setenv("PRECOG_AUDIT_BACKUPS", "none")
+        ws.write_migration("0001_x.sql", "CREATE TABLE x (id int);")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert "PRECOG_AUDIT_BACKUPS" in result.err
+        assert not ws.has_table("test", "x")
+
+
+def test_cli_audits_a_url_with_empty_user_without_its_password(ws: Workspace) -> None:
+    """The reported leak end to end: ``--env staging --database postgresql://:PW@host/db_prod stamp``."""
+    result = ws.run("--env", "staging", "--database", f"postgresql://:{SENTINEL}@127.0.0.1:1/cli_db_prod", "stamp")
+    assert result.code == 1
+    text = ws.audit_log.read_text()
+    assert SENTINEL not in text + result.out + result.err
+    entry = ws.audit_entries()[-1]
+    assert entry["outcome"] == "refused"
+    assert "postgresql://:***@127.0.0.1:1/cli_db_prod" in entry["argv"]

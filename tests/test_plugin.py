@@ -9,7 +9,7 @@ import pytest
 from conftest import Server
 from psycopg import sql
 
-from precog_db import Environment, stamp_database
+from precog_db import stamp_database
 from precog_db.plugin import derived_name
 
 pytest_plugins = ["pytester"]
