@@ -35,8 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from precog_db.environment import Environment
 from precog_db.errors import (
     EnvironmentMismatchError,
@@ -46,7 +44,7 @@ from precog_db.errors import (
     UnstampedDatabaseError,
 )
 from precog_db.guard import current_os_user
-from precog_db.log import MASK, mask_secrets, redact
+from precog_db.log import MASK, get_logger, mask_secrets, redact
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
@@ -61,7 +59,7 @@ __all__ = [
     "tail",
 ]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 AUDIT_LOG_VAR = "PRECOG_AUDIT_LOG"
 DEFAULT_PATH = Path("logs") / "audit.log"

@@ -32,7 +32,6 @@ from time import monotonic
 from typing import Any, ClassVar, TypeVar
 
 import psycopg
-import structlog
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg.pq.abc import PGconn
@@ -48,12 +47,13 @@ from precog_db.errors import (
     PoolStateError,
 )
 from precog_db.guard import require_production_confirmation
+from precog_db.log import get_logger, route_pool_logging
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.stamp import verify_stamp
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 #: Longest pause, in seconds, between two attempts to reconnect while the server is down.
@@ -501,6 +501,7 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
             _on_open(settings, probe)
         finally:
             probe.close()
+        route_pool_logging()  # psycopg_pool's stdlib records become library events unless the app handles them
         pool = PrecogPool(settings, **pool_kwargs)
         pool.open(wait=False)
     except Exception as exc:
