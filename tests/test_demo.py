@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -142,3 +143,55 @@ class TestLocalUrlRefusal:
         assert refused.code == 1
         assert "the environment is staging (PRECOG_ENV)" in refused.err
         assert "or set PRECOG_ENV to dev or test" in refused.err
+
+
+def make_sandbox(tmp_path: Path) -> Path:
+    """A directory with the real Makefile and a .venv/bin whose precog-db is this installation's, "installed"."""
+    (tmp_path / "Makefile").write_text((REPO / "Makefile").read_text())
+    (tmp_path / "pyproject.toml").write_text("")
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    for tool in ("precog-db", "python"):
+        (bin_dir / tool).symlink_to(Path(sys.executable).with_name(tool))
+    (bin_dir / ".installed").write_text("")
+    return tmp_path
+
+
+def make(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_", "MAKE"))}
+    return subprocess.run(
+        ["make", "--no-print-directory", "-o", ".venv/bin/.installed", *args],
+        cwd=cwd,
+        env={**env, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+class TestMakefileOptions:
+    @pytest.mark.parametrize(
+        ("args", "command"),
+        [
+            (["migrate", "ENV=staging", "ARGS=--yes"], ".venv/bin/precog-db --env staging migrate up --yes"),
+            (
+                ["migrate", "ENV=prod", "CONFIRM=precog_prod"],
+                ".venv/bin/precog-db --env prod migrate up --confirm-database precog_prod",
+            ),
+            (["backup", "ARGS=--keep 3 --yes"], ".venv/bin/precog-db --env dev backup --keep 3 --yes"),
+            (["check"], ".venv/bin/precog-db --env dev check"),
+        ],
+    )
+    def test_args_and_confirm_reach_precog_db(self, tmp_path: Path, args: list[str], command: str) -> None:
+        """ARGS and CONFIRM are appended to the database targets' precog-db command line (and nothing when unset)."""
+        dry = make(make_sandbox(tmp_path), "-n", *args)
+        assert dry.returncode == 0, dry.stderr
+        assert dry.stdout.splitlines() == [command]
+
+    def test_args_are_parsed_by_the_real_command(self, tmp_path: Path) -> None:
+        """`make local-down ARGS=--json` runs precog-db with --json after the command, which it accepts."""
+        result = make(make_sandbox(tmp_path), "local-down", "ARGS=--json")
+        assert result.returncode == 0, result.stderr
+        body = result.stdout.split("local down --json\n", 1)[1]
+        assert json.loads(body)["message"].startswith("no local cluster under .precog")
