@@ -40,6 +40,7 @@ __all__ = [
     "mask_secrets",
     "redact",
     "route_pool_logging",
+    "unroute_pool_logging",
 ]
 
 #: The structlog logger name (its ``logger_factory`` argument) of every library event.
@@ -238,6 +239,14 @@ def route_pool_logging(*, force: bool = False) -> bool:
         logger.addHandler(PoolLogForwarder(yield_to_app=not force))
         logger.propagate = False
         return True
+
+
+def unroute_pool_logging() -> None:
+    """Undo `route_pool_logging`: remove the forwarder and let ``psycopg.pool`` propagate again."""
+    logger = logging.getLogger(POOL_LOGGER_NAME)
+    forwarder = _forwarder(logger)
+    if forwarder is not None:
+        _unroute(logger, forwarder)
 
 
 def configure_logging(json: bool = False, level: str | int = "info") -> None:

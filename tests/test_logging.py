@@ -14,7 +14,7 @@ from conftest import REPO, Server
 from structlog.testing import capture_logs
 
 from precog_db import Environment, configure_logging, initialize_pool
-from precog_db.log import PoolLogForwarder, get_logger, mask_secrets, pool_event, redact
+from precog_db.log import PoolLogForwarder, get_logger, mask_secrets, pool_event, redact, unroute_pool_logging
 
 SECRET = "Sentinel-pw-31337"
 
@@ -61,6 +61,21 @@ class TestConfigureLogging:
             assert SECRET not in err
         finally:
             structlog.reset_defaults()
+            unroute_pool_logging()
+
+    def test_configure_logging_routes_psycopg_pool_through_structlog(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """After configure_logging(json=True), a psycopg_pool warning is a JSON event on stderr, not a plain line."""
+        try:
+            configure_logging(json=True)
+            logging.getLogger("psycopg.pool").warning("error connecting in %r: %s", "precog-dev", "refused")
+            err = capsys.readouterr().err.strip().splitlines()
+            record = json.loads(err[-1])
+            assert record["event"] == "pool_connection_failed" and record["pool"] == "precog-dev"
+            assert len(err) == 1, err  # once: not also through the root handler
+        finally:
+            structlog.reset_defaults()
+            unroute_pool_logging()
+        assert logging.getLogger("psycopg.pool").propagate
 
     def test_bad_level_is_a_clear_error(self) -> None:
         """An unknown level name raises ValueError naming the valid ones."""
