@@ -118,6 +118,8 @@ with FaultProxy({host!r}, {port}) as proxy:
     settings = load_settings("dev", host="127.0.0.1", port=proxy.port, dbname={db!r}, user={user!r},
                              password={password!r}, pool_min=1, pool_max=2, sslmode="disable")
     initialize_pool(settings=settings)
+    if mode == "stdlib-late":   # the application sets up stdlib logging only after the pool opened
+        logging.basicConfig(stream=sys.stdout, format="STDLIB %(name)s %(levelname)s %(message)s")
     with get_cursor() as cur:
         cur.execute("SELECT 1")
     proxy.stop_accepting()
@@ -168,9 +170,11 @@ class TestWhereLibraryLogsGo:
         assert failures[0]["level"] == "warning" and "error" in failures[0]
         assert "error connecting" not in out.stderr, out.stderr
 
-    def test_an_application_stdlib_setup_keeps_psycopg_pool_records(self, pg_server: Server) -> None:
-        """When the application configured stdlib handlers, psycopg_pool's records go to them, not to structlog."""
-        out = run_service(pg_server, "stdlib")
+    @pytest.mark.parametrize("mode", ["stdlib", "stdlib-late"])
+    def test_an_application_stdlib_setup_keeps_psycopg_pool_records(self, pg_server: Server, mode: str) -> None:
+        """When the application configures stdlib handlers (before or after the pool opened), psycopg_pool's
+        records go to them, not to structlog."""
+        out = run_service(pg_server, mode)
         assert "STDLIB psycopg.pool WARNING error connecting in 'precog-dev'" in out.stdout, out.stdout
         assert "pool_connection_failed" not in out.stdout + out.stderr
 
