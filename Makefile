@@ -3,6 +3,14 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 ENV ?= dev
+# Extra options for the database targets (check, migrate, migrate-status, backup, local-*):
+# ARGS is passed as is (`make migrate ENV=staging ARGS=--yes`); CONFIRM=NAME adds
+# `--confirm-database NAME`, prod's typed confirmation without a terminal
+# (`PRECOG_PROD_CONFIRMED=yes make migrate ENV=prod CONFIRM=precog_prod`).
+ARGS ?=
+CONFIRM ?=
+# Appended after the command, where precog-db takes both global and command options (`ARGS="--keep 3"`).
+DB_ARGS = $(if $(strip $(CONFIRM)), --confirm-database $(strip $(CONFIRM)))$(if $(strip $(ARGS)), $(strip $(ARGS)))
 
 .PHONY: install demo test lint typecheck pytest clean check migrate migrate-status backup local-up local-down bench bench-quick
 
@@ -31,25 +39,26 @@ typecheck: install
 pytest: install
 	$(BIN)/python -m pytest
 
-## Database tasks through precog-db, for ENV (default dev): `make migrate ENV=test`.
+## Database tasks through precog-db, for ENV (default dev): `make migrate ENV=test`; options in ARGS/CONFIRM (above).
 check: install
-	$(BIN)/precog-db --env $(ENV) check
+	$(BIN)/precog-db --env $(ENV) check$(DB_ARGS)
 
 migrate: install
-	$(BIN)/precog-db --env $(ENV) migrate up
+	$(BIN)/precog-db --env $(ENV) migrate up$(DB_ARGS)
 
 migrate-status: install
-	$(BIN)/precog-db --env $(ENV) migrate status
+	$(BIN)/precog-db --env $(ENV) migrate status$(DB_ARGS)
 
 backup: install
-	$(BIN)/precog-db --env $(ENV) backup
+	$(BIN)/precog-db --env $(ENV) backup$(DB_ARGS)
 
-## A throwaway PostgreSQL under .precog/ with precog_dev and precog_test (ENV only picks the banner/URL).
+## A throwaway PostgreSQL (state in .precog/) with precog_dev and precog_test, created and stamped
+## (ENV only picks the banner/URL). It keeps running until `make local-down`.
 local-up: install
-	$(BIN)/precog-db --env $(ENV) local up
+	$(BIN)/precog-db --env $(ENV) local up$(DB_ARGS)
 
 local-down: install
-	$(BIN)/precog-db --env $(ENV) local down
+	$(BIN)/precog-db --env $(ENV) local down$(DB_ARGS)
 
 ## Benchmark get_cursor against the bare driver, psycopg_pool, psycopg2, asyncpg and pgbench
 ## (about 8 minutes on 2 cores; see docs/PERFORMANCE.md). `make bench BENCH_ARGS=--quick` is a smoke run.

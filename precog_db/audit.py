@@ -46,8 +46,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from precog_db._secrets import current_os_user, scrub_argv, scrub_value
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -58,6 +56,7 @@ from precog_db.errors import (
     ProductionAccessError,
     UnstampedDatabaseError,
 )
+from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
@@ -76,7 +75,7 @@ __all__ = [
     "tail",
 ]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 AUDIT_LOG_VAR = "PRECOG_AUDIT_LOG"
 MAX_BYTES_VAR = "PRECOG_AUDIT_MAX_BYTES"

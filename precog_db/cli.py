@@ -687,19 +687,11 @@ def cmd_stamp(ctx: Context) -> int:
 
 
 def cmd_local_up(ctx: Context) -> int:
-    from precog_db.local_cluster import SUPERUSER, local_up
-    from precog_db.stamp import read_stamp, stamp_database
+    from precog_db.local_cluster import local_up
 
     config_dir = resolve_config_dir(ctx.args.config_dir)
+    # Creates and stamps precog_dev and precog_test, so that opening them does not warn.
     cluster, done = local_up(Path(ctx.args.root), config_dir)
-    for env in (Environment.DEV, Environment.TEST):
-        # Databases this cluster created say what they are, so that opening them does not warn.
-        own = DatabaseSettings(
-            env=env, host=cluster.host, port=cluster.port, dbname=f"precog_{env.value}", user=SUPERUSER
-        )
-        if read_stamp(own) is None:
-            stamp_database(env, settings=own)
-            done.append(f"stamped database {own.dbname} as {env.value}")
     ctx.emit({"actions": done, "status": cluster.status(), "url": cluster.url("precog_dev")}, done)
     return EXIT_OK
 
@@ -728,10 +720,20 @@ def cmd_local_status(ctx: Context) -> int:
 
 
 def cmd_local_url(ctx: Context) -> int:
-    from precog_db.environment import require_environment
+    from precog_db.errors import EnvironmentNotAllowedError
     from precog_db.local_cluster import LocalCluster, LocalClusterError
 
-    env = require_environment(Environment.DEV, Environment.TEST, current=ctx.environment())
+    env = ctx.environment()
+    if env not in (Environment.DEV, Environment.TEST):
+        # Name what chose the environment: telling someone who typed --env to set PRECOG_ENV misleads.
+        if ctx.env_source == "--env":
+            fix = "use --env dev or --env test"
+        else:
+            fix = "pass --env dev or --env test, or set PRECOG_ENV to dev or test"
+        raise EnvironmentNotAllowedError(
+            f"`local url` works in dev, test only (the local cluster holds precog_dev and precog_test), "
+            f"but the environment is {env.value} ({ctx.env_source}); {fix}"
+        )
     cluster = LocalCluster(Path(ctx.args.root))
     if not cluster.initialized():
         raise LocalClusterError(f"no local cluster under {ctx.args.root}; start one with `{PROG} local up`")

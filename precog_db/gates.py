@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import ParamSpec, TypeVar
 
-import structlog
 from psycopg import sql
 
 from precog_db import audit
@@ -25,11 +24,12 @@ from precog_db.connection import gate_allows
 from precog_db.cursors import get_cursor
 from precog_db.environment import Environment, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
+from precog_db.log import get_logger
 from precog_db.pool import active_pool, inherited_settings
 
 __all__ = ["current_environments", "dangerous_operation", "delete_all", "table_identifier", "truncate_tables"]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 P = ParamSpec("P")
 R = TypeVar("R")

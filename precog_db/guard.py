@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-import structlog
-
 from precog_db._secrets import current_os_user  # re-exported: it lived here
 from precog_db.environment import Environment
 from precog_db.errors import ProductionAccessError
+from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings
 
 __all__ = ["current_os_user", "production_confirmed", "require_production_confirmation"]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 CONFIRM_VAR = "PRECOG_PROD_CONFIRMED"
 

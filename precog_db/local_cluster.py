@@ -7,8 +7,11 @@ embedded server of the ``local`` extra (:mod:`precog_db.embedded`);
 ``PRECOG_PG_SEARCH=system|embedded`` limits the search.
 PostgreSQL refuses to run as root, so when this process is root the server
 runs as the unprivileged ``postgres`` user (via ``runuser``), in a directory
-that user owns. State lives in ``<root>/cluster.json``; the data survives
-``down``/``up``. Nothing here reads precog settings: callers pass paths.
+that user owns: ``<root>/pg`` when that user can reach it, else a directory
+in the system's temporary directory (`LocalCluster.where` says which, and
+why). State lives in ``<root>/cluster.json``; the data survives
+``down``/``up``. Nothing here reads precog settings: callers pass paths
+(`local_up` stamps the databases it creates through `precog_db.stamp`).
 """
 
 from __future__ import annotations
@@ -233,6 +236,14 @@ def _reachable_by(path: Path, uid: int, gid: int) -> bool:
     return True
 
 
+def _first_unreachable(path: Path, uid: int, gid: int) -> Path | None:
+    """The outermost ancestor of ``path`` that (uid, gid) cannot traverse, None if every one is reachable."""
+    for parent in reversed([path, *path.parents]):
+        if not _reachable_by(parent, uid, gid):
+            return parent
+    return None
+
+
 @dataclass
 class LocalCluster:
     """One throwaway cluster whose state lives under ``root`` (e.g. ``.precog/``)."""
@@ -314,6 +325,21 @@ class LocalCluster:
         except OSError:
             return None
         return int(text) if text.isdigit() else None
+
+    def where(self) -> str:
+        """One sentence for people: where the data is, why there, and what keeps it."""
+        data = self.data_dir
+        if not _is_root():
+            return f"its data is in {data}"
+        why = "PostgreSQL refuses to run as root, so the server runs as the postgres user"
+        if self.home == self.root / "pg":
+            return f"its data is in {data}, owned by the postgres user ({why})"
+        blocked = _first_unreachable(self.root, *(self._server_ids() or (0, 0)))
+        reason = f"cannot enter {blocked}" if blocked else f"could not enter {self.root} when it was created"
+        return (
+            f"its data is in {data}, not under {self.root}: {why}, which {reason}; "
+            f"{self.root / 'cluster.json'} records the location (a reboot may empty {self.home.parent})"
+        )
 
     def conninfo(self, dbname: str = "postgres") -> str:
         return f"host={self.host} port={self.port} user={SUPERUSER} dbname={dbname}"
@@ -637,17 +663,22 @@ def _write_env_file(path: Path, values: dict[str, str]) -> str:
     return f"wrote {path}"
 
 
-def local_up(root: Path, config_dir: Path, envs: Sequence[str] = ("dev", "test")) -> tuple[LocalCluster, list[str]]:
-    """Start (or reuse) the cluster, create ``precog_<env>`` databases, write their `.env` files.
+def local_up(
+    root: Path, config_dir: Path, envs: Sequence[str] = ("dev", "test"), *, stamp: bool = True
+) -> tuple[LocalCluster, list[str]]:
+    """Start (or reuse) the cluster, create and stamp ``precog_<env>`` databases, write their `.env` files.
 
-    Idempotent. Returns the cluster and one line per thing done.
+    Idempotent. Returns the cluster and one line per thing done, the second
+    saying where the data is. A database that is unstamped is stamped with its
+    environment (``stamp=False`` skips that); one stamped already is left alone.
     """
     cluster = LocalCluster(root)
     was_running = cluster.running()
     cluster.start()
     done = [
         f"{'reused running' if was_running else 'started'} local PostgreSQL on {cluster.host}:{cluster.port} "
-        f"using {cluster.source}"
+        f"using {cluster.source}",
+        cluster.where(),
     ]
     if cluster.recovered:
         done.append(cluster.recovered)
@@ -655,6 +686,10 @@ def local_up(root: Path, config_dir: Path, envs: Sequence[str] = ("dev", "test")
         name = f"precog_{env}"
         created = cluster.create_database(name)
         done.append(f"{'created' if created else 'kept'} database {name}")
+        if stamp:
+            stamped = _stamp_if_unstamped(cluster, env, name)
+            if stamped:
+                done.append(stamped)
         done.append(
             _write_env_file(
                 config_dir / f".env.{env}",
@@ -662,3 +697,17 @@ def local_up(root: Path, config_dir: Path, envs: Sequence[str] = ("dev", "test")
             )
         )
     return cluster, done
+
+
+def _stamp_if_unstamped(cluster: LocalCluster, env: str, dbname: str) -> str | None:
+    """Stamp ``dbname`` on the cluster as ``env`` when it has no stamp, so opening it does not warn."""
+    from precog_db.environment import parse_environment
+    from precog_db.settings import DatabaseSettings
+    from precog_db.stamp import read_stamp, stamp_database
+
+    environment = parse_environment(env)
+    own = DatabaseSettings(env=environment, host=cluster.host, port=cluster.port, dbname=dbname, user=SUPERUSER)
+    if read_stamp(own) is not None:
+        return None
+    stamp_database(environment, settings=own)
+    return f"stamped database {dbname} as {environment.value}"

@@ -34,7 +34,6 @@ from typing import Any, NoReturn
 
 import psycopg
 import pytest
-import structlog
 from psycopg import Connection, Cursor, sql
 from psycopg.rows import dict_row, tuple_row
 
@@ -42,13 +41,14 @@ from precog_db.connection import connect
 from precog_db.environment import Environment, environment_named_by
 from precog_db.errors import EnvironmentNotAllowedError, PrecogDBError
 from precog_db.gates import current_environments
+from precog_db.log import get_logger
 from precog_db.pool import PrecogPool, close_pool, initialize_pool
 from precog_db.settings import DatabaseSettings, environment_resolution, load_settings
 from precog_db.stamp import stamp_database
 
 __all__ = ["DB_FIXTURES", "resolve_test_target"]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 #: Fixtures that touch the database; a session that uses one of them is guarded.
 DB_FIXTURES = frozenset({"db_pool", "db_cursor", "clean_test_data"})
@@ -164,11 +164,16 @@ def _checked(settings: DatabaseSettings) -> DatabaseSettings:
 
 
 def _stop(session: pytest.Session, message: str) -> NoReturn:
+    # The refusal is printed once. In a plain run it is a usage error: pytest
+    # prints "ERROR: <message>" on stderr and exits 4 (pytest.exit would print it
+    # twice, as "! message !" and "! _pytest.outcomes.Exit: message !").
     # An xdist worker cannot just exit: its controller would report "no active
     # workers" and lose the message. `shouldstop` travels back to the
-    # controller, which stops the run and shows it.
-    session.shouldstop = message
-    pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+    # controller, which stops the run and shows it once.
+    if hasattr(session.config, "workerinput"):
+        session.shouldstop = message
+        pytest.exit(message, returncode=pytest.ExitCode.USAGE_ERROR)
+    raise pytest.UsageError(message)
 
 
 def _guarded_settings(session: pytest.Session) -> DatabaseSettings:

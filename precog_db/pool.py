@@ -31,7 +31,6 @@ from time import monotonic
 from typing import Any, ClassVar
 
 import psycopg
-import structlog
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -48,11 +47,12 @@ from precog_db.errors import (
     PrecogDBError,
 )
 from precog_db.guard import production_confirmed
+from precog_db.log import get_logger, route_pool_logging
 from precog_db.settings import DatabaseSettings, settings_for
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
 #: Longest pause, in seconds, between two attempts to reconnect while the server is down.
@@ -393,6 +393,7 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
     try:
         probe = connect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         probe.close()
+        route_pool_logging()  # psycopg_pool's stdlib records become library events unless the app handles them
         pool = PrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)
         pool.open(wait=False)
     except Exception as exc:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import structlog
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
@@ -38,6 +37,7 @@ from precog_db.environment import (
     resolve_environment,
 )
 from precog_db.errors import ConfigurationError, EnvironmentMismatchError
+from precog_db.log import get_logger
 
 __all__ = [
     "ENV_VARS",
@@ -50,7 +50,7 @@ __all__ = [
     "settings_for",
 ]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _STRONG_SSL = ("require", "verify-ca", "verify-full")

@@ -29,7 +29,6 @@ from importlib import metadata
 from typing import Any
 
 import psycopg
-import structlog
 from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
@@ -43,6 +42,7 @@ from precog_db.errors import (
     UnstampedDatabaseError,
 )
 from precog_db.guard import current_os_user, production_confirmed
+from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
 __all__ = [
@@ -57,7 +57,7 @@ __all__ = [
     "verify_stamp",
 ]
 
-log = structlog.get_logger("precog_db")
+log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 SCHEMA = "precog_meta"
 TABLE = f"{SCHEMA}.stamp"

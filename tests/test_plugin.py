@@ -83,13 +83,20 @@ GUARDED_MODULE = """
 """
 
 
+def refusal_printed_once(result: pytest.RunResult) -> str:
+    """The run's whole output, after checking that the refusal appears in it exactly once and plainly."""
+    out = result.stdout.str() + result.stderr.str()
+    assert out.count("precog_db refuses to run database tests") == 1, out
+    assert "_pytest.outcomes.Exit" not in out, out
+    return out
+
+
 class TestGuard:
     def _refused(self, pytester: pytest.Pytester, run: Run, *needles: str) -> None:
         pytester.makepyfile(test_guarded=GUARDED_MODULE)
         result = run()
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        out = result.stdout.str() + result.stderr.str()
-        assert "precog_db refuses to run database tests" in out
+        out = refusal_printed_once(result)
         for needle in needles:
             assert needle in out
         assert not (pytester.path / "ran_first").exists(), "a test ran before the guard"
@@ -135,7 +142,8 @@ class TestGuard:
         pytester.makepyfile(test_guarded=GUARDED_MODULE)
         result = run("--precog-reuse-db", "--precog-create-db")
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stdout.fnmatch_lines([f"*environment is {env}*never run against staging or production*"])
+        refusal_printed_once(result)
+        result.stderr.fnmatch_lines([f"ERROR: precog_db refuses*environment is {env}*never run against staging*"])
         assert not (pytester.path / "ran_first").exists()
 
     def test_refuses_a_name_that_is_not_a_test_database(
@@ -181,7 +189,8 @@ class TestGuard:
         pytester.makepyfile(test_indirect="def test_orders(orders):\n    pass\n")
         result = run()
         assert result.ret == pytest.ExitCode.USAGE_ERROR
-        result.stdout.fnmatch_lines(["*never run against staging or production*"])
+        refusal_printed_once(result)
+        result.stderr.fnmatch_lines(["*never run against staging or production*"])
 
     def test_sessions_without_database_fixtures_are_left_alone(
         self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch
@@ -343,6 +352,7 @@ class TestXdist:
         result = run("-n", "2")
         assert result.ret not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)
         result.stdout.fnmatch_lines(["*precog_db refuses to run database tests: the environment is staging*"])
+        refusal_printed_once(result)
         assert "INTERNALERROR" not in result.stdout.str()
         assert not (pytester.path / "ran_first").exists()
         assert databases(pg_server, DB + "_") == set()
