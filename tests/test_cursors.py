@@ -137,3 +137,11 @@ class TestConnection:
         with get_connection() as conn:
             assert conn.autocommit and conn.read_only is False
         assert_pool_clean(pg_server, "precog_test")
+
+
+class TestHarness:
+    def test_table_fixture_leaves_a_full_pool_that_never_grew(self, table: str) -> None:
+        """After the table fixture every connection the pool counts is open and idle, so assert_pool_clean is exact."""
+        stats = get_pool().get_stats()
+        assert stats.get("requests_queued", 0) == 0, stats  # the first checkout did not wait, so no growth
+        assert stats["pool_size"] == stats["pool_available"] == 1, stats
