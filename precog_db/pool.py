@@ -454,12 +454,15 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # comes back one connection at a time while the others wait out their reconnect back-off,
         # and a caller timing out then must not be told that all max_size connections are busy.
         failure = self._last_connect_failure
-        retrying = self._retries_pending
-        if failure is None or (failure[0] < self._last_connect_ok and retrying <= 0):
+        if failure is None:
             return self._exhausted(waited)
         when, reason = failure
+        latest_failed = when >= self._last_connect_ok
+        retrying = self._retries_pending
+        if not latest_failed and retrying <= 0:
+            return self._exhausted(waited)
         ago = max(monotonic() - when, 0.0)
-        if when > self._last_connect_ok:
+        if latest_failed:
             state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
         else:
             state = (
