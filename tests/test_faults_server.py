@@ -232,8 +232,9 @@ class TestReconnectBackoff:
                     admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
                 admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS false")
                 pool.check()  # finds the idle connection dead: its replacement fails and is retried
-                # Back-off: retried ~1 s, then ~2 s later; after the second failure the next retry is >= 1.8 s away.
-                assert wait_until(lambda: len(failures) >= 2, timeout=15), failures
+                # Back-off: retried ~1 s, ~2 s, then ~4 s later: after the third failure the next retry is
+                # at least 3.6 s away, ample time for the steps below even on a loaded machine.
+                assert wait_until(lambda: len(failures) >= 3, timeout=20), failures
                 admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS true")
 
                 holding, release = threading.Event(), threading.Event()
@@ -250,10 +251,10 @@ class TestReconnectBackoff:
                 # The waiter gets the dead connection, drops it, and a replacement opens at once.
                 pool.checkin(dead_held)
                 assert holding.wait(10), "the waiter got no connection"
-                assert len(failures) == 2, "the back-off retry ran already: the scenario did not happen"
+                assert len(failures) == 3, "the back-off retry ran already: the scenario did not happen"
                 with pytest.raises(PrecogDBError) as info:
                     pool.checkout(timeout=0.3)
-                assert len(failures) == 2 and pool.get_stats()["pool_available"] == 0
+                assert len(failures) == 3 and pool.get_stats()["pool_available"] == 0
             finally:
                 pool_logger.removeHandler(handler)
                 admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS true")
