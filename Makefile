@@ -12,7 +12,7 @@ CONFIRM ?=
 # Appended after the command, where precog-db takes both global and command options (`ARGS="--keep 3"`).
 DB_ARGS = $(if $(strip $(CONFIRM)), --confirm-database $(strip $(CONFIRM)))$(if $(strip $(ARGS)), $(strip $(ARGS)))
 
-.PHONY: install demo test lint typecheck pytest clean check migrate migrate-status backup local-up local-down bench bench-quick
+.PHONY: install demo test test-lowest lint typecheck pytest clean check migrate migrate-status backup local-up local-down bench bench-quick
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -38,6 +38,22 @@ typecheck: install
 
 pytest: install
 	$(BIN)/python -m pytest
+
+## The test suite against the LOWEST versions of psycopg, psycopg-pool, python-dotenv and structlog
+## that pyproject.toml allows (pinned in .ci/lowest-versions.txt), in a second virtualenv.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_BIN := $(LOWEST_VENV)/bin
+
+$(LOWEST_BIN)/.installed: pyproject.toml .ci/lowest-versions.txt
+	rm -rf $(LOWEST_VENV)
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_BIN)/python -m pip install --quiet --upgrade pip
+	$(LOWEST_BIN)/python -m pip install --quiet -e '.[dev]' -r .ci/lowest-versions.txt
+	touch $@
+
+test-lowest: $(LOWEST_BIN)/.installed
+	$(LOWEST_BIN)/python -m pip list 2>/dev/null | grep -i -E '^(psycopg|psycopg-binary|psycopg-pool|python-dotenv|structlog) '
+	$(LOWEST_BIN)/python -m pytest
 
 ## Database tasks through precog-db, for ENV (default dev): `make migrate ENV=test`; options in ARGS/CONFIRM (above).
 check: install
@@ -73,4 +89,4 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

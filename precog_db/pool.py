@@ -35,6 +35,7 @@ from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout
 from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 from precog_db import audit
 from precog_db.connection import PrecogConnection, check_gate, check_target, connect, failure_reason, prepare
@@ -174,8 +175,13 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self.pid = os.getpid()
         self.pool_kwargs = dict(pool_kwargs)
         self._reply_timeout = reply_timeout(settings)
-        #: (when, reason) of the last failed attempt to open a connection; None after a success.
+        #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
         self._last_connect_failure: tuple[float, str] | None = None
+        self._last_connect_ok = 0.0
+        #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
+        #: they succeed the pool has fewer open connections than it counts (its pool_size).
+        self._retries_pending = 0
+        self._retries_lock = threading.Lock()
         kwargs = settings.connect_kwargs()
         kwargs["autocommit"] = True
         options = kwargs.get("options")
@@ -224,13 +230,22 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         except (psycopg.Error, PrecogDBError) as exc:
             self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
             raise
-        self._last_connect_failure = None
+        self._last_connect_ok = monotonic()
         return conn
+
+    def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        # psycopg_pool schedules an AddConnection only to retry a failed attempt (after the back-off).
+        if isinstance(task, AddConnection):
+            with self._retries_lock:
+                self._retries_pending += 1
+        super().schedule_task(task, delay)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         # psycopg_pool doubles the delay after each failure before scheduling
         # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
-        if attempt is not None:
+        if attempt is not None:  # a retry scheduled by schedule_task is running
+            with self._retries_lock:
+                self._retries_pending -= 1
             attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
         super()._add_connection(attempt, growing=growing)
 
@@ -359,14 +374,28 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self.putconn(conn)
 
     def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
+        # "Exhausted" only if every connection the pool counts is open: after an outage the pool
+        # comes back one connection at a time while the others wait out their reconnect back-off,
+        # and a caller timing out then must not be told that all max_size connections are busy.
         failure = self._last_connect_failure
         if failure is None:
             return self._exhausted(waited)
         when, reason = failure
+        latest_failed = when >= self._last_connect_ok
+        retrying = self._retries_pending
+        if not latest_failed and retrying <= 0:
+            return self._exhausted(waited)
+        ago = max(monotonic() - when, 0.0)
+        if latest_failed:
+            state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
+        else:
+            state = (
+                f"could not be reached ({reason}, {ago:.1f}s ago) and the pool is still re-opening "
+                f"{retrying} of its connections"
+            )
         return DatabaseUnavailableError(
             f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
-            f"{self.settings.describe()} cannot be reached: {reason} (last attempt "
-            f"{max(monotonic() - when, 0.0):.1f}s ago). The pool keeps reconnecting by itself, at least every "
+            f"{self.settings.describe()} {state}. The pool keeps reconnecting by itself, at least every "
             f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
             "and DB_HOST / DB_PORT"
         )

@@ -13,7 +13,11 @@ from precog_db.settings import DatabaseSettings
 
 @pytest.fixture
 def table(test_settings: DatabaseSettings) -> str:
-    initialize_pool(settings=test_settings)
+    # Wait for the pool's first connection before using it. Otherwise the first
+    # checkout queues, the pool grows by one (pool_size 2), and that second
+    # connection may still be opening in the background when a test checks
+    # that every connection is back (`assert_pool_clean`: pool_available 1 of 2).
+    initialize_pool(settings=test_settings).wait(timeout=test_settings.connect_timeout)
     with get_cursor(commit=True) as cur:
         cur.execute("DROP TABLE IF EXISTS cursor_items")
         cur.execute("CREATE TABLE cursor_items (id serial PRIMARY KEY, name text NOT NULL)")
@@ -29,8 +33,14 @@ def count(table: str) -> int:
 
 
 def assert_pool_clean(pg_server: Server, dbname: str) -> None:
+    """Every connection the pool counts is back in it, and none is left idle in a transaction on the server.
+
+    Exact only when no connection is being opened in the background, which the
+    `table` fixture ensures: the pool starts full and these tests borrow one
+    connection at a time, so it never grows.
+    """
     stats = get_pool().get_stats()
-    assert stats["pool_available"] == stats["pool_size"]
+    assert stats["pool_available"] == stats["pool_size"], stats
     with pg_server.connect(dbname) as admin:
         stuck = admin.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'precog-test' "
@@ -127,3 +137,11 @@ class TestConnection:
         with get_connection() as conn:
             assert conn.autocommit and conn.read_only is False
         assert_pool_clean(pg_server, "precog_test")
+
+
+class TestHarness:
+    def test_table_fixture_leaves_a_full_pool_that_never_grew(self, table: str) -> None:
+        """After the table fixture every connection the pool counts is open and idle, so assert_pool_clean is exact."""
+        stats = get_pool().get_stats()
+        assert stats.get("requests_queued", 0) == 0, stats  # the first checkout did not wait, so no growth
+        assert stats["pool_size"] == stats["pool_available"] == 1, stats

@@ -201,6 +201,74 @@ class TestReconnectBackoff:
                 recovered_after_up_s=round(recovered_at - up_at, 2),
             )
 
+    def test_timeout_while_connections_are_reopened_is_not_exhaustion(self) -> None:
+        """A caller timing out while some connections still wait out their reconnect back-off is not told "all busy".
+
+        After an outage the pool comes back one connection at a time. Here one of its three connections
+        is open and busy, one was just re-opened and is busy, and the third is still in psycopg_pool's
+        reconnect back-off: the caller that times out must get DatabaseUnavailableError, not
+        PoolExhaustedError ("3 of at most 3 connections are busy", which is false). This is what made
+        TestRestartUnderLoad fail on a busy machine.
+        """
+        with own_server() as server:
+            pool = initialize_pool(settings=server.settings(pool_min=3, pool_max=3, pool_timeout=5.0))
+            settled_pool_stats()
+            held, dead_held, dead_idle = pool.checkout(), pool.checkout(), pool.checkout()
+            pool.checkin(dead_idle)
+            failures: list[float] = []
+
+            class Recorder(logging.Handler):
+                def emit(self, record: logging.LogRecord) -> None:
+                    if record.getMessage().startswith("error connecting in"):
+                        failures.append(time.monotonic())
+
+            handler = Recorder(level=logging.WARNING)
+            pool_logger = logging.getLogger("psycopg.pool")
+            pool_logger.addHandler(handler)
+            admin = server.connect()
+            try:
+                # The server stays up; the database refuses new connections, open ones keep working.
+                for conn in (dead_held, dead_idle):
+                    admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+                admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS false")
+                pool.check()  # finds the idle connection dead: its replacement fails and is retried
+                # Back-off: retried ~1 s, ~2 s, then ~4 s later: after the third failure the next retry is
+                # at least 3.6 s away, ample time for the steps below even on a loaded machine.
+                assert wait_until(lambda: len(failures) >= 3, timeout=20), failures
+                admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS true")
+
+                holding, release = threading.Event(), threading.Event()
+
+                def waiter() -> None:
+                    conn = pool.checkout(timeout=10)
+                    holding.set()
+                    release.wait(30)
+                    pool.checkin(conn)
+
+                thread = threading.Thread(target=waiter, daemon=True)
+                thread.start()
+                assert wait_until(lambda: pool.get_stats().get("requests_waiting", 0) == 1, timeout=10)
+                # The waiter gets the dead connection, drops it, and a replacement opens at once.
+                pool.checkin(dead_held)
+                assert holding.wait(10), "the waiter got no connection"
+                assert len(failures) == 3, "the back-off retry ran already: the scenario did not happen"
+                with pytest.raises(PrecogDBError) as info:
+                    pool.checkout(timeout=0.3)
+                assert len(failures) == 3 and pool.get_stats()["pool_available"] == 0
+            finally:
+                pool_logger.removeHandler(handler)
+                admin.execute("ALTER DATABASE precog_test ALLOW_CONNECTIONS true")
+                admin.close()
+            release.set()
+            thread.join(10)
+            pool.checkin(held)
+            assert isinstance(info.value, DatabaseUnavailableError), str(info.value)
+            message = str(info.value)
+            assert "still re-opening 1 of its connections" in message and "not currently accepting" in message
+            assert "DB_POOL_MAX_CONN" not in message
+            # The retry still comes, and the pool is whole again.
+            assert wait_until(lambda: pool.get_stats().get("pool_available", 0) == 3, timeout=15), pool.get_stats()
+
     def test_outage_error_names_the_reason_not_pool_size(self) -> None:
         """A caller timing out while the server is down gets DatabaseUnavailableError with the reason."""
         with own_server() as server:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import yaml
 from conftest import REPO
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 import precog_db
 
@@ -104,3 +110,86 @@ class TestPublicApi:
     def test_ships_py_typed(self) -> None:
         """The package is marked as typed."""
         assert (Path(precog_db.__file__).parent / "py.typed").is_file()
+
+
+def pyproject() -> dict[str, object]:
+    """The parsed pyproject.toml."""
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def runtime_floors() -> dict[str, Version]:
+    """The lower bound (``>=``) of every runtime dependency in pyproject.toml, by canonical name."""
+    project = pyproject()["project"]
+    assert isinstance(project, dict)
+    floors: dict[str, Version] = {}
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        lower = [Version(spec.version) for spec in req.specifier if spec.operator == ">="]
+        assert len(lower) == 1, f"{line!r}: every runtime dependency needs exactly one >= floor"
+        name = canonicalize_name(req.name)
+        assert name not in floors or floors[name] == lower[0], f"two different floors for {name}"
+        floors[name] = lower[0]
+    return floors
+
+
+def lowest_pins() -> dict[str, Version]:
+    """The exact versions `make test-lowest` installs (.ci/lowest-versions.txt), by canonical name."""
+    pins: dict[str, Version] = {}
+    for raw in (REPO / ".ci" / "lowest-versions.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", f"{line!r}: pin one exact version with =="
+        pins[canonicalize_name(req.name)] = Version(specs[0].version)
+    return pins
+
+
+class TestDependencyRanges:
+    """The declared range of each runtime dependency is the one CI tests at both ends."""
+
+    def test_lowest_job_pins_exactly_the_declared_floors(self) -> None:
+        """Every runtime dependency's floor in pyproject.toml is the version the lowest-version CI job installs."""
+        floors, pins = runtime_floors(), lowest_pins()
+        assert set(floors) == {"psycopg", "psycopg-pool", "python-dotenv", "structlog"}
+        assert pins == floors, (
+            f"pyproject.toml floors {dict(sorted(floors.items()))} differ from .ci/lowest-versions.txt "
+            f"{dict(sorted(pins.items()))}: change both together, then run `make test-lowest`"
+        )
+
+    def test_lowest_job_installs_the_binary_psycopg(self) -> None:
+        """The lowest-version job installs psycopg with the [binary] extra the runtime dependency asks for."""
+        text = (REPO / ".ci" / "lowest-versions.txt").read_text()
+        assert re.search(r"^psycopg\[binary\]==", text, re.MULTILINE)
+
+    def test_psycopg_pool_floor_has_the_internals_pool_py_reads(self) -> None:
+        """psycopg-pool 3.2 lacks the connection attribute _created_at that PrecogPool.checkin reads: never allowed."""
+        project = pyproject()["project"]
+        assert isinstance(project, dict)
+        spec = next(Requirement(d).specifier for d in project["dependencies"] if d.startswith("psycopg-pool"))
+        assert isinstance(spec, SpecifierSet)
+        assert not spec.contains("3.2.8") and spec.contains("3.3.0")
+
+    def test_ci_runs_the_suite_on_newest_and_lowest(self) -> None:
+        """.ci/run runs the suite on the newest versions (make test) and on the declared floors (make test-lowest)."""
+        commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
+        assert "make test" in commands and "make test-lowest" in commands
+        makefile = (REPO / "Makefile").read_text()
+        assert "-r .ci/lowest-versions.txt" in makefile
+
+
+class TestPackaging:
+    def test_license_is_an_spdx_expression(self) -> None:
+        """project.license is an SPDX string (the TOML-table form makes setuptools warn on every install)."""
+        project = pyproject()["project"]
+        assert isinstance(project, dict)
+        assert project["license"] == "LicenseRef-Proprietary"
+
+    def test_build_backend_understands_spdx_licenses(self) -> None:
+        """The build requires a setuptools that reads SPDX license expressions (77+; 76 rejects the string)."""
+        build = pyproject()["build-system"]
+        assert isinstance(build, dict)
+        setuptools = [Requirement(r) for r in build["requires"] if Requirement(r).name == "setuptools"]
+        assert len(setuptools) == 1 and not setuptools[0].specifier.contains("76.1.0")
+        assert setuptools[0].specifier.contains("77.0.1")
