@@ -15,9 +15,10 @@ retrying.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import Connection, Cursor
@@ -99,13 +100,23 @@ class _ConnectionBlock:
             raise PoolStateError("a get_connection() block cannot be entered twice; call get_connection() again")
         pool = self._pool = get_pool()
         pool.lend(self)  # on any exception the slot is empty again
+        self.__class__ = _LentConnectionBlock  # no call in between: see _reclaim
         conn = self._conn
         assert conn is not None
         return conn
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._pool is not None:
-            self._pool.give_back(self)
+            _give_back(self._pool, self, _ConnectionBlock)
+
+
+class _LentConnectionBlock(_ConnectionBlock):
+    """A `_ConnectionBlock` holding a connection: the only kind with a finalizer (see `_reclaim`)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        _reclaim(self)
 
 
 class _CursorBlock:
@@ -114,6 +125,7 @@ class _CursorBlock:
     def __init__(self, commit: bool, row_factory: RowFactory[Any]) -> None:
         self._commit = commit
         self._row_factory = row_factory
+        self._pool: PrecogPool | None = None
         self._conn: Connection[Any] | None = None
         self._cursor: Cursor[Any] | None = None
         self._transaction: Transaction | None = None
@@ -123,6 +135,7 @@ class _CursorBlock:
             raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
         pool = self._pool = get_pool()
         pool.lend(self)  # on any exception the slot is empty again
+        self.__class__ = _LentCursorBlock  # no call in between: see _reclaim
         try:
             conn = self._conn
             assert conn is not None
@@ -147,7 +160,7 @@ class _CursorBlock:
                 raise
             finally:
                 self._cursor = None
-                pool.give_back(self)
+                _give_back(pool, self, _CursorBlock)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
@@ -169,7 +182,45 @@ class _CursorBlock:
                 raise wrapped from ev
             return False
         finally:
-            pool.give_back(self)
+            _give_back(pool, self, _CursorBlock)
+
+
+class _LentCursorBlock(_CursorBlock):
+    """A `_CursorBlock` holding a connection: the only kind with a finalizer (see `_reclaim`)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        _reclaim(self)
+
+
+_Block = TypeVar("_Block", _ConnectionBlock, _CursorBlock)
+
+
+def _give_back(pool: PrecogPool, block: _Block, unlent: type[_Block]) -> None:
+    try:
+        pool.give_back(block)
+    finally:
+        if block._conn is not None:  # interrupted on give_back's first instruction, before its own guard
+            pool.give_back(block)
+    block.__class__ = unlent  # nothing left to reclaim
+
+
+def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
+    """Last resort when a block is collected still holding a connection, and give it back.
+
+    That happens only when an interrupt is raised as the ``with`` statement
+    calls ``__exit__``, before its first line runs (CPython checks for pending
+    signals on entering a function), so the block never saw its exit: the
+    connection is returned once the exception, whose traceback keeps the block
+    alive, is released. Only blocks holding a connection have this finalizer,
+    so an ordinary block's deallocation runs no Python code (a signal landing
+    in a finalizer would be swallowed).
+    """
+    pool = getattr(block, "_pool", None)
+    if getattr(block, "_conn", None) is not None and pool is not None:
+        with contextlib.suppress(Exception):
+            pool.give_back(block)
 
 
 def _translate(

@@ -51,7 +51,7 @@ from precog_db.errors import (
     PoolStateError,
 )
 from precog_db.guard import require_production_confirmation
-from precog_db.session import adopt, baseline, needs_restore, restore
+from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.stamp import verify_stamp
 
@@ -512,6 +512,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 except Exception as exc:
                     log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                     conn.close()
+                    if not isinstance(exc, (psycopg.Error, RestoreFailed)):
+                        raise  # e.g. a job timeout raised by a signal handler: the caller must see it
             if self._closed:
                 conn.close()
                 holder._conn = None

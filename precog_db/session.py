@@ -32,7 +32,8 @@ temporary table or takes a session advisory lock, called from a plain
 psycopg internals used here (checked by tests/test_isolation.py):
 ``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
 ``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
-``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``.
+``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
+``_num_transactions``, ``_pipeline``.
 """
 
 from __future__ import annotations
@@ -121,24 +122,47 @@ class PrecogCursor(psycopg.Cursor[Any]):
         _mark(self._conn, pgq.query)
         return pgq
 
+    # ``_precog_busy`` stays set if something other than a server error (an
+    # interrupt raised by a signal handler) ends a statement half-way: psycopg's
+    # own bookkeeping (its prepared-statement cache) may then disagree with the
+    # server, so checkin closes that connection instead of lending it again.
+
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
+        conn: Any = self._conn
+        conn._precog_busy = True
         try:
-            return super().execute(query, params, prepare=prepare, binary=binary)
+            rv = super().execute(query, params, prepare=prepare, binary=binary)
         except psycopg.errors.ReadOnlySqlTransaction as exc:
-            error = _forgot_commit(self._conn, exc)
+            conn._precog_busy = False
+            error = _forgot_commit(conn, exc)
             if error is exc:
                 raise
+        except psycopg.Error:
+            conn._precog_busy = False
+            raise
+        else:
+            conn._precog_busy = False
+            return rv
         raise error.with_traceback(None)
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+        conn: Any = self._conn
+        conn._precog_busy = True
         try:
-            return super().executemany(query, params_seq, returning=returning)
+            super().executemany(query, params_seq, returning=returning)
         except psycopg.errors.ReadOnlySqlTransaction as exc:
-            error = _forgot_commit(self._conn, exc)
+            conn._precog_busy = False
+            error = _forgot_commit(conn, exc)
             if error is exc:
                 raise
+        except psycopg.Error:
+            conn._precog_busy = False
+            raise
+        else:
+            conn._precog_busy = False
+            return
         raise error.with_traceback(None)
 
 
@@ -178,6 +202,7 @@ def adopt(conn: Connection[Any]) -> None:
     conn.cursor_factory = PrecogCursor
     conn.server_cursor_factory = PrecogServerCursor
     conn._precog_dirty = False  # type: ignore[attr-defined]
+    conn._precog_busy = False  # type: ignore[attr-defined]
 
 
 def baseline(conn: Connection[Any]) -> None:
@@ -203,6 +228,9 @@ def needs_restore(conn: Connection[Any]) -> bool:
         or c.server_cursor_factory is not PrecogServerCursor
         or c.row_factory is not c._precog_row_factory
         or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
+        or c._precog_busy
+        or c._num_transactions
+        or c._pipeline is not None
         or reported(c.pgconn) != c._precog_reported
     )
 
@@ -222,6 +250,10 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
         raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
+    if c._precog_busy or c._num_transactions or c._pipeline is not None:
+        # A transaction() or pipeline() block was cut short (an interrupt in its
+        # bookkeeping): psycopg's own state is inconsistent, the connection must go.
+        raise RestoreFailed("a statement, transaction() or pipeline() block was cut short by an interrupt")
     if status != TransactionStatus.IDLE:
         conn.rollback()
     if not c._autocommit:
