@@ -52,17 +52,20 @@ from precog_db.errors import ReadOnlyWriteError
 __all__ = ["PrecogCursor", "PrecogServerCursor", "adopt", "changes_session", "needs_restore", "restore"]
 
 #: Statements that cannot change session state by themselves (their text is still
-#: checked for session-changing functions, ``INTO`` and a second statement).
+#: checked for session-changing functions, ``INTO``, temporary objects and a second statement).
 _CLEAN = frozenset(
-    b"select with values table show insert update delete merge copy fetch move savepoint release lock".split()
+    b"select with values table show insert update delete merge copy fetch move savepoint release lock "
+    b"create alter drop comment grant revoke truncate analyze vacuum refresh cluster reindex".split()
 )
 #: ``SET`` forms that end with the transaction.
 _TRANSACTION_SET = frozenset(b"local transaction constraints".split())
-#: Leading comments, whitespace and parentheses, then the first one or two words.
-_LEAD = re.compile(rb"(?:\s+|--[^\n]*|/\*(?:(?!\*/).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
+#: Leading comments, whitespace and parentheses, then the first one or two words. A nested
+#: comment (PostgreSQL allows them) does not match, so its statement counts as session-changing.
+_LEAD = re.compile(rb"(?:\s+|--[^\n]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
 #: Functions that change the session, wherever they appear: settings, session
-#: advisory locks (not the ``_xact_`` ones), dblink connections; and ``SELECT … INTO``.
-_RISKY = re.compile(rb"set_config|advisory_lock|dblink|\binto\b", re.I)
+#: advisory locks (not the ``_xact_`` ones), dblink connections; ``SELECT … INTO``;
+#: temporary objects (``CREATE TEMP …``, anything in ``pg_temp``).
+_RISKY = re.compile(rb"set_config|advisory_lock|dblink|\binto\b|\btemp(?:orary)?\b|pg_temp", re.I)
 _INSERT_INTO = re.compile(rb"\b(?:insert|merge)\s+into\b", re.I)
 _VERDICTS: dict[bytes, bool] = {}
 _VERDICTS_MAX = 4096
