@@ -21,8 +21,7 @@ At checkin `needs_restore` compares all of this without a round trip; only a
 connection that changed something pays `restore`: the client attributes are
 put back and, if the session may have changed, one ``DISCARD ALL`` (which also
 brings every setting back to its startup value, ``default_transaction_read_only=on``
-included). psycopg empties its prepared-statement cache when it sees the
-``DISCARD ALL`` command status.
+included), and psycopg's prepared-statement cache is emptied to match.
 
 Known limit: a server-side function that changes a setting the server does not
 report (``search_path`` before PostgreSQL 18, ``statement_timeout``), creates a
@@ -33,7 +32,7 @@ psycopg internals used here (checked by tests/test_isolation.py):
 ``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
 ``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
 ``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
-``_num_transactions``, ``_pipeline``.
+``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``).
 """
 
 from __future__ import annotations
@@ -238,6 +237,19 @@ def needs_restore(conn: Connection[Any]) -> bool:
     )
 
 
+def _forget_prepared(conn: Connection[Any]) -> None:
+    """Empty psycopg's prepared-statement cache after ``DISCARD ALL`` dropped the statements on the server.
+
+    psycopg clears it by itself only the first time it sees that command on a
+    connection (it checks command statuses of statements new to its cache),
+    so the next borrower would get "prepared statement _pg3_N does not exist".
+    """
+    prepared: Any = conn._prepared
+    prepared._counts.clear()
+    prepared._names.clear()
+    prepared._to_flush.clear()
+
+
 class RestoreFailed(Exception):
     """The session could not be brought back to its baseline: the connection must be closed."""
 
@@ -273,7 +285,8 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     del c._notice_handlers[c._precog_handlers[0] :]
     del c._notify_handlers[c._precog_handlers[1] :]
     if c._precog_dirty or reported(conn.pgconn) != c._precog_reported:
-        conn.execute("DISCARD ALL")
+        conn.execute("DISCARD ALL", prepare=False)
+        _forget_prepared(conn)
         if reconfigure is not None:
             reconfigure(conn)
         if reported(conn.pgconn) != c._precog_reported:

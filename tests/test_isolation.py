@@ -352,3 +352,15 @@ class TestClassifier:
     def test_session_changing_statements(self, sql: str) -> None:
         """Anything that may change the session, or cannot be told apart quickly, needs a reset."""
         assert changes_session(sql.encode())
+
+
+class TestPreparedStatementCache:
+    def test_repeated_resets_keep_psycopgs_cache_in_step(self, one: int) -> None:
+        """Prepared statements psycopg made itself keep working across many resets of the same session."""
+        for i in range(20):
+            with get_cursor() as cur:
+                cur.execute("SELECT %s::int AS i", (i,))  # prepared by psycopg after 5 runs
+                assert cur.fetchone() == {"i": i}
+            with get_cursor() as cur:
+                cur.execute("SET search_path = public")  # dirty: DISCARD ALL at checkin
+        _same_session(one)
