@@ -240,3 +240,35 @@ class TestBlocks:
         assert cur.closed
         with pytest.raises(psycopg.InterfaceError):
             cur.execute("SELECT 1")
+
+
+class TestPsycopgPoolHooks:
+    def test_reset_hook_runs_and_connections_come_back(self, test_settings: DatabaseSettings) -> None:
+        """With psycopg_pool's reset= callback, returned connections go through it and are lent again."""
+        resets: list[int] = []
+
+        def reset(conn: psycopg.Connection[object]) -> None:
+            resets.append(conn.info.backend_pid)
+
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1), reset=reset)
+        for _ in range(3):
+            with get_cursor() as cur:
+                cur.execute("SELECT 1")
+        _wait_until(lambda: len(resets) == 3, "three resets")
+        _wait_until(lambda: pool.get_stats().get("pool_available", 0) == 1, "the connection to come back")
+        assert pool.get_stats()["pool_size"] == 1
+
+    def test_check_hook_runs_on_checkout(self, test_settings: DatabaseSettings) -> None:
+        """With psycopg_pool's check= callback, every checkout runs it and counts once in requests_num."""
+        checks: list[int] = []
+
+        def check(conn: psycopg.Connection[object]) -> None:
+            checks.append(conn.info.backend_pid)
+
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1), check=check)
+        before = pool.get_stats().get("requests_num", 0)
+        for _ in range(3):
+            with get_cursor() as cur:
+                cur.execute("SELECT 1")
+        assert len(checks) == 3
+        assert pool.get_stats()["requests_num"] == before + 3
