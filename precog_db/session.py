@@ -12,8 +12,8 @@ connections therefore:
   is a cheap, cached look at the statement text (`changes_session`): plain
   reads and writes are clean, everything else is dirty;
 * remember at connect time the parameters the server reports on its own
-  (``default_transaction_read_only``, ``is_superuser``,
-  ``session_authorization``, ``TimeZone``, ``search_path`` where reported), so
+  (``default_transaction_read_only``, ``is_superuser``, ``TimeZone``,
+  ``search_path`` where reported), so
   a change made where the text does not show it (a function calling
   ``set_config``) is still seen, with no round trip.
 
@@ -187,15 +187,31 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
         return super()._make_declare_statement(query)
 
 
+_DTRO = b"default_transaction_read_only"
+_SUPERUSER = b"is_superuser"
+_TIMEZONE = b"TimeZone"
+_SEARCH_PATH = b"search_path"
+
+
 def reported(pgconn: PGconn) -> tuple[bytes | None, ...]:
-    """The session parameters the server reports whenever they change (no round trip)."""
+    """The session parameters the server reports whenever they change (no round trip).
+
+    ``default_transaction_read_only`` (PostgreSQL 14+: the read-only promise),
+    ``is_superuser`` (changes with ``SET ROLE`` / ``SET SESSION AUTHORIZATION``
+    between a superuser and another role), ``TimeZone``, and ``search_path``
+    (reported from PostgreSQL 18; None before).
+    """
+    status = pgconn.parameter_status
+    return (status(_DTRO), status(_SUPERUSER), status(_TIMEZONE), status(_SEARCH_PATH))
+
+
+def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
     status = pgconn.parameter_status
     return (
-        status(b"default_transaction_read_only"),
-        status(b"is_superuser"),
-        status(b"session_authorization"),
-        status(b"TimeZone"),
-        status(b"search_path"),
+        status(_DTRO) != base[0]
+        or status(_SUPERUSER) != base[1]
+        or status(_TIMEZONE) != base[2]
+        or (base[3] is not None and status(_SEARCH_PATH) != base[3])
     )
 
 
@@ -233,7 +249,7 @@ def needs_restore(conn: Connection[Any]) -> bool:
         or c._precog_busy
         or c._num_transactions
         or c._pipeline is not None
-        or reported(c.pgconn) != c._precog_reported
+        or _reported_changed(c.pgconn, c._precog_reported)
     )
 
 
