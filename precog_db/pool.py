@@ -9,7 +9,10 @@ Connections are opened in autocommit mode with
 and cannot write, while `psycopg.Connection.transaction` starts an explicit
 ``BEGIN READ WRITE``. A checkout runs a zero-round-trip liveness check (is the
 idle socket readable, i.e. did the server close it or send a FATAL?), so dead
-connections are dropped without a ``SELECT 1`` on every checkout.
+connections are dropped without a ``SELECT 1`` on every checkout. A checkin
+costs no round trip unless the borrower changed the session
+(`precog_db.session`), and no interrupt raised by a signal handler can lose a
+connection on the way out or back (docs/DESIGN.md).
 
 Faults (see docs/RELIABILITY.md): while the server is down the pool retries
 at least every `MAX_RECONNECT_DELAY` seconds and a caller that cannot get a
@@ -264,9 +267,12 @@ class _Bury(MaintenanceTask):
 class PrecogPool(ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
-    `checkout` / `checkin` are what `get_cursor` uses: they add the liveness
-    check and turn a checkout timeout into a `PoolExhaustedError` that says
-    what to change. Its `repr` shows only the pool name.
+    `lend` / `give_back` are what `get_cursor` and `get_connection` use
+    (`checkout` / `checkin` wrap them for callers that handle the connection
+    themselves): they add the liveness check, turn a checkout timeout into a
+    `PoolExhaustedError` that says what to change, undo whatever session state
+    a borrower left (`precog_db.session`), and lose no connection to an
+    asynchronous exception (docs/DESIGN.md). Its `repr` shows only the pool name.
     """
 
     settings: DatabaseSettings
