@@ -510,6 +510,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         conn = holder._conn
         if conn is None:
             return
+        if getattr(conn, "_pool", None) is not self:
+            raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
         try:
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):

@@ -272,3 +272,11 @@ class TestPsycopgPoolHooks:
                 cur.execute("SELECT 1")
         assert len(checks) == 3
         assert pool.get_stats()["requests_num"] == before + 3
+
+    def test_foreign_connection_is_refused_at_checkin(self, test_settings: DatabaseSettings, pg_server: Server) -> None:
+        """checkin() of a connection the pool did not lend raises PoolStateError and leaves the pool as it was."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
+        pool.wait(timeout=10)
+        with pg_server.connect() as stranger, pytest.raises(PoolStateError, match="not lent"):
+            pool.checkin(stranger)
+        assert pool.get_stats()["pool_available"] == 1 and pool.get_stats()["pool_size"] == 1
