@@ -216,7 +216,7 @@ class TestSessionState:
         """A row_factory set through get_connection() does not change the rows the next borrower gets."""
         with get_connection() as conn:
             before = conn.execute("SELECT 1 AS a").fetchone()
-            conn.row_factory = psycopg.rows.dict_row  # type: ignore[assignment]
+            conn.row_factory = psycopg.rows.dict_row
         with get_connection() as conn:
             assert conn.execute("SELECT 1 AS a").fetchone() == before
 
@@ -364,3 +364,26 @@ class TestPreparedStatementCache:
             with get_cursor() as cur:
                 cur.execute("SET search_path = public")  # dirty: DISCARD ALL at checkin
         _same_session(one)
+
+
+class TestPsycopgInternals:
+    def test_the_private_names_borrower_isolation_relies_on_exist(self, one: int) -> None:
+        """Every psycopg internal listed in precog_db/session.py exists: an upgrade that renames one fails here."""
+        assert callable(getattr(psycopg.Cursor, "_convert_query", None))
+        assert callable(getattr(psycopg.ServerCursor, "_make_declare_statement", None))
+        with get_connection() as conn:
+            for name in (
+                "_autocommit",
+                "_read_only",
+                "_isolation_level",
+                "_deferrable",
+                "_notice_handlers",
+                "_notify_handlers",
+                "_num_transactions",
+                "_pipeline",
+            ):
+                assert hasattr(conn, name), name
+            for name in ("_counts", "_names", "_to_flush"):
+                assert hasattr(conn._prepared, name), name
+            with conn.cursor("iso_internals") as cur:
+                assert hasattr(cur, "_withhold")
