@@ -50,6 +50,68 @@ def round_trips(
     return out
 
 
+def reset_round_trips(target: Target, *, count: int = 50) -> dict[str, float]:
+    """Round trips per ``get_cursor()`` block on the wire, and how many of them were session resets.
+
+    The borrower-isolation budget (docs/RELIABILITY.md, issue 10): a plain read
+    is one round trip and a committed write three, with no reset; only a block
+    that changed the session pays one ``DISCARD ALL`` at checkin. asyncpg pays
+    its reset on every release (see ``round_trips``: 2 per primary-key read).
+    """
+    import precog_db
+    from precog_db.session import PrecogCursor
+
+    out: dict[str, float] = {}
+    resets = 0
+    original = PrecogCursor._convert_query
+
+    def counting(self: Any, query: Any, params: Any = None) -> Any:
+        nonlocal resets
+        pgq = original(self, query, params)
+        if pgq.query == b"DISCARD ALL":
+            resets += 1
+        return pgq
+
+    blocks: dict[str, tuple[tuple[str, ...], bool]] = {
+        "plain read": (("SELECT 1",), False),
+        "committed write (SET LOCAL, UPDATE)": (
+            ("SET LOCAL statement_timeout = 5000", "UPDATE bench_items SET id = id WHERE id = 1"),
+            True,
+        ),
+        "session-changing read (SET search_path)": (("SET search_path = public",), False),
+    }
+    with RoundTripCounter(target.host, target.port) as proxy:
+        via = target.at("127.0.0.1", proxy.port)
+        settings = precog_db.DatabaseSettings(
+            env=precog_db.Environment.DEV,
+            host=via.host,
+            port=via.port,
+            dbname=via.dbname,
+            user=via.user,
+            password=via.password,
+            pool_min=1,
+            pool_max=1,
+            sslmode="disable",
+        )
+        precog_db.initialize_pool(settings=settings).wait(timeout=60)
+        PrecogCursor._convert_query = counting  # type: ignore[method-assign]
+        try:
+            for label, (statements, commit) in blocks.items():
+                for n in range(10 + count):
+                    if n == 10:  # after warming up (psycopg prepares a statement on its 6th run)
+                        proxy.reset()
+                        resets = 0
+                    with precog_db.get_cursor(commit=commit) as cur:
+                        for sql in statements:
+                            cur.execute(sql)
+                out[f"{label}: round trips per block"] = round(proxy.round_trips / count, 2)
+                out[f"{label}: resets per block"] = round(resets / count, 2)
+        finally:
+            PrecogCursor._convert_query = original  # type: ignore[method-assign]
+            precog_db.close_pool()
+    return out
+
+
 # --- cost as the work grows --------------------------------------------------------------
 
 

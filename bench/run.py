@@ -360,6 +360,13 @@ def render(report: dict[str, Any]) -> str:
                     f"{_fmt(m['server_private_kib_per_backend'], ',.0f'):>7} / "
                     f"{_fmt(m['server_context_kib_per_backend'], ',.0f'):>7}"
                 )
+    if report.get("reset_round_trips"):
+        lines.append("")
+        lines.append(
+            "borrower isolation: round trips and session resets (DISCARD ALL) per get_cursor() block, pool of 1"
+        )
+        for label, value in report["reset_round_trips"].items():
+            lines.append(f"  {label:<62} {value:>5}")
     lines.append("")
     lines.append("targets:")
     for t in report["targets"]:
@@ -441,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         if "roundtrips" not in skip:
             _log("counting round trips per operation on the wire")
             report["round_trips"] = extras.round_trips(chosen, server.bench)
+            _log("counting session resets per get_cursor() block")
+            report["reset_round_trips"] = extras.reset_round_trips(server.bench)
         opened: list[C.Contender] = []
         try:
             for cls in chosen:

@@ -15,13 +15,15 @@ retrying.
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import Connection, Cursor
 from psycopg.rows import RowFactory, dict_row
+from psycopg.transaction import Transaction
 
 from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError, PoolStateError
 from precog_db.pool import PrecogPool, get_pool
@@ -79,6 +81,13 @@ def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row)
 # more per block (docs/PERFORMANCE.md).
 
 
+# Interrupts: a signal handler may raise (KeyboardInterrupt, a job timeout) at
+# any point. The lent connection lives in the block's ``_conn`` slot from the
+# moment it leaves the pool's idle stack until `PrecogPool.give_back` has handed
+# it back, and every step in between is covered by an except clause that gives
+# it back, so no interrupt can lose it (docs/RELIABILITY.md).
+
+
 class _ConnectionBlock:
     __slots__ = ("_conn", "_pool")
 
@@ -90,14 +99,24 @@ class _ConnectionBlock:
         if self._conn is not None:
             raise PoolStateError("a get_connection() block cannot be entered twice; call get_connection() again")
         pool = self._pool = get_pool()
-        conn = self._conn = pool.checkout()
+        pool.lend(self)  # on any exception the slot is empty again
+        self.__class__ = _LentConnectionBlock  # no call in between: see _reclaim
+        conn = self._conn
+        assert conn is not None
         return conn
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        pool, conn = self._pool, self._conn
-        self._conn = None
-        if pool is not None and conn is not None:
-            pool.checkin(conn)
+        if self._pool is not None:
+            _give_back(self._pool, self, _ConnectionBlock)
+
+
+class _LentConnectionBlock(_ConnectionBlock):
+    """A `_ConnectionBlock` holding a connection: the only kind with a finalizer (see `_reclaim`)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        _reclaim(self)
 
 
 class _CursorBlock:
@@ -106,38 +125,50 @@ class _CursorBlock:
     def __init__(self, commit: bool, row_factory: RowFactory[Any]) -> None:
         self._commit = commit
         self._row_factory = row_factory
+        self._pool: PrecogPool | None = None
         self._conn: Connection[Any] | None = None
+        self._cursor: Cursor[Any] | None = None
+        self._transaction: Transaction | None = None
 
     def __enter__(self) -> Cursor[Any]:
         if self._conn is not None:
             raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
         pool = self._pool = get_pool()
-        conn = self._conn = pool.checkout()
-        cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
-        self._transaction = None
-        if self._commit:
-            try:
+        pool.lend(self)  # on any exception the slot is empty again
+        self.__class__ = _LentCursorBlock  # no call in between: see _reclaim
+        try:
+            conn = self._conn
+            assert conn is not None
+            self._transaction = self._cursor = None
+            cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+            if self._commit:
                 transaction = conn.transaction()
                 transaction.__enter__()  # BEGIN READ WRITE
-            except BaseException as exc:
-                self._conn = None
-                try:
-                    cursor.close()
-                    if isinstance(exc, psycopg.OperationalError) and (wrapped := _translate(pool, conn, exc, False)):
-                        raise wrapped from exc
-                    raise
-                finally:
-                    pool.checkin(conn)
-            self._transaction = transaction
-        return cursor
+                self._transaction = transaction
+            return cursor
+        except BaseException as exc:
+            conn = self._conn
+            try:
+                if self._cursor is not None:
+                    self._cursor.close()
+                if (
+                    conn is not None
+                    and isinstance(exc, psycopg.OperationalError)
+                    and (wrapped := _translate(pool, conn, exc, False))
+                ):
+                    raise wrapped from exc
+                raise
+            finally:
+                self._cursor = None
+                _give_back(pool, self, _CursorBlock)
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
-        assert conn is not None, "get_cursor() block exited without being entered"
-        self._conn = None
+        assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
         try:
             try:
-                self._cursor.close()
+                if self._cursor is not None:
+                    self._cursor.close()
                 # psycopg.Rollback raised in the block: rolled back, and the
                 # transaction swallows it; so does this block.
                 if self._transaction is not None and self._transaction.__exit__(et, ev, tb):
@@ -151,7 +182,45 @@ class _CursorBlock:
                 raise wrapped from ev
             return False
         finally:
-            pool.checkin(conn)
+            _give_back(pool, self, _CursorBlock)
+
+
+class _LentCursorBlock(_CursorBlock):
+    """A `_CursorBlock` holding a connection: the only kind with a finalizer (see `_reclaim`)."""
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        _reclaim(self)
+
+
+_Block = TypeVar("_Block", _ConnectionBlock, _CursorBlock)
+
+
+def _give_back(pool: PrecogPool, block: _Block, unlent: type[_Block]) -> None:
+    try:
+        pool.give_back(block)
+    finally:
+        if block._conn is not None:  # interrupted on give_back's first instruction, before its own guard
+            pool.give_back(block)
+    block.__class__ = unlent  # nothing left to reclaim
+
+
+def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
+    """Last resort when a block is collected still holding a connection, and give it back.
+
+    That happens only when an interrupt is raised as the ``with`` statement
+    calls ``__exit__``, before its first line runs (CPython checks for pending
+    signals on entering a function), so the block never saw its exit: the
+    connection is returned once the exception, whose traceback keeps the block
+    alive, is released. Only blocks holding a connection have this finalizer,
+    so an ordinary block's deallocation runs no Python code (a signal landing
+    in a finalizer would be swallowed).
+    """
+    pool = getattr(block, "_pool", None)
+    if getattr(block, "_conn", None) is not None and pool is not None:
+        with contextlib.suppress(Exception):
+            pool.give_back(block)
 
 
 def _translate(

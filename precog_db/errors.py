@@ -23,6 +23,7 @@ __all__ = [
     "PoolStateError",
     "PrecogDBError",
     "ProductionAccessError",
+    "ReadOnlyWriteError",
     "RestoredCopyError",
     "StampError",
     "UnstampedDatabaseError",
@@ -79,3 +80,7 @@ class ConnectionLostError(PrecogDBError, psycopg.OperationalError):
 
 class CommitOutcomeUnknownError(ConnectionLostError):
     """The connection was lost while COMMIT was in flight: the transaction may or may not be committed."""
+
+
+class ReadOnlyWriteError(PrecogDBError, psycopg.errors.ReadOnlySqlTransaction):
+    """A write ran outside a transaction on a read-only pooled connection: use ``get_cursor(commit=True)``."""

@@ -9,7 +9,10 @@ Connections are opened in autocommit mode with
 and cannot write, while `psycopg.Connection.transaction` starts an explicit
 ``BEGIN READ WRITE``. A checkout runs a zero-round-trip liveness check (is the
 idle socket readable, i.e. did the server close it or send a FATAL?), so dead
-connections are dropped without a ``SELECT 1`` on every checkout.
+connections are dropped without a ``SELECT 1`` on every checkout. A checkin
+costs no round trip unless the borrower changed the session
+(`precog_db.session`), and no interrupt raised by a signal handler can lose a
+connection on the way out or back (docs/DESIGN.md).
 
 Faults (see docs/RELIABILITY.md): while the server is down the pool retries
 at least every `MAX_RECONNECT_DELAY` seconds and a caller that cannot get a
@@ -25,15 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import select
 import threading
+from collections.abc import Callable
 from time import monotonic
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import psycopg
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask
 
@@ -42,6 +47,7 @@ from precog_db.connection import PrecogConnection, check_gate, check_target, con
 from precog_db.connection import reply_timeout as reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
+    ConfigurationError,
     DatabaseUnavailableError,
     PoolExhaustedError,
     PoolStateError,
@@ -49,6 +55,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
+from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
@@ -56,6 +63,10 @@ __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_po
 log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 _READ_ONLY_OPTION = "-c default_transaction_read_only=on"
+#: Pool arguments that would replace the connection settings (and with them the read-only option).
+_REFUSED_POOL_KWARGS = ("conninfo", "kwargs")
+#: `_retire` marker: return the connection through psycopg_pool (a ``reset`` callback is configured).
+_RETURN = "return"
 #: Longest pause, in seconds, between two attempts to reconnect while the server is down.
 #: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
 #: the pool could stay empty for minutes after the server came back.
@@ -95,75 +106,91 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
         return False
 
 
+class _Holder(Protocol):
+    """Whoever a lent connection is stored into: a get_cursor()/get_connection() block, or a `_Slot`."""
+
+    _conn: Connection[Any] | None
+
+
+class _Slot:
+    """A holder for `PrecogPool.checkout` callers."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self) -> None:
+        self._conn: Connection[Any] | None = None
+
+
 class _Waiter:
     """A caller queued for a connection; the interface of psycopg_pool's ``WaitingClient``.
 
-    The hand-off is one lock release, where ``WaitingClient`` goes through a
-    ``Condition`` (a reentrant lock, a new lock per wait, a notify loop). With
-    more threads than connections every checkout is a hand-off, and all of it
-    runs holding the GIL, so the leaner path is worth having (docs/PERFORMANCE.md).
-    Exactly one of `set`, `fail` and the waiter giving up wins, under `_mutex`.
+    Whoever hands a connection over writes it straight into the caller's
+    holder (`set`), with the pool lock held, so the connection is never only
+    in a local variable of a thread that an asynchronous exception could
+    unwind. The caller gives up (`abandon`) with the pool lock held too, so
+    exactly one of a hand-over, `fail` (the pool closing) and giving up wins.
+    The wake-up is one lock release (psycopg_pool's ``WaitingClient`` goes
+    through a ``Condition``; docs/PERFORMANCE.md).
     """
 
-    __slots__ = ("_done", "_gate", "_mutex", "conn", "error")
+    __slots__ = ("_gate", "_served", "error", "holder")
 
-    def __init__(self) -> None:
-        self.conn: Connection[Any] | None = None
+    def __init__(self, holder: _Holder) -> None:
+        self.holder = holder
         self.error: BaseException | None = None
-        self._done = False
-        self._mutex = threading.Lock()
+        self._served = False
         self._gate = threading.Lock()
         self._gate.acquire()
 
     def set(self, conn: Connection[Any]) -> bool:
-        """Hand ``conn`` over; False if the caller already gave up (the pool offers it to the next one)."""
-        with self._mutex:
-            if self._done:
-                return False
-            self._done = True
-            self.conn = conn
+        """Hand ``conn`` over (pool lock held); False if the caller already gave up or was served."""
+        if self._served:
+            return False
+        # One step for an asynchronous exception: no eval-breaker check
+        # between these stores and the end of release().
+        self.holder._conn = conn
+        self._served = True
         self._gate.release()
         return True
 
     def fail(self, error: BaseException) -> bool:
-        """Wake the caller with ``error`` (the pool is closing); False if it already gave up."""
-        with self._mutex:
-            if self._done:
-                return False
-            self._done = True
-            self.error = error
+        """Wake the caller with ``error`` (the pool is closing); False if it already gave up or was served."""
+        if self._served:
+            return False
+        self.error = error
+        self._served = True
         self._gate.release()
         return True
 
-    def wait(self, timeout: float) -> Connection[Any]:
-        """Block until handed a connection or an error, or raise `PoolTimeout` after ``timeout`` seconds."""
-        if (
-            not self._gate.acquire(True, min(max(timeout, 0.0), threading.TIMEOUT_MAX))
-            and self.abandon() is None
-            and self.error is None
-        ):
-            raise PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
-        # Woken, or handed a connection just as the wait expired.
-        if self.error is not None:
-            raise self.error
-        assert self.conn is not None
-        return self.conn
+    def wait(self, timeout: float) -> bool:
+        """Block until served (True) or ``timeout`` seconds pass (False)."""
+        return self._gate.acquire(True, min(max(timeout, 0.0), threading.TIMEOUT_MAX))
 
-    def abandon(self) -> Connection[Any] | None:
-        """Give up waiting; return the connection if one was handed over first (the caller must pass it on)."""
-        with self._mutex:
-            if self._done:
-                return self.conn
-            self._done = True
-            return None
+    def abandon(self) -> bool:
+        """Give up (call with the pool lock held); False if the caller was served first."""
+        if self._served:
+            return False
+        self._served = True
+        return True
+
+
+class _Bury(MaintenanceTask):
+    """Replace the connections `PrecogPool._retire` queued (runs in a pool worker, where no signal handler runs)."""
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, PrecogPool)
+        pool._bury()
 
 
 class PrecogPool(ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
-    `checkout` / `checkin` are what `get_cursor` uses: they add the liveness
-    check and turn a checkout timeout into a `PoolExhaustedError` that says
-    what to change. Its `repr` shows only the pool name.
+    `lend` / `give_back` are what `get_cursor` and `get_connection` use
+    (`checkout` / `checkin` wrap them for callers that handle the connection
+    themselves): they add the liveness check, turn a checkout timeout into a
+    `PoolExhaustedError` that says what to change, undo whatever session state
+    a borrower left (`precog_db.session`), and lose no connection to an
+    asynchronous exception (docs/DESIGN.md). Its `repr` shows only the pool name.
     """
 
     settings: DatabaseSettings
@@ -173,7 +200,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
         self.prod_confirmed = prod_confirmed
         self.pid = os.getpid()
-        self.pool_kwargs = dict(pool_kwargs)
         self._reply_timeout = reply_timeout(settings)
         #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
         self._last_connect_failure: tuple[float, str] | None = None
@@ -182,6 +208,21 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         #: they succeed the pool has fewer open connections than it counts (its pool_size).
         self._retries_pending = 0
         self._retries_lock = threading.Lock()
+        for key in _REFUSED_POOL_KWARGS:
+            if key in pool_kwargs:
+                raise ConfigurationError(
+                    f"{key}= cannot be passed to the pool: connection settings come from DatabaseSettings "
+                    "(DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_SSLMODE, DB_STATEMENT_TIMEOUT, ...), "
+                    "so that every pooled connection keeps the library's read-only default and timeouts. "
+                    "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
+                )
+        #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
+        self._user_configure: Callable[[Connection[Any]], None] | None = pool_kwargs.pop("configure", None)
+        self.pool_kwargs = (
+            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
+        )
+        #: Connections handed to a worker for replacement (see `_retire`).
+        self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
         kwargs = settings.connect_kwargs()
         kwargs["autocommit"] = True
         options = kwargs.get("options")
@@ -215,6 +256,20 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # The chokepoint's post-connect checks: reply bound and identity stamp
         # (on every physical connection; its warnings were logged at open).
         prepare(conn, self.settings, quiet=True)
+        adopt(conn)
+        if self._user_configure is not None:
+            # The caller's setup runs after the library's, never instead of it.
+            self._user_configure(conn)
+            if conn.pgconn.transaction_status != _IDLE:
+                conn.rollback()
+            if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
+                raise ConfigurationError(
+                    "the pool's configure= callback turned default_transaction_read_only off; pooled "
+                    "connections must stay read-only outside transactions (use get_cursor(commit=True) to write)"
+                )
+            conn.autocommit = True
+            conn.read_only = False
+        baseline(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         # Every physical connection passes the chokepoint's checks first
@@ -250,128 +305,264 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         super()._add_connection(attempt, growing=growing)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
-        """Take a live, idle, autocommit connection out of the pool."""
+        """Take a live, idle, autocommit connection out of the pool (give it back with `checkin`).
+
+        `get_cursor` and `get_connection` use `lend` / `give_back`, which also
+        survive an asynchronous exception (a signal handler raising) at any point.
+        """
+        slot = _Slot()
+        self.lend(slot, timeout)
+        conn = slot._conn
+        assert conn is not None
+        return conn
+
+    def checkin(self, conn: Connection[Any]) -> None:
+        """Give a connection back, restoring the state `checkout` promises."""
+        slot = _Slot()
+        slot._conn = conn
+        self.give_back(slot)
+
+    def getconn(self, timeout: float | None = None) -> Connection[Any]:
+        """psycopg_pool's own checkout (``pool.connection()`` uses it), behind the same gate check as `lend`."""
+        check_gate(self.settings.env)
+        return super().getconn(timeout)
+
+    def lend(self, holder: _Holder, timeout: float | None = None) -> None:
+        """Store a live, idle, autocommit connection into ``holder._conn``.
+
+        Interrupt-safe: whatever exception ends it (a timeout, or a signal
+        handler raising at any point), ``holder._conn`` is None afterwards and
+        no connection is lost; when it returns normally the connection is in
+        ``holder._conn`` and the holder owns it. The connection is always
+        referenced by the idle stack, a waiter's holder or ``holder``: it is
+        stored into the holder before it leaves the stack.
+        """
         if self.pid != os.getpid():
             raise PoolStateError(
                 f"pool {self.name!r} was opened in process {self.pid} and inherited through fork(); "
                 "its connections belong to the parent. Use get_cursor()/get_pool() in the child, "
                 "which open the child's own pool with the same settings"
             )
-        conn = self._take_idle()
-        if conn is not None:
-            if connection_is_usable(conn):
-                return conn
-            self._discard(conn)
+        check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
         wait = self.timeout if timeout is None else timeout
+        try:
+            if self._check is not None:
+                self._lend_checked(holder, wait)
+                return
+            self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
+            if not self._closed:
+                with self._lock:
+                    idle = self._pool
+                    if idle:
+                        # Store, then pop: no eval-breaker check between the two.
+                        holder._conn = idle[-1]
+                        idle.pop()  # the most recently returned one (see _get_ready_connection)
+                        if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
+                            self._nconns_min = len(idle)
+            conn = holder._conn
+            if conn is not None:
+                if connection_is_usable(conn):
+                    conn._pool = self
+                    return
+                self._retire(holder, self._CONNECTIONS_LOST)
+            self._lend_waiting(holder, monotonic() + wait)
+        except PoolTimeout:
+            self._abandon(holder)
+            raise self._timed_out(wait) from None
+        except BaseException:
+            self._abandon(holder)
+            raise
+
+    def _lend_waiting(self, holder: _Holder, deadline: float) -> None:
+        """The slow path of `lend`: the first idle connection, or a place in the queue (first come, first served)."""
+        while True:
+            waiter: _Waiter | None = None
+            with self._lock:
+                self._check_open_getconn()
+                idle = self._pool
+                if idle:
+                    holder._conn = idle[-1]
+                    idle.pop()
+                    if len(idle) < self._nconns_min:
+                        self._nconns_min = len(idle)
+                elif self.max_waiting and len(self._waiting) >= self.max_waiting:
+                    self._stats[self._REQUESTS_ERRORS] += 1
+                    raise TooManyRequests(f"the pool {self.name!r} has already {len(self._waiting)} requests waiting")
+                else:
+                    waiter = _Waiter(holder)
+                    self._waiting.append(waiter)  # type: ignore[arg-type]
+                    self._stats[self._REQUESTS_QUEUED] += 1
+                    self._maybe_grow_pool()
+                    if not self._graves.empty():  # a replacement whose kick was lost to an interrupt
+                        self.run_task(_Bury(self))
+            if waiter is not None:
+                started = monotonic()
+                try:
+                    served = waiter.wait(deadline - started)
+                finally:
+                    self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (monotonic() - started))
+                if not served:
+                    with self._lock:
+                        if waiter.abandon():
+                            with contextlib.suppress(ValueError):
+                                self._waiting.remove(waiter)  # type: ignore[arg-type]
+                            self._stats[self._REQUESTS_ERRORS] += 1
+                            raise PoolTimeout()
+                    # Served just as the wait expired: take it.
+                if waiter.error is not None:
+                    raise waiter.error
+            conn = holder._conn
+            assert conn is not None
+            if connection_is_usable(conn):
+                conn._pool = self
+                return
+            self._retire(holder, self._CONNECTIONS_LOST)
+
+    def _lend_checked(self, holder: _Holder, wait: float) -> None:
+        """With a ``check`` callback, psycopg_pool's `getconn` runs it (not proof against asynchronous exceptions)."""
         deadline = monotonic() + wait
         while True:
-            try:
-                conn = self._wait_in_line(max(deadline - monotonic(), 0.001))
-            except PoolTimeout:
-                raise self._timed_out(wait) from None
-            if connection_is_usable(conn):
-                return conn
-            self._discard(conn)
+            holder._conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
+            if connection_is_usable(holder._conn):
+                return
+            self._retire(holder, self._CONNECTIONS_LOST)
 
-    def checkin(self, conn: Connection[Any]) -> None:
-        """Give a connection back, restoring the state `checkout` promises."""
-        if not conn.autocommit or conn.read_only is not False:
-            try:
-                if conn.pgconn.transaction_status != TransactionStatus.IDLE:
-                    conn.rollback()
-                conn.autocommit = True
-                conn.read_only = False
-            except Exception:
-                conn.close()
-        # Fast path: an idle, unexpired connection of this open pool goes
-        # straight to the first waiter or back on the stack, exactly as
-        # `putconn` would do, minus its per-call logging. Anything else
-        # (in a transaction, broken, expired, pool closed, a reset hook) takes
-        # `putconn`, which rolls back, replaces or closes it.
-        if (
-            getattr(conn, "_pool", None) is self
-            and not self._closed
-            and self._reset is None
-            and conn.pgconn.transaction_status == _IDLE
-            and conn._created_at > self._drained_at
-            and conn._expire_at > monotonic()
-        ):
-            self._add_to_pool(conn)
-        else:
-            self.putconn(conn)
-
-    def _take_idle(self) -> Connection[Any] | None:
-        """An idle connection if one is ready right now, else None (the caller then queues in `getconn`).
-
-        The same bookkeeping as `getconn`, without its per-call logging; with
-        a ``check`` callback configured every checkout goes through `getconn`.
-        """
-        if self._closed or self._check is not None:
-            return None
+    def _abandon(self, holder: _Holder) -> None:
+        """After `lend` failed: leave the queue, and give back a connection handed over meanwhile."""
         with self._lock:
-            idle = self._pool
-            if not idle:
-                return None
-            conn = idle.pop()  # the most recently returned one (see _get_ready_connection)
-            if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
-                self._nconns_min = len(idle)
-        self._stats[self._REQUESTS_NUM] += 1
-        conn._pool = self
-        return conn
+            for waiter in self._waiting:
+                if isinstance(waiter, _Waiter) and waiter.holder is holder:
+                    if waiter.abandon():
+                        self._stats[self._REQUESTS_ERRORS] += 1
+                    self._waiting.remove(waiter)
+                    break
+        if holder._conn is not None:  # fresh from the stack or a hand-over: clean, return it as it is
+            if holder._conn.closed:
+                self._retire(holder, None)
+            else:
+                self._hand_over(holder, holder._conn)
 
-    def _wait_in_line(self, timeout: float) -> Connection[Any]:
-        """`getconn`, except that a caller who must wait queues a `_Waiter` (first come, first served).
+    def give_back(self, holder: _Holder) -> None:
+        """Return the connection in ``holder._conn`` to the pool, in the state `lend` promises.
 
-        Same bookkeeping as psycopg_pool (statistics, growing the pool, the
-        ``max_waiting`` limit, PoolClosed, PoolTimeout). With a ``check``
-        callback configured it simply calls `getconn`, which runs it.
+        A borrower that changed nothing costs no round trip. One that left a
+        transaction open, changed a client attribute or (possibly) the server
+        session pays here: see `precog_db.session`. A connection that cannot be
+        brought back (broken, interrupted mid-statement, the reset failed) is
+        closed and replaced. Interrupt-safe like `lend`: ``holder._conn`` is
+        None afterwards, whatever happens.
         """
-        if self._check is not None:
-            return self.getconn(timeout=timeout)
-        self._check_open_getconn()
-        waiter: _Waiter | None = None
-        with self._lock:
-            conn = self._get_ready_connection(timeout)
-            if conn is None:
-                waiter = _Waiter()
-                self._waiting.append(waiter)  # type: ignore[arg-type]
-                self._stats[self._REQUESTS_QUEUED] += 1
-                self._maybe_grow_pool()
+        conn = holder._conn
         if conn is None:
-            assert waiter is not None
-            started = monotonic()
+            return
+        if getattr(conn, "_pool", None) is not self:
+            raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        try:
+            pgconn = conn.pgconn
+            if pgconn.transaction_status != _IDLE or needs_restore(conn):
+                try:
+                    restore(conn, self._user_configure)
+                except Exception as exc:
+                    log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
+                    conn.close()
+                    if not isinstance(exc, (psycopg.Error, RestoreFailed)):
+                        raise  # e.g. a job timeout raised by a signal handler: the caller must see it
+            if self._closed:
+                conn.close()
+                holder._conn = None
+            elif pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+                self._retire(holder, self._RETURNS_BAD)
+            elif conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+                conn.close()
+                self._retire(holder, None)
+            elif self._reset is not None:
+                self._retire(holder, _RETURN)  # psycopg_pool's reset hook runs in a worker
+            else:
+                self._hand_over(holder, conn)
+        except BaseException:
+            if holder._conn is conn:
+                # Interrupted half-way: never hand out a connection whose state is unknown.
+                conn.close()
+                self._retire(holder, None)
+            raise
+
+    def _hand_over(self, holder: _Holder, conn: Connection[Any]) -> None:
+        """Give an idle connection to the first waiter, or put it on the idle stack (exactly as `putconn` would)."""
+        conn._pool = None
+        with self._lock:
+            if self._closed:
+                conn.close()
+                holder._conn = None
+                return
+            waiting = self._waiting
+            while waiting:
+                waiter = waiting[0]
+                if isinstance(waiter, _Waiter):
+                    if waiter._served:
+                        waiting.popleft()
+                        continue
+                    # One step: clearing our slot, filling the waiter's and waking it
+                    # have no eval-breaker check in between (CPython checks after a call returns).
+                    holder._conn = None
+                    waiter.holder._conn = conn
+                    waiter._served = True
+                    waiter._gate.release()
+                    waiting.popleft()
+                    return
+                waiting.popleft()  # psycopg_pool's own WaitingClient (a check callback is configured)
+                if waiter.set(conn):
+                    holder._conn = None
+                    return
+            holder._conn = None
+            self._pool.append(conn)
+            if self._pool_full_event and len(self._pool) >= self._min_size:
+                self._pool_full_event.set()
+
+    def _retire(self, holder: _Holder, stat: str | None) -> None:
+        """Hand the connection in ``holder._conn`` to a pool worker, which replaces it (``stat``: what to count).
+
+        The hand-over is one `SimpleQueue.put`, done together with clearing the
+        holder, so it happens exactly once even if a signal handler raises here;
+        the worker (where no signal handler ever runs) does the rest.
+        """
+        conn = holder._conn
+        assert conn is not None
+        if stat is not _RETURN:
+            conn.close()
+        item = (conn, stat)
+        holder._conn = None
+        self._graves.put(item)
+        self.run_task(_Bury(self))  # a lost kick is redone by the next caller that has to queue
+
+    def _bury(self) -> None:
+        """In a worker: replace (or, for a reset hook, return) every connection `_retire` queued."""
+        while True:
             try:
-                conn = waiter.wait(timeout)
-            except BaseException:
-                self._stats[self._REQUESTS_ERRORS] += 1
-                handed = waiter.abandon()
-                if handed is not None:  # given to us just as we gave up: pass it on
-                    self._return_connection(handed, from_getconn=True)
-                else:  # leave the queue now, so requests_waiting and max_waiting count live callers only
-                    with self._lock, contextlib.suppress(ValueError):
-                        self._waiting.remove(waiter)  # type: ignore[arg-type]
-                raise
-            finally:
-                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (monotonic() - started))
-        self._stats[self._REQUESTS_NUM] += 1
-        conn._pool = self
-        return conn
+                conn, stat = self._graves.get_nowait()
+            except queue.Empty:
+                return
+            if stat is _RETURN:
+                conn._pool = self
+                self._putconn(conn, from_getconn=False)
+                continue
+            conn.close()
+            if stat is not None:
+                self._stats[stat] += 1
+            if self._closed:
+                continue
+            log.info("replacing_connection", pool=self.name, env=self.env.value, reason=stat or "expired")
+            self.run_task(AddConnection(self))
 
     def _get_ready_connection(self, timeout: float | None) -> Connection[Any] | None:
         # Hand out the most recently returned connection (LIFO) instead of
         # psycopg_pool's oldest-first rotation: at low concurrency the same few
         # server processes stay hot instead of waking a cold one every call,
         # and the connections left idle are the ones max_idle shrinking closes.
-        # Called with the pool lock held; waiting callers are still served FIFO.
+        # Only psycopg_pool's `getconn` (used with a ``check`` callback) comes here.
         idle = self._pool
         if len(idle) > 1:
             idle.rotate(1)
         return super()._get_ready_connection(timeout)
-
-    def _discard(self, conn: Connection[Any]) -> None:
-        log.info("discarding_dead_connection", pool=self.name, env=self.env.value)
-        conn.close()
-        self.putconn(conn)
 
     def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
         # "Exhausted" only if every connection the pool counts is open: after an outage the pool

@@ -359,3 +359,38 @@ class TestRenamedProduction:
                 stamp_database(settings=pg_server.settings(original, env=Environment.DEV), force=True)
         finally:
             drop_database(pg_server, original)
+
+
+def test_gated_call_cannot_borrow_from_a_hand_built_pool(pg_server: Server) -> None:
+    """A staging pool built with create_pool and used directly inside a dev/test gate lends nothing."""
+    name = make_database(pg_server, f"chk_staging3_{UNIQUE}", rows=2)
+    try:
+        settings = pg_server.settings(name, env=Environment.STAGING)
+        stamp_database(settings=settings)
+        pool = create_pool(settings, prod_confirmed=False)
+        try:
+
+            @dangerous_operation()
+            def wipe_through_connection() -> None:
+                with pool.connection() as conn:
+                    conn.execute("TRUNCATE accounts")
+
+            @dangerous_operation()
+            def wipe_through_checkout() -> None:
+                conn = pool.checkout()
+                try:
+                    with conn.transaction():
+                        conn.execute("TRUNCATE accounts")
+                finally:
+                    pool.checkin(conn)
+
+            for wipe in (wipe_through_connection, wipe_through_checkout):
+                with pytest.raises(EnvironmentNotAllowedError, match="about to use a staging database"):
+                    wipe()
+            with pool.connection() as conn:
+                row = conn.execute("SELECT count(*) FROM accounts").fetchone()
+            assert row is not None and row[0] == 2
+        finally:
+            pool.close()
+    finally:
+        drop_database(pg_server, name)

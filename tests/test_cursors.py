@@ -7,7 +7,7 @@ import pytest
 from conftest import Server
 from psycopg.rows import tuple_row
 
-from precog_db import close_pool, get_connection, get_cursor, get_pool, initialize_pool
+from precog_db import ReadOnlyWriteError, close_pool, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings
 
 
@@ -145,3 +145,34 @@ class TestHarness:
         stats = get_pool().get_stats()
         assert stats.get("requests_queued", 0) == 0, stats  # the first checkout did not wait, so no growth
         assert stats["pool_size"] == stats["pool_available"] == 1, stats
+
+
+class TestForgottenCommit:
+    def test_write_in_a_read_block_says_to_use_commit_true(self, table: str) -> None:
+        """An INSERT in get_cursor() raises ReadOnlyWriteError, still a ReadOnlySqlTransaction, naming the fix."""
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info, get_cursor() as cur:
+            cur.execute("INSERT INTO cursor_items (name) VALUES (%s)", ("x",))
+        assert isinstance(info.value, ReadOnlyWriteError)
+        message = str(info.value)
+        assert "cannot execute INSERT in a read-only transaction" in message
+        assert "get_cursor(commit=True)" in message
+        assert info.value.sqlstate == "25006" and info.value.diag.sqlstate == "25006"
+        assert count(table) == 0
+
+    def test_nextval_in_a_read_block_says_to_use_commit_true(self, table: str) -> None:
+        """nextval() in get_cursor() raises ReadOnlyWriteError naming get_cursor(commit=True)."""
+        with pytest.raises(ReadOnlyWriteError, match=r"nextval\(\).*get_cursor\(commit=True\)"), get_cursor() as cur:
+            cur.execute("SELECT nextval('cursor_items_id_seq')")
+
+    def test_raw_connection_write_gets_the_same_hint(self, table: str) -> None:
+        """A write through get_connection() outside a transaction gets the same error and hint."""
+        with get_connection() as conn, pytest.raises(ReadOnlyWriteError, match=r"conn\.transaction\(\)"):
+            conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
+
+    def test_explicit_read_only_transaction_keeps_the_plain_error(self, table: str) -> None:
+        """Inside a transaction the caller declared READ ONLY, the error is psycopg's own, without the hint."""
+        with get_connection() as conn:
+            conn.read_only = True
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info, conn.transaction():
+                conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
+        assert not isinstance(info.value, ReadOnlyWriteError)

@@ -141,7 +141,7 @@ class TestLeakSoak:
                 for k, v in c.items():
                     total[k] = total.get(k, 0) + v
             assert sum(total.values()) == _SOAK_BLOCKS, f"only {sum(total.values())} blocks within the time bound"
-            assert set(total) == {"ok", "_Boom", "DivisionByZero", "ReadOnlySqlTransaction"}, total
+            assert set(total) == {"ok", "_Boom", "DivisionByZero", "ReadOnlyWriteError"}, total
 
             # Every connection is back, idle, with the promised session state; none was thrown away.
             stats = settled_pool_stats()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,6 +14,7 @@ from psycopg.pq import Trace
 from structlog.testing import capture_logs
 
 from precog_db import (
+    ConfigurationError,
     DatabaseUnavailableError,
     Environment,
     PoolExhaustedError,
@@ -234,3 +236,77 @@ class TestExhaustion:
         with get_cursor() as cur:  # the held connection came back
             cur.execute("SELECT 1")
         assert get_pool().get_stats()["pool_available"] == 1
+
+
+class TestPoolArguments:
+    def test_configure_runs_after_the_librarys_own_setup(self, test_settings: DatabaseSettings) -> None:
+        """A configure= callback runs on every connection without replacing the library's setup."""
+        seen: list[int] = []
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            seen.append(conn.info.backend_pid)
+            conn.execute("SET application_name = 'configured'")
+
+        initialize_pool(
+            settings=test_settings.replace(pool_min=1, pool_max=1, statement_timeout_ms=5000), configure=configure
+        )
+        with get_cursor(commit=True) as cur:  # explicit transactions are still read-write
+            cur.execute("CREATE TABLE IF NOT EXISTS cfg_probe (x int)")
+            cur.execute("INSERT INTO cfg_probe VALUES (1)")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), get_cursor() as cur:
+            cur.execute("INSERT INTO cfg_probe VALUES (2)")  # plain blocks are still read-only
+        with get_connection() as conn:
+            assert getattr(conn, "reply_timeout", None) is not None  # the stalled-server bound is kept
+            assert conn.execute("SHOW application_name").fetchone() == ("configured",)
+        assert len(set(seen)) == 1  # the pool's one connection, set up by configure
+
+    def test_configure_is_run_again_after_a_reset(self, test_settings: DatabaseSettings) -> None:
+        """After a block that changed the session is reset, the caller's configure= setup is in place again."""
+
+        def configure(conn: psycopg.Connection[Any]) -> None:
+            conn.execute("SET application_name = 'configured'")
+
+        initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1), configure=configure)
+        with get_cursor() as cur:
+            cur.execute("SET application_name = 'changed'")
+        with get_cursor() as cur:
+            cur.execute("SHOW application_name")
+            assert cur.fetchone() == {"application_name": "configured"}
+
+    @pytest.mark.parametrize("key", ["kwargs", "conninfo"])
+    def test_connection_arguments_are_refused_clearly(self, key: str, test_settings: DatabaseSettings) -> None:
+        """kwargs= or conninfo= in the pool arguments is a ConfigurationError pointing at DatabaseSettings."""
+        value: Any = {"options": "-c default_transaction_read_only=off"} if key == "kwargs" else "dbname=x"
+        with pytest.raises(ConfigurationError, match="DatabaseSettings") as info:
+            initialize_pool(settings=test_settings.replace(password=SECRET), **{key: value})
+        assert key in str(info.value) and SECRET not in str(info.value)
+
+
+class TestStatistics:
+    def test_a_timed_out_request_is_counted_once(self, test_settings: DatabaseSettings) -> None:
+        """A request that times out counts in requests_num, once."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1, pool_timeout=0.2))
+        held = pool.checkout()
+        before = pool.get_stats().get("requests_num", 0)
+        with pytest.raises(PoolExhaustedError):
+            pool.checkout()
+        assert pool.get_stats().get("requests_num", 0) == before + 1
+        pool.checkin(held)
+
+    def test_a_request_that_discarded_a_dead_connection_is_counted_once(
+        self, test_settings: DatabaseSettings, pg_server: Server
+    ) -> None:
+        """A request that found its connection dead and waited for another counts in requests_num once."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
+        conn = pool.checkout()
+        pid = conn.info.backend_pid
+        pool.checkin(conn)
+        with pg_server.connect() as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        time.sleep(0.2)
+        before = pool.get_stats().get("requests_num", 0)
+        with get_cursor() as cur:
+            cur.execute("SELECT pg_backend_pid() AS pid")
+            row = cur.fetchone()
+            assert row is not None and row["pid"] != pid
+        assert pool.get_stats().get("requests_num", 0) == before + 1

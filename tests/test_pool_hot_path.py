@@ -11,10 +11,10 @@ import time
 import psycopg
 import pytest
 from conftest import Server
-from psycopg_pool import PoolClosed, PoolTimeout
+from psycopg_pool import PoolClosed
 
 from precog_db import PoolExhaustedError, PoolStateError, get_connection, get_cursor, get_pool, initialize_pool
-from precog_db.pool import PrecogPool, _Waiter
+from precog_db.pool import PrecogPool, _Slot, _Waiter
 from precog_db.settings import DatabaseSettings
 
 
@@ -74,44 +74,45 @@ class TestOrder:
 class TestWaiter:
     """The hand-off protocol between a queued caller and whoever returns a connection (no server needed)."""
 
-    def test_handed_connection_is_returned_by_wait(self) -> None:
-        """A connection set before or during the wait is what wait returns."""
-        waiter, conn = _Waiter(), object()
+    def test_handed_connection_lands_in_the_callers_holder(self) -> None:
+        """set() stores the connection straight into the waiting caller's holder and wakes it."""
+        slot, conn = _Slot(), object()
+        waiter = _Waiter(slot)
         assert waiter.set(conn)  # type: ignore[arg-type]
-        assert waiter.wait(5) is conn
+        assert waiter.wait(5)
+        assert slot._conn is conn
 
-    def test_timeout_raises_and_later_hand_off_is_refused(self) -> None:
-        """A caller whose wait expired raises PoolTimeout, and the pool cannot hand it a connection afterwards."""
-        waiter = _Waiter()
-        with pytest.raises(PoolTimeout):
-            waiter.wait(0.01)
+    def test_timeout_then_abandon_refuses_a_later_hand_off(self) -> None:
+        """A caller whose wait expired and who gave up cannot be handed a connection afterwards."""
+        slot = _Slot()
+        waiter = _Waiter(slot)
+        assert not waiter.wait(0.01)
+        assert waiter.abandon()
         assert not waiter.set(object())  # type: ignore[arg-type]
-        assert waiter.abandon() is None
+        assert slot._conn is None
 
     def test_hand_off_racing_the_timeout_is_not_lost(self) -> None:
-        """If the connection arrives before the caller gives up, abandon returns it so it can be passed on."""
-        waiter, conn = _Waiter(), object()
+        """If the connection arrives before the caller gives up, abandon refuses and the holder keeps it."""
+        slot, conn = _Slot(), object()
+        waiter = _Waiter(slot)
         waiter.set(conn)  # type: ignore[arg-type]
-        assert waiter.abandon() is conn
+        assert not waiter.abandon()
+        assert slot._conn is conn
 
     def test_fail_wakes_the_caller_with_the_error(self) -> None:
-        """fail() (the pool closing) makes the waiting caller raise that error, once."""
-        waiter = _Waiter()
-        result: list[BaseException] = []
+        """fail() (the pool closing) wakes the waiting caller with that error, once, and no connection."""
+        slot = _Slot()
+        waiter = _Waiter(slot)
+        woken: list[bool] = []
 
-        def wait() -> None:
-            try:
-                waiter.wait(10)
-            except PoolClosed as exc:
-                result.append(exc)
-
-        t = threading.Thread(target=wait)
+        t = threading.Thread(target=lambda: woken.append(waiter.wait(10)))
         t.start()
         time.sleep(0.05)
         assert waiter.fail(PoolClosed("closing"))
         t.join(timeout=10)
-        assert len(result) == 1
+        assert woken == [True] and isinstance(waiter.error, PoolClosed)
         assert not waiter.set(object())  # type: ignore[arg-type]
+        assert slot._conn is None
 
 
 class TestSafetyOnTheFastPath:
@@ -239,3 +240,43 @@ class TestBlocks:
         assert cur.closed
         with pytest.raises(psycopg.InterfaceError):
             cur.execute("SELECT 1")
+
+
+class TestPsycopgPoolHooks:
+    def test_reset_hook_runs_and_connections_come_back(self, test_settings: DatabaseSettings) -> None:
+        """With psycopg_pool's reset= callback, returned connections go through it and are lent again."""
+        resets: list[int] = []
+
+        def reset(conn: psycopg.Connection[object]) -> None:
+            resets.append(conn.info.backend_pid)
+
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1), reset=reset)
+        for _ in range(3):
+            with get_cursor() as cur:
+                cur.execute("SELECT 1")
+        _wait_until(lambda: len(resets) == 3, "three resets")
+        _wait_until(lambda: pool.get_stats().get("pool_available", 0) == 1, "the connection to come back")
+        assert pool.get_stats()["pool_size"] == 1
+
+    def test_check_hook_runs_on_checkout(self, test_settings: DatabaseSettings) -> None:
+        """With psycopg_pool's check= callback, every checkout runs it and counts once in requests_num."""
+        checks: list[int] = []
+
+        def check(conn: psycopg.Connection[object]) -> None:
+            checks.append(conn.info.backend_pid)
+
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1), check=check)
+        before = pool.get_stats().get("requests_num", 0)
+        for _ in range(3):
+            with get_cursor() as cur:
+                cur.execute("SELECT 1")
+        assert len(checks) == 3
+        assert pool.get_stats()["requests_num"] == before + 3
+
+    def test_foreign_connection_is_refused_at_checkin(self, test_settings: DatabaseSettings, pg_server: Server) -> None:
+        """checkin() of a connection the pool did not lend raises PoolStateError and leaves the pool as it was."""
+        pool = initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
+        pool.wait(timeout=10)
+        with pg_server.connect() as stranger, pytest.raises(PoolStateError, match="not lent"):
+            pool.checkin(stranger)
+        assert pool.get_stats()["pool_available"] == 1 and pool.get_stats()["pool_size"] == 1

@@ -39,15 +39,22 @@ WHY = (
 METHODS: dict[str, tuple[str, ...]] = {
     "_connect": ("timeout",),  # overridden: remembers why a connection attempt failed
     "_add_connection": ("attempt", "growing"),  # overridden: caps the reconnect back-off
-    "_get_ready_connection": ("timeout",),  # overridden (LIFO) and called by _wait_in_line
-    "_add_to_pool": ("conn",),  # checkin's fast path
-    "_return_connection": ("conn", "from_getconn"),  # a waiter handed a connection as it gave up
+    "_get_ready_connection": ("timeout",),  # overridden (LIFO) and called by lend
+    "_add_to_pool": ("conn",),  # give_back's fast path
+    "_putconn": ("conn", "from_getconn"),  # a connection lent through psycopg_pool's own path goes back
     "_check_open_getconn": (),
     "_maybe_grow_pool": (),
     "schedule_task": ("task", "delay"),  # overridden: counts the retries of failed connection attempts
 }
 #: Statistics keys (class constants) that `PrecogPool` increments itself.
-STAT_KEYS = ("_REQUESTS_NUM", "_REQUESTS_QUEUED", "_REQUESTS_ERRORS", "_REQUESTS_WAIT_MS")
+STAT_KEYS = (
+    "_REQUESTS_NUM",
+    "_REQUESTS_QUEUED",
+    "_REQUESTS_ERRORS",
+    "_REQUESTS_WAIT_MS",
+    "_CONNECTIONS_LOST",
+    "_RETURNS_BAD",
+)
 #: Attributes of an open pool, with what they must be.
 POOL_ATTRIBUTES: dict[str, str] = {
     "_pool": "deque",  # the idle connections
@@ -59,6 +66,8 @@ POOL_ATTRIBUTES: dict[str, str] = {
     "_reset": "optional callable",
     "_check": "optional callable",
     "_drained_at": "float",  # connections created before this are discarded on return (3.3+)
+    "_min_size": "int",  # how many connections a retired one is replaced up to
+    "_pool_full_event": "optional event",  # set when the pool is full (wait()); None once it was
 }
 #: Attributes psycopg_pool sets on each connection it opens or hands out.
 CONNECTION_ATTRIBUTES: dict[str, str] = {
@@ -82,15 +91,20 @@ OWN_NAMES = {
     "_retries_pending",
     "_retries_lock",
     "_reply_timeout",
-    "_take_idle",
-    "_wait_in_line",
-    "_discard",
     "_timed_out",
     "_exhausted",
-    "_done",
     "_gate",
-    "_mutex",
     "_precog_poller",
+    "_abandon",
+    "_bury",
+    "_conn",
+    "_graves",
+    "_hand_over",
+    "_lend_checked",
+    "_lend_waiting",
+    "_retire",
+    "_served",
+    "_user_configure",
 }
 
 
@@ -109,6 +123,7 @@ def is_kind(value: Any, kind: str) -> bool:
         "bool": lambda v: isinstance(v, bool),
         "float": lambda v: isinstance(v, float),
         "optional callable": lambda v: v is None or callable(v),
+        "optional event": lambda v: v is None or all(hasattr(v, m) for m in ("set", "wait", "is_set")),
         "pool": lambda v: v is None or isinstance(v, ConnectionPool),
     }
     return bool(checks[kind](value))

@@ -1,0 +1,310 @@
+"""Session state a borrower may leave on a pooled connection, noticed for free and undone at checkin.
+
+A pooled connection is shared by borrowers one after the other. Anything one
+of them leaves in the server session (``SET``, ``SET ROLE``, a temporary table,
+a prepared statement, ``LISTEN``, a session advisory lock, a ``WITH HOLD``
+cursor, read-only turned off) or on the psycopg connection (isolation level,
+autocommit, cursor or row factory) would reach the next one. The pool's
+connections therefore:
+
+* run every statement through `PrecogCursor` / `PrecogServerCursor`, which mark
+  the connection *dirty* when a statement may change session state. The verdict
+  is a cheap, cached look at the statement text (`changes_session`): plain
+  reads and writes are clean, everything else is dirty;
+* remember at connect time the parameters the server reports on its own
+  (``default_transaction_read_only``, ``is_superuser``, ``TimeZone``,
+  ``search_path`` where reported), so
+  a change made where the text does not show it (a function calling
+  ``set_config``) is still seen, with no round trip.
+
+At checkin `needs_restore` compares all of this without a round trip; only a
+connection that changed something pays `restore`: the client attributes are
+put back and, if the session may have changed, one ``DISCARD ALL`` (which also
+brings every setting back to its startup value, ``default_transaction_read_only=on``
+included), and psycopg's prepared-statement cache is emptied to match.
+
+Known limit: a server-side function that changes a setting the server does not
+report (``search_path`` before PostgreSQL 18, ``statement_timeout``), creates a
+temporary table or takes a session advisory lock, called from a plain
+``SELECT``, is not noticed; nor is SQL sent through ``conn.pgconn`` directly.
+
+psycopg internals used here (checked by tests/test_isolation.py):
+``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
+``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
+``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
+``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg import Connection
+from psycopg.pq import TransactionStatus
+from psycopg.pq.abc import PGconn
+
+from precog_db.errors import ReadOnlyWriteError
+
+__all__ = ["PrecogCursor", "PrecogServerCursor", "adopt", "changes_session", "needs_restore", "restore"]
+
+#: Statements that cannot change session state by themselves (their text is still
+#: checked for session-changing functions, ``INTO``, temporary objects and a second statement).
+_CLEAN = frozenset(
+    b"select with values table show insert update delete merge copy fetch move savepoint release lock "
+    b"create alter drop comment grant revoke truncate analyze vacuum refresh cluster reindex".split()
+)
+#: ``SET`` forms that end with the transaction.
+_TRANSACTION_SET = frozenset(b"local transaction constraints".split())
+#: Leading comments, whitespace and parentheses, then the first one or two words. A nested
+#: comment (PostgreSQL allows them) does not match, so its statement counts as session-changing.
+_LEAD = re.compile(rb"(?:\s+|--[^\n]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
+#: Functions that change the session, wherever they appear: settings, session
+#: advisory locks (not the ``_xact_`` ones), dblink connections; ``SELECT … INTO``;
+#: temporary objects (``CREATE TEMP …``, anything in ``pg_temp``).
+_RISKY = re.compile(rb"set_config|advisory_lock|dblink|\binto\b|\btemp(?:orary)?\b|pg_temp", re.I)
+_INSERT_INTO = re.compile(rb"\b(?:insert|merge)\s+into\b", re.I)
+_VERDICTS: dict[bytes, bool] = {}
+_VERDICTS_MAX = 4096
+
+
+def changes_session(query: bytes) -> bool:
+    """True unless ``query`` is surely free of session side effects (false positives only cost a reset)."""
+    verdict = _VERDICTS.get(query)
+    if verdict is None:
+        verdict = _judge(query)
+        if len(_VERDICTS) >= _VERDICTS_MAX:
+            _VERDICTS.clear()
+        _VERDICTS[query] = verdict
+    return verdict
+
+
+def _judge(query: bytes) -> bool:
+    lead = _LEAD.match(query)
+    if lead is None:
+        return True
+    first = lead.group(1).lower()
+    if first == b"set":
+        second = (lead.group(2) or b"").lower()
+        if second not in _TRANSACTION_SET:
+            return True
+    elif first not in _CLEAN:
+        return True
+    if b";" in query.rstrip(b" \t\r\n;"):  # a second statement (or a ';' in a literal: a needless reset)
+        return True
+    return _RISKY.search(_INSERT_INTO.sub(b"", query)) is not None
+
+
+def _mark(conn: Any, query: bytes) -> None:
+    if changes_session(query):
+        conn._precog_dirty = True
+
+
+def _forgot_commit(conn: Any, exc: psycopg.errors.ReadOnlySqlTransaction) -> BaseException:
+    """The error for a write refused by the read-only default (not by an explicit READ ONLY transaction)."""
+    if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+        return exc
+    first = str(exc).splitlines()[0] if str(exc) else "cannot write in a read-only transaction"
+    return ReadOnlyWriteError(
+        f"{first}: pooled connections are read-only outside a transaction. To write, use "
+        "get_cursor(commit=True), or `with conn.transaction():` on a get_connection() connection",
+        info=getattr(exc, "_info", None),
+    )
+
+
+class PrecogCursor(psycopg.Cursor[Any]):
+    """The pool's client-side cursor: marks the connection dirty before a session-changing statement is sent."""
+
+    __slots__ = ()
+
+    def _convert_query(self, query: Any, params: Any = None) -> Any:
+        pgq = super()._convert_query(query, params)
+        _mark(self._conn, pgq.query)
+        return pgq
+
+    # ``_precog_busy`` stays set if something other than a server error (an
+    # interrupt raised by a signal handler) ends a statement half-way: psycopg's
+    # own bookkeeping (its prepared-statement cache) may then disagree with the
+    # server, so checkin closes that connection instead of lending it again.
+
+    def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            rv = super().execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            conn._precog_busy = False
+            error = _forgot_commit(conn, exc)
+            if error is exc:
+                raise
+        except psycopg.Error:
+            conn._precog_busy = False
+            raise
+        else:
+            conn._precog_busy = False
+            return rv
+        raise error.with_traceback(None)
+
+    def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            super().executemany(query, params_seq, returning=returning)
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            conn._precog_busy = False
+            error = _forgot_commit(conn, exc)
+            if error is exc:
+                raise
+        except psycopg.Error:
+            conn._precog_busy = False
+            raise
+        else:
+            conn._precog_busy = False
+            return
+        raise error.with_traceback(None)
+
+
+class PrecogServerCursor(psycopg.ServerCursor[Any]):
+    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+
+    __slots__ = ()
+
+    def _make_declare_statement(self, query: Any) -> Any:
+        if self._withhold:
+            self._conn._precog_dirty = True  # type: ignore[attr-defined]
+        elif isinstance(query, str):
+            _mark(self._conn, query.encode())
+        elif isinstance(query, bytes):
+            _mark(self._conn, query)
+        elif isinstance(query, psycopg.sql.Composable):
+            _mark(self._conn, query.as_bytes(self._conn))
+        else:
+            self._conn._precog_dirty = True  # type: ignore[attr-defined]
+        return super()._make_declare_statement(query)
+
+
+_DTRO = b"default_transaction_read_only"
+_SUPERUSER = b"is_superuser"
+_TIMEZONE = b"TimeZone"
+_SEARCH_PATH = b"search_path"
+
+
+def reported(pgconn: PGconn) -> tuple[bytes | None, ...]:
+    """The session parameters the server reports whenever they change (no round trip).
+
+    ``default_transaction_read_only`` (PostgreSQL 14+: the read-only promise),
+    ``is_superuser`` (changes with ``SET ROLE`` / ``SET SESSION AUTHORIZATION``
+    between a superuser and another role), ``TimeZone``, and ``search_path``
+    (reported from PostgreSQL 18; None before).
+    """
+    status = pgconn.parameter_status
+    return (status(_DTRO), status(_SUPERUSER), status(_TIMEZONE), status(_SEARCH_PATH))
+
+
+def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
+    status = pgconn.parameter_status
+    return (
+        status(_DTRO) != base[0]
+        or status(_SUPERUSER) != base[1]
+        or status(_TIMEZONE) != base[2]
+        or (base[3] is not None and status(_SEARCH_PATH) != base[3])
+    )
+
+
+def adopt(conn: Connection[Any]) -> None:
+    """Install the tracking cursors on a new pooled connection (before any user setup runs)."""
+    conn.cursor_factory = PrecogCursor
+    conn.server_cursor_factory = PrecogServerCursor
+    conn._precog_dirty = False  # type: ignore[attr-defined]
+    conn._precog_busy = False  # type: ignore[attr-defined]
+
+
+def baseline(conn: Connection[Any]) -> None:
+    """Record the connection's state once its setup is complete: what every later borrower must find."""
+    c: Any = conn
+    c._precog_dirty = False
+    c._precog_reported = reported(conn.pgconn)
+    c._precog_row_factory = conn.row_factory
+    c._precog_prepare_threshold = conn.prepare_threshold
+    c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
+
+
+def needs_restore(conn: Connection[Any]) -> bool:
+    """True if the borrower changed anything: no round trip, a few attribute reads."""
+    c: Any = conn
+    return bool(
+        c._precog_dirty
+        or not c._autocommit
+        or c._read_only is not False
+        or c._isolation_level is not None
+        or c._deferrable is not None
+        or c.cursor_factory is not PrecogCursor
+        or c.server_cursor_factory is not PrecogServerCursor
+        or c.row_factory is not c._precog_row_factory
+        or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
+        or c._precog_busy
+        or c._num_transactions
+        or c._pipeline is not None
+        or _reported_changed(c.pgconn, c._precog_reported)
+    )
+
+
+def _forget_prepared(conn: Connection[Any]) -> None:
+    """Empty psycopg's prepared-statement cache after ``DISCARD ALL`` dropped the statements on the server.
+
+    psycopg clears it by itself only the first time it sees that command on a
+    connection (it checks command statuses of statements new to its cache),
+    so the next borrower would get "prepared statement _pg3_N does not exist".
+    """
+    prepared: Any = conn._prepared
+    prepared._counts.clear()
+    prepared._names.clear()
+    prepared._to_flush.clear()
+
+
+class RestoreFailed(Exception):
+    """The session could not be brought back to its baseline: the connection must be closed."""
+
+
+def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None] | None = None) -> None:
+    """Bring a returned connection back to its baseline, or raise (the caller then closes it).
+
+    Costs a round trip only when needed: a ROLLBACK for an open transaction, one
+    ``DISCARD ALL`` (then ``reconfigure``, the user's own setup) if the session
+    may have changed.
+    """
+    c: Any = conn
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+        raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
+    if c._precog_busy or c._num_transactions or c._pipeline is not None:
+        # A transaction() or pipeline() block was cut short (an interrupt in its
+        # bookkeeping): psycopg's own state is inconsistent, the connection must go.
+        raise RestoreFailed("a statement, transaction() or pipeline() block was cut short by an interrupt")
+    if status != TransactionStatus.IDLE:
+        conn.rollback()
+    if not c._autocommit:
+        conn.autocommit = True
+    conn.read_only = False
+    conn.isolation_level = None
+    conn.deferrable = None
+    if conn.cursor_factory is not PrecogCursor or conn.server_cursor_factory is not PrecogServerCursor:
+        c._precog_dirty = True  # statements may have run unseen
+        conn.cursor_factory = PrecogCursor
+        conn.server_cursor_factory = PrecogServerCursor
+    conn.row_factory = c._precog_row_factory
+    conn.prepare_threshold = c._precog_prepare_threshold
+    del c._notice_handlers[c._precog_handlers[0] :]
+    del c._notify_handlers[c._precog_handlers[1] :]
+    if c._precog_dirty or reported(conn.pgconn) != c._precog_reported:
+        conn.execute("DISCARD ALL", prepare=False)
+        _forget_prepared(conn)
+        if reconfigure is not None:
+            reconfigure(conn)
+        if reported(conn.pgconn) != c._precog_reported:
+            raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
+        c._precog_dirty = False
