@@ -105,6 +105,10 @@ OWN_NAMES = {
     "_retire",
     "_served",
     "_user_configure",
+    "_deferred",
+    "_deferred_from_main_thread",
+    "_janitor",
+    "_janitor_loop",
 }
 
 
