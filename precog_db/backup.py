@@ -46,16 +46,15 @@ from pathlib import Path
 
 from precog_db._secrets import scrub_text
 from precog_db.connection import tool_connection_args
-from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
+from precog_db.embedded import embedded_bindir
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError, PrecogDBError
+from precog_db.errors import BackupError, ConfigurationError, EmbeddedPostgresError, EnvironmentNotAllowedError
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
     "BACKUP_DIR_VAR",
     "KEEP_VAR",
     "Backup",
-    "BackupError",
     "archive_name",
     "archive_prefix",
     "backup",
@@ -75,10 +74,6 @@ RESTORABLE = (Environment.DEV, Environment.TEST)
 
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 _TIMESTAMP = "%Y%m%dT%H%M%S"
-
-
-class BackupError(PrecogDBError, RuntimeError):
-    """pg_dump or pg_restore failed, could not be found, or produced an archive that does not verify."""
 
 
 @dataclass(frozen=True)

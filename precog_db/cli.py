@@ -29,8 +29,8 @@ import structlog
 from precog_db import audit
 from precog_db._secrets import MASK, scrub_argv, scrub_text
 from precog_db.confirm import banner, require_confirmation, use_colour
-from precog_db.environment import Environment, environment_named_by
-from precog_db.errors import ConfigurationError, PrecogDBError
+from precog_db.environment import STRICT, Environment, environment_named_by
+from precog_db.errors import AuditLogError, ConfigurationError, PrecogDBError, PromotionError, UsageError
 from precog_db.log import mask_secrets
 from precog_db.settings import FIELD_VARS, DatabaseSettings, load_settings, resolve_config_dir
 
@@ -39,14 +39,13 @@ if TYPE_CHECKING:
 
     from precog_db.migrations import MigrationFile
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 PROG = "precog-db"
-_STRICT = (Environment.STAGING, Environment.PROD)
 #: Connection-string keys --database may set, and the setting each one fills.
 _CONNINFO_KEYS = {
     "host": "host",
@@ -59,10 +58,6 @@ _CONNINFO_KEYS = {
     "connect_timeout": "connect_timeout",
     "application_name": "application_name",
 }
-
-
-class UsageError(PrecogDBError, ValueError):
-    """The command line is inconsistent (exit code 2)."""
 
 
 # --- the parser ----------------------------------------------------------------------------------
@@ -463,7 +458,7 @@ class Context:
 
     def show_banner(self, settings: DatabaseSettings, action: str) -> None:
         """The staging/prod banner, on stderr, before anything acts."""
-        if settings.env not in _STRICT:
+        if settings.env not in STRICT:
             return
         self.stderr.write(banner(settings, action, colour=use_colour(self.stderr)) + "\n")
         self.stderr.flush()
@@ -473,7 +468,7 @@ class Context:
 
         dev and test need none unless ``always`` (restore).
         """
-        if settings.env not in _STRICT and not always:
+        if settings.env not in STRICT and not always:
             return "not required"
         return require_confirmation(
             settings,
@@ -720,8 +715,8 @@ def cmd_local_status(ctx: Context) -> int:
 
 
 def cmd_local_url(ctx: Context) -> int:
-    from precog_db.errors import EnvironmentNotAllowedError
-    from precog_db.local_cluster import LocalCluster, LocalClusterError
+    from precog_db.errors import EnvironmentNotAllowedError, LocalClusterError
+    from precog_db.local_cluster import LocalCluster
 
     env = ctx.environment()
     if env not in (Environment.DEV, Environment.TEST):
@@ -878,7 +873,6 @@ def _predecessor_ledger(ctx: Context, settings: DatabaseSettings, predecessor: E
 def cmd_migrate_up(ctx: Context) -> int:
     from precog_db.migrations import (
         PREDECESSOR,
-        PromotionError,
         apply_migration,
         check_promotion,
         discover,
@@ -1189,7 +1183,7 @@ def _fail(ctx: Context | None, stderr: TextIO, exc: BaseException, settings: Dat
             )
             if x
         )
-        with contextlib.suppress(audit.AuditLogError):
+        with contextlib.suppress(AuditLogError):
             audit.record(
                 command,
                 outcome=audit.REFUSED,
@@ -1216,7 +1210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Callable[[Context], int] = args.handler
     try:
         with _cli_logging(stderr, ctx.json), audit.command_line(command_line):
-            return handler(ctx)
+            try:
+                return handler(ctx)
+            except (KeyboardInterrupt, BrokenPipeError):
+                raise
+            except Exception as exc:
+                # Inside the command_line block, which knows which errors were audited already.
+                if _reported(exc):
+                    return _fail(ctx, stderr, exc, ctx._settings)
+                raise
     except KeyboardInterrupt:
         stderr.write(f"{PROG}: interrupted\n")
         return EXIT_FAILED
@@ -1224,12 +1226,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stop the interpreter complaining at exit
         return EXIT_FAILED
-    except Exception as exc:
-        import psycopg
 
-        if isinstance(exc, PrecogDBError | OSError | psycopg.Error):
-            return _fail(ctx, stderr, exc, ctx._settings)
-        raise
+
+def _reported(exc: Exception) -> bool:
+    """Errors that become one line on stderr (exit 1 or 2) rather than a traceback."""
+    if isinstance(exc, PrecogDBError | OSError):
+        return True
+    import psycopg  # only on this path: `precog-db env` never imports the driver
+
+    return isinstance(exc, psycopg.Error)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,20 +23,14 @@ from collections.abc import Mapping
 from typing import TextIO
 
 from precog_db.environment import Environment
-from precog_db.errors import PrecogDBError
+from precog_db.errors import ConfirmationError
 from precog_db.guard import CONFIRM_VAR, require_production_confirmation
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["ConfirmationError", "banner", "require_confirmation", "use_colour"]
+__all__ = ["banner", "require_confirmation", "use_colour"]
 
 _COLOURS = {Environment.PROD: "\033[1;97;41m", Environment.STAGING: "\033[1;30;43m"}
 _RESET = "\033[0m"
-
-
-class ConfirmationError(PrecogDBError, RuntimeError):
-    """A command that needs a confirmation did not get the right one; it did nothing."""
-
-    refusal = True
 
 
 def use_colour(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:

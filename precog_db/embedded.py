@@ -32,12 +32,11 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from precog_db.errors import PrecogDBError
+from precog_db.errors import EmbeddedPostgresError
 
 __all__ = [
     "EXTRA",
     "INSTALL_HINT",
-    "EmbeddedPostgresError",
     "embedded_bindir",
     "embedded_description",
     "embedded_package_dir",
@@ -51,10 +50,6 @@ INSTALL_HINT = (
 )
 _EXECUTABLES = ("initdb", "pg_ctl", "postgres")
 _COMPLETE = ".precog-complete"
-
-
-class EmbeddedPostgresError(PrecogDBError, RuntimeError):
-    """The embedded PostgreSQL is installed but cannot be made usable."""
 
 
 def embedded_package_dir() -> Path | None:

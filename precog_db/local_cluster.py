@@ -36,11 +36,10 @@ import psycopg
 from psycopg import sql
 
 from precog_db import embedded
-from precog_db.errors import ConfigurationError, PrecogDBError
+from precog_db.errors import ConfigurationError, EmbeddedPostgresError, LocalClusterError
 
 __all__ = [
     "LocalCluster",
-    "LocalClusterError",
     "ServerBinaries",
     "find_postgres_bindir",
     "find_server_binaries",
@@ -54,10 +53,6 @@ BINDIR_ENV = "PRECOG_PG_BINDIR"
 SEARCH_ENV = "PRECOG_PG_SEARCH"
 SEARCH_MODES = ("auto", "system", "embedded")
 _MARKER = "# written by precog-db local up"
-
-
-class LocalClusterError(PrecogDBError, RuntimeError):
-    """The local throwaway cluster could not be found, created, started or stopped."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -188,7 +183,7 @@ def find_server_binaries(search: str | None = None, *, major: int | None = None)
     if mode in ("auto", "embedded"):
         try:
             bindir = embedded.embedded_bindir(shared=_is_root())
-        except embedded.EmbeddedPostgresError as exc:
+        except EmbeddedPostgresError as exc:
             raise LocalClusterError(str(exc)) from None
         if bindir is not None and (major is None or _major_version(bindir) == major):
             return ServerBinaries(bindir, "embedded", f"the {embedded.EXTRA} extra")

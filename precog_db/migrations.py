@@ -49,20 +49,23 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
+from precog_db._secrets import current_os_user
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PrecogDBError
-from precog_db.guard import current_os_user
+from precog_db.errors import (
+    ConfigurationError,
+    MigrationError,
+    MigrationLockError,
+    MigrationValidationError,
+    PromotionError,
+)
+from precog_db.stamp import SCHEMA
 
 __all__ = [
     "LEDGER",
     "PREDECESSOR",
     "AppliedMigration",
-    "MigrationError",
     "MigrationFile",
-    "MigrationLockError",
-    "MigrationValidationError",
     "Problem",
-    "PromotionError",
     "TransactionControl",
     "apply_migration",
     "baseline",
@@ -77,7 +80,6 @@ __all__ = [
     "validate",
 ]
 
-SCHEMA = "precog_meta"
 LEDGER = f"{SCHEMA}.schema_migrations"
 
 #: The environment whose ledger must already hold a migration before it may run here.
@@ -107,26 +109,6 @@ CREATE TABLE IF NOT EXISTS {LEDGER} (
 COMMENT ON TABLE {LEDGER} IS
     'Migrations applied to this database by precog-db migrate (one row per file). Do not edit by hand.';
 """
-
-
-class MigrationError(PrecogDBError, RuntimeError):
-    """A migration file could not be applied, or the migrations directory is unusable."""
-
-
-class MigrationValidationError(MigrationError):
-    """The files and the ledger disagree (edited, missing, gaps, out of order); nothing was applied."""
-
-    refusal = True
-
-
-class PromotionError(MigrationError):
-    """A migration has not been applied to the previous environment first; nothing was applied."""
-
-    refusal = True
-
-
-class MigrationLockError(MigrationError):
-    """Another migration run held the lock for longer than the timeout."""
 
 
 @dataclass(frozen=True)

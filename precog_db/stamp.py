@@ -33,7 +33,8 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from precog_db.environment import Environment, parse_environment
+from precog_db._secrets import current_os_user
+from precog_db.environment import STRICT, Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
     ProductionAccessError,
@@ -41,7 +42,7 @@ from precog_db.errors import (
     StampError,
     UnstampedDatabaseError,
 )
-from precog_db.guard import current_os_user, production_confirmed
+from precog_db.guard import production_confirmed
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
@@ -65,7 +66,6 @@ TABLE = f"{SCHEMA}.stamp"
 #: Serializes concurrent stampers of one database (any constant works; this is "precog_stamp" in ASCII).
 _LOCK_KEY = 0x707265636F675F73
 
-_STRICT = (Environment.STAGING, Environment.PROD)
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -333,7 +333,7 @@ def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bo
     stamp = read_stamp_on(conn, settings)
     where = settings.describe()
     if stamp is None:
-        if env in _STRICT:
+        if env in STRICT:
             raise UnstampedDatabaseError(
                 f"the {where} carries no identity stamp, and {env.value} databases must: "
                 f"without it nothing proves this is the {env.value} database rather than another one "

@@ -7,9 +7,9 @@ import io
 import pytest
 from cli_helpers import tty_stdin
 
-from precog_db.confirm import ConfirmationError, banner, require_confirmation, use_colour
+from precog_db.confirm import banner, require_confirmation, use_colour
 from precog_db.environment import Environment
-from precog_db.errors import ProductionAccessError
+from precog_db.errors import ConfirmationError, ProductionAccessError
 from precog_db.settings import DatabaseSettings
 
 PROD = DatabaseSettings(env=Environment.PROD, host="db.internal", dbname="precog_prod", user="deploy")

@@ -24,8 +24,8 @@ import pytest
 from conftest import REPO
 
 from precog_db import embedded, local_cluster
-from precog_db.errors import ConfigurationError
-from precog_db.local_cluster import LocalCluster, LocalClusterError, find_server_binaries, local_up
+from precog_db.errors import ConfigurationError, LocalClusterError
+from precog_db.local_cluster import LocalCluster, find_server_binaries, local_up
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")

@@ -16,8 +16,8 @@ from conftest import Server
 
 from precog_db import migrations
 from precog_db.backup import find_tool
-from precog_db.errors import ConfigurationError
-from precog_db.migrations import LOCK_KEY, MigrationError, checksum_of, discover, new_migration
+from precog_db.errors import ConfigurationError, MigrationError
+from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
 
 MARKETS = "CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);\n"
 TRADES = "CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets, note text DEFAULT '100%');\n"

@@ -27,7 +27,7 @@ from precog_db import (
     read_stamp,
     stamp_database,
 )
-from precog_db.guard import current_os_user
+from precog_db._secrets import current_os_user
 from precog_db.local_cluster import find_postgres_bindir
 from precog_db.pool import active_pool, close_pool
 from precog_db.stamp import TABLE, stamp_command
