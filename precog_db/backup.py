@@ -29,9 +29,6 @@ resolved by `backup_dir` / `retention` from arguments or ``PRECOG_BACKUP_DIR``
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
 import hashlib
 import os
 import re
@@ -45,10 +42,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from precog_db._secrets import scrub_text
-from precog_db.connection import tool_connection_args
-from precog_db.embedded import embedded_bindir
 from precog_db.environment import Environment
-from precog_db.errors import BackupError, ConfigurationError, EmbeddedPostgresError, EnvironmentNotAllowedError
+from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
+from precog_db.local.binaries import major_version, tool_dirs
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
@@ -63,7 +59,6 @@ __all__ = [
     "prune",
     "restore",
     "retention",
-    "tool_connection_args",
     "verify",
 ]
 
@@ -72,7 +67,6 @@ KEEP_VAR = "PRECOG_BACKUP_KEEP"
 DEFAULT_KEEP = 7
 RESTORABLE = (Environment.DEV, Environment.TEST)
 
-_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 _TIMESTAMP = "%Y%m%dT%H%M%S"
 
 
@@ -121,61 +115,17 @@ def retention(explicit: int | None = None, environ: Mapping[str, str] | None = N
 # --- tools ---------------------------------------------------------------------------------
 
 
-def _candidate_dirs() -> list[Path]:
-    dirs: list[Path] = []
-    explicit = os.environ.get("PRECOG_PG_BINDIR", "").strip()
-    if explicit:
-        dirs.append(Path(explicit))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                dirs.append(Path(out.stdout.strip()))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    for pattern in (
-        "/usr/lib/postgresql/*/bin",
-        "/usr/pgsql-*/bin",
-        "/opt/homebrew/opt/postgresql@*/bin",
-        "/usr/local/opt/postgresql@*/bin",
-        "/Applications/Postgres.app/Contents/Versions/*/bin",
-    ):
-        dirs.extend(sorted((Path(p) for p in glob.glob(pattern)), key=_dir_version, reverse=True))
-    # Last: the embedded PostgreSQL of the `local` extra (pg_dump/pg_restore run as us, so no shared copy).
-    with contextlib.suppress(EmbeddedPostgresError):
-        bundled = embedded_bindir(shared=False)
-        if bundled is not None:
-            dirs.append(bundled)
-    return dirs
-
-
-def _dir_version(path: Path) -> tuple[int, ...]:
-    digits = [int(p) for p in path.parent.name.replace("postgresql@", "").split(".") if p.isdigit()]
-    return tuple(digits) or (0,)
-
-
-@functools.lru_cache(maxsize=32)
-def _tool_major(path: Path) -> int | None:
-    try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = _VERSION.search(out.stdout)
-    return int(match.group(1)) if out.returncode == 0 and match else None
-
-
 def find_tool(name: str, server_major: int) -> Path:
     """The first ``name`` (``pg_dump``/``pg_restore``) whose major version is at least ``server_major``."""
     seen: list[str] = []
-    candidates = [d / name for d in _candidate_dirs()]
+    candidates = [d / name for d in tool_dirs()]
     on_path = shutil.which(name)
     if on_path:
         candidates.append(Path(on_path))
     for path in dict.fromkeys(candidates):
         if not path.is_file():
             continue
-        major = _tool_major(path)
+        major = major_version(path)
         seen.append(f"{path} ({major if major is not None else 'unknown version'})")
         if major is not None and major >= server_major:
             return path
@@ -208,6 +158,8 @@ def _run(
     at all (``pg_restore --list`` reads only the file).
     """
     if connect:
+        from precog_db.connection import tool_connection_args  # the driver, only when a tool runs
+
         args, environ = tool_connection_args(settings, operation=f"run {what}")
         argv = [argv[0], *args, *argv[1:]]
     else:

@@ -682,7 +682,7 @@ def cmd_stamp(ctx: Context) -> int:
 
 
 def cmd_local_up(ctx: Context) -> int:
-    from precog_db.local_cluster import local_up
+    from precog_db.local.cluster import local_up
 
     config_dir = resolve_config_dir(ctx.args.config_dir)
     # Creates and stamps precog_dev and precog_test, so that opening them does not warn.
@@ -692,7 +692,7 @@ def cmd_local_up(ctx: Context) -> int:
 
 
 def cmd_local_down(ctx: Context) -> int:
-    from precog_db.local_cluster import LocalCluster
+    from precog_db.local.cluster import LocalCluster
 
     cluster = LocalCluster(Path(ctx.args.root))
     if not cluster.initialized():
@@ -707,7 +707,7 @@ def cmd_local_down(ctx: Context) -> int:
 
 
 def cmd_local_status(ctx: Context) -> int:
-    from precog_db.local_cluster import LocalCluster
+    from precog_db.local.cluster import LocalCluster
 
     status = LocalCluster(Path(ctx.args.root)).status()
     ctx.emit(status, [f"{k:<12} {v}" for k, v in status.items()])
@@ -716,7 +716,7 @@ def cmd_local_status(ctx: Context) -> int:
 
 def cmd_local_url(ctx: Context) -> int:
     from precog_db.errors import EnvironmentNotAllowedError, LocalClusterError
-    from precog_db.local_cluster import LocalCluster
+    from precog_db.local.cluster import LocalCluster
 
     env = ctx.environment()
     if env not in (Environment.DEV, Environment.TEST):

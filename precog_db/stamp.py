@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
 import psycopg
@@ -112,10 +111,9 @@ RETURNING {_COLUMNS}
 
 
 def _library_version() -> str:
-    try:
-        return metadata.version("precog-db")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    from precog_db import __version__  # the one place the version is written
+
+    return __version__
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,8 @@ from psycopg.conninfo import conninfo_to_dict
 from precog_db import close_pool
 from precog_db.environment import Environment
 from precog_db.errors import PrecogDBError
-from precog_db.local_cluster import LocalCluster, find_server_binaries
+from precog_db.local.binaries import find_server_binaries
+from precog_db.local.cluster import LocalCluster
 from precog_db.settings import DatabaseSettings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,9 +25,9 @@ from precog_db.backup import (
     prune,
     restore,
     retention,
-    tool_connection_args,
     verify,
 )
+from precog_db.connection import tool_connection_args
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 from precog_db.stamp import read_stamp

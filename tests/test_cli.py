@@ -302,7 +302,7 @@ class TestLocalAndMakefile:
             status_json = console_script(["--json", "local", "status"], cwd=tmp_path)
             assert json.loads(status_json.out)["running"] is False
         finally:
-            from precog_db.local_cluster import LocalCluster
+            from precog_db.local.cluster import LocalCluster
 
             LocalCluster(root).destroy()
 

@@ -15,7 +15,7 @@ import pytest
 from cli_helpers import console_script
 from conftest import REPO
 
-from precog_db.local_cluster import LocalCluster, free_port, local_up
+from precog_db.local.cluster import LocalCluster, free_port, local_up
 
 MARKER = "# written by precog-db local up"
 

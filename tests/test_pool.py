@@ -25,7 +25,7 @@ from precog_db import (
     initialize_pool,
     stamp_database,
 )
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
 
 SECRET = "pw-Sentinel-77x"

@@ -48,7 +48,7 @@ from precog_db import (
 )
 from precog_db.cli import main as cli_main
 from precog_db.environment import Environment
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
 
 pytestmark = pytest.mark.fault

@@ -28,7 +28,7 @@ from precog_db import (
     stamp_database,
 )
 from precog_db._secrets import current_os_user
-from precog_db.local_cluster import find_postgres_bindir
+from precog_db.local.binaries import find_postgres_bindir
 from precog_db.pool import active_pool, close_pool
 from precog_db.stamp import TABLE, stamp_command
 
