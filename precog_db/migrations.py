@@ -50,6 +50,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
 from precog_db._secrets import current_os_user
+from precog_db.connection import PrecogConnection
 from precog_db.environment import Environment
 from precog_db.errors import (
     ConfigurationError,
@@ -608,36 +609,54 @@ def _try_lock(conn: Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
+def _wait_for_lock(conn: Connection[Any], timeout: float) -> bool:
+    """Block in ``pg_advisory_lock`` for at most ``timeout`` s (``lock_timeout``); False when it expired (55P03).
+
+    The session-level lock outlives the short transaction that scopes ``SET LOCAL``.
+    The connection's reply bound (`precog_db.connection.PrecogConnection`) is
+    widened by ``timeout`` meanwhile: waiting for a lock is not a silent server.
+    """
+    bound = conn.reply_timeout if isinstance(conn, PrecogConnection) else None
+    if isinstance(conn, PrecogConnection) and bound is not None:
+        conn.reply_timeout = bound + timeout
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(timeout * 1000))}ms",))
+            cur.execute("SELECT set_config('statement_timeout', '0', true)")
+            cur.execute("SELECT pg_advisory_lock(%s)", (_to_signed(LOCK_KEY),))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        if isinstance(conn, PrecogConnection):
+            conn.reply_timeout = bound
+    return True
+
+
 @contextmanager
 def migration_lock(
     conn: Connection[Any],
     *,
     timeout: float,
     on_wait: Callable[[str], None] | None = None,
-    poll: float = 0.25,
 ) -> Iterator[None]:
     """Hold the migration advisory lock of this database for the block.
 
     When another session holds it, ``on_wait`` is called once with a
-    sentence naming the holder, and the lock is retried every ``poll``
-    seconds until ``timeout``; then `MigrationLockError`. ``conn`` must be in
-    autocommit mode (the lock is session-level and survives the per-file
-    transactions).
+    sentence naming the holder, and the session blocks in
+    ``pg_advisory_lock`` under ``SET LOCAL lock_timeout`` (the server ends the
+    wait with SQLSTATE 55P03 after ``timeout``); then `MigrationLockError`.
+    ``conn`` must be in autocommit mode (the lock is session-level and
+    survives the per-file transactions).
     """
     if not _try_lock(conn):
         holder = _lock_holder(conn)
         if on_wait is not None:
             on_wait(f"{holder} holds the migration lock on this database; waiting up to {timeout:g}s for it")
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() >= deadline:
-                raise MigrationLockError(
-                    f"gave up after {timeout:g}s waiting for the migration lock held by {holder}; nothing was "
-                    "applied. Wait for that run to finish and try again, or raise --lock-timeout"
-                )
-            time.sleep(poll)
-            if _try_lock(conn):
-                break
+        if timeout <= 0 or not _wait_for_lock(conn, timeout):
+            raise MigrationLockError(
+                f"gave up after {timeout:g}s waiting for the migration lock held by {holder}; nothing was "
+                "applied. Wait for that run to finish and try again, or raise --lock-timeout"
+            )
     try:
         yield
     finally:
