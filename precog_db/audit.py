@@ -46,7 +46,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from precog_db._secrets import current_os_user, scrub_argv, scrub_value
+from precog_db._secrets import current_os_user, scrub_argv, scrub_text, scrub_value
 from precog_db.environment import Environment
 from precog_db.errors import AuditLogError, AuditSettingError, RefusalError
 from precog_db.log import get_logger
@@ -59,6 +59,7 @@ __all__ = [
     "audit_log_path",
     "command_line",
     "ensure_writable",
+    "operation",
     "outcome_of",
     "record",
     "record_safely",
@@ -159,6 +160,46 @@ def mark_recorded(exc: BaseException) -> None:
 def was_recorded(exc: BaseException) -> bool:
     """True when an audit entry was already written for ``exc`` in the current `command_line` block."""
     return any(seen is exc for seen in _RECORDED.get() or ())
+
+
+@contextlib.contextmanager
+def operation(name: str, settings: DatabaseSettings, **details: Any) -> Iterator[dict[str, Any]]:
+    """Audit one operation on ``settings``' database: one entry when the block ends, whatever its outcome.
+
+    Checks first that the log is writable (nothing is done when it is not).
+    Yields a dict the block fills with details; its ``confirmation`` key goes
+    to the entry's own field. An error ending the block is recorded (``refused``
+    for a `RefusalError`, else ``failed``; its message without the password),
+    marked as recorded, and re-raised.
+    """
+    ensure_writable()
+    info: dict[str, Any] = {"confirmation": None, **details}
+    started = time.monotonic()
+    try:
+        yield info
+    except BaseException as exc:
+        confirmation = info.pop("confirmation")
+        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else scrub_text(str(exc), [settings.password])
+        record(
+            name,
+            outcome=outcome_of(exc),
+            settings=settings,
+            confirmation=confirmation,
+            duration_s=time.monotonic() - started,
+            error=f"{type(exc).__name__}: {message}",
+            **info,
+        )
+        mark_recorded(exc)
+        raise
+    confirmation = info.pop("confirmation")
+    record(
+        name,
+        outcome=OK,
+        settings=settings,
+        confirmation=confirmation,
+        duration_s=time.monotonic() - started,
+        **info,
+    )
 
 
 def _database(settings: DatabaseSettings | None) -> dict[str, Any] | None:
