@@ -19,7 +19,7 @@ from precog_db._secrets import scrub_text
 from precog_db.confirm import banner, confirmation, use_colour
 from precog_db.environment import STRICT, Environment
 from precog_db.errors import ConfigurationError, UsageError
-from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.settings import DatabaseSettings, environment_resolution, load_settings
 
 if TYPE_CHECKING:
     from psycopg import Connection
@@ -118,8 +118,6 @@ class Context:
         The same resolution as `load_settings` (`precog_db.settings.environment_resolution`):
         --env, PRECOG_ENV (process, then config/.env), then inferred from --database or DB_NAME.
         """
-        from precog_db.settings import environment_resolution
-
         try:
             resolution = environment_resolution(
                 self.args.env,
