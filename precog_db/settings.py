@@ -10,8 +10,9 @@ Precedence, highest first (written down once, here and in the README):
 
 Files are parsed once, with python-dotenv's public `dotenv_values`, from text
 this module reads itself (the lines it cannot parse are the ones it reports
-on the ``dotenv.main`` logger; `_first_bad_line` turns them into errors), so that ``os.environ`` is never mutated, a BOM or CRLF line
-endings are harmless, and a malformed line is an error rather than a warning.
+on the ``dotenv.main`` logger; `_first_bad_line` turns them into errors), so
+that ``os.environ`` is never mutated, a BOM or CRLF line endings are
+harmless, and a malformed line is an error rather than a warning.
 No message ever contains a configured value.
 """
 
