@@ -11,13 +11,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
-from conftest import Server, start_throwaway_cluster
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from precog_db.backup import (
-    BackupError,
     archive_name,
     archive_prefix,
     backup,
@@ -29,8 +26,10 @@ from precog_db.backup import (
 )
 from precog_db.connection import tool_connection_args
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
+from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
 from precog_db.stamp import read_stamp
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.server import Server, start_throwaway_cluster
 
 
 @pytest.fixture

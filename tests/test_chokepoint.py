@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Server
-from fault_proxy import fault_proxy
 from psycopg import sql
 from structlog.testing import capture_logs
 
@@ -40,6 +38,8 @@ from precog_db import (
     stamp_database,
 )
 from precog_db.pool import create_pool
+from tests._helpers.fault_proxy import fault_proxy
+from tests._helpers.server import REPO, Server
 
 UNIQUE = uuid.uuid4().hex[:8]
 

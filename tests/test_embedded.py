@@ -21,13 +21,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO
 
 from precog_db.errors import ConfigurationError, EmbeddedPostgresError, LocalClusterError
 from precog_db.local import binaries, embedded
 from precog_db.local import cluster as local_cluster
 from precog_db.local.binaries import find_server_binaries
 from precog_db.local.cluster import LocalCluster, local_up
+from tests._helpers.server import REPO
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -212,9 +212,13 @@ class TestEmbeddedPackage:
             assert os.stat(dirpath).st_mode & 0o777 == 0o755, dirpath
             for name in files:
                 assert os.lstat(Path(dirpath) / name).st_mode & 0o022 == 0, name
-        as_user = {"user": "postgres"} if IS_ROOT else {}
         version = subprocess.run(
-            [str(bindir / "initdb"), "--version"], capture_output=True, text=True, check=True, cwd="/", **as_user
+            [str(bindir / "initdb"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="/",
+            user="postgres" if IS_ROOT else None,
         )
         assert "16." in version.stdout
         # The second call reuses the copy.
@@ -388,7 +392,7 @@ class TestStaleServer:
         cluster, _ = local_up(workdir / ".precog", workdir / "config", envs=("dev",))
         cluster.stop()
         # A live process of the server's user, as after a reboot that reused the pid.
-        other = subprocess.Popen(["sleep", "120"], **({"user": "postgres"} if IS_ROOT else {}))
+        other = subprocess.Popen(["sleep", "120"], user="postgres" if IS_ROOT else None)
         try:
             (cluster.data_dir / "postmaster.pid").write_text(f"{other.pid}\n{cluster.data_dir}\n")
             assert not cluster.running()
@@ -411,7 +415,7 @@ class TestStaleServer:
         gone = subprocess.Popen(["true"])
         gone.wait()
         pid_file.write_text(f"{gone.pid}\n{cluster.data_dir}\n")
-        leftover = subprocess.Popen(["sleep", "120"], cwd=cluster.data_dir, **({"user": "postgres"} if IS_ROOT else {}))
+        leftover = subprocess.Popen(["sleep", "120"], cwd=cluster.data_dir, user="postgres" if IS_ROOT else None)
         try:
             with pytest.raises(LocalClusterError, match=f"processes {leftover.pid} still run.*kill {leftover.pid}"):
                 cluster._clear_stale_pid(leftovers_wait=0.5)

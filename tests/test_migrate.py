@@ -11,13 +11,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
-from conftest import Server
 
 from precog_db import migrations
 from precog_db.backup import find_tool
 from precog_db.errors import ConfigurationError, MigrationError
 from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
+from tests._helpers.server import Server
 
 MARKETS = "CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);\n"
 TRADES = "CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets, note text DEFAULT '100%');\n"
@@ -265,7 +265,7 @@ class TestLock:
         import os
         import sys
 
-        from cli_helpers import REPO
+        from tests._helpers.server import REPO
 
         script = Path(sys.executable).with_name("precog-db")
         procs = [

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import REPO
 
 import precog_db
+from tests._helpers.server import REPO
 
 
 class TestDockerCompose:
