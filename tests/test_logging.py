@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import structlog
@@ -217,3 +218,10 @@ class TestWhereLibraryLogsGo:
         captured = capsys.readouterr()
         assert captured.out == ""
         assert "hello_library" in captured.err and "hunter2" not in captured.err
+
+
+def test_configure_logging_takes_keywords_only() -> None:
+    """`configure_logging(True)` is a TypeError: the flag must be spelled `json=True`."""
+    with pytest.raises(TypeError):
+        untyped: Any = configure_logging  # the type checker refuses the call too; this checks the runtime
+        untyped(True)
