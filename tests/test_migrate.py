@@ -14,7 +14,7 @@ import pytest
 
 from precog_db import migrations
 from precog_db.backup import find_tool
-from precog_db.errors import ConfigurationError, MigrationError
+from precog_db.errors import ConfigurationError, MigrationError, PromotionError
 from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
 from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from tests._helpers.server import Server
@@ -213,6 +213,30 @@ class TestBaseline:
         result = ws.run("--env", "test", "migrate", "baseline", "7")
         assert result.code == 1
         assert "no migration file with version 7" in result.err
+
+
+class TestFromPython:
+    def test_upgrade_is_the_cli_workflow_callable_from_python(self, ws: Workspace) -> None:
+        """migrations.upgrade applies, audits and enforces the promotion check without the CLI."""
+        ws.add("test")
+        staging = ws.add("staging")
+        two_migrations(ws)
+        directory = ws.root / "migrations"
+        with pytest.raises(PromotionError, match="not applied to test"):
+            migrations.upgrade(staging, directory=directory, config_dir=ws.config, confirm_database=staging.dbname)
+        assert not ws.has_table("staging", "markets")
+        done = migrations.upgrade(ws.databases["test"], directory=directory, config_dir=ws.config)
+        assert [a["file"] for a in done.applied] == ["0001_create_markets.sql", "0002_create_trades.sql"]
+        seen: list[str] = []
+
+        def confirm(action: str) -> str:
+            seen.append(action)
+            return "approved by the deploy job"
+
+        promoted = migrations.upgrade(staging, directory=directory, config_dir=ws.config, confirm=confirm)
+        assert seen == ["apply 2 migration(s)"] and promoted.promotion.startswith("passed: test has applied all 2")
+        assert ws.has_table("staging", "trades")
+        assert [e["outcome"] for e in ws.audit_entries() if e["operation"] == "migrate up"] == ["refused", "ok", "ok"]
 
 
 class TestLock:
