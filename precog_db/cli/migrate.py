@@ -12,6 +12,7 @@ from precog_db.errors import UsageError
 
 if TYPE_CHECKING:
     from precog_db.migrations import MigrationFile
+    from precog_db.settings import DatabaseSettings
 
 __all__ = ["register"]
 
@@ -143,13 +144,20 @@ def _status_rows(
     return rows
 
 
-def cmd_migrate_status(ctx: Context) -> int:
+def _inspected(
+    ctx: Context, action: str
+) -> tuple[DatabaseSettings, tuple[list[MigrationFile], dict[int, Any], list[Any]]]:
+    """The banner for ``action``, then the files, the ledger and the problems of the target database."""
     from precog_db.migrations import inspect
 
     settings = ctx.settings()
-    ctx.show_banner(settings, "migrate status")
+    ctx.show_banner(settings, action)
     found = inspect(settings, _migrations_dir(ctx))
-    files, ledger, problems = found.files, found.ledger, found.problems
+    return settings, (found.files, found.ledger, found.problems)
+
+
+def cmd_migrate_status(ctx: Context) -> int:
+    settings, (files, ledger, problems) = _inspected(ctx, "migrate status")
     rows = _status_rows(files, ledger, problems)
     applied = sum(1 for r in rows if r["state"] in ("applied", "baseline"))
     pending_count = sum(1 for r in rows if r["state"] == "pending")
@@ -176,12 +184,7 @@ def cmd_migrate_status(ctx: Context) -> int:
 
 
 def cmd_migrate_validate(ctx: Context) -> int:
-    from precog_db.migrations import inspect
-
-    settings = ctx.settings()
-    ctx.show_banner(settings, "migrate validate")
-    found = inspect(settings, _migrations_dir(ctx))
-    files, ledger, problems = found.files, found.ledger, found.problems
+    settings, (files, ledger, problems) = _inspected(ctx, "migrate validate")
     lines = [f"{len(files)} file(s), {len(ledger)} ledger row(s) in the {settings.describe()}"]
     if problems:
         lines.extend(f"  {p.kind}: {p.message}" for p in problems)
