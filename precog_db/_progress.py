@@ -1,6 +1,6 @@
 """What a long-running workflow (backup, migrate up) needs from a progress display.
 
-The CLI passes a one-line terminal display (`precog_db.cli.context.Progress`);
+The CLI passes a one-line terminal display (`precog_db.cli.Progress`);
 a Python caller may pass its own object or nothing.
 """
 

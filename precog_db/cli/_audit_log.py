@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from precog_db import audit
-from precog_db.cli.context import EXIT_OK, Context, add_command
+from precog_db.cli._context import EXIT_OK, Context, add_command
 from precog_db.errors import UsageError
 
 __all__ = ["register"]

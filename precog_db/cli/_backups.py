@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from precog_db.cli.context import EXIT_OK, Context, Progress, add_backup_options, add_command
+from precog_db.cli._context import EXIT_OK, Context, Progress, add_backup_options, add_command
 
 __all__ = ["register"]
 

@@ -19,8 +19,8 @@ import structlog
 
 from precog_db import audit
 from precog_db._secrets import scrub_argv, scrub_text
-from precog_db.cli import audit_log, backups, database, local, migrate
-from precog_db.cli.context import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, Context
+from precog_db.cli import _audit_log, _backups, _database, _local, _migrate
+from precog_db.cli._context import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, Context
 from precog_db.errors import AuditLogError, PrecogDBError, UsageError
 from precog_db.log import mask_secrets
 from precog_db.settings import DatabaseSettings
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parents = [common]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # The order of --help: env, check, stamp, local, migrate, backup, restore, audit.
-    for group in (database, local, migrate, backups, audit_log):
+    for group in (_database, _local, _migrate, _backups, _audit_log):
         group.register(commands, parents)
     return parser
 

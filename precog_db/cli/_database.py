@@ -10,7 +10,7 @@ from typing import Any
 
 from precog_db import audit
 from precog_db._secrets import MASK
-from precog_db.cli.context import EXIT_FAILED, EXIT_OK, Context, add_command
+from precog_db.cli._context import EXIT_FAILED, EXIT_OK, Context, add_command
 from precog_db.environment import environment_named_by
 from precog_db.settings import FIELD_VARS, resolve_config_dir
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from precog_db.cli.context import EXIT_OK, PROG, Context, add_command
+from precog_db.cli._context import EXIT_OK, PROG, Context, add_command
 from precog_db.environment import Environment
 from precog_db.settings import resolve_config_dir
 
