@@ -394,3 +394,46 @@ def test_cli_audits_a_url_with_empty_user_without_its_password(ws: Workspace) ->
     entry = ws.audit_entries()[-1]
     assert entry["outcome"] == "refused"
     assert "postgresql://:***@127.0.0.1:1/cli_db_prod" in entry["argv"]
+
+
+class TestRefusals:
+    def test_every_refusal_class_derives_from_refusal_error(self) -> None:
+        """The refusals are exactly the RefusalError subclasses, each audited as refused; other errors as failed."""
+        from precog_db import errors
+
+        refusals = {
+            errors.ConfirmationError,
+            errors.EnvironmentMismatchError,
+            errors.EnvironmentNotAllowedError,
+            errors.MigrationValidationError,
+            errors.ProductionAccessError,
+            errors.PromotionError,
+            errors.RestoredCopyError,
+            errors.UnstampedDatabaseError,
+        }
+        for name in errors.__all__:
+            cls = getattr(errors, name)
+            assert issubclass(cls, errors.PrecogDBError), name
+            assert issubclass(cls, errors.RefusalError) == (cls in refusals or cls is errors.RefusalError), name
+            expected = audit.REFUSED if issubclass(cls, errors.RefusalError) else audit.FAILED
+            assert audit.outcome_of(cls.__new__(cls)) == expected, name
+        for cls in refusals:
+            assert issubclass(cls, RuntimeError) and not hasattr(cls, "refusal"), cls
+
+    def test_recorded_errors_are_remembered_per_command_without_touching_them(self) -> None:
+        """mark_recorded remembers an error within one command_line block and sets no attribute on it."""
+        error = errors_for_test()
+        with audit.command_line(["precog-db", "env"]):
+            assert not audit.was_recorded(error)
+            audit.mark_recorded(error)
+            assert audit.was_recorded(error)
+            assert vars(error) == {}
+        with audit.command_line(["precog-db", "env"]):
+            assert not audit.was_recorded(error)
+
+
+def errors_for_test() -> Exception:
+    """A refusal as the CLI would see it."""
+    from precog_db.errors import ProductionAccessError
+
+    return ProductionAccessError("refused for the test")

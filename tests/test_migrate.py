@@ -14,7 +14,7 @@ import pytest
 
 from precog_db import migrations
 from precog_db.backup import find_tool
-from precog_db.errors import ConfigurationError, MigrationError, PromotionError
+from precog_db.errors import ConfigurationError, MigrationError, MigrationLockError, PromotionError
 from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
 from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from tests._helpers.server import Server
@@ -267,6 +267,37 @@ class TestLock:
         assert results and results[0].code == 0, results[0].err if results else "no result"
         assert "holds the migration lock on this database; waiting" in results[0].err
         assert [v for v, _ in ws.ledger("test")] == [1, 2]
+
+    def test_waiting_is_one_blocking_lock_call_bounded_by_lock_timeout(self, ws: Workspace) -> None:
+        """A waiting run sits in one pg_advisory_lock (an advisory-lock wait, no polling); 55P03 ends it."""
+        settings = ws.add("test")
+        with ws.server.connect(settings.dbname) as holder, ws.server.connect(settings.dbname) as waiter:
+            holder.execute("SELECT pg_advisory_lock(%s)", (signed(LOCK_KEY),))
+            waiter_pid = waiter.info.backend_pid
+            outcome: list[BaseException | None] = []
+
+            def wait() -> None:
+                try:
+                    with migrations.migration_lock(waiter, timeout=3):
+                        outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            runner = threading.Thread(target=wait)
+            runner.start()
+            seen: list[tuple[str | None, str | None]] = []
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline and len(seen) < 10:
+                row = holder.execute(
+                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (waiter_pid,)
+                ).fetchone()
+                if row is not None and row[0] is not None:
+                    seen.append((row[0], row[1]))
+                time.sleep(0.1)
+            runner.join(10)
+        assert seen and set(seen) == {("Lock", "advisory")}, seen
+        assert len(outcome) == 1 and isinstance(outcome[0], MigrationLockError), outcome
+        assert "gave up after 3s waiting for the migration lock" in str(outcome[0])
 
     def test_lock_timeout_fails_clearly(self, ws: Workspace) -> None:
         """With the lock held past --lock-timeout, up fails naming the holder, and applies nothing."""
