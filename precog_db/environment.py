@@ -18,6 +18,8 @@ from enum import StrEnum
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 
 __all__ = [
+    "STRICT",
+    "STRICTNESS",
     "Environment",
     "Resolution",
     "environment_named_by",
@@ -37,6 +39,11 @@ class Environment(StrEnum):
     STAGING = "staging"
     PROD = "prod"
 
+
+#: Every environment, from the most to the least forgiving (the order gates report them in).
+STRICTNESS: tuple[Environment, ...] = tuple(Environment)
+#: The environments that show a banner, need typed confirmations and must carry an identity stamp.
+STRICT: tuple[Environment, ...] = (Environment.STAGING, Environment.PROD)
 
 _ALIASES: dict[str, Environment] = {
     "dev": Environment.DEV,

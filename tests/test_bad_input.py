@@ -14,7 +14,7 @@ import pwd
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 def outcome(
     directory: Path, files: Mapping[str, bytes], environ: Mapping[str, str] | None = None, env: str = "test"
-) -> tuple[DatabaseSettings | None, BaseException | None, list[dict[str, Any]]]:
+) -> tuple[DatabaseSettings | None, BaseException | None, Sequence[Mapping[str, Any]]]:
     """Write ``files`` into ``directory`` and load settings; return (settings, error, log events)."""
     _reset(directory)
     for name, content in files.items():
@@ -88,7 +88,7 @@ def outcome(
 
 
 def check_outcome(
-    result: DatabaseSettings | None, error: BaseException | None, logs: list[dict[str, Any]], names: list[str]
+    result: DatabaseSettings | None, error: BaseException | None, logs: Sequence[Mapping[str, Any]], names: list[str]
 ) -> None:
     """The shared property: valid settings usable by libpq, or an error naming a file or a variable; no secret."""
     if error is not None:

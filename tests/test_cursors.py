@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg.rows import tuple_row
 
 from precog_db import ReadOnlyWriteError, close_pool, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest.fixture
