@@ -103,7 +103,7 @@ def check_name_matches(settings: DatabaseSettings) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DatabaseSettings:
     """Everything needed to open a pool for one environment.
 
@@ -166,7 +166,25 @@ class DatabaseSettings:
 
     def describe(self) -> str:
         """A one-line description for messages and logs: no password, ever."""
-        return f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}"
+        return self._masked(f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return self._masked(f"{type(self).__name__}({shown})")
+
+    def _masked(self, text: str) -> str:
+        """``text`` with the password masked wherever another field repeats it (a password pasted as a name)."""
+        secret = str(self.password)
+        if not secret:
+            return text
+        if len(secret) >= 4:
+            return text.replace(secret, "***")
+        # Too short to mask as a substring without mangling names: mask only fields equal to it.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr and isinstance(value, str) and value == secret:
+                text = text.replace(repr(value), "'***'")
+        return text
 
     def __str__(self) -> str:
         return self.describe()
@@ -689,7 +707,8 @@ def _check_process_only_keys(
 ) -> None:
     """PRECOG_ENV in an environment's own file must agree; process-only variables in a file are reported as ignored."""
     declared = (content.get("PRECOG_ENV") or "").strip()
-    if declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}") is not resolved:
+    own = declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}", show_value=False)
+    if own and own is not resolved:
         raise ConfigurationError(
             f"{path} sets PRECOG_ENV to another environment than {resolved.value}, the one that chose this file; "
             f"an environment's own file cannot change the environment. Remove PRECOG_ENV from {path} "
