@@ -27,6 +27,7 @@ from psycopg.transaction import Transaction
 
 from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError, PoolStateError
 from precog_db.pool import PrecogPool, get_pool
+from precog_db.session import mark_raw
 
 __all__ = ["CommitOutcomeUnknownError", "ConnectionLostError", "get_connection", "get_cursor"]
 
@@ -112,6 +113,7 @@ class _ConnectionBlock:
         self.__class__ = _LentConnectionBlock  # no call in between: see _reclaim
         conn = self._conn
         assert conn is not None
+        mark_raw(conn)  # the raw connection is lent: its return always restores the session
         return conn
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:

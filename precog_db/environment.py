@@ -176,12 +176,17 @@ def get_environment(
     *,
     environ: Mapping[str, str] | None = None,
 ) -> Environment:
-    """Resolve the current environment from the process (see `resolve_environment` for the order).
+    """Resolve the current environment exactly as `load_settings` does (see `resolve_environment`).
 
-    ``environ`` defaults to `os.environ` and exists for tests. ``config/.env``
-    is not read here; `load_settings` reads it and passes its values on.
+    That includes ``PRECOG_ENV`` and ``DB_NAME`` in the shared ``config/.env``
+    (``PRECOG_CONFIG_DIR``), so `require_environment` and the gates never see
+    another environment than the one the settings load. ``environ`` defaults
+    to `os.environ` and exists for tests.
     """
-    return resolve_environment(explicit, environ=environ).env
+    # Imported here: settings builds on this module (it reads the file and calls resolve_environment).
+    from precog_db.settings import environment_resolution
+
+    return environment_resolution(explicit, environ=environ).env
 
 
 def require_environment(*allowed: str | Environment, current: Environment | None = None) -> Environment:

@@ -13,6 +13,7 @@ Every gated call, refused or run, gets an entry in the audit log (see
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Iterable
 from time import monotonic
 from typing import ParamSpec, TypeVar
@@ -57,6 +58,12 @@ def dangerous_operation(
         raise ConfigurationError("dangerous_operation needs at least one allowed environment")
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"dangerous_operation cannot guard the generator function {func.__name__}: its body runs "
+                "after the call returns, outside the gate. Make it a plain function (return a list)"
+            )
+
         @functools.wraps(func)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
             started = monotonic()

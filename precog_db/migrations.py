@@ -362,8 +362,9 @@ def find_transaction_control(sql: str) -> list[TransactionControl]:
             i += 1
             continue
         if sql.startswith("--", i):
-            newline = sql.find("\n", i)
-            i = n if newline < 0 else newline + 1
+            # PostgreSQL ends a line comment at a newline or a bare carriage return.
+            ends = [e for e in (sql.find("\n", i), sql.find("\r", i)) if e >= 0]
+            i = min(ends) + 1 if ends else n
             continue
         if sql.startswith("/*", i):
             i = _skip_block_comment(sql, i)

@@ -55,7 +55,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
-from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
+from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
@@ -217,6 +217,17 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                     "so that every pooled connection keeps the library's read-only default and timeouts. "
                     "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
                 )
+        wanted_class = pool_kwargs.get("connection_class")
+        if (
+            wanted_class is not None
+            and self._reply_timeout is not None
+            and not (isinstance(wanted_class, type) and issubclass(wanted_class, PrecogConnection))
+        ):
+            raise ConfigurationError(
+                "connection_class= must be a subclass of precog_db.connection.PrecogConnection while "
+                "DB_STATEMENT_TIMEOUT is set: a plain psycopg connection class would drop the bound on a "
+                "server that stops answering. Subclass PrecogConnection instead"
+            )
         #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
         self._user_configure: Callable[[Connection[Any]], None] | None = pool_kwargs.pop("configure", None)
         self.pool_kwargs = (
@@ -367,6 +378,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self.lend(slot, timeout)
         conn = slot._conn
         assert conn is not None
+        mark_raw(conn)
         return conn
 
     def checkin(self, conn: Connection[Any]) -> None:
@@ -375,10 +387,21 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         slot._conn = conn
         self.give_back(slot)
 
+    def putconn(self, conn: Connection[Any]) -> None:
+        """psycopg_pool's return path (``pool.connection()``, ``getconn``/``putconn``), through `give_back`.
+
+        So a connection borrowed through psycopg_pool's own API gets the same
+        session restore as one from `get_cursor`: nothing a borrower changed
+        reaches the next one, whichever API lent it.
+        """
+        self.checkin(conn)
+
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
         """psycopg_pool's own checkout (``pool.connection()`` uses it), behind the same gate check as `lend`."""
         check_gate(self.settings.env)
-        return super().getconn(timeout)
+        conn = super().getconn(timeout)
+        mark_raw(conn)
+        return conn
 
     def lend(self, holder: _Holder, timeout: float | None = None) -> None:
         """Store a live, idle, autocommit connection into ``holder._conn``.
@@ -399,32 +422,54 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
         wait = self.timeout if timeout is None else timeout
         try:
-            if self._check is not None:
-                self._lend_checked(holder, wait)
-                return
             self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
-            if not self._closed:
-                with self._lock:
-                    idle = self._pool
-                    if idle:
-                        # Store, then pop: no eval-breaker check between the two.
-                        holder._conn = idle[-1]
-                        idle.pop()  # the most recently returned one (see _get_ready_connection)
-                        if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
-                            self._nconns_min = len(idle)
-            conn = holder._conn
-            if conn is not None:
-                if connection_is_usable(conn):
-                    conn._pool = self
+            deadline = monotonic() + wait
+            while True:
+                self._lend_once(holder, deadline)
+                if self._check is None or self._passes_check(holder):
                     return
-                self._retire(holder, self._CONNECTIONS_LOST)
-            self._lend_waiting(holder, monotonic() + wait)
         except PoolTimeout:
             self._abandon(holder)
             raise self._timed_out(wait) from None
         except BaseException:
             self._abandon(holder)
             raise
+
+    def _passes_check(self, holder: _Holder) -> bool:
+        """Run psycopg_pool's ``check=`` callback on the lent connection; retire it if the check fails.
+
+        The check runs here, with the connection already in the holder, rather
+        than through psycopg_pool's `getconn`: an interrupt during it is then
+        covered by `lend`'s handler like any other point.
+        """
+        conn = holder._conn
+        assert conn is not None and self._check is not None
+        try:
+            self._check(conn)
+        except Exception as exc:
+            log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
+            self._retire(holder, self._CONNECTIONS_LOST)
+            return False
+        return True
+
+    def _lend_once(self, holder: _Holder, deadline: float) -> None:
+        """Put a live idle connection into ``holder._conn``: the top of the stack, or the first one handed over."""
+        if not self._closed:
+            with self._lock:
+                idle = self._pool
+                if idle:
+                    # Store, then pop: no eval-breaker check between the two.
+                    holder._conn = idle[-1]
+                    idle.pop()  # the most recently returned one (see _get_ready_connection)
+                    if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
+                        self._nconns_min = len(idle)
+        conn = holder._conn
+        if conn is not None:
+            if connection_is_usable(conn):
+                conn._pool = self
+                return
+            self._retire(holder, self._CONNECTIONS_LOST)
+        self._lend_waiting(holder, deadline)
 
     def _lend_waiting(self, holder: _Holder, deadline: float) -> None:
         """The slow path of `lend`: the first idle connection, or a place in the queue (first come, first served)."""
@@ -468,15 +513,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             assert conn is not None
             if connection_is_usable(conn):
                 conn._pool = self
-                return
-            self._retire(holder, self._CONNECTIONS_LOST)
-
-    def _lend_checked(self, holder: _Holder, wait: float) -> None:
-        """With a ``check`` callback, psycopg_pool's `getconn` runs it (not proof against asynchronous exceptions)."""
-        deadline = monotonic() + wait
-        while True:
-            holder._conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
-            if connection_is_usable(holder._conn):
                 return
             self._retire(holder, self._CONNECTIONS_LOST)
 

@@ -43,12 +43,22 @@ from typing import Any
 
 import psycopg
 from psycopg import Connection
+from psycopg._preparing import PrepareManager
+from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db.errors import ReadOnlyWriteError
 
-__all__ = ["PrecogCursor", "PrecogServerCursor", "adopt", "changes_session", "needs_restore", "restore"]
+__all__ = [
+    "PrecogCursor",
+    "PrecogServerCursor",
+    "adopt",
+    "changes_session",
+    "mark_raw",
+    "needs_restore",
+    "restore",
+]
 
 #: Statements that cannot change session state by themselves (their text is still
 #: checked for session-changing functions, ``INTO``, temporary objects and a second statement).
@@ -60,11 +70,18 @@ _CLEAN = frozenset(
 _TRANSACTION_SET = frozenset(b"local transaction constraints".split())
 #: Leading comments, whitespace and parentheses, then the first one or two words. A nested
 #: comment (PostgreSQL allows them) does not match, so its statement counts as session-changing.
-_LEAD = re.compile(rb"(?:\s+|--[^\n]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
+_LEAD = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
 #: Functions that change the session, wherever they appear: settings, session
 #: advisory locks (not the ``_xact_`` ones), dblink connections; ``SELECT … INTO``;
 #: temporary objects (``CREATE TEMP …``, anything in ``pg_temp``).
-_RISKY = re.compile(rb"set_config|advisory_lock|dblink|\binto\b|\btemp(?:orary)?\b|pg_temp", re.I)
+#: ``pg_settings``: updating the view calls set_config. ``U&``: a Unicode-escaped identifier
+#: (``U&"set\\005fconfig"``) can spell any of these without their text appearing.
+#: ``query_to_xml`` and its family run SQL given as text (built-ins: a function of the application's
+#: own that runs dynamic SQL is the documented limit, docs/DESIGN.md).
+_RISKY = re.compile(
+    rb"set_config|pg_settings|advisory_lock|dblink|query_to_xml|cursor_to_xml|\binto\b|\btemp(?:orary)?\b|pg_temp|u&",
+    re.I,
+)
 _INSERT_INTO = re.compile(rb"\b(?:insert|merge)\s+into\b", re.I)
 _VERDICTS: dict[bytes, bool] = {}
 _VERDICTS_MAX = 4096
@@ -100,6 +117,24 @@ def _judge(query: bytes) -> bool:
 def _mark(conn: Any, query: bytes) -> None:
     if changes_session(query):
         conn._precog_dirty = True
+
+
+class _TrackingPrepareManager(PrepareManager):
+    """psycopg's per-connection prepared-statement manager, which every cursor class consults.
+
+    Every ``execute``/``executemany`` of any cursor on the connection, including a
+    ``psycopg.ClientCursor(conn)`` or ``psycopg.Cursor(conn)`` built by hand
+    (which bypasses the connection's ``cursor_factory``), asks it whether to
+    prepare the statement: so it sees the statement text and marks the session
+    dirty exactly like `PrecogCursor` does.
+    """
+
+    dirty = False
+
+    def get(self, query: Any, prepare: bool | None = None) -> Any:
+        if not self.dirty and changes_session(query.query):
+            self.dirty = True
+        return super().get(query, prepare)
 
 
 def _forgot_commit(conn: Any, exc: psycopg.errors.ReadOnlySqlTransaction) -> BaseException:
@@ -217,6 +252,11 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
 
 def adopt(conn: Connection[Any]) -> None:
     """Install the tracking cursors on a new pooled connection (before any user setup runs)."""
+    c: Any = conn
+    tracker = _TrackingPrepareManager()
+    tracker.prepare_threshold = c._prepared.prepare_threshold
+    tracker.prepared_max = c._prepared.prepared_max
+    c._prepared = tracker
     conn.cursor_factory = PrecogCursor
     conn.server_cursor_factory = PrecogServerCursor
     conn._precog_dirty = False  # type: ignore[attr-defined]
@@ -231,6 +271,34 @@ def baseline(conn: Connection[Any]) -> None:
     c._precog_row_factory = conn.row_factory
     c._precog_prepare_threshold = conn.prepare_threshold
     c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
+    c._prepared.dirty = False
+    # Client-side adapters: the borrower gets a child map of the configured one, so a loader or
+    # dumper it registers (copy-on-write in psycopg) flips an ownership flag and is undone on return.
+    c._precog_adapters_template = conn.adapters
+    c._adapters = AdaptersMap(conn.adapters)
+    c._precog_adapters_owned = _adapters_owned(c._adapters)
+
+
+def mark_raw(conn: Connection[Any]) -> None:
+    """The connection itself is lent (`get_connection`, `checkout`, psycopg_pool's ``getconn``/``connection()``).
+
+    Its borrower can run statements no tracker sees (a ``psycopg.ClientCursor(conn)``
+    built by hand uses neither the cursor factory nor the prepared-statement
+    manager), so its return always pays one ``DISCARD ALL``. `get_cursor` blocks,
+    whose statements the trackers do see, keep their single round trip.
+    """
+    c: Any = conn
+    c._precog_dirty = True
+
+
+def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
+    """psycopg's copy-on-write flags of an `AdaptersMap`: they change when anything is registered on it."""
+    return (
+        tuple(adapters._own_loaders),
+        tuple(adapters._own_dumpers_by_oid),
+        tuple(adapters._own_dumpers.items()) if isinstance(adapters._own_dumpers, dict) else adapters._own_dumpers,
+        adapters.types is not None and getattr(adapters.types, "_own_state", None),
+    )
 
 
 def needs_restore(conn: Connection[Any]) -> bool:
@@ -238,6 +306,9 @@ def needs_restore(conn: Connection[Any]) -> bool:
     c: Any = conn
     return bool(
         c._precog_dirty
+        or c._prepared.dirty
+        or c._adapters is None
+        or _adapters_owned(c._adapters) != c._precog_adapters_owned
         or not c._autocommit
         or c._read_only is not False
         or c._isolation_level is not None
@@ -300,7 +371,10 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     conn.prepare_threshold = c._precog_prepare_threshold
     del c._notice_handlers[c._precog_handlers[0] :]
     del c._notify_handlers[c._precog_handlers[1] :]
-    if c._precog_dirty or reported(conn.pgconn) != c._precog_reported:
+    if c._adapters is None or _adapters_owned(c._adapters) != c._precog_adapters_owned:
+        c._adapters = AdaptersMap(c._precog_adapters_template)
+        c._precog_adapters_owned = _adapters_owned(c._adapters)
+    if c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported:
         conn.execute("DISCARD ALL", prepare=False)
         _forget_prepared(conn)
         if reconfigure is not None:
@@ -308,3 +382,4 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
         if reported(conn.pgconn) != c._precog_reported:
             raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
         c._precog_dirty = False
+        c._prepared.dirty = False

@@ -142,6 +142,14 @@ class Context:
         if not text:
             raise UsageError("--database is empty; give a database name or a connection string")
         if "=" not in text and "://" not in text:
+            if "@" in text:
+                # user:password@host/db pasted without its scheme: not a database name, and it may hold a
+                # password, so it is neither used nor repeated.
+                raise UsageError(
+                    "--database looks like a URL without its scheme (it contains '@'); write it as "
+                    "postgresql://user@host:port/dbname and give the password through DB_PASSWORD, or pass "
+                    "only the database name"
+                )
             return {"dbname": text}
         import psycopg
         from psycopg.conninfo import conninfo_to_dict
