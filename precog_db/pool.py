@@ -31,6 +31,7 @@ import os
 import queue
 import select
 import threading
+import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, ClassVar, Protocol
@@ -43,7 +44,15 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 from precog_db import audit
-from precog_db.connection import PrecogConnection, check_gate, check_target, connect, failure_reason, prepare
+from precog_db.connection import (
+    PrecogConnection,
+    check_gate,
+    check_target,
+    connect,
+    connection_kwargs,
+    failure_reason,
+    prepare,
+)
 from precog_db.connection import reply_timeout as reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -55,6 +64,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
+from precog_db.metrics import PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 
@@ -223,10 +233,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         )
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
-        kwargs = settings.connect_kwargs()
-        kwargs["autocommit"] = True
-        options = kwargs.get("options")
-        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
+        self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
+        self.metrics = PoolRecorder(settings.pool_name, settings.env.value, self._metrics_state)
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -239,7 +248,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             "open": False,
         }
         params.update(pool_kwargs)
-        super().__init__("", kwargs=kwargs, **params)
+        # A callable: psycopg_pool calls it for every new connection, so the password is
+        # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
+        super().__init__("", kwargs=self._connection_kwargs, **params)
 
     @property
     def env(self) -> Environment:
@@ -248,6 +259,35 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """libpq's arguments for one new pooled connection, with the credentials resolved now."""
+        kwargs = connection_kwargs(self.settings)
+        kwargs["autocommit"] = True
+        options = kwargs.get("options")
+        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        return kwargs
+
+    def drain(self) -> None:
+        """Replace every connection, gracefully: after a credential rotation, or a failover.
+
+        Idle connections are closed and reopened now (with the password as
+        resolved now); connections in use finish their block undisturbed and
+        are closed and replaced when given back. Callers keep being served
+        meanwhile. See docs/OPERATIONS.md.
+        """
+        super().drain()
+        log.info("pool_drained", pool=self.name, env=self.env.value)
+
+    def _metrics_state(self) -> PoolState | None:
+        """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
+        if self._closed:
+            return None
+        with self._lock:
+            idle = len(self._pool)
+            pending = sum(1 for w in self._waiting if not getattr(w, "_served", False))
+        used = sum(1 for c in list(self._precog_conns) if c._pool is self and not c.closed)
+        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
 
     def _configure_connection(self, conn: Connection[Any]) -> None:
         # Explicit transactions are read-write; everything else inherits the
@@ -277,6 +317,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Remember why the server could not be reached, so that a caller who
         # times out meanwhile is told the real reason (psycopg_pool itself
         # only logs it from its background worker).
+        started = monotonic()
         try:
             check_target(
                 self.settings, operation="open a pooled connection", prod_confirmed=self.prod_confirmed, quiet=True
@@ -284,8 +325,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             conn = super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
             self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+            self.metrics.connection_failed()
             raise
-        self._last_connect_ok = monotonic()
+        self._last_connect_ok = now = monotonic()
+        self.metrics.created(now - started)
+        self._precog_conns.add(conn)
         return conn
 
     def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
@@ -345,9 +389,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             )
         check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
         wait = self.timeout if timeout is None else timeout
+        started = monotonic()
         try:
             if self._check is not None:
                 self._lend_checked(holder, wait)
+                self._lent_after_wait(holder, started)
                 return
             self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
             if not self._closed:
@@ -363,11 +409,14 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             if conn is not None:
                 if connection_is_usable(conn):
                     conn._pool = self
+                    conn._precog_lent = (started, False)  # type: ignore[attr-defined]  # for the use_time metric
                     return
                 self._retire(holder, self._CONNECTIONS_LOST)
-            self._lend_waiting(holder, monotonic() + wait)
+            self._lend_waiting(holder, started + wait)
+            self._lent_after_wait(holder, started)
         except PoolTimeout:
             self._abandon(holder)
+            self.metrics.timed_out()
             raise self._timed_out(wait) from None
         except BaseException:
             self._abandon(holder)
@@ -418,6 +467,14 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 return
             self._retire(holder, self._CONNECTIONS_LOST)
 
+    def _lent_after_wait(self, holder: _Holder, started: float) -> None:
+        """Metrics for a connection obtained after queueing (the slow path): record the wait now."""
+        conn = holder._conn
+        assert conn is not None
+        now = monotonic()
+        conn._precog_lent = (now, True)  # type: ignore[attr-defined]
+        self.metrics.waited(now - started)
+
     def _lend_checked(self, holder: _Holder, wait: float) -> None:
         """With a ``check`` callback, psycopg_pool's `getconn` runs it (not proof against asynchronous exceptions)."""
         deadline = monotonic() + wait
@@ -457,7 +514,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             return
         if getattr(conn, "_pool", None) is not self:
             raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        lent: tuple[float, bool] | None = None
         try:
+            lent = conn.__dict__.pop("_precog_lent", None)
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
@@ -485,6 +544,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 conn.close()
                 self._retire(holder, None)
             raise
+        if lent is not None:  # after the hand-over: an interrupt here loses a sample, never a connection
+            self.metrics.returned(lent[0], lent[1])
 
     def _hand_over(self, holder: _Holder, conn: Connection[Any]) -> None:
         """Give an idle connection to the first waiter, or put it on the idle stack (exactly as `putconn` would)."""
