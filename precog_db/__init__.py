@@ -23,6 +23,7 @@ from precog_db.errors import (
 )
 from precog_db.gates import dangerous_operation, delete_all, truncate_tables
 from precog_db.log import configure_logging
+from precog_db.metrics import pool_metrics
 from precog_db.pool import PrecogPool, close_pool, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings, load_settings
 from precog_db.stamp import Stamp, read_stamp, stamp_database
@@ -58,6 +59,7 @@ __all__ = [
     "get_pool",
     "initialize_pool",
     "load_settings",
+    "pool_metrics",
     "read_stamp",
     "require_environment",
     "stamp_database",
