@@ -36,6 +36,7 @@ from __future__ import annotations
 import threading
 import weakref
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from time import monotonic
@@ -43,6 +44,7 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "BUCKETS",
+    "FOLD_AT",
     "HistogramSnapshot",
     "MetricPoint",
     "PoolRecorder",
@@ -56,6 +58,9 @@ __all__ = [
 BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
+
+#: Returned-connection samples kept before the recorder folds them into its histograms.
+FOLD_AT = 4096
 
 #: OpenTelemetry attribute names.
 POOL_NAME = "db.client.connection.pool.name"
@@ -183,12 +188,29 @@ class PoolRecorder:
 
     ``state`` returns the pool's `PoolState`, or None once the pool is closed
     (a closed pool is left out of `pool_metrics`). Every method is thread-safe.
+
+    The read path only appends to `returns` (one atomic ``deque.append`` of
+    ``(lent_at, returned_at)``, monotonic seconds; ``lent_at`` negative when the
+    caller queued, whose wait `waited` already recorded, positive when it was
+    lent at once, which counts as a wait of 0). `fold` turns the samples into
+    histogram counts: at every snapshot, and when `FOLD_AT` are pending
+    (``fold_soon``, e.g. in a pool worker; without one, right away).
     """
 
-    def __init__(self, pool_name: str, environment: str, state: Callable[[], PoolState | None]) -> None:
+    def __init__(
+        self,
+        pool_name: str,
+        environment: str,
+        state: Callable[[], PoolState | None],
+        *,
+        fold_soon: Callable[[], None] | None = None,
+    ) -> None:
         self.pool_name = pool_name
         self.environment = environment
         self._state = state
+        self._fold_soon = fold_soon
+        self._fold_requested = False
+        self.returns: deque[tuple[float, float]] = deque()
         self._lock = threading.Lock()
         self._wait = _Histogram()
         self._use = _Histogram()
@@ -199,14 +221,44 @@ class PoolRecorder:
             _RECORDERS[next(_ORDER)] = self
 
     def returned(self, lent_at: float, waited: bool) -> None:
-        """A connection lent at ``lent_at`` (monotonic) came back; ``waited`` False: it was lent at once (wait 0)."""
-        used = monotonic() - lent_at
+        """A connection lent at ``lent_at`` (monotonic) came back now; ``waited`` False: it was lent at once."""
+        self.returns.append((-lent_at if waited else lent_at, monotonic()))
+        if len(self.returns) >= FOLD_AT:
+            self.fold_soon()
+
+    def fold_soon(self) -> None:
+        """Ask for a `fold` (once until it ran): through ``fold_soon`` if given, else now."""
+        if self._fold_requested:
+            return
+        self._fold_requested = True
+        if self._fold_soon is None:
+            self.fold()
+        else:
+            self._fold_soon()
+
+    def fold(self) -> None:
+        """Move the pending `returns` samples into the use-time (and zero wait-time) histograms."""
+        returns = self.returns
         with self._lock:
+            self._fold_requested = False
             use = self._use
-            use.counts[bisect_left(BUCKETS, used)] += 1
-            use.sum += used
-            if not waited:
-                self._wait.counts[0] += 1
+            counts = use.counts
+            zero_waits = 0
+            total = 0.0
+            for _ in range(len(returns)):
+                try:
+                    lent_at, back = returns.popleft()
+                except IndexError:
+                    break
+                if lent_at >= 0:
+                    zero_waits += 1
+                    used = back - lent_at
+                else:
+                    used = back + lent_at
+                counts[bisect_left(BUCKETS, used)] += 1
+                total += used
+            use.sum += total
+            self._wait.counts[0] += zero_waits
 
     def waited(self, seconds: float) -> None:
         """A caller obtained a connection after queueing (or through a ``check`` callback) for ``seconds``."""
@@ -237,6 +289,7 @@ class PoolRecorder:
         state = self._state()
         if state is None:
             return None
+        self.fold()
         with self._lock:
             return PoolSnapshot(
                 pool_name=self.pool_name,

@@ -64,7 +64,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
-from precog_db.metrics import PoolRecorder, PoolState
+from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 
@@ -192,6 +192,14 @@ class _Bury(MaintenanceTask):
         pool._bury()
 
 
+class _FoldMetrics(MaintenanceTask):
+    """Fold the returned-connection samples into the metrics histograms (in a pool worker, off the read path)."""
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, PrecogPool)
+        pool.metrics.fold()
+
+
 class PrecogPool(ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
@@ -235,7 +243,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
         #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
         self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
-        self.metrics = PoolRecorder(settings.pool_name, settings.env.value, self._metrics_state)
+        self.metrics = PoolRecorder(
+            settings.pool_name, settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
+        )
+        #: (lent_at, returned_at) of every block given back since the recorder last folded them (`give_back`).
+        self._returns = self.metrics.returns
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -278,6 +290,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         """
         super().drain()
         log.info("pool_drained", pool=self.name, env=self.env.value)
+
+    def _fold_metrics_soon(self) -> None:
+        self.run_task(_FoldMetrics(self))
 
     def _metrics_state(self) -> PoolState | None:
         """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
@@ -330,6 +345,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self._last_connect_ok = now = monotonic()
         self.metrics.created(now - started)
         self._precog_conns.add(conn)
+        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 
     def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
@@ -409,7 +425,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             if conn is not None:
                 if connection_is_usable(conn):
                     conn._pool = self
-                    conn._precog_lent = (started, False)  # type: ignore[attr-defined]  # for the use_time metric
+                    conn._precog_lent = started  # type: ignore[attr-defined]  # for the metrics (give_back)
                     return
                 self._retire(holder, self._CONNECTIONS_LOST)
             self._lend_waiting(holder, started + wait)
@@ -472,7 +488,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         conn = holder._conn
         assert conn is not None
         now = monotonic()
-        conn._precog_lent = (now, True)  # type: ignore[attr-defined]
+        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
         self.metrics.waited(now - started)
 
     def _lend_checked(self, holder: _Holder, wait: float) -> None:
@@ -514,9 +530,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             return
         if getattr(conn, "_pool", None) is not self:
             raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
-        lent: tuple[float, bool] | None = None
+        lent: float | None = None
         try:
-            lent = conn.__dict__.pop("_precog_lent", None)
+            lent = conn._precog_lent  # type: ignore[attr-defined]  # set in _connect, by lend
+            conn._precog_lent = None  # type: ignore[attr-defined]
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
@@ -545,7 +562,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 self._retire(holder, None)
             raise
         if lent is not None:  # after the hand-over: an interrupt here loses a sample, never a connection
-            self.metrics.returned(lent[0], lent[1])
+            returns = self._returns
+            returns.append((lent, monotonic()))  # folded into the histograms off the read path
+            if len(returns) >= FOLD_AT:
+                self.metrics.fold_soon()
 
     def _hand_over(self, holder: _Holder, conn: Connection[Any]) -> None:
         """Give an idle connection to the first waiter, or put it on the idle stack (exactly as `putconn` would)."""

@@ -225,6 +225,21 @@ class TestSnapshot:
         assert (inside.min, inside.max) == (1, 3)
         assert {p.unit for p in points if p.kind == "histogram"} == {"s"}
 
+    def test_samples_are_folded_by_a_pool_worker_without_a_snapshot(self, pg_server: Server, test_db: str) -> None:
+        """Past FOLD_AT returned blocks a pool worker folds the samples, so memory stays bounded with no scraper."""
+        from precog_db.metrics import FOLD_AT
+
+        initialize_pool(settings=pg_server.settings(test_db, pool_min=1, pool_max=1))
+        pool = get_pool()
+        pool.wait(timeout=10)
+        blocks = FOLD_AT + 10
+        for _ in range(blocks):
+            with get_cursor():
+                pass
+        wait_for(lambda: len(pool.metrics.returns) < FOLD_AT)
+        assert snapshot().use_time.count == blocks
+        assert snapshot().wait_time.count == blocks
+
     def test_closed_pool_is_left_out(self, pg_server: Server, test_db: str) -> None:
         """After close_pool() the pool no longer appears in pool_metrics()."""
         from precog_db import close_pool

@@ -111,6 +111,8 @@ OWN_NAMES = {
     "_metrics_state",
     "_precog_conns",
     "_precog_lent",
+    "_fold_metrics_soon",
+    "_returns",
 }
 
 
