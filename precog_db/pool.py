@@ -243,11 +243,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
         #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
         self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
-        self.metrics = PoolRecorder(
-            settings.pool_name, settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
-        )
-        #: (lent_at, returned_at) of every block given back since the recorder last folded them (`give_back`).
-        self._returns = self.metrics.returns
+        self._precog_conns_lock = threading.Lock()
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -260,6 +256,12 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             "open": False,
         }
         params.update(pool_kwargs)
+        #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
+        self.metrics = PoolRecorder(
+            str(params["name"]), settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
+        )
+        #: (lent_at, returned_at) of every block given back since the recorder last folded them (`give_back`).
+        self._returns = self.metrics.returns
         # A callable: psycopg_pool calls it for every new connection, so the password is
         # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
         super().__init__("", kwargs=self._connection_kwargs, **params)
@@ -296,12 +298,14 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
 
     def _metrics_state(self) -> PoolState | None:
         """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
-        if self._closed:
+        if getattr(self, "_closed", True):  # closed, or still being constructed
             return None
         with self._lock:
             idle = len(self._pool)
             pending = sum(1 for w in self._waiting if not getattr(w, "_served", False))
-        used = sum(1 for c in list(self._precog_conns) if c._pool is self and not c.closed)
+        with self._precog_conns_lock:
+            conns = list(self._precog_conns)
+        used = sum(1 for c in conns if c._pool is self and not c.closed)
         return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
 
     def _configure_connection(self, conn: Connection[Any]) -> None:
@@ -344,7 +348,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             raise
         self._last_connect_ok = now = monotonic()
         self.metrics.created(now - started)
-        self._precog_conns.add(conn)
+        with self._precog_conns_lock:
+            self._precog_conns.add(conn)
         conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 

@@ -240,6 +240,12 @@ class TestSnapshot:
         assert snapshot().use_time.count == blocks
         assert snapshot().wait_time.count == blocks
 
+    def test_a_named_pool_reports_under_its_name(self, pg_server: Server, test_db: str) -> None:
+        """A pool opened with name= is labelled with that name, so two pools of one environment stay apart."""
+        initialize_pool(settings=pg_server.settings(test_db, pool_min=1, pool_max=1), name="orders")
+        assert snapshot().pool_name == "orders"
+        assert snapshot().attributes["db.client.connection.pool.name"] == "orders"
+
     def test_closed_pool_is_left_out(self, pg_server: Server, test_db: str) -> None:
         """After close_pool() the pool no longer appears in pool_metrics()."""
         from precog_db import close_pool

@@ -113,6 +113,7 @@ OWN_NAMES = {
     "_precog_lent",
     "_fold_metrics_soon",
     "_returns",
+    "_precog_conns_lock",
 }
 
 
@@ -199,7 +200,7 @@ class TestPsycopgPoolContract:
         assert params[:3] == ("pool", "attempt", "growing"), broken("pool.AddConnection", f"now takes {params}")
 
     def test_callable_kwargs_are_resolved_for_every_connection(self, pg_server: Server, test_db: str) -> None:
-        """A callable ``kwargs=`` is called for each new connection, drain() included: how a rotated password is read."""
+        """A callable ``kwargs=`` is called for each new connection, drain() included (how rotated passwords work)."""
         calls: list[int] = []
 
         def kwargs() -> dict[str, Any]:
