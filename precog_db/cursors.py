@@ -18,11 +18,11 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import psycopg
 from psycopg import Connection, Cursor
-from psycopg.rows import RowFactory, dict_row
+from psycopg.rows import Row, RowFactory, dict_row
 from psycopg.transaction import Transaction
 
 from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError, PoolStateError
@@ -65,13 +65,22 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
     return _ConnectionBlock()
 
 
-def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row) -> AbstractContextManager[Cursor[Any]]:
-    """Borrow a cursor; rows are dicts by default.
+@overload
+def get_cursor(*, commit: bool = False) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
+
+
+@overload
+def get_cursor(*, commit: bool = False, row_factory: RowFactory[Row]) -> AbstractContextManager[Cursor[Row]]: ...
+
+
+def get_cursor(*, commit: bool = False, row_factory: RowFactory[Any] = dict_row) -> AbstractContextManager[Cursor[Any]]:
+    """Borrow a cursor; rows are dicts by default (typed ``Cursor[dict[str, Any]]``).
 
     ``commit=False``: statements run read-only in autocommit; writes raise
-    `psycopg.errors.ReadOnlySqlTransaction`. ``commit=True``: one read-write
-    transaction, committed when the block exits cleanly and rolled back when
-    it raises (the exception propagates).
+    `ReadOnlyWriteError` (a `psycopg.errors.ReadOnlySqlTransaction`).
+    ``commit=True``: one read-write transaction, committed when the block
+    exits cleanly and rolled back when it raises (the exception propagates).
+    Both are keyword-only: ``get_cursor(commit=True)`` reads as what it does.
     """
     return _CursorBlock(commit, row_factory)
 

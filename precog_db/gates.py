@@ -22,7 +22,7 @@ from psycopg import sql
 from precog_db import audit
 from precog_db.connection import gate_allows
 from precog_db.cursors import get_cursor
-from precog_db.environment import Environment, get_environment, parse_environment
+from precog_db.environment import STRICTNESS, Environment, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 from precog_db.log import get_logger
 from precog_db.pool import active_pool, inherited_settings
@@ -33,8 +33,6 @@ log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_STRICTNESS = (Environment.DEV, Environment.TEST, Environment.STAGING, Environment.PROD)
 
 
 def current_environments() -> tuple[Environment, ...]:
@@ -47,7 +45,7 @@ def current_environments() -> tuple[Environment, ...]:
     inherited = inherited_settings()
     if inherited is not None:
         envs.add(inherited.env)
-    return tuple(sorted(envs, key=_STRICTNESS.index))
+    return tuple(sorted(envs, key=STRICTNESS.index))
 
 
 def dangerous_operation(

@@ -26,20 +26,24 @@
 * Promotion: staging may only apply what test has applied with the same
   checksum, prod only what staging has (`check_promotion`).
 
-This module works on connections and paths it is given; the CLI decides
-which database to connect to and what to confirm.
+The building blocks (`discover`, `pending`, `apply_migration`,
+`migration_lock` …) work on connections and paths they are given. The
+workflows `upgrade`, `inspect` and `mark_baseline` are what ``precog-db
+migrate`` runs, callable from Python: they connect through the chokepoint
+(`precog_db.connection.connect`), confirm and audit.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,35 +53,50 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
+from precog_db import audit
+from precog_db._progress import NoProgress, ProgressDisplay
+from precog_db._secrets import current_os_user, scrub_text
+from precog_db.backup import backup_database
+from precog_db.confirm import confirmation
+from precog_db.connection import PrecogConnection, connect
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PrecogDBError
-from precog_db.guard import current_os_user
+from precog_db.errors import (
+    ConfigurationError,
+    MigrationError,
+    MigrationLockError,
+    MigrationValidationError,
+    PrecogDBError,
+    PromotionError,
+)
+from precog_db.settings import DatabaseSettings, load_settings
+from precog_db.stamp import SCHEMA
 
 __all__ = [
     "LEDGER",
     "PREDECESSOR",
     "AppliedMigration",
-    "MigrationError",
+    "Inspection",
     "MigrationFile",
-    "MigrationLockError",
-    "MigrationValidationError",
     "Problem",
-    "PromotionError",
     "TransactionControl",
+    "UpgradeResult",
     "apply_migration",
     "baseline",
     "check_promotion",
     "discover",
     "ensure_ledger",
     "find_transaction_control",
+    "inspect",
+    "mark_baseline",
     "migration_lock",
     "new_migration",
     "pending",
+    "predecessor_ledger",
     "read_ledger",
+    "upgrade",
     "validate",
 ]
 
-SCHEMA = "precog_meta"
 LEDGER = f"{SCHEMA}.schema_migrations"
 
 #: The environment whose ledger must already hold a migration before it may run here.
@@ -107,26 +126,6 @@ CREATE TABLE IF NOT EXISTS {LEDGER} (
 COMMENT ON TABLE {LEDGER} IS
     'Migrations applied to this database by precog-db migrate (one row per file). Do not edit by hand.';
 """
-
-
-class MigrationError(PrecogDBError, RuntimeError):
-    """A migration file could not be applied, or the migrations directory is unusable."""
-
-
-class MigrationValidationError(MigrationError):
-    """The files and the ledger disagree (edited, missing, gaps, out of order); nothing was applied."""
-
-    refusal = True
-
-
-class PromotionError(MigrationError):
-    """A migration has not been applied to the previous environment first; nothing was applied."""
-
-    refusal = True
-
-
-class MigrationLockError(MigrationError):
-    """Another migration run held the lock for longer than the timeout."""
 
 
 @dataclass(frozen=True)
@@ -626,36 +625,54 @@ def _try_lock(conn: Connection[Any]) -> bool:
     return bool(row and row[0])
 
 
+def _wait_for_lock(conn: Connection[Any], timeout: float) -> bool:
+    """Block in ``pg_advisory_lock`` for at most ``timeout`` s (``lock_timeout``); False when it expired (55P03).
+
+    The session-level lock outlives the short transaction that scopes ``SET LOCAL``.
+    The connection's reply bound (`precog_db.connection.PrecogConnection`) is
+    widened by ``timeout`` meanwhile: waiting for a lock is not a silent server.
+    """
+    bound = conn.reply_timeout if isinstance(conn, PrecogConnection) else None
+    if isinstance(conn, PrecogConnection) and bound is not None:
+        conn.reply_timeout = bound + timeout
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SELECT set_config('lock_timeout', %s, true)", (f"{max(1, round(timeout * 1000))}ms",))
+            cur.execute("SELECT set_config('statement_timeout', '0', true)")
+            cur.execute("SELECT pg_advisory_lock(%s)", (_to_signed(LOCK_KEY),))
+    except psycopg.errors.LockNotAvailable:
+        return False
+    finally:
+        if isinstance(conn, PrecogConnection):
+            conn.reply_timeout = bound
+    return True
+
+
 @contextmanager
 def migration_lock(
     conn: Connection[Any],
     *,
     timeout: float,
     on_wait: Callable[[str], None] | None = None,
-    poll: float = 0.25,
 ) -> Iterator[None]:
     """Hold the migration advisory lock of this database for the block.
 
     When another session holds it, ``on_wait`` is called once with a
-    sentence naming the holder, and the lock is retried every ``poll``
-    seconds until ``timeout``; then `MigrationLockError`. ``conn`` must be in
-    autocommit mode (the lock is session-level and survives the per-file
-    transactions).
+    sentence naming the holder, and the session blocks in
+    ``pg_advisory_lock`` under ``SET LOCAL lock_timeout`` (the server ends the
+    wait with SQLSTATE 55P03 after ``timeout``); then `MigrationLockError`.
+    ``conn`` must be in autocommit mode (the lock is session-level and
+    survives the per-file transactions).
     """
     if not _try_lock(conn):
         holder = _lock_holder(conn)
         if on_wait is not None:
             on_wait(f"{holder} holds the migration lock on this database; waiting up to {timeout:g}s for it")
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() >= deadline:
-                raise MigrationLockError(
-                    f"gave up after {timeout:g}s waiting for the migration lock held by {holder}; nothing was "
-                    "applied. Wait for that run to finish and try again, or raise --lock-timeout"
-                )
-            time.sleep(poll)
-            if _try_lock(conn):
-                break
+        if timeout <= 0 or not _wait_for_lock(conn, timeout):
+            raise MigrationLockError(
+                f"gave up after {timeout:g}s waiting for the migration lock held by {holder}; nothing was "
+                "applied. Wait for that run to finish and try again, or raise --lock-timeout"
+            )
     try:
         yield
     finally:
@@ -780,3 +797,228 @@ def baseline(conn: Connection[Any], files: Sequence[MigrationFile], version: int
             assert row is not None
             out.append(_applied(row))
     return out
+
+
+# --- the workflows (what `precog-db migrate` runs; a Python caller can too) ---------------------------
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The migration files, the ledger of one database, and every problem between them."""
+
+    files: list[MigrationFile]
+    ledger: dict[int, AppliedMigration]
+    problems: list[Problem]
+
+
+def inspect(settings: DatabaseSettings, directory: Path, *, operation: str = "read the migration ledger") -> Inspection:
+    """Read the files in ``directory`` and the ledger of ``settings``' database (through the chokepoint); validate."""
+    files = discover(directory)
+    conn = connect(settings, operation=operation)
+    try:
+        ledger = read_ledger(conn)
+    finally:
+        conn.close()
+    return Inspection(files, ledger, validate(files, ledger))
+
+
+def predecessor_ledger(
+    settings: DatabaseSettings,
+    predecessor: Environment,
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+) -> dict[int, AppliedMigration]:
+    """The ledger of the previous environment, read through its own settings (files, not DB_* of this process)."""
+    # DB_* variables in this process describe the database being migrated, not its predecessor.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "PRECOG_ENV"}
+    other = load_settings(predecessor, config_dir=config_dir, environ=environ)
+    if (other.host, other.port, other.dbname) == (settings.host, settings.port, settings.dbname):
+        raise ConfigurationError(
+            f"the {predecessor.value} settings point at the same database as {settings.env.value} "
+            f"({settings.dbname} on {settings.host}:{settings.port}); fix config/.env.{predecessor.value}"
+        )
+    conn = connect(other, operation=f"read the {predecessor.value} migration ledger")
+    try:
+        return read_ledger(conn)
+    finally:
+        conn.close()
+
+
+def _confirm(
+    settings: DatabaseSettings, action: str, confirm: Callable[[str], str] | None, confirm_database: str | None
+) -> str:
+    """How ``action`` was confirmed: by the caller's ``confirm``, else by `precog_db.confirm.confirmation`."""
+    if confirm is not None:
+        return confirm(action)
+    return confirmation(settings, action, confirm_database=confirm_database)
+
+
+@dataclass(frozen=True)
+class UpgradeResult:
+    """What `upgrade` planned and did."""
+
+    dry_run: bool
+    #: The pending files when the run started (what was confirmed).
+    plan: list[MigrationFile]
+    #: ``not needed``, ``passed: …`` or ``skipped (…)``.
+    promotion: str
+    #: One dict per applied file: version, file, checksum, duration_ms.
+    applied: list[dict[str, Any]] = field(default_factory=list)
+    #: The prod pre-migration backup: its path, ``skipped (--no-backup)``, or None.
+    backup: str | None = None
+
+
+def upgrade(
+    settings: DatabaseSettings,
+    *,
+    directory: Path = Path("migrations"),
+    target: int | None = None,
+    dry_run: bool = False,
+    lock_timeout: float = 300.0,
+    skip_promotion_check: bool = False,
+    take_backup: bool = True,
+    reason: str | None = None,
+    config_dir: str | os.PathLike[str] | None = None,
+    backup_root: Path | None = None,
+    keep: int | None = None,
+    confirm: Callable[[str], str] | None = None,
+    confirm_database: str | None = None,
+    notify: Callable[[str], None] | None = None,
+    on_lock_wait: Callable[[str], None] | None = None,
+    progress: ProgressDisplay | None = None,
+) -> UpgradeResult:
+    """Apply the pending migrations in ``directory`` to ``settings``' database (``precog-db migrate up``).
+
+    One audited operation (``migrate up``, or ``migrate up (dry run)``), in
+    this order: plan the pending files; on staging and prod, check that the
+    previous environment (`PREDECESSOR`) applied each with the same checksum,
+    reading its ledger through its own settings (when it cannot be read,
+    `PromotionError`, unless ``skip_promotion_check`` with a ``reason``);
+    stop here for ``dry_run`` or an empty plan; confirm (``confirm(action)``,
+    by default the typed confirmation of `precog_db.confirm` with
+    ``confirm_database``); on prod take a verified backup first (unless
+    ``take_backup`` is false, which needs a ``reason``); take the migration
+    lock (waiting up to ``lock_timeout`` s, ``on_lock_wait`` told once), re-read
+    the ledger under it and apply what is still pending, each file in its own
+    transaction, refusing a file that was not part of the confirmed plan.
+
+    ``notify`` receives sentences for people (the plan, the backup, files
+    applied meanwhile by another run); ``progress`` shows the file being applied.
+    """
+    reason = (reason or "").strip() or None
+    if skip_promotion_check and not reason:
+        raise ConfigurationError("skipping the promotion check needs a reason (it goes to the audit log)")
+    if not take_backup and not reason:
+        raise ConfigurationError("skipping the prod backup needs a reason (it goes to the audit log)")
+    env = settings.env
+    tell = notify if notify is not None else (lambda _text: None)
+    display = NoProgress() if progress is None else progress
+    name = "migrate up (dry run)" if dry_run else "migrate up"
+    with audit.operation(name, settings, migrations_dir=str(directory), reason=reason) as info:
+        files = discover(directory)
+        conn = connect(settings.replace(application_name=f"precog-db migrate {env.value}"), operation="migrate")
+        try:
+            plan = pending(files, read_ledger(conn), target)
+            info["planned"] = [m.filename for m in plan]
+            promotion = "not needed"
+            predecessor = PREDECESSOR.get(env)
+            if predecessor is not None and plan:
+                try:
+                    before = predecessor_ledger(settings, predecessor, config_dir=config_dir)
+                except (PrecogDBError, OSError) as exc:
+                    problem = scrub_text(str(exc), [settings.password])
+                    if not skip_promotion_check:
+                        raise PromotionError(
+                            f"cannot check that {predecessor.value} has these migrations, because its database is "
+                            f"unavailable: {problem}. Fix config/.env.{predecessor.value}, or, if you must migrate "
+                            f'{env.value} anyway, pass --skip-promotion-check --reason "..." (recorded in the '
+                            "audit log); nothing was applied"
+                        ) from None
+                    promotion = f"skipped ({predecessor.value} unavailable: {problem})"
+                else:
+                    check_promotion(plan, before, env=env, predecessor=predecessor)
+                    promotion = f"passed: {predecessor.value} has applied all {len(plan)} with the same checksums"
+            info["promotion"] = promotion
+            if dry_run or not plan:
+                return UpgradeResult(dry_run, plan, promotion)
+            tell(
+                f"plan: {len(plan)} migration(s) for the {settings.describe()}: " + ", ".join(m.filename for m in plan)
+            )
+            action = f"apply {len(plan)} migration(s)"
+            info["confirmation"] = (
+                confirm(action)
+                if confirm is not None
+                else confirmation(settings, action, confirm_database=confirm_database)
+            )
+            if env is Environment.PROD:
+                if not take_backup:
+                    info["backup"] = "skipped (--no-backup)"
+                else:
+                    made = backup_database(
+                        settings,
+                        server_major=conn.info.server_version // 10000,
+                        purpose="before migrate up",
+                        root=backup_root,
+                        keep=keep,
+                        progress=display,
+                    )
+                    info["backup"] = str(made.path)
+                    tell(made.summary())
+            applied: list[dict[str, Any]] = []
+            info["applied"] = applied
+            with migration_lock(conn, timeout=lock_timeout, on_wait=on_lock_wait):
+                ensure_ledger(conn)
+                todo = pending(discover(directory), read_ledger(conn), target)
+                skipped = len(plan) - len(todo)
+                if skipped:
+                    tell(f"{skipped} of the planned migration(s) were applied by another run meanwhile")
+                try:
+                    for index, migration in enumerate(todo, 1):
+                        if migration.filename not in info["planned"]:
+                            raise PromotionError(
+                                f"{migration.filename} appeared while waiting for the lock and was not part of "
+                                "the confirmed plan; run migrate up again"
+                            )
+                        display.update(f"[{index}/{len(todo)}] applying {migration.filename} ...")
+                        row = apply_migration(conn, migration)
+                        applied.append(
+                            {
+                                "version": row.version,
+                                "file": migration.filename,
+                                "checksum": row.checksum,
+                                "duration_ms": row.duration_ms,
+                            }
+                        )
+                finally:
+                    display.done()
+        finally:
+            conn.close()
+    return UpgradeResult(dry_run, plan, promotion, applied, info.get("backup"))
+
+
+def mark_baseline(
+    settings: DatabaseSettings,
+    version: int,
+    *,
+    directory: Path = Path("migrations"),
+    confirm: Callable[[str], str] | None = None,
+    confirm_database: str | None = None,
+    on_lock_wait: Callable[[str], None] | None = None,
+) -> list[AppliedMigration]:
+    """`baseline` ``settings``' database at ``version`` under the lock, confirmed and audited (``migrate baseline``)."""
+    with audit.operation("migrate baseline", settings, version=version) as info:
+        files = discover(directory)
+        conn = connect(settings, operation="baseline the migration ledger")
+        try:
+            action = f"record migrations up to {version} as applied"
+            info["confirmation"] = (
+                confirm(action)
+                if confirm is not None
+                else confirmation(settings, action, confirm_database=confirm_database)
+            )
+            with migration_lock(conn, timeout=60, on_wait=on_lock_wait):
+                rows = baseline(conn, files, version)
+        finally:
+            conn.close()
+        info["baselined"] = [r.version for r in rows]
+    return rows

@@ -85,6 +85,7 @@ _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
+_MAIN_THREAD = threading.main_thread()
 _OK = ConnStatus.OK
 _IDLE = TransactionStatus.IDLE
 
@@ -244,6 +245,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
         self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
         self._precog_conns_lock = threading.Lock()
+        #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
+        self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
+        self._janitor: threading.Thread | None = None
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -353,7 +357,56 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 
+    # --- maintenance requests from the main thread ---------------------------------------------
+    #
+    # psycopg_pool queues maintenance work with queue.Queue.put and sched.scheduler.enter, which
+    # take Python-level locks. A signal handler that raises in the main thread (KeyboardInterrupt,
+    # a job runner's SIGALRM timeout) can fire just after such a lock was acquired inside
+    # Condition.__enter__, before any `with` owns it: the lock then stays held forever and every
+    # pool worker deadlocks on its next get (seen in tests/test_interrupts.py). So the main thread
+    # never touches those queues: it puts the request on a SimpleQueue (one C call, no Python
+    # lock) and the pool's janitor thread, where no signal handler runs, passes it on.
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool (psycopg_pool's `open`), after starting the janitor thread."""
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._janitor_loop, name=f"{self.name}-janitor", daemon=True)
+            self._janitor.start()
+        super().open(wait=wait, timeout=timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool (psycopg_pool's `close`), then stop the janitor thread."""
+        try:
+            super().close(timeout=timeout)
+        finally:
+            self._deferred.put(None)
+
+    def _janitor_loop(self) -> None:
+        while (item := self._deferred.get()) is not None:
+            task, delay = item
+            try:
+                if delay is None:
+                    self.run_task(task)
+                else:
+                    self.schedule_task(task, delay)
+            except Exception as exc:  # never let one request stop the janitor
+                log.warning("pool_maintenance_request_failed", pool=self.name, error=type(exc).__name__)
+
+    def _deferred_from_main_thread(self, task: MaintenanceTask, delay: float | None) -> bool:
+        """Queue ``task`` for the janitor when called in the main thread; False: run it here."""
+        if self._janitor is None or threading.current_thread() is not _MAIN_THREAD:
+            return False
+        self._deferred.put((task, delay))
+        return True
+
+    def run_task(self, task: MaintenanceTask) -> None:
+        """psycopg_pool's `run_task`, handed over through the janitor when called in the main thread."""
+        if not self._deferred_from_main_thread(task, None):
+            super().run_task(task)
+
     def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        if self._deferred_from_main_thread(task, delay):
+            return
         # psycopg_pool schedules an AddConnection only to retry a failed attempt (after the back-off).
         if isinstance(task, AddConnection):
             with self._retries_lock:

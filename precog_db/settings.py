@@ -8,9 +8,11 @@ Precedence, highest first (written down once, here and in the README):
 4. ``<config_dir>/.env``;
 5. built-in defaults for the environment.
 
-Files are parsed with python-dotenv's `dotenv_values` from text this module
-reads itself, so that ``os.environ`` is never mutated, a BOM or CRLF line
-endings are harmless, and a malformed line is an error rather than a warning.
+Files are parsed once, with python-dotenv's public `dotenv_values`, from text
+this module reads itself (the lines it cannot parse are the ones it reports
+on the ``dotenv.main`` logger; `_first_bad_line` turns them into errors), so
+that ``os.environ`` is never mutated, a BOM or CRLF line endings are
+harmless, and a malformed line is an error rather than a warning.
 No message ever contains a configured value.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import logging
 import os
 import stat
 import sys
@@ -27,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
-from dotenv.parser import parse_stream
 
 from precog_db.environment import (
     Environment,
@@ -115,7 +117,7 @@ def check_name_matches(settings: DatabaseSettings) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DatabaseSettings:
     """Everything needed to open a pool for one environment.
 
@@ -197,7 +199,25 @@ class DatabaseSettings:
 
     def describe(self) -> str:
         """A one-line description for messages and logs: no password, ever."""
-        return f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}"
+        return self._masked(f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return self._masked(f"{type(self).__name__}({shown})")
+
+    def _masked(self, text: str) -> str:
+        """``text`` with the password masked wherever another field repeats it (a password pasted as a name)."""
+        secret = str(self.password)
+        if not secret:
+            return text
+        if len(secret) >= 4:
+            return text.replace(secret, "***")
+        # Too short to mask as a substring without mangling names: mask only fields equal to it.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr and isinstance(value, str) and value == secret:
+                text = text.replace(repr(value), "'***'")
+        return text
 
     def __str__(self) -> str:
         return self.describe()
@@ -485,6 +505,68 @@ def resolve_config_dir(
     return Path(from_env) if from_env else Path("config")
 
 
+class _InvalidLines(logging.Filter):
+    """Collects the lines python-dotenv reports as unparseable while `dotenv_values` runs, and keeps them quiet.
+
+    `dotenv_values` skips a malformed statement with the warning "could not
+    parse statement starting at line N" on the ``dotenv.main`` logger; its
+    argument is the line number, which is all a message may show.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if args and isinstance(args[0], int):
+            self.lines.append(args[0])
+            return False
+        return True
+
+
+_DOTENV_LOGGER = logging.getLogger("dotenv.main")
+
+
+def _parse_env_text(text: str) -> tuple[dict[str, str | None], list[int]]:
+    """`dotenv_values` over ``text`` (parsed once), and the numbers of the lines it could not parse."""
+    catcher = _InvalidLines()
+    _DOTENV_LOGGER.addFilter(catcher)
+    try:
+        values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    finally:
+        _DOTENV_LOGGER.removeFilter(catcher)
+    return dict(values), catcher.lines
+
+
+def _line_of(text: str, key: str) -> int:
+    """The number of the first line that starts with ``key`` (after ``export`` and an opening quote)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        if stripped.lstrip("'\"").startswith(key):
+            return number
+    return 1
+
+
+def _first_bad_line(text: str, values: Mapping[str, str | None], unparseable: list[int]) -> tuple[int, bool] | None:
+    """The first broken line, and whether the problem is a malformed DB_/PRECOG_ name; None when all are fine.
+
+    A key without '=' (python-dotenv accepts it as "no value") is almost
+    always a broken line, e.g. the second line of a wrapped password or
+    DB_PASSWORDsecret with the '=' lost; its "key" may be a secret, so it is
+    reported by line number only, like any malformed line.
+    """
+    problems = [(line, False) for line in unparseable]
+    for key, value in values.items():
+        if value is None:
+            problems.append((_line_of(text, key), False))
+        elif key.startswith(("DB_", "PRECOG_")) and not key.isidentifier():
+            problems.append((_line_of(text, key), True))
+    return min(problems) if problems else None
+
+
 def _read_env_file(path: Path) -> dict[str, str | None] | None:
     """Read one `.env` file; None when it does not exist."""
     try:
@@ -520,23 +602,18 @@ def _read_env_file(path: Path) -> dict[str, str | None] | None:
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise ConfigurationError(f"{path} line {line} contains a NUL byte; this is not a text file")
-    for binding in parse_stream(io.StringIO(text)):
-        # A key without '=' (python-dotenv accepts it as "no value") is almost
-        # always a broken line, e.g. the second line of a wrapped password or
-        # DB_PASSWORDsecret with the '=' lost; its "key" may be a secret, so
-        # it is reported by line number only, like any malformed line.
-        if binding.error or (binding.key is not None and binding.value is None):
+    values, unparseable = _parse_env_text(text)
+    problem = _first_bad_line(text, values, unparseable)
+    if problem is not None:
+        line, malformed_name = problem
+        if malformed_name:
             raise ConfigurationError(
-                f"{path} line {binding.original.line} is not a valid KEY=VALUE line; "
-                "fix or remove it (quote values that contain spaces or #)"
+                f"{path} line {line} has a malformed variable name (letters, digits and _ only); fix the line"
             )
-        key = binding.key or ""
-        if key.startswith(("DB_", "PRECOG_")) and not key.isidentifier():
-            raise ConfigurationError(
-                f"{path} line {binding.original.line} has a malformed variable name (letters, digits and _ "
-                "only); fix the line"
-            )
-    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+        raise ConfigurationError(
+            f"{path} line {line} is not a valid KEY=VALUE line; "
+            "fix or remove it (quote values that contain spaces or #)"
+        )
     _warn_unknown_keys(path, values)
     return values
 
@@ -717,7 +794,8 @@ def _check_process_only_keys(
 ) -> None:
     """PRECOG_ENV in an environment's own file must agree; process-only variables in a file are reported as ignored."""
     declared = (content.get("PRECOG_ENV") or "").strip()
-    if declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}") is not resolved:
+    own = declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}", show_value=False)
+    if own and own is not resolved:
         raise ConfigurationError(
             f"{path} sets PRECOG_ENV to another environment than {resolved.value}, the one that chose this file; "
             f"an environment's own file cannot change the environment. Remove PRECOG_ENV from {path} "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
 import psycopg
@@ -33,7 +32,8 @@ from psycopg import Connection, Cursor
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from precog_db.environment import Environment, parse_environment
+from precog_db._secrets import current_os_user
+from precog_db.environment import STRICT, Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
     ProductionAccessError,
@@ -41,7 +41,7 @@ from precog_db.errors import (
     StampError,
     UnstampedDatabaseError,
 )
-from precog_db.guard import current_os_user, production_confirmed
+from precog_db.guard import production_confirmed
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
@@ -65,7 +65,6 @@ TABLE = f"{SCHEMA}.stamp"
 #: Serializes concurrent stampers of one database (any constant works; this is "precog_stamp" in ASCII).
 _LOCK_KEY = 0x707265636F675F73
 
-_STRICT = (Environment.STAGING, Environment.PROD)
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -112,10 +111,9 @@ RETURNING {_COLUMNS}
 
 
 def _library_version() -> str:
-    try:
-        return metadata.version("precog-db")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    from precog_db import __version__  # the one place the version is written
+
+    return __version__
 
 
 @dataclass(frozen=True)
@@ -333,7 +331,7 @@ def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bo
     stamp = read_stamp_on(conn, settings)
     where = settings.describe()
     if stamp is None:
-        if env in _STRICT:
+        if env in STRICT:
             raise UnstampedDatabaseError(
                 f"the {where} carries no identity stamp, and {env.value} databases must: "
                 f"without it nothing proves this is the {env.value} database rather than another one "

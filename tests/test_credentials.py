@@ -19,8 +19,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
-from faults import own_server
 from psycopg import sql
 
 from precog_db import (
@@ -36,6 +34,8 @@ from precog_db.backup import find_tool
 from precog_db.connection import connect, connection_kwargs, tool_connection_args
 from precog_db.environment import Environment
 from precog_db.settings import DatabaseSettings
+from tests._helpers.faults import own_server
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.fault
 
@@ -232,7 +232,7 @@ class TestPasswordFile:
         secret = tmp_path / "password"
         if content is not None:
             secret.write_text(content)
-        settings = DatabaseSettings(env="test", password_file=str(secret))
+        settings = DatabaseSettings(env=Environment.TEST, password_file=str(secret))
         with pytest.raises(ConfigurationError, match=message) as info:
             connection_kwargs(settings)
         assert "DB_PASSWORD_FILE" in str(info.value) and str(secret) in str(info.value)
@@ -241,7 +241,7 @@ class TestPasswordFile:
         """In staging/prod a password file group/others can read is refused, the rule for every secrets file."""
         secret = tmp_path / "password"
         write_secret(secret, OLD, mode=0o644)
-        staging = DatabaseSettings(env="staging", dbname="appdb", password_file=str(secret))
+        staging = DatabaseSettings(env=Environment.STAGING, dbname="appdb", password_file=str(secret))
         with pytest.raises(ConfigurationError, match="chmod 600") as info:
             connection_kwargs(staging)
         assert OLD not in str(info.value)
@@ -249,13 +249,13 @@ class TestPasswordFile:
         assert connection_kwargs(staging)["password"] == OLD
         # dev/test follow the .env rule too: not enforced there.
         secret.chmod(0o644)
-        assert connection_kwargs(DatabaseSettings(env="test", password_file=str(secret)))["password"] == OLD
+        assert connection_kwargs(DatabaseSettings(env=Environment.TEST, password_file=str(secret)))["password"] == OLD
 
     def test_resolved_password_is_masked_in_repr(self, tmp_path: Path) -> None:
         """The password read from the file is a Secret: the kwargs dict that carries it shows '***'."""
         secret = tmp_path / "password"
         write_secret(secret, OLD)
-        kwargs = connection_kwargs(DatabaseSettings(env="test", password_file=str(secret)))
+        kwargs = connection_kwargs(DatabaseSettings(env=Environment.TEST, password_file=str(secret)))
         assert kwargs["password"] == OLD and OLD not in repr(kwargs)
 
 
@@ -292,7 +292,7 @@ class TestProvider:
     @pytest.mark.parametrize("value", [None, "", 42])
     def test_provider_returning_no_text_is_refused(self, value: object) -> None:
         """A provider that returns no password is a ConfigurationError saying what it must return."""
-        settings = DatabaseSettings(env="test", password_provider=lambda: value)  # type: ignore[arg-type,return-value]
+        settings = DatabaseSettings(env=Environment.TEST, password_provider=lambda: value)  # type: ignore[arg-type,return-value]
         with pytest.raises(ConfigurationError, match="must return the password as a str"):
             connection_kwargs(settings)
 
@@ -303,9 +303,9 @@ class TestSettings:
         with pytest.raises(ConfigurationError, match=r"DB_PASSWORD .* and DB_PASSWORD_FILE"):
             load_settings("test", config_dir=tmp_path, environ={"DB_PASSWORD": "x", "DB_PASSWORD_FILE": "/p"})
         with pytest.raises(ConfigurationError, match="DB_PASSFILE"):
-            DatabaseSettings(env="test", password="x", passfile="/p")
+            DatabaseSettings(env=Environment.TEST, password="x", passfile="/p")
         with pytest.raises(ConfigurationError, match="password_provider"):
-            DatabaseSettings(env="test", password_file="/p", password_provider=lambda: "x")
+            DatabaseSettings(env=Environment.TEST, password_file="/p", password_provider=lambda: "x")
 
     def test_a_higher_layer_replaces_a_lower_layers_password_source(self, tmp_path: Path) -> None:
         """DB_PASSWORD_FILE in the process environment replaces a DB_PASSWORD from a .env file, as any override does."""

@@ -14,13 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg import IsolationLevel
 from psycopg.pq import Trace
 
 from precog_db import get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.session import changes_session
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest.fixture

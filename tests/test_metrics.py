@@ -15,7 +15,6 @@ import urllib.request
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import Server
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,8 +27,9 @@ from precog_db import (
     initialize_pool,
     pool_metrics,
 )
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.metrics import PoolSnapshot, register_prometheus
+from tests._helpers.server import Server
 
 LABELS = {"pool_name": "precog-test", "environment": "test"}
 

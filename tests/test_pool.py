@@ -9,7 +9,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg.pq import Trace
 from structlog.testing import capture_logs
 
@@ -27,8 +26,9 @@ from precog_db import (
     initialize_pool,
     stamp_database,
 )
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 SECRET = "pw-Sentinel-77x"
 
@@ -51,7 +51,7 @@ class TestOpening:
         pool_repr = ""
         try:
             pool = initialize_pool(settings=settings)
-            pool_repr = repr(pool) + pool.conninfo
+            pool_repr = repr(pool) + str(pool.conninfo)
         except DatabaseUnavailableError:
             pass  # trust auth may still accept; either way check what we built
         assert SECRET not in pool_repr

@@ -20,12 +20,12 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
-from conftest import Server
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, WaitingClient
 
 import precog_db.pool as precog_pool
+from tests._helpers.server import Server
 
 POOL_SOURCE = Path(precog_pool.__file__)
 WHY = (
@@ -114,6 +114,10 @@ OWN_NAMES = {
     "_fold_metrics_soon",
     "_returns",
     "_precog_conns_lock",
+    "_deferred",
+    "_deferred_from_main_thread",
+    "_janitor",
+    "_janitor_loop",
 }
 
 

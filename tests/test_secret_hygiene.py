@@ -31,8 +31,6 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import Server
-from faults import own_server
 from psycopg import sql
 
 from precog_db import (
@@ -51,8 +49,10 @@ from precog_db import (
 from precog_db.cli import main as cli_main
 from precog_db.connection import connect, tool_connection_args
 from precog_db.environment import Environment
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
+from tests._helpers.faults import own_server
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.fault
 
@@ -277,9 +277,9 @@ def assert_nowhere(
     }
     for where, text in places.items():
         assert secret not in text, f"the password leaked into {where}"
-    for exc in cap.raised:
-        for text in _renderings(exc):
-            assert secret not in text, f"the password leaked through {type(exc).__name__}: {text[:300]}"
+    for raised in cap.raised:
+        for text in _renderings(raised):
+            assert secret not in text, f"the password leaked through {type(raised).__name__}: {text[:300]}"
 
 
 def _select() -> None:
