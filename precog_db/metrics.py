@@ -227,8 +227,12 @@ class PoolRecorder:
             self.fold_soon()
 
     def fold_soon(self) -> None:
-        """Ask for a `fold` (once until it ran): through ``fold_soon`` if given, else now."""
-        if self._fold_requested:
+        """Ask for a `fold` (once until it ran): through ``fold_soon`` if given, else now.
+
+        Asked again past twice `FOLD_AT` pending samples, in case a request was
+        lost (an interrupt between setting the flag and queueing the task).
+        """
+        if self._fold_requested and len(self.returns) < 2 * FOLD_AT:
             return
         self._fold_requested = True
         if self._fold_soon is None:
