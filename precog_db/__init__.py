@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     )
     from precog_db.gates import dangerous_operation, delete_all, truncate_tables
     from precog_db.log import configure_logging
+    from precog_db.metrics import pool_metrics
     from precog_db.pool import PrecogPool, close_pool, create_pool, get_pool, initialize_pool
     from precog_db.settings import DatabaseSettings, load_settings
     from precog_db.stamp import Stamp, read_stamp, stamp_database
@@ -75,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "get_pool": "precog_db.pool",
     "initialize_pool": "precog_db.pool",
     "load_settings": "precog_db.settings",
+    "pool_metrics": "precog_db.metrics",
     "read_stamp": "precog_db.stamp",
     "require_environment": "precog_db.environment",
     "stamp_database": "precog_db.stamp",
@@ -112,6 +114,7 @@ __all__ = [
     "get_pool",
     "initialize_pool",
     "load_settings",
+    "pool_metrics",
     "read_stamp",
     "require_environment",
     "stamp_database",

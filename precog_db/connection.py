@@ -24,6 +24,11 @@ enforces every invariant on the settings it is given, however they were built
 `check_target` runs 1 to 3 (no I/O); `prepare` runs 4 and 5 on a fresh connection;
 `connect` does both around ``psycopg.connect``. The pool calls `check_target`
 before each physical connection and `prepare` on it.
+
+`connection_kwargs` is what reaches libpq for every connection, the pool's
+included: the settings' parameters with the password resolved now
+(`precog_db._credentials.resolve_credentials`: ``DB_PASSWORD_FILE`` re-read,
+the password provider called), so a rotated credential needs no restart.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._credentials import resolve_credentials
 from precog_db._secrets import scrub_text
 from precog_db.environment import Environment
 from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
@@ -51,6 +57,7 @@ __all__ = [
     "check_gate",
     "check_target",
     "connect",
+    "connection_kwargs",
     "gate_allows",
     "prepare",
     "reply_timeout",
@@ -117,6 +124,18 @@ def check_target(
     check_name_matches(settings)
     check_gate(settings.env)
     require_production_confirmation(settings, confirmed=prod_confirmed, operation=operation, quiet=quiet)
+
+
+def connection_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """Keyword arguments for one new connection to ``settings``, credentials resolved now (they include the password).
+
+    The one place a connection's password is decided: `connect`, the pool
+    (for each physical connection) and `tool_connection_args` call it.
+    """
+    kwargs = settings.connect_kwargs()
+    kwargs.pop("password", None)
+    kwargs.update(resolve_credentials(settings))
+    return kwargs
 
 
 # --- the reply bound -----------------------------------------------------------------------------
@@ -242,7 +261,7 @@ def connect(
     """
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     try:
-        conn = PrecogConnection.connect(**settings.connect_kwargs(), autocommit=autocommit)
+        conn = PrecogConnection.connect(**connection_kwargs(settings), autocommit=autocommit)
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:
@@ -272,6 +291,8 @@ def tool_connection_args(
     expanded as a connection string by libpq. The password is not in it: it
     travels only as ``PGPASSWORD`` in the returned environment, from which
     every other ``PG*`` variable is removed (none of them may redirect the tool).
+    The password is resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE``
+    is read, a provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
     """
     import os
 
@@ -279,11 +300,13 @@ def tool_connection_args(
 
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
-    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
+    params = connection_kwargs(settings)
+    password = params.pop("password", None)
+    params.pop("options", None)
     params["application_name"] = f"{settings.application_name} backup".strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if settings.password:
-        env["PGPASSWORD"] = settings.password
+    if password:
+        env["PGPASSWORD"] = password
     return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
 
 

@@ -31,6 +31,7 @@ import os
 import queue
 import select
 import threading
+import weakref
 from collections.abc import Callable
 from time import monotonic
 from typing import Any, ClassVar, Protocol
@@ -43,7 +44,15 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 from precog_db import audit
-from precog_db.connection import PrecogConnection, check_gate, check_target, connect, failure_reason, prepare
+from precog_db.connection import (
+    PrecogConnection,
+    check_gate,
+    check_target,
+    connect,
+    connection_kwargs,
+    failure_reason,
+    prepare,
+)
 from precog_db.connection import reply_timeout as reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -55,6 +64,7 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
+from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
 
@@ -183,6 +193,14 @@ class _Bury(MaintenanceTask):
         pool._bury()
 
 
+class _FoldMetrics(MaintenanceTask):
+    """Fold the returned-connection samples into the metrics histograms (in a pool worker, off the read path)."""
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, PrecogPool)
+        pool.metrics.fold()
+
+
 class PrecogPool(ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
@@ -235,13 +253,12 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         )
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
+        #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
+        self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
+        self._precog_conns_lock = threading.Lock()
         #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
         self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
         self._janitor: threading.Thread | None = None
-        kwargs = settings.connect_kwargs()
-        kwargs["autocommit"] = True
-        options = kwargs.get("options")
-        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -254,7 +271,15 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             "open": False,
         }
         params.update(pool_kwargs)
-        super().__init__("", kwargs=kwargs, **params)
+        #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
+        self.metrics = PoolRecorder(
+            str(params["name"]), settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
+        )
+        #: (lent_at, returned_at) of every block given back since the recorder last folded them (`give_back`).
+        self._returns = self.metrics.returns
+        # A callable: psycopg_pool calls it for every new connection, so the password is
+        # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
+        super().__init__("", kwargs=self._connection_kwargs, **params)
 
     @property
     def env(self) -> Environment:
@@ -263,6 +288,40 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """libpq's arguments for one new pooled connection, with the credentials resolved now."""
+        kwargs = connection_kwargs(self.settings)
+        kwargs["autocommit"] = True
+        options = kwargs.get("options")
+        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        return kwargs
+
+    def drain(self) -> None:
+        """Replace every connection, gracefully: after a credential rotation, or a failover.
+
+        Idle connections are closed and reopened now (with the password as
+        resolved now); connections in use finish their block undisturbed and
+        are closed and replaced when given back. Callers keep being served
+        meanwhile. See docs/OPERATIONS.md.
+        """
+        super().drain()
+        log.info("pool_drained", pool=self.name, env=self.env.value)
+
+    def _fold_metrics_soon(self) -> None:
+        self.run_task(_FoldMetrics(self))
+
+    def _metrics_state(self) -> PoolState | None:
+        """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
+        if getattr(self, "_closed", True):  # closed, or still being constructed
+            return None
+        with self._lock:
+            idle = len(self._pool)
+            pending = sum(1 for w in self._waiting if not getattr(w, "_served", False))
+        with self._precog_conns_lock:
+            conns = list(self._precog_conns)
+        used = sum(1 for c in conns if c._pool is self and not c.closed)
+        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
 
     def _configure_connection(self, conn: Connection[Any]) -> None:
         # Explicit transactions are read-write; everything else inherits the
@@ -292,6 +351,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Remember why the server could not be reached, so that a caller who
         # times out meanwhile is told the real reason (psycopg_pool itself
         # only logs it from its background worker).
+        started = monotonic()
         try:
             check_target(
                 self.settings, operation="open a pooled connection", prod_confirmed=self.prod_confirmed, quiet=True
@@ -299,8 +359,13 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             conn = super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
             self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+            self.metrics.connection_failed()
             raise
-        self._last_connect_ok = monotonic()
+        self._last_connect_ok = now = monotonic()
+        self.metrics.created(now - started)
+        with self._precog_conns_lock:
+            self._precog_conns.add(conn)
+        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 
     # --- maintenance requests from the main thread ---------------------------------------------
@@ -421,15 +486,21 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             )
         check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
         wait = self.timeout if timeout is None else timeout
+        started = monotonic()
         try:
             self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
-            deadline = monotonic() + wait
+            deadline = started + wait
             while True:
-                self._lend_once(holder, deadline)
+                waited = self._lend_once(holder, deadline)
                 if self._check is None or self._passes_check(holder):
+                    if waited:
+                        self._lent_after_wait(holder, started)
+                    else:
+                        holder._conn._precog_lent = started  # type: ignore[union-attr]  # for the metrics (give_back)
                     return
         except PoolTimeout:
             self._abandon(holder)
+            self.metrics.timed_out()
             raise self._timed_out(wait) from None
         except BaseException:
             self._abandon(holder)
@@ -452,8 +523,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             return False
         return True
 
-    def _lend_once(self, holder: _Holder, deadline: float) -> None:
-        """Put a live idle connection into ``holder._conn``: the top of the stack, or the first one handed over."""
+    def _lend_once(self, holder: _Holder, deadline: float) -> bool:
+        """Put a live idle connection into ``holder._conn``: the top of the stack (False), or the first one
+        handed over after queueing (True)."""
         if not self._closed:
             with self._lock:
                 idle = self._pool
@@ -467,9 +539,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         if conn is not None:
             if connection_is_usable(conn):
                 conn._pool = self
-                return
+                return False
             self._retire(holder, self._CONNECTIONS_LOST)
         self._lend_waiting(holder, deadline)
+        return True
 
     def _lend_waiting(self, holder: _Holder, deadline: float) -> None:
         """The slow path of `lend`: the first idle connection, or a place in the queue (first come, first served)."""
@@ -516,6 +589,14 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 return
             self._retire(holder, self._CONNECTIONS_LOST)
 
+    def _lent_after_wait(self, holder: _Holder, started: float) -> None:
+        """Metrics for a connection obtained after queueing (the slow path): record the wait now."""
+        conn = holder._conn
+        assert conn is not None
+        now = monotonic()
+        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
+        self.metrics.waited(now - started)
+
     def _abandon(self, holder: _Holder) -> None:
         """After `lend` failed: leave the queue, and give back a connection handed over meanwhile."""
         with self._lock:
@@ -546,7 +627,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             return
         if getattr(conn, "_pool", None) is not self:
             raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        lent: float | None = None
         try:
+            lent = conn._precog_lent  # type: ignore[attr-defined]  # set in _connect, by lend
+            conn._precog_lent = None  # type: ignore[attr-defined]
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
@@ -574,6 +658,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
                 conn.close()
                 self._retire(holder, None)
             raise
+        if lent is not None:  # after the hand-over: an interrupt here loses a sample, never a connection
+            returns = self._returns
+            returns.append((lent, monotonic()))  # folded into the histograms off the read path
+            if len(returns) >= FOLD_AT:
+                self.metrics.fold_soon()
 
     def _hand_over(self, holder: _Holder, conn: Connection[Any]) -> None:
         """Give an idle connection to the first waiter, or put it on the idle stack (exactly as `putconn` would)."""

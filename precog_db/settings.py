@@ -81,6 +81,20 @@ _UNSET: Any = _Unset()
 _NAMED_BY_ENV = frozenset({"dbname", "user", "application_name"})
 
 
+#: The settings that can supply the password, and how a message names each one.
+_SOURCE_NAMES = {
+    "password": "DB_PASSWORD",
+    "password_file": "DB_PASSWORD_FILE",
+    "passfile": "DB_PASSFILE",
+    "password_provider": "password_provider",
+}
+
+
+def password_sources(settings: DatabaseSettings) -> list[str]:
+    """Which of ``password``, ``password_file``, ``passfile`` and ``password_provider`` supply the password."""
+    return [name for name in _SOURCE_NAMES if getattr(settings, name)]
+
+
 def _origin_text(origin: str) -> str:
     return {"argument": "the arguments", "environment": "the process environment", "default": "the defaults"}.get(
         origin, origin
@@ -125,6 +139,12 @@ class DatabaseSettings:
     statement_timeout_ms: int = _UNSET
     tcp_user_timeout_ms: int = _UNSET
     application_name: str = _UNSET
+    #: A file whose content is the password, re-read for every new connection (docs/OPERATIONS.md).
+    password_file: str = _UNSET
+    #: libpq's password file (``.pgpass`` format), used instead of a password.
+    passfile: str = _UNSET
+    #: Called for every connection attempt; returns the password (e.g. an IAM token). Never in `repr`.
+    password_provider: Callable[[], str] | None = field(default=None, repr=False)
     #: The `.env` files that were read, lowest precedence first.
     files: tuple[Path, ...] = ()
     #: Where each field's value came from ("default", a file, "environment", "argument").
@@ -152,6 +172,19 @@ class DatabaseSettings:
                 problem = spec.check(getattr(self, spec.field))
                 if problem:
                     raise ConfigurationError(f"setting {spec.field} ({spec.var}) {problem}")
+        if self.password_provider is not None and not callable(self.password_provider):
+            raise ConfigurationError(
+                "password_provider must be a callable that takes no argument and returns the password"
+            )
+        sources = password_sources(self)
+        if len(sources) > 1:
+            named = " and ".join(
+                f"{_SOURCE_NAMES[s]} (from {_origin_text(origins.get(s, 'argument'))})" for s in sources
+            )
+            raise ConfigurationError(
+                f"the password is given twice, by {named}; set only one of DB_PASSWORD, DB_PASSWORD_FILE, "
+                "DB_PASSFILE and password_provider"
+            )
         if self.pool_min > self.pool_max:
             raise ConfigurationError(
                 f"DB_POOL_MIN_CONN (from {_origin_text(origins['pool_min'])}) is larger than DB_POOL_MAX_CONN "
@@ -220,7 +253,7 @@ class DatabaseSettings:
 
     def replace(self, **changes: Any) -> DatabaseSettings:
         """Return a validated copy with ``changes`` applied (field names as keys)."""
-        unknown = sorted(set(changes) - _FIELD_NAMES - {"env"})
+        unknown = sorted(set(changes) - _FIELD_NAMES - {"env", "password_provider"})
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
@@ -229,7 +262,7 @@ class DatabaseSettings:
             changes["password"] = Secret(changes["password"])  # masked in this frame's locals
         try:
             env = changes.pop("env", None)
-            parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
+            parsed = {k: v if k == "password_provider" else _parse_field(k, v, "argument") for k, v in changes.items()}
             origins = {k: v for k, v in self.origins.items() if k not in changes}
             origins.update(dict.fromkeys(changes, "argument"))
             if env is not None:
@@ -388,6 +421,14 @@ _SPECS: tuple[_Spec, ...] = (
         "ms unacknowledged data may wait before the socket is dropped (0 = OS default)",
     ),
     _Spec("application_name", "DB_APPLICATION_NAME", _text, _nonempty, "name shown in pg_stat_activity"),
+    _Spec(
+        "password_file",
+        "DB_PASSWORD_FILE",
+        _text,
+        _no_nul,
+        "file holding the password, re-read for every new connection (rotation)",
+    ),
+    _Spec("passfile", "DB_PASSFILE", _text, _no_nul, "libpq password file (.pgpass format), instead of a password"),
 )
 
 _BY_VAR = {s.var: s for s in _SPECS}
@@ -445,6 +486,8 @@ def _defaults(env: Environment) -> dict[str, Any]:
         "statement_timeout_ms": 0,
         "tcp_user_timeout_ms": 30_000,
         "application_name": f"precog-{env.value}",
+        "password_file": "",
+        "passfile": "",
     }
 
 
@@ -589,9 +632,24 @@ def _warn_unknown_keys(path: Path, values: Mapping[str, str | None]) -> None:
 
 
 def _check_file_permissions(path: Path, values: Mapping[str, str | None]) -> None:
-    if sys.platform == "win32" or not values.get("DB_PASSWORD"):
+    if not values.get("DB_PASSWORD"):
         return
-    mode = path.stat().st_mode
+    check_secret_file_mode(path, path.stat().st_mode)
+
+
+def secret_file_rule_applies(env: Environment) -> bool:
+    """Whether files holding a password must be private to their owner (staging and production)."""
+    return env in (Environment.STAGING, Environment.PROD)
+
+
+def check_secret_file_mode(path: Path | str, mode: int) -> None:
+    """The rule for a file holding a password: no access for group or others (POSIX; not on Windows).
+
+    Applies to a staging/prod ``.env`` file with a ``DB_PASSWORD`` and to ``DB_PASSWORD_FILE``
+    (`precog_db._credentials`); `secret_file_rule_applies` says when.
+    """
+    if sys.platform == "win32":
+        return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigurationError(f"{path} holds a password and is readable by group/others; run `chmod 600 {path}`")
 
@@ -635,6 +693,7 @@ def _load_settings(
     overrides: dict[str, Any],
 ) -> DatabaseSettings:
     process_env = os.environ if environ is None else environ
+    provider = overrides.pop("password_provider", None)
     directory = resolve_config_dir(config_dir, process_env)
     explicit_dir = config_dir is not None or bool(process_env.get("PRECOG_CONFIG_DIR", "").strip())
     if directory.exists() and not directory.is_dir():
@@ -660,9 +719,11 @@ def _load_settings(
     values: dict[str, Any] = _defaults(resolved)
     origins = dict.fromkeys(values, "default")
     files: list[Path] = []
+    #: Per password source, the precedence of the layer that set it (see `_one_password_source`).
+    source_rank: dict[str, int] = {}
 
     own_path = directory / f".env.{resolved.value}"
-    for path, content in ((shared_path, shared), (own_path, _read_env_file(own_path))):
+    for rank, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path))), 1):
         if content is None:
             continue
         if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
@@ -675,6 +736,7 @@ def _load_settings(
                 continue
             values[spec.field] = _parse_field(spec.field, raw, str(path))
             origins[spec.field] = str(path)
+            source_rank[spec.field] = rank
 
     for spec in _SPECS:
         raw = process_env.get(spec.var)
@@ -682,12 +744,19 @@ def _load_settings(
             continue
         values[spec.field] = _parse_field(spec.field, raw, "the process environment")
         origins[spec.field] = "environment"
+        source_rank[spec.field] = 3
 
     for name, raw in overrides.items():
         if raw is None:
             continue
         values[name] = _parse_field(name, raw, "the arguments")
         origins[name] = "argument"
+        source_rank[name] = 4
+    if provider is not None:
+        values["password_provider"] = provider
+        origins["password_provider"] = "argument"  # noqa: S105  # an origin, not a password
+        source_rank["password_provider"] = 4
+    _one_password_source(values, origins, source_rank)
 
     if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
         log.warning(
@@ -700,6 +769,24 @@ def _load_settings(
     # DatabaseSettings checks the rest: pool_min <= pool_max, and that the
     # database name does not name another environment (check_name_matches).
     return DatabaseSettings(env=resolved, files=tuple(files), origins=origins, **values)
+
+
+def _one_password_source(values: dict[str, Any], origins: dict[str, str], rank: Mapping[str, int]) -> None:
+    """Keep only the password source(s) set by the highest-precedence layer.
+
+    ``DB_PASSWORD_FILE`` exported in the process environment replaces a
+    ``DB_PASSWORD`` from a ``.env`` file, as any higher layer replaces a lower
+    one. Two sources set in the same layer stay, and `DatabaseSettings`
+    refuses them as ambiguous.
+    """
+    present = {name: rank.get(name, 0) for name in _SOURCE_NAMES if values.get(name)}
+    if not present:
+        return
+    top = max(present.values())
+    for name, level in present.items():
+        if level < top:
+            values[name] = None if name == "password_provider" else ""
+            origins[name] = "default"
 
 
 def _check_process_only_keys(
