@@ -547,7 +547,7 @@ def cmd_env(ctx: Context) -> int:
         rows.append({"variable": var, "field": field, "value": value, "source": _origin(settings.origins[field])})
     precedence = [
         "--database",
-        "process environment (DB_*)",
+        "process environment (DB_*, then DATABASE_URL)",
         str(config_dir / f".env.{settings.env.value}"),
         str(config_dir / ".env"),
         "built-in defaults",
@@ -861,7 +861,9 @@ def _predecessor_ledger(ctx: Context, settings: DatabaseSettings, predecessor: E
     from precog_db.migrations import read_ledger
 
     # DB_* variables in this process describe the database being migrated, not its predecessor.
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DB_") and k != "PRECOG_ENV"}
+    environ = {
+        k: v for k, v in os.environ.items() if not k.startswith("DB_") and k not in ("PRECOG_ENV", "DATABASE_URL")
+    }
     other = load_settings(predecessor, config_dir=ctx.args.config_dir, environ=environ)
     if (other.host, other.port, other.dbname) == (settings.host, settings.port, settings.dbname):
         raise ConfigurationError(
