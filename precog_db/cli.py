@@ -73,7 +73,7 @@ commands:
   check                   connect; server version, latency, identity stamp, pool settings, environment match
   stamp                   write the identity stamp (which environment this database belongs to)
   local up|down|status|url  a throwaway PostgreSQL under .precog/ with precog_dev and precog_test
-  migrate new|up|status|validate|baseline   SQL migrations with a ledger and a promotion check
+  migrate new|up|down|status|validate|baseline   SQL migrations with a ledger and a promotion check
   backup                  pg_dump -Fc to backups/<env>/, verified with pg_restore --list, old dumps pruned
   restore FILE            restore a dump into dev or test (never staging or prod)
   audit tail              the latest audit-log entries
@@ -247,6 +247,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reason", help="why a check or the backup is skipped; recorded in the audit log")
     _add_backup_options(q)
     q.set_defaults(handler=cmd_migrate_up)
+    q = _sub(
+        migrate,
+        "down",
+        "revert applied migrations newest first, using each file's -- precog:down section",
+        parents=mig_parents,
+        description="Revert the newest applied migration, or with --target N every one after N (0: all), "
+        "newest first, each file's down section in its own transaction with the removal of its ledger row. "
+        "A file without a down section stops the command before anything runs. On prod: the typed "
+        "confirmation and a verified backup first, as for migrate up.",
+    )
+    q.add_argument("--target", type=int, metavar="VERSION", help="revert every migration after this version")
+    q.add_argument("--dry-run", action="store_true", help="print what would be reverted; change nothing")
+    q.add_argument("--lock-timeout", type=float, default=300.0, metavar="SECONDS", help="default 300")
+    q.add_argument("--no-backup", action="store_true", help="prod: do not take the backup first (needs --reason)")
+    q.add_argument("--reason", help="why the backup is skipped; recorded in the audit log")
+    _add_backup_options(q)
+    q.set_defaults(handler=cmd_migrate_down)
     q = _sub(migrate, "status", "list each migration: applied (when, by whom), pending or problem", parents=mig_parents)
     q.set_defaults(handler=cmd_migrate_status)
     q = _sub(
@@ -994,6 +1011,70 @@ def cmd_migrate_up(ctx: Context) -> int:
     lines = [f"applied {a['file']} ({a['duration_ms']} ms)" for a in applied]
     lines.append(f"{len(applied)} migration(s) applied to the {settings.describe()}")
     ctx.emit({"applied": applied, "promotion": promotion, "backup": info.get("backup")}, lines)
+    return EXIT_OK
+
+
+def cmd_migrate_down(ctx: Context) -> int:
+    """``migrate down``: plan (refusing files without a down section), confirm, back up prod, revert under the lock."""
+    from precog_db.migrations import discover, downgrade, plan_downgrade, read_ledger
+
+    args = ctx.args
+    reason = (args.reason or "").strip() or None
+    if args.no_backup and not reason:
+        raise UsageError('--no-backup needs --reason "..." (it goes to the audit log)')
+    if args.lock_timeout < 0:
+        raise UsageError("--lock-timeout must be zero or more seconds")
+    settings = ctx.settings()
+    env = settings.env
+    ctx.show_banner(settings, "migrate down" + (" --dry-run" if args.dry_run else ""))
+    directory = _migrations_dir(ctx)
+    name = "migrate down (dry run)" if args.dry_run else "migrate down"
+    with ctx.operation(name, settings, migrations_dir=str(directory), reason=reason, target=args.target) as info:
+        files = discover(directory)
+        conn = ctx.connect(settings.replace(application_name=f"precog-db migrate {env.value}"), "migrate")
+        try:
+            plan = plan_downgrade(files, read_ledger(conn), args.target)
+            info["planned"] = [m.filename for m in plan]
+            if args.dry_run or not plan:
+                head = f"would revert {len(plan)} migration(s) of the {settings.describe()}, newest first"
+                lines = [head if plan else f"{settings.describe()} has nothing to revert"]
+                lines += [f"  {m.filename}" for m in plan]
+                ctx.emit({"dry_run": bool(args.dry_run), "plan": info["planned"]}, lines)
+                return EXIT_OK
+            if not ctx.json:
+                ctx.note(
+                    f"plan: revert {len(plan)} migration(s) of the {settings.describe()}: " + ", ".join(info["planned"])
+                )
+            info["confirmation"] = ctx.confirm(settings, f"revert {len(plan)} migration(s)")
+            if env is Environment.PROD:
+                if args.no_backup:
+                    info["backup"] = "skipped (--no-backup)"
+                else:
+                    made = _take_backup(ctx, settings, conn, purpose="before migrate down")
+                    info["backup"] = str(made.path)
+                    if not ctx.json:
+                        ctx.note(_backup_summary(made))
+            reverted: list[dict[str, Any]] = []
+            info["reverted"] = reverted
+            progress = Progress(ctx.stderr)
+            try:
+                downgrade(
+                    conn,
+                    directory,
+                    target=args.target,
+                    planned=info["planned"],
+                    lock_timeout=args.lock_timeout,
+                    on_lock_wait=ctx.note,
+                    on_progress=progress.update,
+                    on_reverted=reverted.append,
+                )
+            finally:
+                progress.done()
+        finally:
+            conn.close()
+    lines = [f"reverted {r['file']} ({r['duration_ms']} ms)" for r in reverted]
+    lines.append(f"{len(reverted)} migration(s) reverted in the {settings.describe()}")
+    ctx.emit({"reverted": reverted, "backup": info.get("backup")}, lines)
     return EXIT_OK
 
 

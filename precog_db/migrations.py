@@ -14,9 +14,16 @@
   (`find_transaction_control`, a lexer that skips comments, literals,
   quoted identifiers and dollar-quoted bodies), and after a file runs its
   ledger row is written only inside the same transaction it started in.
-  Statements that cannot run in a transaction (``CREATE INDEX
-  CONCURRENTLY``) are not supported. A server error names the line and
-  column of the file.
+  A server error names the line and column of the file.
+* A file whose first line is ``-- precog:no-transaction`` runs in
+  autocommit, statement by statement (`run_without_transaction`), for
+  ``CREATE INDEX CONCURRENTLY`` and the like; it is recorded only after every
+  statement succeeded, and a failure lists what ran and any index it left
+  ``INVALID``.
+* Everything after a ``-- precog:down`` line is the file's down section
+  (`sections`): ``up`` never runs it, `downgrade` (``migrate down``) does,
+  newest file first, each with the removal of its ledger row. The checksum
+  covers the whole file, down section included.
 * A ``.sql`` entry that is not a regular file (a dangling symbolic link, a
   directory) is an error, not skipped.
 * A session-level advisory lock serializes runs on one database. A second
@@ -32,6 +39,7 @@ which database to connect to and what to confirm.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import re
@@ -54,7 +62,9 @@ from precog_db.errors import ConfigurationError, PrecogDBError
 from precog_db.guard import current_os_user
 
 __all__ = [
+    "DOWN_MARKER",
     "LEDGER",
+    "NO_TRANSACTION_MARKER",
     "PREDECESSOR",
     "AppliedMigration",
     "MigrationError",
@@ -63,17 +73,25 @@ __all__ = [
     "MigrationValidationError",
     "Problem",
     "PromotionError",
+    "Sections",
+    "Statement",
     "TransactionControl",
     "apply_migration",
     "baseline",
     "check_promotion",
     "discover",
+    "downgrade",
     "ensure_ledger",
     "find_transaction_control",
     "migration_lock",
     "new_migration",
     "pending",
+    "plan_downgrade",
     "read_ledger",
+    "revert_migration",
+    "run_without_transaction",
+    "sections",
+    "split_statements",
     "validate",
 ]
 
@@ -249,6 +267,8 @@ def new_migration(directory: Path, name: str) -> Path:
     path.write_text(
         f"-- {version:0{width}d} {slug}, written {stamp}\n"
         "-- Runs in one transaction together with its ledger row: do not add BEGIN or COMMIT.\n"
+        "-- (First line '-- precog:no-transaction': runs statement by statement, for CREATE INDEX CONCURRENTLY.)\n"
+        "-- After a line '-- precog:down': the SQL that reverts it (precog-db migrate down).\n"
         "-- Once applied anywhere, never edit this file: write a new migration instead.\n\n",
         encoding="utf-8",
     )
@@ -337,7 +357,7 @@ def _transaction_control(words: Sequence[str]) -> str | None:
 def find_transaction_control(sql: str) -> list[TransactionControl]:
     """Every top-level statement of ``sql`` that ends or starts a transaction (``COMMIT``, ``BEGIN`` …).
 
-    A small lexer, not a parser: it skips ``--`` and nested ``/* */``
+    A small lexer, not a parser (`split_statements`): it skips ``--`` and nested ``/* */``
     comments, '…' and E'…' literals, "quoted identifiers" and $tag$ dollar
     quotes (so plpgsql ``BEGIN … END`` bodies and the words inside strings
     or identifiers never count), splits statements at top-level semicolons,
@@ -346,16 +366,48 @@ def find_transaction_control(sql: str) -> list[TransactionControl]:
     ``RELEASE`` and ``ROLLBACK TO`` stay inside the transaction and pass.
     """
     found: list[TransactionControl] = []
+    for statement in split_statements(sql):
+        control = _transaction_control(list(statement.words))
+        if control is not None:
+            line, column = line_and_column(sql, statement.start)
+            found.append(TransactionControl(line, column, control))
+    return found
+
+
+@dataclass(frozen=True)
+class Statement:
+    """One top-level statement of a migration: ``sql[start:end]``, its semicolon included."""
+
+    start: int
+    end: int
+    #: Its first (up to four) keywords, upper-cased.
+    words: tuple[str, ...]
+
+    def text(self, sql: str) -> str:
+        return sql[self.start : self.end]
+
+    def summary(self, sql: str, width: int = 60) -> str:
+        """``line N: CREATE INDEX CONCURRENTLY …``: where it starts, and its text on one line."""
+        flat = " ".join(self.text(sql).split())
+        if len(flat) > width:
+            flat = flat[: width - 1] + "…"
+        return f"line {line_and_column(sql, self.start)[0]}: {flat}"
+
+
+def split_statements(sql: str) -> list[Statement]:
+    """The top-level statements of ``sql``, in order (the lexer `find_transaction_control` describes).
+
+    Comments between statements belong to none; a statement without a final
+    semicolon runs to the end of the text.
+    """
+    out: list[Statement] = []
     words: list[str] = []
     start = -1
     parens = begins = 0
     i, n = 0, len(sql)
 
-    def finish() -> None:
-        statement = _transaction_control(words)
-        if statement is not None:
-            line, column = line_and_column(sql, start)
-            found.append(TransactionControl(line, column, statement))
+    def finish(end: int) -> None:
+        out.append(Statement(start, end, tuple(words)))
 
     while i < n:
         ch = sql[i]
@@ -373,7 +425,7 @@ def find_transaction_control(sql: str) -> list[TransactionControl]:
             start = i
         if ch == ";":
             if parens == 0 and begins == 0:
-                finish()
+                finish(i + 1)
                 words, start = [], -1
             i += 1
         elif ch in "'\"":
@@ -409,8 +461,8 @@ def find_transaction_control(sql: str) -> list[TransactionControl]:
         else:
             i += 1
     if start >= 0:
-        finish()
-    return found
+        finish(n)
+    return out
 
 
 def transaction_control_problem(migration: MigrationFile, sql: str) -> str | None:
@@ -664,59 +716,250 @@ def migration_lock(
                 cur.execute("SELECT pg_advisory_unlock(%s)", (_to_signed(LOCK_KEY),))
 
 
-def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str | None = None) -> AppliedMigration:
-    """Run one file and record it, in one transaction. Raises `MigrationError` naming the file on failure.
+# --- sections: up, down, no-transaction ----------------------------------------------------
 
-    A file that ends or starts its own transaction is refused before it
-    runs (`find_transaction_control`); and whatever the file did, the ledger
-    row is written only if the connection is still inside the very
-    transaction the file started in (same transaction id, still in a
-    transaction block), so a file is never recorded as applied when part of
-    it was rolled back or committed on its own.
+#: First line of a file that runs outside a transaction, statement by statement.
+NO_TRANSACTION_MARKER = "-- precog:no-transaction"
+#: The line that starts a file's down section (what `migrate down` runs to revert it).
+DOWN_MARKER = "-- precog:down"
+
+
+@dataclass(frozen=True)
+class Sections:
+    """A migration's text split at its ``-- precog:down`` line."""
+
+    body: str
+    #: ``body[:up_end]`` is what ``migrate up`` runs.
+    up_end: int
+    #: ``body[down_start:]`` is what ``migrate down`` runs; None when the file has no down section.
+    down_start: int | None
+    #: The first line is ``-- precog:no-transaction``.
+    no_transaction: bool
+
+    @property
+    def up(self) -> str:
+        return self.body[: self.up_end]
+
+    @property
+    def down(self) -> str | None:
+        return None if self.down_start is None else self.body[self.down_start :]
+
+
+def sections(body: str) -> Sections:
+    """Split a migration's text: the up part, the down part after a ``-- precog:down`` line, the no-transaction flag.
+
+    Markers are whole lines (surrounding blanks and case ignored). Both are
+    SQL comments, so the checksum (`checksum_of`, over the whole file, down
+    section included) and the transaction-control check see the file as it is.
     """
+    first = body.split("\n", 1)[0].strip().lower()
+    offset = 0
+    for line in body.splitlines(keepends=True):
+        if line.strip().lower() == DOWN_MARKER:
+            return Sections(body, offset, offset + len(line), first == NO_TRANSACTION_MARKER)
+        offset += len(line)
+    return Sections(body, len(body), None, first == NO_TRANSACTION_MARKER)
+
+
+def _read_checked(migration: MigrationFile, verb: str) -> str:
+    """The file's text, after checking it is the file that was planned (same checksum) and controls no transaction."""
     try:
         raw = migration.path.read_bytes()
     except OSError as exc:
-        raise MigrationError(f"{migration.path} cannot be read ({exc.strerror}); nothing of it was applied") from None
+        raise MigrationError(f"{migration.path} cannot be read ({exc.strerror}); nothing of it was {verb}") from None
     if checksum_of(raw) != migration.checksum:
         raise MigrationError(
-            f"{migration.path} changed while migrating; nothing of it was applied, run migrate up again"
+            f"{migration.path} changed while migrating; nothing of it was {verb}, run the command again"
         )
     body = _normalised(raw).decode("utf-8")
     refusal = transaction_control_problem(migration, body)
     if refusal is not None:
-        raise MigrationValidationError(f"{refusal}; nothing of it was applied")
+        raise MigrationValidationError(f"{refusal}; nothing of it was {verb}")
+    return body
+
+
+_RETURNING = "RETURNING version, name, checksum, kind, applied_by, applied_role, applied_at, duration_ms"
+
+
+def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str | None = None) -> AppliedMigration:
+    """Run one file's up part and record it. Raises `MigrationError` naming the file on failure.
+
+    A normal file runs in one transaction together with its ledger row. A
+    file that ends or starts its own transaction is refused before it runs
+    (`find_transaction_control`); and whatever the file did, the ledger row
+    is written only if the connection is still inside the very transaction
+    the file started in (same transaction id, still in a transaction block),
+    so a file is never recorded as applied when part of it was rolled back
+    or committed on its own.
+
+    A file whose first line is ``-- precog:no-transaction`` runs in
+    autocommit, statement by statement (`run_without_transaction`), and is
+    recorded only after every statement succeeded.
+    """
+    body = _read_checked(migration, "applied")
+    parts = sections(body)
     started = time.monotonic()
+
+    def record(cur: psycopg.Cursor[Any]) -> Any:
+        duration_ms = int((time.monotonic() - started) * 1000)
+        cur.execute(
+            f"INSERT INTO {LEDGER} (version, name, checksum, kind, applied_by, duration_ms) "
+            f"VALUES (%s, %s, %s, 'applied', %s, %s) {_RETURNING}",
+            (migration.version, migration.name, migration.checksum, who or applied_by(), duration_ms),
+        )
+        return cur.fetchone()
+
+    if parts.no_transaction:
+        row = run_without_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
+    else:
+        row = _run_in_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
+    assert row is not None
+    return _applied(row)
+
+
+def _run_in_transaction(
+    conn: Connection[Any],
+    migration: MigrationFile,
+    body: str,
+    start: int,
+    end: int,
+    *,
+    record: Callable[[psycopg.Cursor[Any]], Any],
+    verb: str,
+) -> Any:
+    """Run ``body[start:end]`` and then ``record`` in one transaction; ``record``'s result."""
+    text = body[start:end]
     try:
         with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             before = _transaction_id(cur)
-            if body.strip():
-                cur.execute(body.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
+            if text.strip():
+                cur.execute(text.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
             status = conn.info.transaction_status
             if status != TransactionStatus.INTRANS or _transaction_id(cur) != before:
                 raise MigrationError(
                     f"{migration.path} ended the migration's transaction itself, so it was NOT recorded as "
-                    "applied: the statements before that point were committed or rolled back by the file, and "
+                    f"{verb}: the statements before that point were committed or rolled back by the file, and "
                     "any after it may have been committed on their own. Check the database by hand, remove the "
-                    "transaction control from the file, and run migrate up again"
+                    "transaction control from the file, and run the command again"
                 )
-            duration_ms = int((time.monotonic() - started) * 1000)
-            cur.execute(
-                f"INSERT INTO {LEDGER} (version, name, checksum, kind, applied_by, duration_ms) "
-                "VALUES (%s, %s, %s, 'applied', %s, %s) "
-                "RETURNING version, name, checksum, kind, applied_by, applied_role, applied_at, duration_ms",
-                (migration.version, migration.name, migration.checksum, who or applied_by(), duration_ms),
-            )
-            row = cur.fetchone()
+            row = record(cur)
     except psycopg.Error as exc:
         if conn.broken:
             raise MigrationError(
-                f"{migration.filename}: the connection was lost while applying it; PostgreSQL rolled the file "
-                "back, so run migrate up again"
+                f"{migration.filename}: the connection was lost while it ran; PostgreSQL rolled the file "
+                "back, so run the command again"
             ) from None
-        raise MigrationError(f"{migration.filename} failed and was rolled back: {_describe(exc, body)}") from None
-    assert row is not None
-    return _applied(row)
+        raise MigrationError(
+            f"{migration.filename} failed and was rolled back: {_describe(exc, body, start)}"
+        ) from None
+    return row
+
+
+_INVALID_INDEXES = """
+SELECT format('%I.%I', n.nspname, c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid ORDER BY 1
+"""
+
+
+def _invalid_indexes(conn: Connection[Any]) -> set[str]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(_INVALID_INDEXES)
+        return {str(r[0]) for r in cur.fetchall()}
+
+
+def run_without_transaction(
+    conn: Connection[Any],
+    migration: MigrationFile,
+    body: str,
+    start: int,
+    end: int,
+    *,
+    record: Callable[[psycopg.Cursor[Any]], Any],
+    verb: str = "applied",
+) -> Any:
+    """Run the statements of ``body[start:end]`` one by one in autocommit, then ``record``; ``record``'s result.
+
+    For ``-- precog:no-transaction`` files (``CREATE INDEX CONCURRENTLY``,
+    ``ALTER TYPE … ADD VALUE`` on old servers, ``VACUUM``). Each statement
+    commits on its own, so nothing can be rolled back: when one fails, the
+    `MigrationError` lists the statements that ran (committed), the one that
+    failed and those that did not run, and ``record`` is not called (the file
+    stays pending, or applied for a down section). An index a failed
+    ``CREATE INDEX CONCURRENTLY`` left ``INVALID`` is named, with the
+    ``DROP INDEX CONCURRENTLY`` that removes it. Session settings the file
+    changed (``SET statement_timeout = 0`` for a long build) are undone
+    afterwards (``RESET ALL``), so they do not leak into the next file. Each
+    statement is bounded by ``DB_STATEMENT_TIMEOUT`` and the reply bound like
+    any other. ``conn`` must be in autocommit mode and idle; the caller holds
+    the migration lock (session-level, so it spans these transactions).
+    """
+    if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+        raise MigrationError(
+            f"{migration.filename} runs outside a transaction (-- precog:no-transaction), which needs an idle "
+            "autocommit connection; nothing of it was run"
+        )
+    statements = [Statement(st.start + start, st.end + start, st.words) for st in split_statements(body[start:end])]
+    invalid_before = _invalid_indexes(conn)
+    ran: list[Statement] = []
+    failure: psycopg.Error | None = None
+    failed: Statement | None = None
+    with conn.cursor(row_factory=tuple_row) as cur:
+        try:
+            for statement in statements:
+                failed = statement
+                try:
+                    cur.execute(statement.text(body).encode("utf-8"))
+                except psycopg.Error as exc:
+                    failure = exc
+                    break
+                ran.append(statement)
+            if failure is None:
+                try:
+                    return record(cur)
+                except psycopg.Error as exc:
+                    detail = _describe(exc)
+                raise MigrationError(
+                    f"{migration.filename}: all {len(statements)} statement(s) ran and were committed, but "
+                    f"recording it in the ledger failed ({detail}); record it by hand or run the command again "
+                    "once the statements are idempotent"
+                ) from None
+        finally:
+            if not conn.broken and not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    cur.execute("RESET ALL")
+    assert failed is not None and failure is not None
+    index = statements.index(failed) + 1
+    ran_text = (
+        "statements that ran and stay committed: " + "; ".join(st.summary(body) for st in ran)
+        if ran
+        else "no statement before it ran"
+    )
+    rest = statements[index:]
+    not_run = f"; not run: {len(rest)} statement(s) from {rest[0].summary(body)}" if rest else ""
+    if conn.broken:
+        cause = (
+            f"the connection was lost during statement {index} of {len(statements)} ({failed.summary(body)}), "
+            "which may or may not have completed"
+        )
+        invalid = ""
+    else:
+        cause = (
+            f"statement {index} of {len(statements)} ({failed.summary(body)}) failed: "
+            f"{_describe(failure, body, failed.start)}"
+        )
+        left = sorted(_invalid_indexes(conn) - invalid_before)
+        invalid = "".join(
+            f". Index {name} was left INVALID by the failed statement; remove it with: "
+            f"DROP INDEX CONCURRENTLY IF EXISTS {name};"
+            for name in left
+        )
+    state = "stays pending" if verb == "applied" else "stays applied"
+    raise MigrationError(
+        f"{migration.filename} (no-transaction) {cause}; {ran_text}{not_run}{invalid}. It was NOT recorded as "
+        f"{verb} and {state}: undo or keep what ran (make those statements idempotent, e.g. IF NOT EXISTS), "
+        "fix the cause, and run the command again"
+    )
 
 
 def _transaction_id(cur: psycopg.Cursor[Any]) -> int:
@@ -727,8 +970,11 @@ def _transaction_id(cur: psycopg.Cursor[Any]) -> int:
     return int(row[0])
 
 
-def _describe(exc: psycopg.Error, body: str | None = None) -> str:
-    """The server's message, with its error position as a line and column of the file when it has one."""
+def _describe(exc: psycopg.Error, body: str | None = None, start: int = 0) -> str:
+    """The server's message, with its error position as a line and column of the file when it has one.
+
+    ``start`` is where the text that was sent begins in ``body`` (a statement or a section of the file).
+    """
     diag = exc.diag
     message = diag.message_primary or str(exc).strip().splitlines()[0]
     where = f" (SQLSTATE {diag.sqlstate})" if diag.sqlstate else ""
@@ -736,15 +982,129 @@ def _describe(exc: psycopg.Error, body: str | None = None) -> str:
     position = ""
     if diag.statement_position:
         try:
-            offset = int(diag.statement_position) - 1  # 1-based characters into the statement sent
+            offset = int(diag.statement_position) - 1 + start  # 1-based characters into the text sent
         except ValueError:
             offset = -1
-        if body is not None and 0 <= offset <= len(body):
+        if body is not None and start <= offset <= len(body):
             line, column = line_and_column(body, offset)
             position = f" at line {line}, column {column}"
         else:
             position = f" at character {diag.statement_position}"
     return f"{message}{position}{where}{hint}"
+
+
+# --- down migrations -----------------------------------------------------------------------
+
+
+def plan_downgrade(
+    files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigration], target: int | None = None
+) -> list[MigrationFile]:
+    """The applied files to revert, newest first: the newest one, or every one after ``target`` (0: all).
+
+    Raises `MigrationValidationError`, before anything runs, when the files
+    and the ledger disagree (`validate`) or when a file to revert has no
+    ``-- precog:down`` section; `ConfigurationError` for a ``target`` that is
+    not an applied version.
+    """
+    problems = validate(files, ledger)
+    if problems:
+        raise MigrationValidationError(
+            "the migrations do not match the ledger, so nothing was reverted: "
+            + "; ".join(p.message for p in problems)
+            + ". Run `precog-db migrate validate` for the list"
+        )
+    applied = sorted(ledger, reverse=True)
+    if target is None:
+        versions = applied[:1]
+    else:
+        if target != 0 and target not in ledger:
+            raise ConfigurationError(
+                f"--target {target} is not an applied version; give the version to go back to (it stays applied), "
+                "or 0 to revert every migration"
+            )
+        versions = [v for v in applied if v > target]
+    by_version = {f.version: f for f in files}
+    plan = [by_version[v] for v in versions]
+    lacking = [f.filename for f in plan if sections(f.sql()).down_start is None]
+    if lacking:
+        raise MigrationValidationError(
+            f"cannot revert {', '.join(lacking)}: no '{DOWN_MARKER}' section, so nothing was reverted. A file's "
+            "checksum covers its down section, so one cannot be added once the file is applied: write a new "
+            "migration that undoes the change and apply it with migrate up"
+        )
+    return plan
+
+
+def revert_migration(conn: Connection[Any], migration: MigrationFile) -> None:
+    """Run one file's down section and delete its ledger row, in one transaction (autocommit and statement by
+    statement for a ``-- precog:no-transaction`` file, the row deleted only after every statement succeeded)."""
+    body = _read_checked(migration, "reverted")
+    parts = sections(body)
+    if parts.down_start is None:
+        raise MigrationValidationError(f"{migration.filename} has no '{DOWN_MARKER}' section; nothing was reverted")
+
+    def record(cur: psycopg.Cursor[Any]) -> Any:
+        cur.execute(
+            f"DELETE FROM {LEDGER} WHERE version = %s AND checksum = %s RETURNING version",
+            (migration.version, migration.checksum),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise MigrationError(
+                f"{migration.filename}: its ledger row changed or disappeared while it was reverted; run "
+                "`precog-db migrate status` and check the database by hand"
+            )
+        return row
+
+    runner = run_without_transaction if parts.no_transaction else _run_in_transaction
+    runner(conn, migration, body, parts.down_start, len(body), record=record, verb="reverted")
+
+
+def downgrade(
+    conn: Connection[Any],
+    directory: Path,
+    *,
+    target: int | None = None,
+    planned: Sequence[str] | None = None,
+    lock_timeout: float = 300.0,
+    on_lock_wait: Callable[[str], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    on_reverted: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Revert applied migrations newest first (``precog-db migrate down``); one dict per reverted file.
+
+    Takes the migration lock (waiting up to ``lock_timeout`` s), re-reads the
+    files and the ledger under it and plans again (`plan_downgrade`): when
+    ``planned`` (the file names the caller confirmed) differs from that plan,
+    `MigrationValidationError` and nothing is reverted. Each file's down
+    section runs in its own transaction with the removal of its ledger row
+    (`revert_migration`). Confirmation, the prod backup and the audit entry
+    are the caller's, in the same order as ``migrate up``. ``conn`` is an
+    autocommit connection from `precog_db.connection.connect`.
+    """
+    reverted: list[dict[str, Any]] = []
+    with migration_lock(conn, timeout=lock_timeout, on_wait=on_lock_wait):
+        todo = plan_downgrade(discover(directory), read_ledger(conn), target)
+        if planned is not None and [m.filename for m in todo] != list(planned):
+            raise MigrationValidationError(
+                "the migrations to revert changed while waiting for the lock (now: "
+                + (", ".join(m.filename for m in todo) or "none")
+                + "), so nothing was reverted; run migrate down again"
+            )
+        for index, migration in enumerate(todo, 1):
+            if on_progress is not None:
+                on_progress(f"[{index}/{len(todo)}] reverting {migration.filename} ...")
+            started = time.monotonic()
+            revert_migration(conn, migration)
+            done = {
+                "version": migration.version,
+                "file": migration.filename,
+                "duration_ms": int((time.monotonic() - started) * 1000),
+            }
+            reverted.append(done)
+            if on_reverted is not None:
+                on_reverted(done)
+    return reverted
 
 
 def baseline(conn: Connection[Any], files: Sequence[MigrationFile], version: int) -> list[AppliedMigration]:
