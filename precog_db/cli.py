@@ -796,6 +796,8 @@ def _status_rows(
             state = "OUT OF ORDER"
         elif "transaction_control" in kinds:
             state = "ENDS ITS TRANSACTION"
+        elif "marker" in kinds:
+            state = "MISPLACED MARKER"
         elif row is not None:
             state = row.kind
         else:

@@ -83,6 +83,7 @@ __all__ = [
     "downgrade",
     "ensure_ledger",
     "find_transaction_control",
+    "marker_problem",
     "migration_lock",
     "new_migration",
     "pending",
@@ -182,7 +183,7 @@ class AppliedMigration:
 class Problem:
     """A disagreement between files and ledger found by `validate`."""
 
-    kind: str  # edited | missing | gap | out_of_order | transaction_control
+    kind: str  # edited | missing | gap | out_of_order | transaction_control | marker
     version: int
     message: str
 
@@ -534,7 +535,9 @@ def validate(files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigrati
     * ``gap``: a version between the lowest and the highest is neither a file nor in the ledger;
     * ``out_of_order``: a file is pending but a later version is already applied;
     * ``transaction_control``: a pending file ends or starts its own transaction
-      (a top-level ``COMMIT``, ``ROLLBACK``, ``BEGIN`` …, see `find_transaction_control`).
+      (a top-level ``COMMIT``, ``ROLLBACK``, ``BEGIN`` …, see `find_transaction_control`);
+    * ``marker``: a pending file's ``-- precog:no-transaction`` or ``-- precog:down`` line is misplaced
+      (`marker_problem`).
     """
     problems: list[Problem] = []
     by_version = {f.version: f for f in files}
@@ -579,6 +582,9 @@ def validate(files: Sequence[MigrationFile], ledger: Mapping[int, AppliedMigrati
             continue  # apply_migration reports an unreadable file when it gets there
         if refusal is not None:
             problems.append(Problem("transaction_control", file.version, refusal))
+        misplaced = marker_problem(file, file.sql())
+        if misplaced is not None:
+            problems.append(Problem("marker", file.version, misplaced))
     latest = max(ledger, default=0)
     for file in files:
         if file.version not in ledger and file.version < latest:
@@ -601,7 +607,7 @@ def pending(
         raise MigrationValidationError(
             (
                 "the migrations do not match the ledger, so nothing was applied: "
-                if any(p.kind != "transaction_control" for p in problems)
+                if any(p.kind not in ("transaction_control", "marker") for p in problems)
                 else "nothing was applied: "
             )
             + "; ".join(p.message for p in problems)
@@ -761,6 +767,40 @@ def sections(body: str) -> Sections:
     return Sections(body, len(body), None, first == NO_TRANSACTION_MARKER)
 
 
+def marker_problem(migration: MigrationFile, body: str) -> str | None:
+    """The sentence refusing ``migration`` when a marker line is where it does nothing or is ambiguous, else None.
+
+    ``-- precog:no-transaction`` anywhere but the first line (it would be a
+    plain comment and the file would run in a transaction); two ``-- precog:down``
+    lines; a ``-- precog:down`` line inside a statement (before its semicolon,
+    or in a function body), where it cannot split the file.
+    """
+    downs: list[int] = []
+    offset = 0
+    for number, line in enumerate(body.splitlines(keepends=True), 1):
+        text = line.strip().lower()
+        if text == NO_TRANSACTION_MARKER and number != 1:
+            return (
+                f"{migration.path} has '{NO_TRANSACTION_MARKER}' on line {number}; it only counts as the first "
+                "line of the file (move it above the header comments), otherwise the file runs in a transaction"
+            )
+        if text == DOWN_MARKER:
+            downs.append(offset)
+        offset += len(line)
+    if len(downs) > 1:
+        lines = " and ".join(str(line_and_column(body, o)[0]) for o in downs)
+        return f"{migration.path} has several '{DOWN_MARKER}' lines (lines {lines}); keep one"
+    if downs:
+        for statement in split_statements(body):
+            if statement.start < downs[0] < statement.end:
+                return (
+                    f"{migration.path}: the '{DOWN_MARKER}' line (line {line_and_column(body, downs[0])[0]}) is "
+                    f"inside the statement that starts on line {line_and_column(body, statement.start)[0]}; end "
+                    "that statement with a semicolon before the marker"
+                )
+    return None
+
+
 def _read_checked(migration: MigrationFile, verb: str) -> str:
     """The file's text, after checking it is the file that was planned (same checksum) and controls no transaction."""
     try:
@@ -772,7 +812,7 @@ def _read_checked(migration: MigrationFile, verb: str) -> str:
             f"{migration.path} changed while migrating; nothing of it was {verb}, run the command again"
         )
     body = _normalised(raw).decode("utf-8")
-    refusal = transaction_control_problem(migration, body)
+    refusal = transaction_control_problem(migration, body) or marker_problem(migration, body)
     if refusal is not None:
         raise MigrationValidationError(f"{refusal}; nothing of it was {verb}")
     return body
@@ -1025,6 +1065,9 @@ def plan_downgrade(
         versions = [v for v in applied if v > target]
     by_version = {f.version: f for f in files}
     plan = [by_version[v] for v in versions]
+    misplaced = [m for m in (marker_problem(f, f.sql()) for f in plan) if m is not None]
+    if misplaced:
+        raise MigrationValidationError("; ".join(misplaced) + "; nothing was reverted")
     lacking = [f.filename for f in plan if sections(f.sql()).down_start is None]
     if lacking:
         raise MigrationValidationError(

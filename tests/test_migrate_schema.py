@@ -213,3 +213,25 @@ class TestDownOnProd:
         ops = [(e["operation"], e["outcome"]) for e in prod.audit_entries()[-2:]]
         assert ops == [("backup", "ok"), ("migrate down", "ok")]
         assert SENTINEL not in result.out + result.err + prod.audit_log.read_text()
+
+
+class TestMisplacedMarkers:
+    @pytest.mark.parametrize(
+        ("body", "needle"),
+        [
+            ("-- header\n-- precog:no-transaction\nSELECT 1;\n", "only counts as the first line"),
+            ("SELECT 1;\n-- precog:down\nSELECT 2;\n-- precog:down\nSELECT 3;\n", "several '-- precog:down' lines"),
+            ("CREATE TABLE m (id int)\n-- precog:down\nDROP TABLE m;\n", "inside the statement that starts on line 1"),
+        ],
+    )
+    def test_pending_file_with_a_misplaced_marker_is_refused(self, ws: Workspace, body: str, needle: str) -> None:
+        """A marker that would be ignored or is ambiguous stops up before anything runs, naming the line."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_bad.sql", body)
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert needle in result.err
+        assert ws.ledger("test") == [] and not ws.has_table("test", "markets")
+        status = ws.run("--env", "test", "migrate", "status")
+        assert "MISPLACED MARKER" in status.out
