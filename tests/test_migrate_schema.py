@@ -155,6 +155,18 @@ class TestDown:
         assert ws.has_table("test", "markets")
         assert [v for v, _ in ws.ledger("test")] == [1]
 
+    def test_dry_run_lists_the_plan_and_changes_nothing(self, ws: Workspace) -> None:
+        """down --dry-run --target 0 lists the files newest first and reverts none."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_trades.sql", TRADES)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        result = ws.run("--env", "test", "migrate", "down", "--target", "0", "--dry-run")
+        assert result.code == 0, result.err
+        assert "would revert 2 migration(s)" in result.out
+        assert result.out.index("0002_trades.sql") < result.out.index("0001_markets.sql")
+        assert [v for v, _ in ws.ledger("test")] == [1, 2] and ws.has_table("test", "trades")
+
     def test_target_must_be_an_applied_version(self, ws: Workspace) -> None:
         """--target naming no applied version is refused."""
         ws.add("test")
