@@ -152,3 +152,11 @@ class TestProduction:
         outcomes = [(e["operation"], e["outcome"]) for e in ws.audit_entries()[-3:]]
         assert outcomes == [("alembic upgrade", "refused")] * 2 + [("alembic upgrade", "ok")]
         assert ws.audit_entries()[-1]["confirmation"] == "PRECOG_PROD_CONFIRMED=yes + --confirm-database"
+
+    def test_read_only_commands_need_only_the_prod_confirmation(self, ws: Workspace) -> None:
+        """alembic current on prod runs with PRECOG_PROD_CONFIRMED=yes alone (no typed name), and not without it."""
+        ws.add("prod")
+        assert alembic(ws, "-x", "env=prod", "current").code != 0
+        result = alembic(ws, "-x", "env=prod", "current", env={"PRECOG_PROD_CONFIRMED": "yes"})
+        assert result.code == 0, result.err
+        assert ws.audit_entries()[-1]["confirmation"] == "PRECOG_PROD_CONFIRMED=yes"

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from cli_helpers import Workspace, workspace
 from conftest import Server
 
 from precog_db.connection import connect
@@ -146,3 +147,17 @@ class TestRealServer:
         finally:
             with pg_server.connect() as admin:
                 admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_precog_db_env_names_the_url_as_the_source_and_masks_its_password(
+    pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """precog-db env shows DATABASE_URL as the source of each field it set, and never its password."""
+    with workspace(pg_server, tmp_path, monkeypatch) as ws:
+        assert isinstance(ws, Workspace)
+        monkeypatch.setenv("DATABASE_URL", f"postgresql://svc:{SECRET}@db.internal:6543/precog_test")
+        result = ws.run("env")
+        assert result.code == 0, result.err
+        assert "DATABASE_URL in the process environment" in result.out
+        assert "db.internal" in result.out and "(DB_*, then DATABASE_URL)" in result.out
+        assert SECRET not in result.out + result.err
