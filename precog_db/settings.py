@@ -3,10 +3,23 @@
 Precedence, highest first (written down once, here and in the README):
 
 1. keyword overrides passed to `load_settings`;
-2. the process environment (``DB_HOST`` …);
-3. ``<config_dir>/.env.<env>``;
-4. ``<config_dir>/.env``;
+2. the process environment: ``DB_HOST`` …, then ``DATABASE_URL``;
+3. ``<config_dir>/.env.<env>``: its ``DB_*``, then its ``DATABASE_URL``;
+4. ``<config_dir>/.env``: its ``DB_*``, then its ``DATABASE_URL``;
 5. built-in defaults for the environment.
+
+``DATABASE_URL`` (``postgresql://user:password@host:port/dbname?sslmode=…``,
+``postgres://`` too) fills host, port, dbname, user, password, sslmode,
+connect_timeout and application_name at the level of the source it was found
+in, just below the ``DB_*`` variables of that same source: ``DB_NAME=x`` next
+to a ``DATABASE_URL`` overrides the URL's database name, and a ``DATABASE_URL``
+in the process environment overrides every ``.env`` file. Any other URL
+parameter (``options``, ``target_session_attrs`` …) is refused, naming the
+parameter; so is anything that is not a PostgreSQL URL. Its database name takes
+part in the environment inference (`resolve_environment`) where ``DB_NAME``
+would, below a ``DB_NAME`` of the same or a higher source. It gets every check
+``DB_*`` gets: the naming rule, the production guard at connection time, and
+the password is a `Secret` that no message, log or ``repr`` shows.
 
 Files are parsed once, with python-dotenv's public `dotenv_values`, from text
 this module reads itself (the lines it cannot parse are the ones it reports
@@ -42,6 +55,7 @@ from precog_db.errors import ConfigurationError, EnvironmentMismatchError
 from precog_db.log import get_logger
 
 __all__ = [
+    "DATABASE_URL",
     "ENV_VARS",
     "FIELD_VARS",
     "DatabaseSettings",
@@ -444,6 +458,20 @@ _PROCESS_ONLY = frozenset(
 )
 _OTHER_KNOWN = {"PRECOG_ENV", *_PROCESS_ONLY}
 
+#: The twelve-factor variable: a PostgreSQL URL that fills several fields at once.
+DATABASE_URL = "DATABASE_URL"
+#: URL parameters (libpq's names) DATABASE_URL may set, and the field each one fills.
+_URL_KEYS = {
+    "host": "host",
+    "port": "port",
+    "dbname": "dbname",
+    "user": "user",
+    "password": "password",
+    "sslmode": "sslmode",
+    "connect_timeout": "connect_timeout",
+    "application_name": "application_name",
+}
+
 
 _UNPARSABLE = object()
 
@@ -631,8 +659,15 @@ def _warn_unknown_keys(path: Path, values: Mapping[str, str | None]) -> None:
             )
 
 
+def _url_has_password(raw: str | None) -> bool:
+    try:
+        return bool(_url_values(raw, "a .env file").get("password"))
+    except ConfigurationError:
+        return False  # reported, with the file's name, when the URL is applied
+
+
 def _check_file_permissions(path: Path, values: Mapping[str, str | None]) -> None:
-    if not values.get("DB_PASSWORD"):
+    if not values.get("DB_PASSWORD") and not _url_has_password(values.get(DATABASE_URL)):
         return
     check_secret_file_mode(path, path.stat().st_mode)
 
@@ -652,6 +687,60 @@ def check_secret_file_mode(path: Path | str, mode: int) -> None:
         return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigurationError(f"{path} holds a password and is readable by group/others; run `chmod 600 {path}`")
+
+
+def _url_values(raw: str | None, where: str) -> dict[str, Any]:
+    """The fields a ``DATABASE_URL`` found in ``where`` sets (parsed by libpq's own parser), or {} when unset.
+
+    Never quotes the URL: it holds the password.
+    """
+    text = (raw or "").strip()
+    if not text:
+        return {}
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} is not a PostgreSQL URL; it must start with postgresql:// or postgres:// "
+            "(e.g. postgresql://user:password@host:5432/dbname?sslmode=require), or be removed"
+        )
+    import psycopg  # only when a URL is set: `precog-db env` without one stays light
+    from psycopg.conninfo import conninfo_to_dict
+
+    params: dict[str, Any] | None
+    try:
+        params = conninfo_to_dict(text)
+    except psycopg.Error:
+        params = None
+    if params is None:  # raised outside the except block: libpq's message may quote the URL
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} is not a valid PostgreSQL URL (libpq cannot parse it); check its "
+            "percent-encoding (a password with @, : or / must be percent-encoded) and its ?key=value parameters"
+        )
+    unknown = sorted(set(params) - set(_URL_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} sets {', '.join(unknown)}, which precog-db does not take from a URL; it "
+            f"accepts {', '.join(sorted(_URL_KEYS))}. Remove the parameter and use the DB_* setting instead "
+            "(e.g. DB_STATEMENT_TIMEOUT rather than options=-c statement_timeout=...)"
+        )
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None or str(value) == "":
+            continue
+        name = _URL_KEYS[key]
+        if name in ("host", "port") and "," in str(value):
+            raise ConfigurationError(
+                f"DATABASE_URL in {where} names several hosts or ports; precog-db connects to one server. "
+                "Give one host (a pooler or a load balancer in front of the others)"
+            )
+        out[name] = _parse_field(
+            name, _secret(str(value)) if name == "password" else str(value), f"DATABASE_URL in {where}"
+        )
+    return out
+
+
+def _url_dbname(raw: str | None, where: str) -> str | None:
+    dbname = _url_values(raw, where).get("dbname")
+    return dbname if isinstance(dbname, str) else None
 
 
 # --- loading ----------------------------------------------------------------------
@@ -714,6 +803,7 @@ def _load_settings(
     shared = _read_env_file(shared_path)
     dbname_override = overrides.get("dbname")
     resolution = _resolve(env, dbname_override, process_env, shared_path, shared)
+    process_url = _url_values(process_env.get(DATABASE_URL), "the process environment")
     resolved = resolution.env
 
     values: dict[str, Any] = _defaults(resolved)
@@ -730,6 +820,9 @@ def _load_settings(
             _check_file_permissions(path, content)
         _check_process_only_keys(path, content, resolved, shared=path is shared_path)
         files.append(path)
+        for name, value in _url_values(content.get(DATABASE_URL), str(path)).items():
+            values[name] = value
+            origins[name] = f"DATABASE_URL in {path}"
         for var, raw in content.items():
             spec = _BY_VAR.get(var)
             if spec is None or raw is None or raw == "":
@@ -738,6 +831,9 @@ def _load_settings(
             origins[spec.field] = str(path)
             source_rank[spec.field] = rank
 
+    for name, value in process_url.items():
+        values[name] = value
+        origins[name] = "DATABASE_URL in the process environment"
     for spec in _SPECS:
         raw = process_env.get(spec.var)
         if raw is None or raw == "":
@@ -827,10 +923,25 @@ def _resolve(
     shared_path: Path,
     shared: Mapping[str, str | None] | None,
 ) -> Resolution:
+    """`resolve_environment`, with a DATABASE_URL's database name where its precedence puts it.
+
+    The inference reads, first match wins: the dbname argument, ``DB_NAME``
+    in the process, ``DATABASE_URL`` in the process, ``DB_NAME`` in
+    ``config/.env``, ``DATABASE_URL`` in ``config/.env``.
+    """
+    source = "the dbname argument"
+    name = dbname if isinstance(dbname, str) and dbname.strip() else None
+    files = shared or {}
+    if name is None and not (environ.get("DB_NAME") or "").strip():
+        name = _url_dbname(environ.get(DATABASE_URL), "the process environment")
+        source = "the database name in DATABASE_URL"
+        if name is None and not (files.get("DB_NAME") or "").strip():
+            name = _url_dbname(files.get(DATABASE_URL), str(shared_path))
+            source = f"the database name in DATABASE_URL in {shared_path}"
     return resolve_environment(
         env,
-        dbname=dbname if isinstance(dbname, str) else None,
-        dbname_source="the dbname argument",
+        dbname=name,
+        dbname_source=source,
         environ=environ,
         file_values=shared,
         file_name=str(shared_path),

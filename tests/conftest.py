@@ -108,6 +108,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
     for key in list(os.environ):
         if key.startswith(_CLEARED_PREFIXES) and key not in _KEPT:
             monkeypatch.delenv(key)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     close_pool()
     yield

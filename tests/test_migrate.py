@@ -288,8 +288,12 @@ class TestLock:
             seen: list[tuple[str | None, str | None]] = []
             deadline = time.monotonic() + 2.5
             while time.monotonic() < deadline and len(seen) < 10:
+                # Only samples taken while a statement runs: between its statements (setting the lock
+                # timeout, then after the timeout) the waiter is idle in ClientRead, which says nothing
+                # about how it waits. A polling waiter never shows an advisory-lock wait while active.
                 row = holder.execute(
-                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s", (waiter_pid,)
+                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+                    (waiter_pid,),
                 ).fetchone()
                 if row is not None and row[0] is not None:
                     seen.append((row[0], row[1]))

@@ -33,7 +33,7 @@ commands:
   check                   connect; server version, latency, identity stamp, pool settings, environment match
   stamp                   write the identity stamp (which environment this database belongs to)
   local up|down|status|url  a throwaway PostgreSQL under .precog/ with precog_dev and precog_test
-  migrate new|up|status|validate|baseline   SQL migrations with a ledger and a promotion check
+  migrate new|up|down|status|validate|baseline   SQL migrations with a ledger and a promotion check
   backup                  pg_dump -Fc to backups/<env>/, verified with pg_restore --list, old dumps pruned
   restore FILE            restore a dump into dev or test (never staging or prod)
   audit tail              the latest audit-log entries

@@ -68,7 +68,7 @@ def cmd_env(ctx: Context) -> int:
         rows.append({"variable": var, "field": field, "value": value, "source": _origin(settings.origins[field])})
     precedence = [
         "--database",
-        "process environment (DB_*)",
+        "process environment (DB_*, then DATABASE_URL)",
         str(config_dir / f".env.{settings.env.value}"),
         str(config_dir / ".env"),
         "built-in defaults",

@@ -1,4 +1,4 @@
-"""``precog-db migrate new|up|status|validate|baseline``: thin commands over `precog_db.migrations`."""
+"""``precog-db migrate new|up|down|status|validate|baseline``: thin commands over `precog_db.migrations`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,23 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     q.add_argument("--reason", help="why a check or the backup is skipped; recorded in the audit log")
     add_backup_options(q)
     q.set_defaults(handler=cmd_migrate_up)
+    q = add_command(
+        migrate,
+        "down",
+        "revert applied migrations newest first, using each file's -- precog:down section",
+        parents=mig_parents,
+        description="Revert the newest applied migration, or with --target N every one after N (0: all), "
+        "newest first, each file's down section in its own transaction with the removal of its ledger row. "
+        "A file without a down section stops the command before anything runs. On prod: the typed "
+        "confirmation and a verified backup first, as for migrate up.",
+    )
+    q.add_argument("--target", type=int, metavar="VERSION", help="revert every migration after this version")
+    q.add_argument("--dry-run", action="store_true", help="print what would be reverted; change nothing")
+    q.add_argument("--lock-timeout", type=float, default=300.0, metavar="SECONDS", help="default 300")
+    q.add_argument("--no-backup", action="store_true", help="prod: do not take the backup first (needs --reason)")
+    q.add_argument("--reason", help="why the backup is skipped; recorded in the audit log")
+    add_backup_options(q)
+    q.set_defaults(handler=cmd_migrate_down)
     q = add_command(
         migrate, "status", "list each migration: applied (when, by whom), pending or problem", parents=mig_parents
     )
@@ -127,6 +144,8 @@ def _status_rows(
             state = "OUT OF ORDER"
         elif "transaction_control" in kinds:
             state = "ENDS ITS TRANSACTION"
+        elif "marker" in kinds:
+            state = "MISPLACED MARKER"
         elif row is not None:
             state = row.kind
         else:
@@ -249,6 +268,45 @@ def cmd_migrate_up(ctx: Context) -> int:
     lines = [f"applied {a['file']} ({a['duration_ms']} ms)" for a in applied]
     lines.append(f"{len(applied)} migration(s) applied to the {settings.describe()}")
     ctx.emit({"applied": applied, "promotion": promotion, "backup": result.backup}, lines)
+    return EXIT_OK
+
+
+def cmd_migrate_down(ctx: Context) -> int:
+    """``migrate down``: the thin shell over `precog_db.migrations.revert`."""
+    from precog_db.migrations import revert
+
+    args = ctx.args
+    reason = (args.reason or "").strip() or None
+    if args.no_backup and not reason:
+        raise UsageError('--no-backup needs --reason "..." (it goes to the audit log)')
+    if args.lock_timeout < 0:
+        raise UsageError("--lock-timeout must be zero or more seconds")
+    settings = ctx.settings()
+    ctx.show_banner(settings, "migrate down" + (" --dry-run" if args.dry_run else ""))
+    result = revert(
+        settings,
+        directory=_migrations_dir(ctx),
+        target=args.target,
+        dry_run=bool(args.dry_run),
+        lock_timeout=args.lock_timeout,
+        take_backup=not args.no_backup,
+        reason=reason,
+        backup_root=getattr(args, "backup_dir", None),
+        keep=getattr(args, "keep", None),
+        confirm=ctx.confirmer(settings),
+        notify=ctx.notify,
+        on_lock_wait=ctx.note,
+        progress=Progress(ctx.stderr),
+    )
+    planned = [m.filename for m in result.plan]
+    if result.dry_run or not planned:
+        head = f"would revert {len(planned)} migration(s) of the {settings.describe()}, newest first"
+        lines = [head if planned else f"{settings.describe()} has nothing to revert", *(f"  {f}" for f in planned)]
+        ctx.emit({"dry_run": result.dry_run, "plan": planned}, lines)
+        return EXIT_OK
+    lines = [f"reverted {r['file']} ({r['duration_ms']} ms)" for r in result.reverted]
+    lines.append(f"{len(result.reverted)} migration(s) reverted in the {settings.describe()}")
+    ctx.emit({"reverted": result.reverted, "backup": result.backup}, lines)
     return EXIT_OK
 
 
