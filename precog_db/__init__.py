@@ -18,6 +18,7 @@ from precog_db.errors import (
     ProductionAccessError,
     ReadOnlyWriteError,
     RestoredCopyError,
+    SessionStateError,
     StampError,
     UnstampedDatabaseError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ProductionAccessError",
     "ReadOnlyWriteError",
     "RestoredCopyError",
+    "SessionStateError",
     "Stamp",
     "StampError",
     "UnstampedDatabaseError",

@@ -41,7 +41,12 @@ from psycopg.pq.abc import PGconn
 
 from precog_db._secrets import scrub_text
 from precog_db.environment import Environment
-from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
+from precog_db.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    EnvironmentNotAllowedError,
+)
 from precog_db.guard import require_production_confirmation
 from precog_db.settings import DatabaseSettings, check_name_matches
 from precog_db.stamp import verify_stamp
@@ -51,6 +56,7 @@ __all__ = [
     "check_gate",
     "check_target",
     "connect",
+    "direct_settings",
     "gate_allows",
     "prepare",
     "reply_timeout",
@@ -117,6 +123,27 @@ def check_target(
     check_name_matches(settings)
     check_gate(settings.env)
     require_production_confirmation(settings, confirmed=prod_confirmed, operation=operation, quiet=quiet)
+
+
+def direct_settings(settings: DatabaseSettings, *, operation: str) -> DatabaseSettings:
+    """The settings of a connection that must reach the database server itself, not a pooler.
+
+    Migrations (their session advisory lock), backups, restores and the stamp
+    need a session of their own. Behind a transaction-mode pooler
+    (``DB_POOLER=transaction``) that is ``DB_DIRECT_HOST`` / ``DB_DIRECT_PORT``;
+    without them the operation is refused (`ConfigurationError`). With no
+    pooler, or a session-mode one, the settings are returned as they are.
+    """
+    if settings.pooler != "transaction":
+        return settings
+    if not settings.direct_host:
+        raise ConfigurationError(
+            f"cannot {operation} through a transaction-mode pooler (DB_POOLER=transaction): it needs a session "
+            "of its own on the database server (a session advisory lock, pg_dump's snapshot, the stamp), which "
+            "PgBouncer in transaction mode does not give. Set DB_DIRECT_HOST and DB_DIRECT_PORT to the database "
+            "server itself (not the PgBouncer); nothing was run"
+        )
+    return settings.replace(host=settings.direct_host, port=settings.direct_port, pooler="none")
 
 
 # --- the reply bound -----------------------------------------------------------------------------
@@ -233,16 +260,25 @@ def connect(
     prod_confirmed: bool | None = None,
     verify: bool = True,
     autocommit: bool = True,
+    direct: bool = False,
 ) -> PrecogConnection:
-    """Open one direct connection after every check (see the module docstring), or raise.
+    """Open one connection after every check (see the module docstring), or raise.
 
-    A server that cannot be reached raises `DatabaseUnavailableError` with
-    libpq's reason (password scrubbed). The connection is autocommit unless
-    told otherwise; the caller closes it.
+    ``direct`` True: to the database server itself even behind a pooler
+    (`direct_settings`; migrations, backups, restores, the stamp). A server
+    that cannot be reached raises `DatabaseUnavailableError` with libpq's
+    reason (password scrubbed). The connection is autocommit unless told
+    otherwise; the caller closes it. Behind a transaction-mode pooler it
+    prepares no statement on the server (``prepare_threshold=None``).
     """
+    if direct:
+        settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    prepare_threshold = None if settings.pooler == "transaction" else 5
     try:
-        conn = PrecogConnection.connect(**settings.connect_kwargs(), autocommit=autocommit)
+        conn = PrecogConnection.connect(
+            **settings.connect_kwargs(), autocommit=autocommit, prepare_threshold=prepare_threshold
+        )
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:
@@ -272,11 +308,13 @@ def tool_connection_args(
     expanded as a connection string by libpq. The password is not in it: it
     travels only as ``PGPASSWORD`` in the returned environment, from which
     every other ``PG*`` variable is removed (none of them may redirect the tool).
+    Behind a transaction-mode pooler the tool goes to ``DB_DIRECT_HOST`` (`direct_settings`).
     """
     import os
 
     from psycopg.conninfo import make_conninfo
 
+    settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
     params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}

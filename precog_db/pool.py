@@ -57,6 +57,7 @@ from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
+from precog_db.topology import PoolerCursor, cannot_write, session_setup
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -71,6 +72,8 @@ _RETURN = "return"
 #: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
 #: the pool could stay empty for minutes after the server came back.
 MAX_RECONNECT_DELAY = 5.0
+#: The same with several DB_HOST entries: the standby being promoted is found within this time.
+FAILOVER_RECONNECT_DELAY = 1.0
 _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
@@ -80,7 +83,11 @@ _IDLE = TransactionStatus.IDLE
 
 
 def connection_is_usable(conn: Connection[Any]) -> bool:
-    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket.
+    """Cheap check, no round trip: open, idle, on a server that can write, nothing unsolicited on the socket.
+
+    A server that reports ``in_hot_standby=on`` (a standby, or a node demoted
+    in a failover) cannot take the writes of this pool: its connection is
+    replaced, and libpq's ``target_session_attrs`` picks a primary for the new one.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
@@ -89,7 +96,7 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
     which saves building and registering one on every checkout.
     """
     pgconn = conn.pgconn
-    if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+    if pgconn.status != _OK or pgconn.transaction_status != _IDLE or cannot_write(pgconn):
         return False
     try:
         fd = pgconn.socket
@@ -225,8 +232,15 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
         kwargs = settings.connect_kwargs()
         kwargs["autocommit"] = True
-        options = kwargs.get("options")
-        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        if settings.pooler == "none":
+            options = kwargs.get("options")
+            kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        elif settings.pooler == "transaction":
+            kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
+        #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
+        self._session_setup = session_setup(settings)
+        #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
+        self._max_reconnect_delay = MAX_RECONNECT_DELAY if len(settings.endpoints()) == 1 else FAILOVER_RECONNECT_DELAY
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -253,10 +267,15 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
+        if self._session_setup is not None:
+            self._session_setup(conn)
         # The chokepoint's post-connect checks: reply bound and identity stamp
         # (on every physical connection; its warnings were logged at open).
         prepare(conn, self.settings, quiet=True)
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, PoolerCursor, shared=True)
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             # The caller's setup runs after the library's, never instead of it.
             self._user_configure(conn)
@@ -270,6 +289,13 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             conn.autocommit = True
             conn.read_only = False
         baseline(conn)
+
+    def _reconfigure(self, conn: Connection[Any]) -> None:
+        """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
+        if self._session_setup is not None:
+            self._session_setup(conn)
+        if self._user_configure is not None:
+            self._user_configure(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         # Every physical connection passes the chokepoint's checks first
@@ -301,7 +327,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         if attempt is not None:  # a retry scheduled by schedule_task is running
             with self._retries_lock:
                 self._retries_pending -= 1
-            attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+            attempt.delay = min(attempt.delay, self._max_reconnect_delay / attempt.DELAY_BACKOFF)
         super()._add_connection(attempt, growing=growing)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
@@ -461,7 +487,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
-                    restore(conn, self._user_configure)
+                    restore(conn, self._reconfigure)
                 except Exception as exc:
                     log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                     conn.close()
