@@ -96,7 +96,9 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
     which saves building and registering one on every checkout.
     """
     pgconn = conn.pgconn
-    if pgconn.status != _OK or pgconn.transaction_status != _IDLE or cannot_write(pgconn):
+    if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+        return False
+    if cannot_write(pgconn) and getattr(conn, "_precog_writer", True):
         return False
     try:
         fd = pgconn.socket
@@ -237,6 +239,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
         elif settings.pooler == "transaction":
             kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
+        #: A writer pool discards connections to a hot standby (`connection_is_usable`).
+        self._writer = settings.target_session_attrs in ("read-write", "primary")
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_setup = session_setup(settings)
         #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
@@ -267,6 +271,15 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
+        # A writer pool (DB_TARGET_SESSION_ATTRS read-write or primary) never keeps a connection to a hot
+        # standby: libpq already refuses one on PostgreSQL 14+, this also covers a node that reports it later.
+        conn._precog_writer = self._writer  # type: ignore[attr-defined]
+        if self._writer and cannot_write(conn.pgconn):
+            raise DatabaseUnavailableError(
+                f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
+                "list the primary in DB_HOST (or several hosts for failover), or set DB_TARGET_SESSION_ATTRS=any "
+                "for a pool that only reads"
+            )
         if self._session_setup is not None:
             self._session_setup(conn)
         # The chokepoint's post-connect checks: reply bound and identity stamp

@@ -155,6 +155,8 @@ class DatabaseSettings:
             else:
                 origins.setdefault(name, "argument")
         object.__setattr__(self, "origins", origins)
+        if isinstance(self.host, str) and "," in self.host:
+            object.__setattr__(self, "host", ",".join(h.strip() for h in self.host.split(",")))
         if isinstance(self.replica_hosts, str):
             object.__setattr__(self, "replica_hosts", _replicas(self.replica_hosts))
         if isinstance(self.port, str) and _port_list(self.port) is None:
