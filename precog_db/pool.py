@@ -303,6 +303,13 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             conn.read_only = False
         baseline(conn)
 
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool, and the pools of its read replicas (`precog_db.replicas`)."""
+        from precog_db.replicas import close_replicas
+
+        close_replicas(self)
+        super().close(timeout)
+
     def _reconfigure(self, conn: Connection[Any]) -> None:
         """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
         if self._session_setup is not None:
