@@ -17,11 +17,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from conftest import Server, start_throwaway_cluster  # noqa: E402
-from topology_helpers import pgbouncer  # noqa: E402
+from conftest import Server, start_throwaway_cluster
+from topology_helpers import pgbouncer
 
-from bench.wire import RoundTripCounter  # noqa: E402
-from precog_db import close_pool, get_cursor, initialize_pool  # noqa: E402
+from bench.wire import RoundTripCounter
+from precog_db import close_pool, get_cursor, initialize_pool
 
 
 def _read_one() -> None:
