@@ -171,3 +171,12 @@ class TestMultiHostSettings:
         """Hosts and ports go to libpq as lists, with target_session_attrs=primary for the default read-write."""
         kwargs = DatabaseSettings(env="test", host="db1, db2", port="5432,6432").connect_kwargs()
         assert (kwargs["host"], kwargs["port"], kwargs["target_session_attrs"]) == ("db1,db2", "5432,6432", "primary")
+
+    def test_host_list_entries_are_checked(self) -> None:
+        """An empty DB_HOST entry, a host list behind a pooler, a bad DB_REPLICA_HOSTS entry: refused with the rule."""
+        with pytest.raises(ConfigurationError, match="empty entry"):
+            DatabaseSettings(env="test", host="db1,,db2")
+        with pytest.raises(ConfigurationError, match="PgBouncer's own configuration"):
+            DatabaseSettings(env="test", host="db1,db2", pooler="transaction")
+        with pytest.raises(ConfigurationError, match="host\\[:port\\]"):
+            DatabaseSettings(env="test", replica_hosts="replica:99999")

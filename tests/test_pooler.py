@@ -11,6 +11,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from cli_helpers import workspace
 from conftest import Server
 from psycopg.pq import Trace
 from topology_helpers import pgbouncer
@@ -253,3 +254,25 @@ class TestSettings:
         """An unknown DB_POOLER value names the valid ones."""
         with pytest.raises(ConfigurationError, match="none, session, transaction"):
             DatabaseSettings(env="test", pooler="statement")
+
+
+class TestMigrateThroughThePooler:
+    def test_migrate_up_needs_the_direct_host_and_then_uses_it(
+        self, pg_server: Server, bouncer: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """`precog-db migrate up` behind a transaction pooler is refused without DB_DIRECT_HOST and applies with it."""
+        with workspace(pg_server, tmp_path, monkeypatch) as ws:
+            ws.add("dev")
+            env_file = ws.config / ".env.dev"
+            base = env_file.read_text().replace(f"DB_PORT={pg_server.port}", f"DB_PORT={bouncer}")
+            env_file.write_text(base + "DB_POOLER=transaction\n")
+            ws.write_migration("0001_create_widgets.sql", "CREATE TABLE widgets (id int);\n")
+            refused = ws.run("--env", "dev", "migrate", "up")
+            assert refused.code != 0 and "DB_DIRECT_HOST" in refused.err, refused
+            assert ws.ledger("dev") == []
+            env_file.write_text(
+                base + f"DB_POOLER=transaction\nDB_DIRECT_HOST=127.0.0.1\nDB_DIRECT_PORT={pg_server.port}\n"
+            )
+            applied = ws.run("--env", "dev", "migrate", "up")
+            assert applied.code == 0, applied
+            assert [version for version, _ in ws.ledger("dev")] == [1]
