@@ -79,6 +79,8 @@ _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else
 
 
 _OK = ConnStatus.OK
+_HOT_STANDBY = b"in_hot_standby"
+_ON = b"on"
 _IDLE = TransactionStatus.IDLE
 
 
@@ -98,8 +100,8 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
     pgconn = conn.pgconn
     if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
         return False
-    if cannot_write(pgconn) and getattr(conn, "_precog_writer", True):
-        return False
+    if pgconn.parameter_status(_HOT_STANDBY) == _ON and getattr(conn, "_precog_writer", True):
+        return False  # `precog_db.topology.cannot_write`, inlined: this runs on every checkout
     try:
         fd = pgconn.socket
         if not _HAS_POLL:

@@ -46,7 +46,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db.errors import ReadOnlyWriteError
+from precog_db.errors import ReadOnlyWriteError, SessionStateError
 
 __all__ = ["PrecogCursor", "PrecogServerCursor", "adopt", "changes_session", "needs_restore", "restore"]
 
@@ -175,6 +175,12 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
 
     def _make_declare_statement(self, query: Any) -> Any:
         if self._withhold:
+            if getattr(self._conn, "_precog_shared", False):
+                raise SessionStateError(
+                    "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
+                    "pooler (DB_POOLER=transaction) shares with other clients; nothing was sent. Fetch the rows "
+                    "inside the transaction, or use DB_POOLER=session"
+                )
             self._conn._precog_dirty = True  # type: ignore[attr-defined]
         elif isinstance(query, str):
             _mark(self._conn, query.encode())

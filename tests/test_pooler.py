@@ -157,6 +157,13 @@ class TestTransactionMode:
         with _raw(bouncer) as other:  # the same (single) server connection behind PgBouncer
             assert other.execute("SHOW statement_timeout").fetchone() == ("0",)
             assert other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+        with (
+            pytest.raises(SessionStateError, match="WITH HOLD"),
+            get_connection() as conn,
+            conn.transaction(),
+            conn.cursor("held", withhold=True) as held,
+        ):
+            held.execute("SELECT 1")
         with get_cursor(commit=True) as cur:  # what is allowed: state that ends with the transaction
             cur.execute("SET LOCAL statement_timeout = 5000")
             cur.execute("SELECT pg_advisory_xact_lock(42)")
