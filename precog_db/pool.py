@@ -747,7 +747,15 @@ def initialize_pool(
 
 
 def _same_target(a: DatabaseSettings, b: DatabaseSettings) -> bool:
-    return (a.env, a.host, a.port, a.dbname, a.user) == (b.env, b.host, b.port, b.dbname, b.user)
+    return (a.env, a.host, a.port, a.dbname, a.user, a.pooler, a.replica_hosts) == (
+        b.env,
+        b.host,
+        b.port,
+        b.dbname,
+        b.user,
+        b.pooler,
+        b.replica_hosts,
+    )
 
 
 def get_pool() -> PrecogPool:

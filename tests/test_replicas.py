@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -103,6 +104,33 @@ class TestReplicaReads:
         assert _in_thread(lambda: _read(1)) == (True, False)  # others are not held back: the (stale) replica
         replay.execute("SELECT pg_wal_replay_resume()")
         assert _wait(lambda: _read(1) == (True, True))  # once replayed, our reads go back to the replica
+
+    def test_read_your_writes_per_asyncio_task(
+        self, pair: tuple[Server, LocalCluster], replay: psycopg.Connection[Any]
+    ) -> None:
+        """In one thread, the asyncio task that committed reads its row; a sibling task reads the (stale) replica."""
+        primary, standby = pair
+        initialize_pool(
+            settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=600_000)
+        )
+        assert _read(-1)[0] is True
+        replay.execute("SELECT pg_wal_replay_pause()")
+        committed = asyncio.Event()
+
+        async def writer() -> tuple[bool, bool]:
+            with get_cursor(commit=True) as cur:
+                cur.execute("INSERT INTO seen VALUES (3)")
+            committed.set()
+            return _read(3)
+
+        async def sibling() -> tuple[bool, bool]:
+            await committed.wait()
+            return _read(3)
+
+        async def both() -> list[tuple[bool, bool]]:
+            return list(await asyncio.wait_for(asyncio.gather(writer(), sibling()), 30))
+
+        assert asyncio.run(both()) == [(False, True), (True, False)]
 
     def test_lagging_replica_is_skipped(
         self, pair: tuple[Server, LocalCluster], replay: psycopg.Connection[Any]
