@@ -40,12 +40,16 @@ from precog_db.errors import PrecogDBError
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["CHECK_INTERVAL", "choose", "note_commit", "replica_settings"]
+__all__ = ["CHECK_INTERVAL", "RETRY_AFTER", "choose", "note_commit", "replica_settings"]
 
 log = get_logger()
 
 #: Seconds a replica's measured lag and replay position are trusted before they are measured again.
 CHECK_INTERVAL = 0.2
+#: Seconds a replica that could not be reached or measured is left alone (reads go elsewhere meanwhile).
+RETRY_AFTER = 5.0
+#: Longest wait, in seconds, for a connection to measure a replica: a replica that is down costs a read this much.
+_MEASURE_WAIT = 0.5
 #: The WAL position this context must see: None (no write), True (wrote, position not asked yet), or an LSN.
 _NEED: contextvars.ContextVar[int | bool | None] = contextvars.ContextVar("precog_db_replica_need", default=None)
 
@@ -100,7 +104,7 @@ class Replica:
         """One query on the replica: its replay position and lag. False if it cannot be used now."""
         slot = _Slot()
         try:
-            self.pool.lend(slot, 1.0)
+            self.pool.lend(slot, min(_MEASURE_WAIT, self.settings.pool_timeout))
             conn = slot._conn
             assert conn is not None
             row = conn.execute(_PROBE, prepare=False).fetchone()
@@ -119,7 +123,7 @@ class Replica:
 
     def usable(self, need: int | None, max_lag_ms: int) -> bool:
         now = monotonic()
-        if now - self.failed_at < CHECK_INTERVAL * 5:
+        if now - self.failed_at < RETRY_AFTER:
             return False
         if self.pool is None:
             from precog_db.pool import create_pool

@@ -15,7 +15,7 @@ from faults import own_server
 from topology_helpers import standby_of
 
 from precog_db import ConfigurationError, dangerous_operation, get_cursor, initialize_pool, stamp_database
-from precog_db.local_cluster import LocalCluster
+from precog_db.local_cluster import LocalCluster, free_port
 from precog_db.replicas import CHECK_INTERVAL
 
 
@@ -83,6 +83,13 @@ class TestReplicaReads:
         with get_cursor() as cur:  # the default stays on the primary
             cur.execute("SELECT pg_is_in_recovery() AS standby")
             assert cur.fetchone() == {"standby": False}
+
+    def test_unreachable_replica_reads_the_primary(self, pair: tuple[Server, LocalCluster]) -> None:
+        """A replica nothing listens on is skipped: replica=True reads from the primary, and again without waiting."""
+        primary, _ = pair
+        initialize_pool(settings=primary.settings(replica_hosts=(f"127.0.0.1:{free_port()}",)))
+        assert _read(-1) == (False, False)
+        assert _read(-1) == (False, False)
 
     def test_no_replicas_reads_the_primary(self, pair: tuple[Server, LocalCluster]) -> None:
         """replica=True with DB_REPLICA_HOSTS empty reads from the primary."""
