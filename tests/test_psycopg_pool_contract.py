@@ -105,6 +105,12 @@ OWN_NAMES = {
     "_retire",
     "_served",
     "_user_configure",
+    # issue 13 (precog_db.topology): pooler setup, failover reconnect cap, hot-standby discard
+    "_max_reconnect_delay",
+    "_precog_writer",
+    "_reconfigure",
+    "_session_setup",
+    "_writer",
 }
 
 
