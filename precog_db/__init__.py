@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         ReadOnlyWriteError,
         RefusalError,
         RestoredCopyError,
+        SessionStateError,
         StampError,
         UnstampedDatabaseError,
     )
@@ -60,6 +61,7 @@ _EXPORTS: dict[str, str] = {
     "PrecogPool": "precog_db.pool",
     "ProductionAccessError": "precog_db.errors",
     "ReadOnlyWriteError": "precog_db.errors",
+    "SessionStateError": "precog_db.errors",
     "RefusalError": "precog_db.errors",
     "RestoredCopyError": "precog_db.errors",
     "Stamp": "precog_db.stamp",
@@ -100,6 +102,7 @@ __all__ = [
     "ReadOnlyWriteError",
     "RefusalError",
     "RestoredCopyError",
+    "SessionStateError",
     "Stamp",
     "StampError",
     "UnstampedDatabaseError",

@@ -17,6 +17,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "PoolExhaustedError",
     "ReadOnlyWriteError",
+    "SessionStateError",
 ]
 
 
@@ -38,3 +39,7 @@ class CommitOutcomeUnknownError(ConnectionLostError):
 
 class ReadOnlyWriteError(PrecogDBError, psycopg.errors.ReadOnlySqlTransaction):
     """A write ran outside a transaction on a read-only pooled connection: use ``get_cursor(commit=True)``."""
+
+
+class SessionStateError(PrecogDBError, psycopg.ProgrammingError):
+    """A statement that would change the server session, refused behind a transaction-mode pooler."""

@@ -197,6 +197,7 @@ def _run_online(
             settings.replace(application_name=f"precog-db alembic {settings.env.value}"),
             operation=operation,
             autocommit=False,
+            direct=True,  # migrations need a session of their own, never a transaction-mode pooler
         )
 
     engine = create_engine("postgresql+psycopg://", creator=creator, poolclass=NullPool)

@@ -454,7 +454,7 @@ def restore_database(
 
     with audit.operation("restore", settings, file=str(path)) as info:
         check_restore_target(settings, path)
-        conn = connect(settings, operation="restore")
+        conn = connect(settings, operation="restore", direct=True)
         try:
             major = conn.info.server_version // 10000
         finally:

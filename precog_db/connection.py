@@ -47,7 +47,12 @@ from psycopg.pq.abc import PGconn
 from precog_db._credentials import resolve_credentials
 from precog_db._secrets import scrub_text
 from precog_db.environment import Environment
-from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
+from precog_db.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    EnvironmentNotAllowedError,
+)
 from precog_db.guard import require_production_confirmation
 from precog_db.settings import DatabaseSettings, check_name_matches
 from precog_db.stamp import verify_stamp
@@ -58,6 +63,7 @@ __all__ = [
     "check_target",
     "connect",
     "connection_kwargs",
+    "direct_settings",
     "gate_allows",
     "prepare",
     "reply_timeout",
@@ -136,6 +142,27 @@ def connection_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
     kwargs.pop("password", None)
     kwargs.update(resolve_credentials(settings))
     return kwargs
+
+
+def direct_settings(settings: DatabaseSettings, *, operation: str) -> DatabaseSettings:
+    """The settings of a connection that must reach the database server itself, not a pooler.
+
+    Migrations (their session advisory lock), backups, restores and the stamp
+    need a session of their own. Behind a transaction-mode pooler
+    (``DB_POOLER=transaction``) that is ``DB_DIRECT_HOST`` / ``DB_DIRECT_PORT``;
+    without them the operation is refused (`ConfigurationError`). With no
+    pooler, or a session-mode one, the settings are returned as they are.
+    """
+    if settings.pooler != "transaction":
+        return settings
+    if not settings.direct_host:
+        raise ConfigurationError(
+            f"cannot {operation} through a transaction-mode pooler (DB_POOLER=transaction): it needs a session "
+            "of its own on the database server (a session advisory lock, pg_dump's snapshot, the stamp), which "
+            "PgBouncer in transaction mode does not give. Set DB_DIRECT_HOST and DB_DIRECT_PORT to the database "
+            "server itself (not the PgBouncer); nothing was run"
+        )
+    return settings.replace(host=settings.direct_host, port=settings.direct_port, pooler="none")
 
 
 # --- the reply bound -----------------------------------------------------------------------------
@@ -252,16 +279,25 @@ def connect(
     prod_confirmed: bool | None = None,
     verify: bool = True,
     autocommit: bool = True,
+    direct: bool = False,
 ) -> PrecogConnection:
-    """Open one direct connection after every check (see the module docstring), or raise.
+    """Open one connection after every check (see the module docstring), or raise.
 
-    A server that cannot be reached raises `DatabaseUnavailableError` with
-    libpq's reason (password scrubbed). The connection is autocommit unless
-    told otherwise; the caller closes it.
+    ``direct`` True: to the database server itself even behind a pooler
+    (`direct_settings`; migrations, backups, restores, the stamp). A server
+    that cannot be reached raises `DatabaseUnavailableError` with libpq's
+    reason (password scrubbed). The connection is autocommit unless told
+    otherwise; the caller closes it. Behind a transaction-mode pooler it
+    prepares no statement on the server (``prepare_threshold=None``).
     """
+    if direct:
+        settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    prepare_threshold = None if settings.pooler == "transaction" else 5
     try:
-        conn = PrecogConnection.connect(**connection_kwargs(settings), autocommit=autocommit)
+        conn = PrecogConnection.connect(
+            **connection_kwargs(settings), autocommit=autocommit, prepare_threshold=prepare_threshold
+        )
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:
@@ -293,11 +329,13 @@ def tool_connection_args(
     every other ``PG*`` variable is removed (none of them may redirect the tool).
     The password is resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE``
     is read, a provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
+    Behind a transaction-mode pooler the tool goes to ``DB_DIRECT_HOST`` (`direct_settings`).
     """
     import os
 
     from psycopg.conninfo import make_conninfo
 
+    settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
     params = connection_kwargs(settings)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
         DatabaseUnavailableError,
         PoolExhaustedError,
         ReadOnlyWriteError,
+        SessionStateError,
     )
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "ReadOnlyWriteError",
     "RefusalError",
     "RestoredCopyError",
+    "SessionStateError",
     "StampError",
     "UnstampedDatabaseError",
     "UsageError",
@@ -150,6 +152,7 @@ _DRIVER_ERRORS = frozenset(
         "DatabaseUnavailableError",
         "PoolExhaustedError",
         "ReadOnlyWriteError",
+        "SessionStateError",
     }
 )
 

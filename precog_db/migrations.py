@@ -1220,7 +1220,7 @@ class Inspection:
 def inspect(settings: DatabaseSettings, directory: Path, *, operation: str = "read the migration ledger") -> Inspection:
     """Read the files in ``directory`` and the ledger of ``settings``' database (through the chokepoint); validate."""
     files = discover(directory)
-    conn = connect(settings, operation=operation)
+    conn = connect(settings, operation=operation, direct=True)
     try:
         ledger = read_ledger(conn)
     finally:
@@ -1245,7 +1245,7 @@ def predecessor_ledger(
             f"the {predecessor.value} settings point at the same database as {settings.env.value} "
             f"({settings.dbname} on {settings.host}:{settings.port}); fix config/.env.{predecessor.value}"
         )
-    conn = connect(other, operation=f"read the {predecessor.value} migration ledger")
+    conn = connect(other, operation=f"read the {predecessor.value} migration ledger", direct=True)
     try:
         return read_ledger(conn)
     finally:
@@ -1324,7 +1324,9 @@ def upgrade(
     name = "migrate up (dry run)" if dry_run else "migrate up"
     with audit.operation(name, settings, migrations_dir=str(directory), reason=reason) as info:
         files = discover(directory)
-        conn = connect(settings.replace(application_name=f"precog-db migrate {env.value}"), operation="migrate")
+        conn = connect(
+            settings.replace(application_name=f"precog-db migrate {env.value}"), operation="migrate", direct=True
+        )
         try:
             plan = pending(files, read_ledger(conn), target)
             info["planned"] = [m.filename for m in plan]
@@ -1416,7 +1418,7 @@ def mark_baseline(
     """`baseline` ``settings``' database at ``version`` under the lock, confirmed and audited (``migrate baseline``)."""
     with audit.operation("migrate baseline", settings, version=version) as info:
         files = discover(directory)
-        conn = connect(settings, operation="baseline the migration ledger")
+        conn = connect(settings, operation="baseline the migration ledger", direct=True)
         try:
             action = f"record migrations up to {version} as applied"
             info["confirmation"] = (
@@ -1480,7 +1482,9 @@ def revert(
     name = "migrate down (dry run)" if dry_run else "migrate down"
     with audit.operation(name, settings, migrations_dir=str(directory), reason=reason, target=target) as info:
         files = discover(directory)
-        conn = connect(settings.replace(application_name=f"precog-db migrate {env.value}"), operation="migrate")
+        conn = connect(
+            settings.replace(application_name=f"precog-db migrate {env.value}"), operation="migrate", direct=True
+        )
         try:
             plan = plan_downgrade(files, read_ledger(conn), target)
             info["planned"] = [m.filename for m in plan]

@@ -330,7 +330,7 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
     marker = f"precog_db test template built from {settings.dbname} for run {run}"
     reuse, recreate = _reuse(config), _recreate(config)
     notes = config.stash.setdefault(_SUMMARY, [])
-    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
+    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
     step = f"build the template database {template!r} from {settings.dbname!r}"
     try:
         admin.execute("SELECT pg_advisory_lock(%s)", (_lock_key(template),))
@@ -386,7 +386,7 @@ def _schema_fingerprint(settings: DatabaseSettings) -> str:
 def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
     """Drop ``name`` (only if its comment starts with ``marker``, when given); never fails the run."""
     try:
-        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
+        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
     except PrecogDBError as exc:
         log.warning("test_database_not_dropped", dbname=name, reason=str(exc))
         return

@@ -67,6 +67,7 @@ from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
+from precog_db.topology import PoolerCursor, cannot_write, session_setup
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -81,17 +82,25 @@ _RETURN = "return"
 #: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
 #: the pool could stay empty for minutes after the server came back.
 MAX_RECONNECT_DELAY = 5.0
+#: The same with several DB_HOST entries: the standby being promoted is found within this time.
+FAILOVER_RECONNECT_DELAY = 1.0
 _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
 _MAIN_THREAD = threading.main_thread()
 _OK = ConnStatus.OK
+_HOT_STANDBY = b"in_hot_standby"
+_ON = b"on"
 _IDLE = TransactionStatus.IDLE
 
 
 def connection_is_usable(conn: Connection[Any]) -> bool:
-    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket.
+    """Cheap check, no round trip: open, idle, on a server that can write, nothing unsolicited on the socket.
+
+    A server that reports ``in_hot_standby=on`` (a standby, or a node demoted
+    in a failover) cannot take the writes of this pool: its connection is
+    replaced, and libpq's ``target_session_attrs`` picks a primary for the new one.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
@@ -102,6 +111,8 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
     pgconn = conn.pgconn
     if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
         return False
+    if pgconn.parameter_status(_HOT_STANDBY) == _ON and getattr(conn, "_precog_writer", True):
+        return False  # `precog_db.topology.cannot_write`, inlined: this runs on every checkout
     try:
         fd = pgconn.socket
         if not _HAS_POLL:
@@ -259,6 +270,12 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
         self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
         self._janitor: threading.Thread | None = None
+        #: A writer pool discards connections to a hot standby (`connection_is_usable`).
+        self._writer = settings.target_session_attrs in ("read-write", "primary")
+        #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
+        self._session_setup = session_setup(settings)
+        #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
+        self._max_reconnect_delay = MAX_RECONNECT_DELAY if len(settings.endpoints()) == 1 else FAILOVER_RECONNECT_DELAY
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -293,8 +310,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         """libpq's arguments for one new pooled connection, with the credentials resolved now."""
         kwargs = connection_kwargs(self.settings)
         kwargs["autocommit"] = True
-        options = kwargs.get("options")
-        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        if self.settings.pooler == "none":
+            options = kwargs.get("options")
+            kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        elif self.settings.pooler == "transaction":
+            kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
         return kwargs
 
     def drain(self) -> None:
@@ -327,10 +347,24 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
+        # A writer pool (DB_TARGET_SESSION_ATTRS read-write or primary) never keeps a connection to a hot
+        # standby: libpq already refuses one on PostgreSQL 14+, this also covers a node that reports it later.
+        conn._precog_writer = self._writer  # type: ignore[attr-defined]
+        if self._writer and cannot_write(conn.pgconn):
+            raise DatabaseUnavailableError(
+                f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
+                "list the primary in DB_HOST (or several hosts for failover), or set DB_TARGET_SESSION_ATTRS=any "
+                "for a pool that only reads"
+            )
+        if self._session_setup is not None:
+            self._session_setup(conn)
         # The chokepoint's post-connect checks: reply bound and identity stamp
         # (on every physical connection; its warnings were logged at open).
         prepare(conn, self.settings, quiet=True)
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, PoolerCursor, shared=True)
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             # The caller's setup runs after the library's, never instead of it.
             self._user_configure(conn)
@@ -344,6 +378,13 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             conn.autocommit = True
             conn.read_only = False
         baseline(conn)
+
+    def _reconfigure(self, conn: Connection[Any]) -> None:
+        """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
+        if self._session_setup is not None:
+            self._session_setup(conn)
+        if self._user_configure is not None:
+            self._user_configure(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         # Every physical connection passes the chokepoint's checks first
@@ -386,8 +427,11 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         super().open(wait=wait, timeout=timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the pool (psycopg_pool's `close`), then stop the janitor thread."""
+        """Close the pool and the pools of its read replicas (`precog_db.replicas`), then stop the janitor thread."""
+        from precog_db.replicas import close_replicas
+
         try:
+            close_replicas(self)
             super().close(timeout=timeout)
         finally:
             self._deferred.put(None)
@@ -430,7 +474,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         if attempt is not None:  # a retry scheduled by schedule_task is running
             with self._retries_lock:
                 self._retries_pending -= 1
-            attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+            attempt.delay = min(attempt.delay, self._max_reconnect_delay / attempt.DELAY_BACKOFF)
         super()._add_connection(attempt, growing=growing)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
@@ -634,7 +678,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
-                    restore(conn, self._user_configure)
+                    restore(conn, self._reconfigure)
                 except Exception as exc:
                     log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                     conn.close()
@@ -877,7 +921,15 @@ def initialize_pool(
 
 
 def _same_target(a: DatabaseSettings, b: DatabaseSettings) -> bool:
-    return (a.env, a.host, a.port, a.dbname, a.user) == (b.env, b.host, b.port, b.dbname, b.user)
+    return (a.env, a.host, a.port, a.dbname, a.user, a.pooler, a.replica_hosts) == (
+        b.env,
+        b.host,
+        b.port,
+        b.dbname,
+        b.user,
+        b.pooler,
+        b.replica_hosts,
+    )
 
 
 def get_pool() -> PrecogPool:

@@ -48,7 +48,7 @@ from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db.errors import ReadOnlyWriteError
+from precog_db.errors import ReadOnlyWriteError, SessionStateError
 
 __all__ = [
     "PrecogCursor",
@@ -210,6 +210,12 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
 
     def _make_declare_statement(self, query: Any) -> Any:
         if self._withhold:
+            if getattr(self._conn, "_precog_shared", False):
+                raise SessionStateError(
+                    "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
+                    "pooler (DB_POOLER=transaction) shares with other clients; nothing was sent. Fetch the rows "
+                    "inside the transaction, or use DB_POOLER=session"
+                )
             self._conn._precog_dirty = True  # type: ignore[attr-defined]
         elif isinstance(query, str):
             _mark(self._conn, query.encode())
@@ -250,15 +256,23 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
     )
 
 
-def adopt(conn: Connection[Any]) -> None:
-    """Install the tracking cursors on a new pooled connection (before any user setup runs)."""
+def adopt(conn: Connection[Any], cursor_factory: type[PrecogCursor] = PrecogCursor, *, shared: bool = False) -> None:
+    """Install the tracking cursors on a new pooled connection (before any user setup runs).
+
+    ``shared``: the server session is not this connection's own (a
+    transaction-mode pooler hands each transaction to any server connection),
+    so `restore` never sends ``DISCARD ALL``: it would reset a server
+    connection another client uses next, and nothing of this client's lives there.
+    """
     c: Any = conn
     tracker = _TrackingPrepareManager()
     tracker.prepare_threshold = c._prepared.prepare_threshold
     tracker.prepared_max = c._prepared.prepared_max
     c._prepared = tracker
-    conn.cursor_factory = PrecogCursor
+    conn.cursor_factory = cursor_factory
     conn.server_cursor_factory = PrecogServerCursor
+    conn._precog_cursor_factory = cursor_factory  # type: ignore[attr-defined]
+    conn._precog_shared = shared  # type: ignore[attr-defined]
     conn._precog_dirty = False  # type: ignore[attr-defined]
     conn._precog_busy = False  # type: ignore[attr-defined]
 
@@ -313,7 +327,7 @@ def needs_restore(conn: Connection[Any]) -> bool:
         or c._read_only is not False
         or c._isolation_level is not None
         or c._deferrable is not None
-        or c.cursor_factory is not PrecogCursor
+        or c.cursor_factory is not c._precog_cursor_factory
         or c.server_cursor_factory is not PrecogServerCursor
         or c.row_factory is not c._precog_row_factory
         or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
@@ -363,9 +377,9 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     conn.read_only = False
     conn.isolation_level = None
     conn.deferrable = None
-    if conn.cursor_factory is not PrecogCursor or conn.server_cursor_factory is not PrecogServerCursor:
+    if conn.cursor_factory is not c._precog_cursor_factory or conn.server_cursor_factory is not PrecogServerCursor:
         c._precog_dirty = True  # statements may have run unseen
-        conn.cursor_factory = PrecogCursor
+        conn.cursor_factory = c._precog_cursor_factory
         conn.server_cursor_factory = PrecogServerCursor
     conn.row_factory = c._precog_row_factory
     conn.prepare_threshold = c._precog_prepare_threshold
@@ -374,7 +388,14 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     if c._adapters is None or _adapters_owned(c._adapters) != c._precog_adapters_owned:
         c._adapters = AdaptersMap(c._precog_adapters_template)
         c._precog_adapters_owned = _adapters_owned(c._adapters)
-    if c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported:
+    if c._precog_shared:
+        # Behind a transaction-mode pooler the server session is not ours to reset (see `adopt`);
+        # session-changing statements were refused or rolled back (precog_db.topology).
+        c._precog_dirty = False
+        c._prepared.dirty = False
+        if reported(conn.pgconn) != c._precog_reported:
+            raise RestoreFailed("session parameters differ from the baseline behind a transaction-mode pooler")
+    elif c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported:
         conn.execute("DISCARD ALL", prepare=False)
         _forget_prepared(conn)
         if reconfigure is not None:

@@ -141,7 +141,8 @@ class DatabaseSettings:
 
     env: Environment
     host: str = _UNSET
-    port: int = _UNSET
+    #: One port, or (with several DB_HOST entries) a comma-separated list such as ``"5432,5433"``.
+    port: int | str = _UNSET
     dbname: str = _UNSET
     user: str = _UNSET
     password: str = field(default=_UNSET, repr=False)
@@ -159,6 +160,17 @@ class DatabaseSettings:
     passfile: str = _UNSET
     #: Called for every connection attempt; returns the password (e.g. an IAM token). Never in `repr`.
     password_provider: Callable[[], str] | None = field(default=None, repr=False)
+    #: ``none``, ``session`` or ``transaction``: the PgBouncer pool mode between the app and the database.
+    pooler: str = _UNSET
+    #: Where migrations, backups, restores and the stamp connect behind a transaction pooler ("" = unset).
+    direct_host: str = _UNSET
+    direct_port: int = _UNSET
+    #: libpq ``target_session_attrs`` of the writer pool and its direct connections.
+    target_session_attrs: str = _UNSET
+    #: Read replicas, ``host[:port]`` each (the port defaults to the first DB_PORT).
+    replica_hosts: tuple[str, ...] = _UNSET
+    #: A replica whose replay lags more than this many ms is skipped.
+    replica_max_lag_ms: int = _UNSET
     #: The `.env` files that were read, lowest precedence first.
     files: tuple[Path, ...] = ()
     #: Where each field's value came from ("default", a file, "environment", "argument").
@@ -179,6 +191,12 @@ class DatabaseSettings:
             else:
                 origins.setdefault(name, "argument")
         object.__setattr__(self, "origins", origins)
+        if isinstance(self.host, str) and "," in self.host:
+            object.__setattr__(self, "host", ",".join(h.strip() for h in self.host.split(",")))
+        if isinstance(self.replica_hosts, str):
+            object.__setattr__(self, "replica_hosts", _replicas(self.replica_hosts))
+        if isinstance(self.port, str) and _port_list(self.port) is None:
+            object.__setattr__(self, "port", _ports(self.port))
         if isinstance(self.password, str) and not isinstance(self.password, Secret):
             object.__setattr__(self, "password", Secret(self.password))
         for spec in _SPECS:
@@ -204,6 +222,7 @@ class DatabaseSettings:
                 f"DB_POOL_MIN_CONN (from {_origin_text(origins['pool_min'])}) is larger than DB_POOL_MAX_CONN "
                 f"(from {_origin_text(origins['pool_max'])}); lower the minimum or raise the maximum"
             )
+        _check_topology(self)
         check_name_matches(self)
 
     @property
@@ -213,7 +232,7 @@ class DatabaseSettings:
 
     def describe(self) -> str:
         """A one-line description for messages and logs: no password, ever."""
-        return self._masked(f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}")
+        return self._masked(f"{self.env.value} database {self.dbname!r} on {self.where()} as {self.user!r}")
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -233,6 +252,19 @@ class DatabaseSettings:
                 text = text.replace(repr(value), "'***'")
         return text
 
+    def where(self) -> str:
+        """``host:port``, or ``a:5432, b:5433`` for several hosts (libpq multi-host), plus the pooler mode."""
+        place = ", ".join(f"{h}:{p}" for h, p in self.endpoints())
+        return place if self.pooler == "none" else f"{place} (PgBouncer, {self.pooler} mode)"
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs libpq tries in order: one port for every host, or one port per host."""
+        hosts = [h.strip() for h in self.host.split(",")]
+        ports = [int(p) for p in str(self.port).split(",")]
+        if len(ports) == 1:
+            ports = ports * len(hosts)
+        return list(zip(hosts, ports, strict=True))
+
     def __str__(self) -> str:
         return self.describe()
 
@@ -242,7 +274,10 @@ class DatabaseSettings:
         Keep this dict out of logs and messages: it is what reaches libpq.
         """
         options = []
-        if self.statement_timeout_ms:
+        # Behind PgBouncer startup options never reach the server (it refuses them, or drops them when told
+        # to ignore them): in session mode the pool sets them with SET (precog_db.topology), and
+        # DB_STATEMENT_TIMEOUT is refused in transaction mode on construction (`_check_topology`).
+        if self.statement_timeout_ms and self.pooler == "none":
             options.append(f"-c statement_timeout={self.statement_timeout_ms}")
         kwargs: dict[str, Any] = {
             "host": self.host,
@@ -259,6 +294,8 @@ class DatabaseSettings:
         }
         if self.tcp_user_timeout_ms:
             kwargs["tcp_user_timeout"] = self.tcp_user_timeout_ms
+        if self.pooler == "none":
+            kwargs["target_session_attrs"] = _libpq_target(self.target_session_attrs)
         if options:
             kwargs["options"] = " ".join(options)
         if self.password:
@@ -397,9 +434,105 @@ def _sslmode(value: Any) -> str | None:
     return None
 
 
+_POOLERS = ("none", "session", "transaction")
+_TARGETS = ("read-write", "primary", "any", "standby", "prefer-standby")
+
+
+def _libpq_target(value: str) -> str:
+    """libpq's ``target_session_attrs`` for the setting: ``read-write`` is libpq's ``primary``.
+
+    libpq's own ``read-write`` also rejects a server whose session default is
+    read-only, which every pooled connection's is (its startup options set
+    ``default_transaction_read_only=on``); "can write" is exactly "not a hot
+    standby", which the server reports at no round-trip cost (PostgreSQL 14+).
+    """
+    return "primary" if value == "read-write" else value
+
+
+def _hosts(value: Any) -> str | None:
+    problem = _nonempty(value)
+    if problem:
+        return problem
+    parts = [h.strip() for h in str(value).split(",")]
+    if any(not h for h in parts):
+        return "has an empty entry in its comma-separated list (e.g. 'db1,,db2' or a trailing comma); remove it"
+    if any(" " in h or "=" in h for h in parts):
+        return "entries must be host names, IP addresses or socket directories separated by commas, without spaces"
+    return None
+
+
+def _ports(value: str) -> int | str:
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) == 1:
+        return int(parts[0])
+    return ",".join(str(int(p)) for p in parts)
+
+
+def _port_list(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return "must be a port from 1 to 65535, or a comma-separated list of them"
+    try:
+        ports = [int(p) for p in str(value).split(",")]
+    except ValueError:
+        return "must be a port from 1 to 65535, or a comma-separated list of them"
+    if not all(1 <= p <= 65535 for p in ports):
+        return "must be from 1 to 65535 (each entry of a comma-separated list)"
+    return None
+
+
+def _replicas(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _replica_list(value: Any) -> str | None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        return "must be a comma-separated list of host[:port]"
+    for entry in value:
+        host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+        if not host or " " in host or _no_nul(host) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            return "has an entry that is not host[:port] with a port from 1 to 65535; fix DB_REPLICA_HOSTS"
+    return None
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _check_topology(s: DatabaseSettings) -> None:
+    """Settings that only make sense together: host/port lists, the transaction pooler's limits."""
+    hosts = s.host.split(",")
+    ports = str(s.port).split(",")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise ConfigurationError(
+            f"DB_PORT lists {len(ports)} ports but DB_HOST lists {len(hosts)} hosts; give one port for all "
+            "hosts or exactly one port per host, in the same order (libpq multi-host)"
+        )
+    if s.pooler == "transaction" and s.statement_timeout_ms:
+        raise ConfigurationError(
+            "DB_STATEMENT_TIMEOUT cannot be applied behind a transaction-mode pooler (DB_POOLER=transaction): "
+            "it travels as a startup option, which PgBouncer refuses or drops. Set it on the role instead "
+            "(ALTER ROLE ... SET statement_timeout = ...) and leave DB_STATEMENT_TIMEOUT at 0, or use "
+            "DB_POOLER=session"
+        )
+    if s.pooler != "none" and "," in s.host:
+        raise ConfigurationError(
+            "DB_HOST lists several hosts but DB_POOLER is set: with a pooler, DB_HOST names the PgBouncer "
+            "and PgBouncer's own configuration names the database servers; use one DB_HOST"
+        )
+
+
 _SPECS: tuple[_Spec, ...] = (
-    _Spec("host", "DB_HOST", _text, _nonempty, "server host name, IP address or socket directory"),
-    _Spec("port", "DB_PORT", _integer, _int_range(1, 65535), "server port"),
+    _Spec(
+        "host",
+        "DB_HOST",
+        _text,
+        _hosts,
+        "server host name, IP address or socket directory; a comma-separated list for libpq multi-host",
+    ),
+    _Spec("port", "DB_PORT", _ports, _port_list, "server port; a comma-separated list gives one per DB_HOST entry"),
     _Spec("dbname", "DB_NAME", _text, _nonempty, "database name"),
     _Spec("user", "DB_USER", _text, _nonempty, "role to connect as"),
     _Spec("password", "DB_PASSWORD", _secret, _no_nul, "password (never logged or printed)"),
@@ -443,6 +576,30 @@ _SPECS: tuple[_Spec, ...] = (
         "file holding the password, re-read for every new connection (rotation)",
     ),
     _Spec("passfile", "DB_PASSFILE", _text, _no_nul, "libpq password file (.pgpass format), instead of a password"),
+    _Spec("pooler", "DB_POOLER", _text, _one_of(_POOLERS), "PgBouncer pool mode in front: none, session, transaction"),
+    _Spec(
+        "direct_host",
+        "DB_DIRECT_HOST",
+        _text,
+        _no_nul,
+        "the database server itself, behind a pooler: migrations, backups, restores and the stamp connect here",
+    ),
+    _Spec("direct_port", "DB_DIRECT_PORT", _integer, _int_range(1, 65535), "port of DB_DIRECT_HOST"),
+    _Spec(
+        "target_session_attrs",
+        "DB_TARGET_SESSION_ATTRS",
+        _text,
+        _one_of(_TARGETS),
+        "which of the DB_HOST servers the writer pool accepts (libpq target_session_attrs)",
+    ),
+    _Spec("replica_hosts", "DB_REPLICA_HOSTS", _replicas, _replica_list, "read replicas, host[:port] each"),
+    _Spec(
+        "replica_max_lag_ms",
+        "DB_REPLICA_MAX_LAG_MS",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "a replica lagging more than this is skipped",
+    ),
 )
 
 _BY_VAR = {s.var: s for s in _SPECS}
@@ -516,6 +673,12 @@ def _defaults(env: Environment) -> dict[str, Any]:
         "application_name": f"precog-{env.value}",
         "password_file": "",
         "passfile": "",
+        "pooler": "none",
+        "direct_host": "",
+        "direct_port": 5432,
+        "target_session_attrs": "read-write",
+        "replica_hosts": (),
+        "replica_max_lag_ms": 1000,
     }
 
 

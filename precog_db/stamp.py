@@ -308,7 +308,7 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
 
     if settings is None:
         settings = load_settings()
-    conn = connect(settings, operation="read the identity stamp", verify=False)
+    conn = connect(settings, operation="read the identity stamp", verify=False, direct=True)
     try:
         return read_stamp_on(conn, settings)
     finally:
@@ -403,7 +403,7 @@ def stamp_database(
     from precog_db.connection import connect  # the chokepoint imports this module
 
     settings = settings_for(env, settings, caller="stamp_database")
-    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False)
+    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False, direct=True)
     try:
         return _write(conn, settings, force=force)
     finally:

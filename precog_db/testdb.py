@@ -64,7 +64,7 @@ def migrate_database(settings: DatabaseSettings, directory: Path) -> list[str]:
     applied: list[str] = []
     with gate_allows(_OPERATION, (Environment.TEST,)):
         files = discover(directory)
-        conn = connect(settings.replace(application_name="precog-db pytest migrate"), operation=_OPERATION)
+        conn = connect(settings.replace(application_name="precog-db pytest migrate"), operation=_OPERATION, direct=True)
         try:
             with migration_lock(conn, timeout=300):
                 ensure_ledger(conn)
@@ -96,7 +96,7 @@ def build_test_database(
     tell = note if note is not None else (lambda _line: None)
     marker = f"precog_db test database rebuilt for run {run_id}"
     with gate_allows(_OPERATION, (Environment.TEST,)):
-        admin = connect(settings.replace(dbname=maintenance_db), operation=_OPERATION, verify=False)
+        admin = connect(settings.replace(dbname=maintenance_db), operation=_OPERATION, verify=False, direct=True)
         try:
             admin.execute("SELECT pg_advisory_lock(%s)", (lock_key,))
             try:

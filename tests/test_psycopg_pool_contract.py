@@ -119,6 +119,12 @@ OWN_NAMES = {
     "_deferred_from_main_thread",
     "_janitor",
     "_janitor_loop",
+    # issue 13 (precog_db.topology): pooler setup, failover reconnect cap, hot-standby discard
+    "_max_reconnect_delay",
+    "_precog_writer",
+    "_reconfigure",
+    "_session_setup",
+    "_writer",
 }
 
 

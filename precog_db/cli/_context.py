@@ -221,7 +221,7 @@ class Context:
         """A direct autocommit connection through the chokepoint (guard, naming rule, stamp, reply bound)."""
         from precog_db.connection import connect
 
-        return connect(settings, operation=operation)
+        return connect(settings, operation=operation, direct=True)  # maintenance: never through a pooler
 
 
 class Progress:
