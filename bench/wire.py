@@ -43,6 +43,8 @@ class RoundTripCounter:
         self._acceptor.join(timeout=5)
         for s in self._sockets:
             with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv (close alone does not)
+            with contextlib.suppress(OSError):
                 s.close()
         self._listener.close()
         for t in self._threads:
