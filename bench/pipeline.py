@@ -25,7 +25,6 @@ import statistics
 import sys
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event
-from pathlib import Path
 from typing import Any
 
 from bench import contenders as C

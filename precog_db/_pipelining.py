@@ -39,7 +39,7 @@ from psycopg.pq import TransactionStatus
 from precog_db.log import get_logger
 from precog_db.session import PrecogCursor
 
-__all__ = ["FirstStatementCursor", "PipelinedBlock", "SUPPORTED"]
+__all__ = ["SUPPORTED", "FirstStatementCursor", "PipelinedBlock"]
 
 log = get_logger()
 
@@ -134,6 +134,7 @@ class FirstStatementCursor(PrecogCursor):
     """The cursor of a ``commit=True`` block: its first statement carries the block's ``BEGIN``."""
 
     __slots__ = ("_precog_block",)
+    _precog_block: _Block | None
 
     def _take_block(self) -> _Block | None:
         try:
@@ -199,7 +200,7 @@ class FirstStatementCursor(PrecogCursor):
 
     @property
     def connection(self) -> Connection[Any]:
-        """The cursor's connection; handing it out first sends the block's ``BEGIN``, so whatever runs on it is inside the transaction."""
+        """The cursor's connection; handing it out first sends the block's ``BEGIN`` (what runs on it is inside)."""
         self._begin_alone()
         conn: Connection[Any] = self._conn
         return conn

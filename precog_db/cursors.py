@@ -70,9 +70,7 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
 
 
 @overload
-def get_cursor(
-    *, commit: bool = False, pipeline: bool = False
-) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
+def get_cursor(*, commit: bool = False, pipeline: bool = False) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
 
 
 @overload
