@@ -7,8 +7,10 @@ exact counts, never timings.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, assert_type
 
@@ -28,6 +30,7 @@ from precog_db import (
 from precog_db.settings import DatabaseSettings
 from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.server import Server
+from tests.test_interrupts import _Alarm, _assert_every_connection_works, _JobTimeout
 
 INSERT = "INSERT INTO pipe_items (id, qty) VALUES (%s, %s)"
 
@@ -366,3 +369,42 @@ class TestSilentPath:
             assert finished, "the pipelined block hung on a silent path"
             assert isinstance(error, CommitOutcomeUnknownError), repr(error)
             proxy.forward()
+
+
+class TestInterrupts:
+    def test_random_interrupts_in_pipelined_blocks_lose_nothing(
+        self, test_settings: DatabaseSettings, table: str
+    ) -> None:
+        """Random SIGALRM interrupts in pipelined blocks surface as themselves and lose or taint no connection."""
+        initialize_pool(settings=test_settings.replace(pool_min=2, pool_max=2, pool_timeout=2.0)).wait(timeout=10)
+        rng = random.Random(16)
+        outcomes: Counter[str] = Counter()
+        deadline = time.monotonic() + 20
+        with _Alarm(rng) as alarm:
+            for i in range(400):
+                if time.monotonic() > deadline:
+                    break
+                try:
+                    alarm.arm(0.002)
+                    if i % 2:
+                        with get_cursor(commit=True, pipeline=True) as cur:
+                            for j in range(3):
+                                cur.execute(INSERT, (10_000 + 3 * i + j, 1))
+                    else:
+                        with get_cursor(commit=True) as cur:
+                            cur.execute(INSERT + " RETURNING id", (10_000 + 3 * i, 1))
+                            cur.fetchone()
+                    outcome = "ok"
+                except (_JobTimeout, KeyboardInterrupt) as exc:
+                    outcome = type(exc).__name__
+                except psycopg.Error as exc:
+                    outcome = type(exc).__name__
+                finally:
+                    alarm.armed = False
+                    alarm.disarm()
+                outcomes[outcome] += 1
+        assert sum(alarm.fired.values()) >= 50, (alarm.fired, outcomes)
+        assert outcomes["ok"] > 0, outcomes
+        # Only the interrupts themselves (and a connection they broke) failed: no RuntimeError, no pool error.
+        assert set(outcomes) <= {"ok", "_JobTimeout", "KeyboardInterrupt", "OperationalError"}, outcomes
+        _assert_every_connection_works(2)
