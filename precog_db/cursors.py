@@ -226,6 +226,8 @@ class _CursorBlock:
                     committing = et is None
                     if self._transaction.__exit__(et, ev, tb):
                         return True
+                elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
+                    return True  # raised before the first statement: nothing to roll back, swallowed as ever
             except psycopg.OperationalError as exc:
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the
                 # whole block was in flight with it).

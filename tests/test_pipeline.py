@@ -228,9 +228,11 @@ class TestTransparent:
         assert _rows(pg_server, test_db) == [(20, 1), (21, 2), (22, 3)]
 
     def test_rollback_exception_is_swallowed(self, pg_server: Server, test_db: str) -> None:
-        """psycopg.Rollback raised after the first statement rolls back and ends the block quietly."""
+        """psycopg.Rollback raised after the first statement, or before any, ends the block quietly."""
         with get_cursor(commit=True) as cur:
             cur.execute(INSERT, (23, 1))
+            raise psycopg.Rollback()
+        with get_cursor(commit=True):
             raise psycopg.Rollback()
         assert _rows(pg_server, test_db) == []
 
