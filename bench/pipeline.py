@@ -123,6 +123,7 @@ def measure(target: Target, threads: tuple[int, ...], args: argparse.Namespace) 
                     cells[name] = {
                         "qps": round(statistics.median(c["qps"] for c in rounds), 1),
                         "op_p50_us": round(statistics.median(c["op_p50_us"] for c in rounds), 1),
+                        "client_cpu_us_per_op": statistics.median(c["client_cpu_us_per_op"] or 0.0 for c in rounds),
                         "errors": sum(c["errors"] for c in rounds),
                         "first_error": next((c["first_error"] for c in rounds if c["first_error"]), ""),
                         "qps_rounds": [c["qps"] for c in rounds],
@@ -184,7 +185,8 @@ def render(report: dict[str, Any]) -> str:
         f"precog_db committed writes  {report['started']}  {mach.get('cpu', '?')} x{mach['cpus']}  "
         f"python {mach['python']}  load {mach['load_average_before']} -> {mach.get('load_average_after')}",
         f"{s['rounds']} rounds x {s['duration']}s per cell, median; pool size {C.POOL_SIZE}; delay condition: "
-        f"+{s['delay_ms']} ms each way through a proxy process; ops/s (p50 latency ms at 1 thread)",
+        f"+{s['delay_ms']} ms each way through a proxy process; ops/s (p50 latency ms at 1 thread); "
+        "CPU/op: client CPU microseconds per operation, loopback, 1 thread",
     ]
     labels = {cls.name: cls.label for cls in COUNTED}
     rts = report["round_trips"]
@@ -192,13 +194,15 @@ def render(report: dict[str, Any]) -> str:
     for workload in WORKLOADS:
         lines.append("")
         lines.append(f"{workload}: {TITLES[workload]}")
-        header = f"  {'contender':<58} {'RT/op':>5}"
+        header = f"  {'contender':<58} {'RT/op':>5} {'CPU/op':>7}"
         for cond in ("loopback", "delay"):
             for n in threads:
                 header += f" {f'{cond} {n} thr':>22}"
         lines.append(header)
         for cls in COUNTED:
-            row = f"  {labels[cls.name]:<58} {rts.get(cls.name, {}).get(workload, '-'):>5}"
+            cpu = report["conditions"].get("loopback", {}).get(workload, {}).get(str(threads[0]), {}).get(cls.name)
+            cpu_text = f"{cpu['client_cpu_us_per_op']:.0f}" if cpu else "-"
+            row = f"  {labels[cls.name]:<58} {rts.get(cls.name, {}).get(workload, '-'):>5} {cpu_text:>7}"
             for cond in ("loopback", "delay"):
                 for n in threads:
                     cell = report["conditions"].get(cond, {}).get(workload, {}).get(str(n), {}).get(cls.name)
