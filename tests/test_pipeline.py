@@ -357,6 +357,7 @@ class TestSilentPath:
             )
             assert "no reply" in str(error)
             proxy.forward()
+            close_pool()  # before the proxy goes
         assert _rows(pg_server, test_db) == []
 
     def test_pipelined_block_lost_in_flight_is_ambiguous(self, test_settings: DatabaseSettings, table: str) -> None:
@@ -373,6 +374,7 @@ class TestSilentPath:
             assert finished, "the pipelined block hung on a silent path"
             assert isinstance(error, CommitOutcomeUnknownError), repr(error)
             proxy.forward()
+            close_pool()  # before the proxy goes
 
 
 class TestInterrupts:
