@@ -24,6 +24,11 @@ middle leaves the connection marked and the pool closes it instead of lending
 it again; a connection still in pipeline mode (``_pipeline`` set) is never
 lent either. The waits go through ``Connection.wait``, so the reply bound of
 `precog_db.connection.PrecogConnection` covers them.
+
+psycopg internals used here (checked by tests/test_pipeline.py::TestPsycopgInternals):
+``Pipeline._exit``, ``Pipeline._fetch_gen``, ``Pipeline.result_queue``,
+``BaseConnection._pipeline``; a ``Transaction`` is entered directly (not
+through ``conn.transaction()``, which would sync the pipeline at ``BEGIN``).
 """
 
 from __future__ import annotations

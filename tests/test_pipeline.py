@@ -418,3 +418,17 @@ class TestInterrupts:
         # Only the interrupts themselves (and a connection they broke) failed: no RuntimeError, no pool error.
         assert set(outcomes) <= {"ok", "_JobTimeout", "KeyboardInterrupt", "OperationalError"}, outcomes
         _assert_every_connection_works(2)
+
+
+class TestPsycopgInternals:
+    def test_the_pipeline_internals_used_exist(self, test_settings: DatabaseSettings) -> None:
+        """precog_db._pipelining relies on these psycopg internals: a psycopg upgrade that drops one fails here."""
+        assert psycopg.Pipeline.is_supported()
+        for name in ("_exit", "_fetch_gen", "sync", "__enter__"):
+            assert callable(getattr(psycopg.Pipeline, name)), name
+        initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
+        with get_cursor(commit=True) as cur:
+            conn: Any = cur._conn
+            assert conn._pipeline is None
+            pipeline = psycopg.Pipeline(conn)
+            assert hasattr(pipeline, "result_queue") and hasattr(pipeline, "level")
