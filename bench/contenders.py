@@ -5,7 +5,11 @@ Every contender runs the same four workloads on the same tables:
 * ``pk``: one primary-key lookup, one row;
 * ``fetch100``: a 100-row range scan, all rows fetched;
 * ``insert``: one single-row INSERT, committed;
-* ``txn3``: a 3-statement transaction (SELECT, UPDATE, INSERT), committed.
+* ``txn3``: a 3-statement transaction (SELECT, UPDATE, INSERT), committed;
+
+and, for the committed-write comparison of `bench.pipeline` (issue 16):
+
+* ``insert10``: ten single-row INSERTs in one committed transaction.
 
 and can fetch N rows once (`fetch_rows`) for the cost-as-work-grows table.
 """
@@ -31,6 +35,9 @@ POOL_SIZE = 10
 WORKLOADS = ("pk", "fetch100", "insert", "txn3")
 READS = ("pk", "fetch100")
 WRITES = ("insert", "txn3")
+#: The committed-write workloads of `bench.pipeline`.
+COMMITTED = ("insert", "txn3", "insert10")
+BATCH = 10
 
 PK = "SELECT id, name, qty, price FROM bench_items WHERE id = %s"
 RANGE = "SELECT id, name, qty, price FROM bench_items WHERE id BETWEEN %s AND %s"
@@ -124,6 +131,7 @@ class Precog(Contender):
     rows = "dict"
     workloads = READS
     commit = False
+    pipeline = False
     row_factory = staticmethod(dict_row)
 
     def open(self, target: Target, max_threads: int) -> None:
@@ -144,7 +152,7 @@ class Precog(Contender):
 
             def pk(rng: random.Random) -> float:
                 key = _key(rng)
-                with get_cursor(commit) as cur:
+                with get_cursor(commit=commit) as cur:
                     t = perf_counter()
                     cur.execute(PK, (key,))
                     cur.fetchone()
@@ -155,27 +163,39 @@ class Precog(Contender):
 
             def fetch100(rng: random.Random) -> float:
                 bounds = _range(rng)
-                with get_cursor(commit) as cur:
+                with get_cursor(commit=commit) as cur:
                     t = perf_counter()
                     cur.execute(RANGE, bounds)
                     cur.fetchall()
                 return t
 
             return fetch100
+        pipeline = self.pipeline
         if workload == "insert":
 
             def insert(rng: random.Random) -> float:
                 args = (_key(rng), rng.randint(1, 100))
-                with get_cursor(commit=True) as cur:
+                with get_cursor(commit=True, pipeline=pipeline) as cur:
                     t = perf_counter()
                     cur.execute(INSERT, args)
                 return t
 
             return insert
+        if workload == "insert10":
+
+            def insert10(rng: random.Random) -> float:
+                rows = [(_key(rng), rng.randint(1, 100)) for _ in range(BATCH)]
+                with get_cursor(commit=True, pipeline=pipeline) as cur:
+                    t = perf_counter()
+                    for row in rows:
+                        cur.execute(INSERT, row)
+                return t
+
+            return insert10
 
         def txn3(rng: random.Random) -> float:
             account, amount, item = _account(rng), rng.randint(1, 100), _key(rng)
-            with get_cursor(commit=True) as cur:
+            with get_cursor(commit=True, pipeline=pipeline) as cur:
                 t = perf_counter()
                 cur.execute(TX_SELECT, (account,))
                 cur.fetchone()
@@ -200,6 +220,16 @@ class PrecogCommit(Precog):
     label = "precog_db get_cursor(commit=True)"
     workloads = WORKLOADS
     commit = True
+
+
+class PrecogPipeline(Precog):
+    """``precog_db.get_cursor(commit=True, pipeline=True)``: the whole block in one round trip."""
+
+    name = "precog_pipeline"
+    label = "precog_db get_cursor(commit=True, pipeline=True)"
+    workloads = WRITES
+    commit = True
+    pipeline = True
 
 
 class PrecogTuple(Precog):
@@ -303,6 +333,17 @@ class Bare(Contender):
                 return t
 
             return insert_tx
+        if workload == "insert10":
+
+            def insert10(rng: random.Random) -> float:
+                rows = [(_key(rng), rng.randint(1, 100)) for _ in range(BATCH)]
+                t = perf_counter()
+                with conn.transaction():
+                    for row in rows:
+                        conn.execute(INSERT, row)
+                return t
+
+            return insert10
 
         def txn3(rng: random.Random) -> float:
             account, amount, item = _account(rng), rng.randint(1, 100), _key(rng)
@@ -399,6 +440,17 @@ class PsycopgPool(Contender):
                 return t
 
             return insert
+        if workload == "insert10":
+
+            def insert10(rng: random.Random) -> float:
+                rows = [(_key(rng), rng.randint(1, 100)) for _ in range(BATCH)]
+                with pool.connection() as conn:
+                    t = perf_counter()
+                    for row in rows:
+                        conn.execute(INSERT, row)
+                return t
+
+            return insert10
 
         def txn3(rng: random.Random) -> float:
             account, amount, item = _account(rng), rng.randint(1, 100), _key(rng)
@@ -495,6 +547,24 @@ class Psycopg2Pool(Contender):
                 return t
 
             return insert
+        if workload == "insert10":
+
+            def insert10(rng: random.Random) -> float:
+                rows = [(_key(rng), rng.randint(1, 100)) for _ in range(BATCH)]
+                gate.acquire()
+                conn = pool.getconn()
+                t = perf_counter()
+                try:
+                    with conn.cursor(cursor_factory=RealDictCursor) as cur:
+                        for row in rows:
+                            cur.execute(INSERT, row)
+                    conn.commit()
+                finally:
+                    pool.putconn(conn)
+                    gate.release()
+                return t
+
+            return insert10
 
         def txn3(rng: random.Random) -> float:
             account, amount, item = _account(rng), rng.randint(1, 100), _key(rng)
@@ -601,11 +671,21 @@ class AsyncpgPool(Contender):
                     await conn.execute(insert_sql, item, amount)
             return t
 
+        async def insert10(rng: random.Random) -> float:
+            rows = [(_key(rng), rng.randint(1, 100)) for _ in range(BATCH)]
+            async with pool.acquire() as conn:
+                t = perf_counter()
+                async with conn.transaction():
+                    for item, qty in rows:
+                        await conn.execute(insert_sql, item, qty)
+            return t
+
         ops: dict[str, Callable[[random.Random], Awaitable[float]]] = {
             "pk": pk,
             "fetch100": fetch100,
             "insert": insert,
             "txn3": txn3,
+            "insert10": insert10,
         }
         return ops[workload]
 
@@ -620,6 +700,7 @@ class AsyncpgPool(Contender):
 ALL: tuple[type[Contender], ...] = (
     Precog,
     PrecogCommit,
+    PrecogPipeline,
     Bare,
     BareDict,
     BareTransaction,

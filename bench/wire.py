@@ -6,14 +6,22 @@ simple or the extended protocol. Counting ``Z`` messages that the server sends
 through this proxy therefore counts round trips, for any driver, without
 trusting the driver about what it sends. Connections must not use TLS
 (``sslmode=disable``) so the stream can be read.
+
+With ``delay`` (seconds) the proxy also holds every chunk that much before
+passing it on, in each direction: ``delay=0.0005`` adds about 1 ms to every
+round trip, as a network between an application and its database would
+(issue 16). Python's sleep is not exact: on a busy machine a chunk may wait
+a little longer (docs/PERFORMANCE.md reports what was measured).
 """
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 
 _BUFFER = 65536
@@ -22,8 +30,9 @@ _BUFFER = 65536
 class RoundTripCounter:
     """Listen on 127.0.0.1:<port> and forward to ``(host, port)``, counting ``ReadyForQuery`` messages."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, *, delay: float = 0.0) -> None:
         self.upstream = (host, port)
+        self.delay = max(0.0, delay)
         self._lock = threading.Lock()
         self._ready_for_query = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -42,6 +51,8 @@ class RoundTripCounter:
         self._closing.set()
         self._acceptor.join(timeout=5)
         for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)  # wakes a pump blocked in recv (close alone does not)
             with contextlib.suppress(OSError):
                 s.close()
         self._listener.close()
@@ -72,9 +83,28 @@ class RoundTripCounter:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sockets += [client, server]
             for target, args in ((self._pump, (client, server)), (self._pump_counting, (server, client))):
+                if self.delay:
+                    late: queue.SimpleQueue[tuple[float, bytes] | None] = queue.SimpleQueue()
+                    writer = threading.Thread(target=self._deliver, args=(late, args[1]), daemon=True)
+                    writer.start()
+                    self._threads.append(writer)
+                    args = (args[0], _Delayed(late, self.delay))  # type: ignore[assignment]
                 t = threading.Thread(target=target, args=args, daemon=True)
                 t.start()
                 self._threads.append(t)
+
+    @staticmethod
+    def _deliver(late: queue.SimpleQueue[tuple[float, bytes] | None], dst: socket.socket) -> None:
+        """Send each chunk once its delay has passed (the delaying proxy's writer)."""
+        with contextlib.suppress(OSError):
+            while (item := late.get()) is not None:
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
 
     @staticmethod
     def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -110,3 +140,17 @@ class RoundTripCounter:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+class _Delayed:
+    """Stands in for the destination socket: queues each chunk with the time it may leave."""
+
+    def __init__(self, late: queue.SimpleQueue[tuple[float, bytes] | None], delay: float) -> None:
+        self._late = late
+        self._delay = delay
+
+    def sendall(self, data: bytes) -> None:
+        self._late.put((time.monotonic() + self._delay, bytes(data)))
+
+    def shutdown(self, how: int) -> None:
+        self._late.put(None)

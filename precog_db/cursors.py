@@ -3,8 +3,10 @@
 ``get_cursor()`` runs in autocommit on a read-only session: one round trip per
 statement, and a write fails loudly (``cannot execute INSERT in a read-only
 transaction``) instead of vanishing. ``get_cursor(commit=True)`` runs one
-``BEGIN READ WRITE`` … ``COMMIT`` transaction, rolled back if the block raises.
-Either way the connection goes back to the pool idle, never in a transaction.
+``BEGIN READ WRITE`` … ``COMMIT`` transaction, rolled back if the block raises;
+its ``BEGIN`` travels with the block's first statement (one round trip for
+both, `precog_db._pipelining`), and ``pipeline=True`` sends the whole block in
+one. Either way the connection goes back to the pool idle, never in a transaction.
 
 A connection lost inside the block raises `ConnectionLostError` (the work of
 a ``commit=True`` block was not committed). A connection lost while the
@@ -26,6 +28,8 @@ from psycopg.rows import Row, RowFactory, dict_row
 from psycopg.transaction import Transaction
 
 from precog_db import replicas
+from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
+from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
 from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
 from precog_db.pool import PrecogPool, get_pool
 from precog_db.session import mark_raw
@@ -68,17 +72,19 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
 
 
 @overload
-def get_cursor(*, commit: bool = False, replica: bool = False) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
+def get_cursor(
+    *, commit: bool = False, pipeline: bool = False, replica: bool = False
+) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
 
 
 @overload
 def get_cursor(
-    *, commit: bool = False, row_factory: RowFactory[Row], replica: bool = False
+    *, commit: bool = False, pipeline: bool = False, row_factory: RowFactory[Row], replica: bool = False
 ) -> AbstractContextManager[Cursor[Row]]: ...
 
 
 def get_cursor(
-    *, commit: bool = False, row_factory: RowFactory[Any] = dict_row, replica: bool = False
+    *, commit: bool = False, pipeline: bool = False, row_factory: RowFactory[Any] = dict_row, replica: bool = False
 ) -> AbstractContextManager[Cursor[Any]]:
     """Borrow a cursor; rows are dicts by default (typed ``Cursor[dict[str, Any]]``).
 
@@ -86,16 +92,31 @@ def get_cursor(
     `ReadOnlyWriteError` (a `psycopg.errors.ReadOnlySqlTransaction`).
     ``commit=True``: one read-write transaction, committed when the block
     exits cleanly and rolled back when it raises (the exception propagates).
+    Its ``BEGIN`` is sent together with the first statement: a one-statement
+    block costs two round trips, and nothing else changes for the caller.
+    ``commit=True, pipeline=True``: the whole block (``BEGIN``, every statement,
+    ``COMMIT``) is sent in one round trip. Statements are queued, not waited
+    for: a ``fetch*`` waits for the results queued so far, and an error is
+    raised by a later ``execute`` or ``fetch*``, or when the block ends, not by
+    the ``execute`` that caused it. Any error rolls the whole block back. Do not
+    use it when the code decides what to do next from a statement's outcome
+    (catching a `psycopg.errors.UniqueViolation` to update instead, reading
+    ``rowcount`` before the block ends): see docs/DESIGN.md.
     ``replica=True`` (reads only): from a ``DB_REPLICA_HOSTS`` replica that
     is fresh enough and has this thread's or task's own writes, else from the
     primary (`precog_db.replicas`). All are keyword-only: ``get_cursor(commit=True)``
     reads as what it does.
     """
+    if pipeline and not commit:
+        raise ValueError(
+            "get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
+            "BEGIN, statements and COMMIT together; a read-only block already costs one round trip per statement"
+        )
     if replica and commit:
         raise ConfigurationError(
             "get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
         )
-    block = _CursorBlock(commit, row_factory)
+    block = _CursorBlock(commit, row_factory, pipeline)
     block._replica = replica
     return block
 
@@ -145,11 +166,13 @@ class _LentConnectionBlock(_ConnectionBlock):
 
 
 class _CursorBlock:
-    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_replica", "_row_factory", "_transaction")
+    __slots__ = ("_commit", "_conn", "_cursor", "_pipeline", "_pool", "_replica", "_row_factory", "_transaction")
 
-    def __init__(self, commit: bool, row_factory: RowFactory[Any]) -> None:
+    def __init__(self, commit: bool, row_factory: RowFactory[Any], pipeline: bool = False) -> None:
         self._commit = commit
         self._row_factory = row_factory
+        #: pipeline=True: the block's pipeline once entered; False before; None for other blocks.
+        self._pipeline: PipelinedBlock | bool | None = True if pipeline else None
         self._pool: PrecogPool | None = None
         self._conn: Connection[Any] | None = None
         self._cursor: Cursor[Any] | None = None
@@ -166,8 +189,20 @@ class _CursorBlock:
             conn = self._conn
             assert conn is not None
             self._transaction = self._cursor = None
-            cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
-            if self._commit:
+            if not self._commit:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+            elif self._pipeline is not None:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+                self._pipeline = PipelinedBlock(conn)  # BEGIN READ WRITE queued, nothing sent yet
+            elif _PIPELINE_SUPPORTED and pool.settings.pooler != "transaction":
+                # (Behind a transaction-mode pooler the connection's own cursor class refuses
+                # session state before anything is sent: it keeps the separate BEGIN.)
+                # No BEGIN now: the cursor's first statement carries it (precog_db._pipelining).
+                first = FirstStatementCursor(conn, row_factory=self._row_factory)
+                self._cursor = cursor = first
+                first._precog_block = self
+            else:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = conn.transaction()
                 transaction.__enter__()  # BEGIN READ WRITE
                 self._transaction = transaction
@@ -191,19 +226,31 @@ class _CursorBlock:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
+        committing = False
         try:
             try:
                 if self._cursor is not None:
                     self._cursor.close()
+                pipelined = self._pipeline
+                if isinstance(pipelined, PipelinedBlock):
+                    self._pipeline = True
+                    committing = et is None
+                    if pipelined.finish(et, ev, tb):
+                        return True
                 # psycopg.Rollback raised in the block: rolled back, and the
                 # transaction swallows it; so does this block.
-                if self._transaction is not None and self._transaction.__exit__(et, ev, tb):
-                    return True
-                if self._transaction is not None and et is None and pool.settings.replica_hosts:
+                elif self._transaction is not None:
+                    committing = et is None
+                    if self._transaction.__exit__(et, ev, tb):
+                        return True
+                elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
+                    return True  # raised before the first statement: nothing to roll back, swallowed as ever
+                if committing and pool.settings.replica_hosts:
                     replicas.note_commit()  # this thread's/task's next replica read must see the write
             except psycopg.OperationalError as exc:
-                # With a clean block, what failed here is the COMMIT.
-                if wrapped := _translate(pool, conn, exc, et is None and self._transaction is not None):
+                # With a clean block, what failed here is the COMMIT (with pipeline=True, the
+                # whole block was in flight with it).
+                if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
                 raise
             if isinstance(ev, psycopg.OperationalError) and (wrapped := _translate(pool, conn, ev, False)):

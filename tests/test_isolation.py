@@ -271,7 +271,7 @@ class TestResetBudget:
 
         trips, sent = _traced(tmp_path, blocks)
         assert not any("DISCARD" in s for s in sent), sent
-        assert trips == 3 + 1 + 4, sent
+        assert trips == 3 + 1 + 3, sent  # the commit=True block: BEGIN with SET LOCAL, INSERT, COMMIT
 
     def test_a_state_changing_block_pays_one_reset(self, one: int, tmp_path: Path) -> None:
         """A block that ran SET is followed by exactly one DISCARD ALL, and the next plain block by none."""

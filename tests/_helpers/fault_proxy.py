@@ -163,6 +163,7 @@ class FaultProxy:
         while self._deaf.is_set() and not self._closing.is_set():
             self._register(client, None)
             if self._wait_closed([client], 0.05):
+                self._discard(client, None)  # closed here too when the proxy closes (else: ResourceWarning later)
                 return
         try:
             upstream = socket.create_connection(self.target, timeout=5)
