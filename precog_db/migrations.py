@@ -1354,26 +1354,19 @@ def upgrade(
             tell(
                 f"plan: {len(plan)} migration(s) for the {settings.describe()}: " + ", ".join(m.filename for m in plan)
             )
-            action = f"apply {len(plan)} migration(s)"
-            info["confirmation"] = (
-                confirm(action)
-                if confirm is not None
-                else confirmation(settings, action, confirm_database=confirm_database)
+            _confirm_and_back_up(
+                info,
+                settings,
+                conn,
+                action=f"apply {len(plan)} migration(s)",
+                purpose="before migrate up",
+                confirm=confirm if confirm is not None else _typed(settings, confirm_database),
+                take_backup=take_backup,
+                backup_root=backup_root,
+                keep=keep,
+                display=display,
+                tell=tell,
             )
-            if env is Environment.PROD:
-                if not take_backup:
-                    info["backup"] = "skipped (--no-backup)"
-                else:
-                    made = backup_database(
-                        settings,
-                        server_major=conn.info.server_version // 10000,
-                        purpose="before migrate up",
-                        root=backup_root,
-                        keep=keep,
-                        progress=display,
-                    )
-                    info["backup"] = str(made.path)
-                    tell(made.summary())
             applied: list[dict[str, Any]] = []
             info["applied"] = applied
             with migration_lock(conn, timeout=lock_timeout, on_wait=on_lock_wait):
@@ -1434,6 +1427,48 @@ def mark_baseline(
     return rows
 
 
+def _typed(settings: DatabaseSettings, confirm_database: str | None) -> Callable[[str], str]:
+    """The default confirmation: `precog_db.confirm`'s typed one (staging and prod), with ``confirm_database``."""
+    return lambda action: confirmation(settings, action, confirm_database=confirm_database)
+
+
+def _confirm_and_back_up(
+    info: dict[str, Any],
+    settings: DatabaseSettings,
+    conn: Connection[Any],
+    *,
+    action: str,
+    purpose: str,
+    confirm: Callable[[str], str],
+    take_backup: bool,
+    backup_root: Path | None,
+    keep: int | None,
+    display: ProgressDisplay,
+    tell: Callable[[str], None],
+) -> str | None:
+    """What `upgrade` and `revert` do before changing the schema: confirm, then on prod a verified backup.
+
+    Records both in the audit ``info``; returns the backup's path, ``skipped (--no-backup)`` or None.
+    """
+    info["confirmation"] = confirm(action)
+    if settings.env is not Environment.PROD:
+        return None
+    if not take_backup:
+        info["backup"] = "skipped (--no-backup)"
+    else:
+        made = backup_database(
+            settings,
+            server_major=conn.info.server_version // 10000,
+            purpose=purpose,
+            root=backup_root,
+            keep=keep,
+            progress=display,
+        )
+        info["backup"] = str(made.path)
+        tell(made.summary())
+    return str(info["backup"])
+
+
 @dataclass
 class RevertResult:
     """What `revert` planned and did."""
@@ -1491,27 +1526,20 @@ def revert(
             if dry_run or not plan:
                 return RevertResult(dry_run, plan)
             tell(f"plan: revert {len(plan)} migration(s) of the {settings.describe()}: " + ", ".join(info["planned"]))
-            action = f"revert {len(plan)} migration(s)"
-            info["confirmation"] = (
-                confirm(action)
-                if confirm is not None
-                else confirmation(settings, action, confirm_database=confirm_database)
-            )
             result = RevertResult(dry_run, plan)
-            if env is Environment.PROD:
-                if not take_backup:
-                    result.backup = info["backup"] = "skipped (--no-backup)"
-                else:
-                    made = backup_database(
-                        settings,
-                        server_major=conn.info.server_version // 10000,
-                        purpose="before migrate down",
-                        root=backup_root,
-                        keep=keep,
-                        progress=display,
-                    )
-                    result.backup = info["backup"] = str(made.path)
-                    tell(made.summary())
+            result.backup = _confirm_and_back_up(
+                info,
+                settings,
+                conn,
+                action=f"revert {len(plan)} migration(s)",
+                purpose="before migrate down",
+                confirm=confirm if confirm is not None else _typed(settings, confirm_database),
+                take_backup=take_backup,
+                backup_root=backup_root,
+                keep=keep,
+                display=display,
+                tell=tell,
+            )
             info["reverted"] = result.reverted
             try:
                 downgrade(
