@@ -32,23 +32,40 @@ psycopg internals used here (checked by tests/test_isolation.py):
 ``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
 ``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
 ``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
-``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``).
+``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``),
+and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_set_read_only_gen``,
+``_set_isolation_level_gen``, ``_set_deferrable_gen``, ``_exec_command``, which `restore` (sync) and
+`arestore` (asyncio) run through the connection's own ``wait``: one implementation for both layers.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from psycopg import Connection
+from psycopg import AsyncConnection, Connection
+from psycopg.abc import PQGen
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db.errors import ReadOnlyWriteError
 
-__all__ = ["PrecogCursor", "PrecogServerCursor", "adopt", "changes_session", "needs_restore", "restore"]
+#: A connection of either layer.
+AnyConnection = Connection[Any] | AsyncConnection[Any]
+
+__all__ = [
+    "AsyncPrecogCursor",
+    "AsyncPrecogServerCursor",
+    "PrecogCursor",
+    "PrecogServerCursor",
+    "adopt",
+    "arestore",
+    "changes_session",
+    "needs_restore",
+    "restore",
+]
 
 #: Statements that cannot change session state by themselves (their text is still
 #: checked for session-changing functions, ``INTO``, temporary objects and a second statement).
@@ -114,20 +131,35 @@ def _forgot_commit(conn: Any, exc: psycopg.errors.ReadOnlySqlTransaction) -> Bas
     )
 
 
-class PrecogCursor(psycopg.Cursor[Any]):
+class _Marking:
+    """The classifier hook shared by the sync and the asyncio client cursors (no I/O)."""
+
+    __slots__ = ()
+    _conn: Any
+
+    def _convert_query(self, query: Any, params: Any = None) -> Any:
+        pgq = super()._convert_query(query, params)  # type: ignore[misc]
+        _mark(self._conn, pgq.query)
+        return pgq
+
+
+def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:
+    """After a server error: the statement ended cleanly; the error to raise (``exc`` or a `ReadOnlyWriteError`)."""
+    conn._precog_busy = False
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return _forgot_commit(conn, exc)
+    return exc
+
+
+class PrecogCursor(_Marking, psycopg.Cursor[Any]):
     """The pool's client-side cursor: marks the connection dirty before a session-changing statement is sent."""
 
     __slots__ = ()
 
-    def _convert_query(self, query: Any, params: Any = None) -> Any:
-        pgq = super()._convert_query(query, params)
-        _mark(self._conn, pgq.query)
-        return pgq
-
     # ``_precog_busy`` stays set if something other than a server error (an
-    # interrupt raised by a signal handler) ends a statement half-way: psycopg's
-    # own bookkeeping (its prepared-statement cache) may then disagree with the
-    # server, so checkin closes that connection instead of lending it again.
+    # interrupt raised by a signal handler, a cancelled task) ends a statement
+    # half-way: psycopg's own bookkeeping (its prepared-statement cache) may then
+    # disagree with the server, so checkin closes that connection instead of lending it again.
 
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
@@ -136,14 +168,9 @@ class PrecogCursor(psycopg.Cursor[Any]):
         conn._precog_busy = True
         try:
             rv = super().execute(query, params, prepare=prepare, binary=binary)
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            conn._precog_busy = False
-            error = _forgot_commit(conn, exc)
-            if error is exc:
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
                 raise
-        except psycopg.Error:
-            conn._precog_busy = False
-            raise
         else:
             conn._precog_busy = False
             return rv
@@ -154,28 +181,59 @@ class PrecogCursor(psycopg.Cursor[Any]):
         conn._precog_busy = True
         try:
             super().executemany(query, params_seq, returning=returning)
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            conn._precog_busy = False
-            error = _forgot_commit(conn, exc)
-            if error is exc:
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
                 raise
-        except psycopg.Error:
-            conn._precog_busy = False
-            raise
         else:
             conn._precog_busy = False
             return
         raise error.with_traceback(None)
 
 
-class PrecogServerCursor(psycopg.ServerCursor[Any]):
-    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+class AsyncPrecogCursor(_Marking, psycopg.AsyncCursor[Any]):
+    """`PrecogCursor` for `precog_db.aio`: the same classifier and the same error translation."""
 
     __slots__ = ()
 
+    async def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            rv = await super().execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
+                raise
+        else:
+            conn._precog_busy = False
+            return rv
+        raise error.with_traceback(None)
+
+    async def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            await super().executemany(query, params_seq, returning=returning)
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
+                raise
+        else:
+            conn._precog_busy = False
+            return
+        raise error.with_traceback(None)
+
+
+class _DeclareMarking:
+    """The named-cursor hook shared by both layers: a ``WITH HOLD`` cursor outlives its transaction (no I/O)."""
+
+    __slots__ = ()
+    _conn: Any
+    _withhold: bool
+
     def _make_declare_statement(self, query: Any) -> Any:
         if self._withhold:
-            self._conn._precog_dirty = True  # type: ignore[attr-defined]
+            self._conn._precog_dirty = True
         elif isinstance(query, str):
             _mark(self._conn, query.encode())
         elif isinstance(query, bytes):
@@ -183,8 +241,20 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
         elif isinstance(query, psycopg.sql.Composable):
             _mark(self._conn, query.as_bytes(self._conn))
         else:
-            self._conn._precog_dirty = True  # type: ignore[attr-defined]
-        return super()._make_declare_statement(query)
+            self._conn._precog_dirty = True
+        return super()._make_declare_statement(query)  # type: ignore[misc]
+
+
+class PrecogServerCursor(_DeclareMarking, psycopg.ServerCursor[Any]):
+    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+
+    __slots__ = ()
+
+
+class AsyncPrecogServerCursor(_DeclareMarking, psycopg.AsyncServerCursor[Any]):
+    """`PrecogServerCursor` for `precog_db.aio`."""
+
+    __slots__ = ()
 
 
 _DTRO = b"default_transaction_read_only"
@@ -215,15 +285,19 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
     )
 
 
-def adopt(conn: Connection[Any]) -> None:
-    """Install the tracking cursors on a new pooled connection (before any user setup runs)."""
-    conn.cursor_factory = PrecogCursor
-    conn.server_cursor_factory = PrecogServerCursor
-    conn._precog_dirty = False  # type: ignore[attr-defined]
-    conn._precog_busy = False  # type: ignore[attr-defined]
+def adopt(conn: AnyConnection) -> None:
+    """Install the tracking cursors on a new pooled connection of either layer (before any user setup runs)."""
+    c: Any = conn
+    if isinstance(conn, psycopg.AsyncConnection):
+        c._precog_factories = (AsyncPrecogCursor, AsyncPrecogServerCursor)
+    else:
+        c._precog_factories = (PrecogCursor, PrecogServerCursor)
+    c.cursor_factory, c.server_cursor_factory = c._precog_factories
+    c._precog_dirty = False
+    c._precog_busy = False
 
 
-def baseline(conn: Connection[Any]) -> None:
+def baseline(conn: AnyConnection) -> None:
     """Record the connection's state once its setup is complete: what every later borrower must find."""
     c: Any = conn
     c._precog_dirty = False
@@ -233,7 +307,7 @@ def baseline(conn: Connection[Any]) -> None:
     c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
 
 
-def needs_restore(conn: Connection[Any]) -> bool:
+def needs_restore(conn: AnyConnection) -> bool:
     """True if the borrower changed anything: no round trip, a few attribute reads."""
     c: Any = conn
     return bool(
@@ -242,8 +316,8 @@ def needs_restore(conn: Connection[Any]) -> bool:
         or c._read_only is not False
         or c._isolation_level is not None
         or c._deferrable is not None
-        or c.cursor_factory is not PrecogCursor
-        or c.server_cursor_factory is not PrecogServerCursor
+        or c.cursor_factory is not c._precog_factories[0]
+        or c.server_cursor_factory is not c._precog_factories[1]
         or c.row_factory is not c._precog_row_factory
         or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
         or c._precog_busy
@@ -253,7 +327,7 @@ def needs_restore(conn: Connection[Any]) -> bool:
     )
 
 
-def _forget_prepared(conn: Connection[Any]) -> None:
+def _forget_prepared(conn: AnyConnection) -> None:
     """Empty psycopg's prepared-statement cache after ``DISCARD ALL`` dropped the statements on the server.
 
     psycopg clears it by itself only the first time it sees that command on a
@@ -270,6 +344,51 @@ class RestoreFailed(Exception):
     """The session could not be brought back to its baseline: the connection must be closed."""
 
 
+def _restore_gen(conn: AnyConnection) -> PQGen[bool]:
+    """Everything `restore` decides and sends, as a psycopg generator that either layer runs with its ``wait``.
+
+    Raises `RestoreFailed` when the connection cannot be brought back.
+    Returns True when it ran ``DISCARD ALL`` (the user's setup must then run again).
+    """
+    c: Any = conn
+    status = conn.pgconn.transaction_status
+    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
+        raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
+    if c._precog_busy or c._num_transactions or c._pipeline is not None:
+        # A statement, transaction() or pipeline() block was cut short (an
+        # interrupt or a cancelled task in its bookkeeping): psycopg's own state
+        # may be inconsistent, the connection must go.
+        raise RestoreFailed("a statement, transaction() or pipeline() block was cut short by an interrupt")
+    if status != TransactionStatus.IDLE:
+        yield from c._rollback_gen()
+    if not c._autocommit:
+        yield from c._set_autocommit_gen(True)
+    yield from c._set_read_only_gen(False)
+    yield from c._set_isolation_level_gen(None)
+    yield from c._set_deferrable_gen(None)
+    cursor_factory, server_cursor_factory = c._precog_factories
+    if c.cursor_factory is not cursor_factory or c.server_cursor_factory is not server_cursor_factory:
+        c._precog_dirty = True  # statements may have run unseen
+        c.cursor_factory, c.server_cursor_factory = cursor_factory, server_cursor_factory
+    c.row_factory = c._precog_row_factory
+    c.prepare_threshold = c._precog_prepare_threshold
+    del c._notice_handlers[c._precog_handlers[0] :]
+    del c._notify_handlers[c._precog_handlers[1] :]
+    if not (c._precog_dirty or reported(conn.pgconn) != c._precog_reported):
+        return False
+    yield from c._exec_command(b"DISCARD ALL")
+    _forget_prepared(conn)
+    return True
+
+
+def _settled(conn: AnyConnection) -> None:
+    """After ``DISCARD ALL`` and the user's setup: the session is back at its baseline, or raise."""
+    c: Any = conn
+    if reported(conn.pgconn) != c._precog_reported:
+        raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
+    c._precog_dirty = False
+
+
 def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None] | None = None) -> None:
     """Bring a returned connection back to its baseline, or raise (the caller then closes it).
 
@@ -277,34 +396,21 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
     ``DISCARD ALL`` (then ``reconfigure``, the user's own setup) if the session
     may have changed.
     """
-    c: Any = conn
-    status = conn.pgconn.transaction_status
-    if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
-        raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
-    if c._precog_busy or c._num_transactions or c._pipeline is not None:
-        # A transaction() or pipeline() block was cut short (an interrupt in its
-        # bookkeeping): psycopg's own state is inconsistent, the connection must go.
-        raise RestoreFailed("a statement, transaction() or pipeline() block was cut short by an interrupt")
-    if status != TransactionStatus.IDLE:
-        conn.rollback()
-    if not c._autocommit:
-        conn.autocommit = True
-    conn.read_only = False
-    conn.isolation_level = None
-    conn.deferrable = None
-    if conn.cursor_factory is not PrecogCursor or conn.server_cursor_factory is not PrecogServerCursor:
-        c._precog_dirty = True  # statements may have run unseen
-        conn.cursor_factory = PrecogCursor
-        conn.server_cursor_factory = PrecogServerCursor
-    conn.row_factory = c._precog_row_factory
-    conn.prepare_threshold = c._precog_prepare_threshold
-    del c._notice_handlers[c._precog_handlers[0] :]
-    del c._notify_handlers[c._precog_handlers[1] :]
-    if c._precog_dirty or reported(conn.pgconn) != c._precog_reported:
-        conn.execute("DISCARD ALL", prepare=False)
-        _forget_prepared(conn)
+    with conn.lock:
+        discarded = conn.wait(_restore_gen(conn))
+    if discarded:
         if reconfigure is not None:
             reconfigure(conn)
-        if reported(conn.pgconn) != c._precog_reported:
-            raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
-        c._precog_dirty = False
+        _settled(conn)
+
+
+async def arestore(
+    conn: AsyncConnection[Any], reconfigure: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None
+) -> None:
+    """`restore` for an asyncio connection: the same generator, awaited."""
+    async with conn.lock:
+        discarded = await conn.wait(_restore_gen(conn))
+    if discarded:
+        if reconfigure is not None:
+            await reconfigure(conn)
+        _settled(conn)
