@@ -33,10 +33,10 @@ import select
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import psycopg
-from psycopg import Connection
+from psycopg import AsyncConnection, Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
@@ -104,6 +104,44 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
         return not poller[1].poll(0)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
+
+
+def check_pool_kwargs(pool_kwargs: dict[str, Any]) -> None:
+    """Refuse pool arguments that would replace the connection settings (either layer)."""
+    for key in _REFUSED_POOL_KWARGS:
+        if key in pool_kwargs:
+            raise ConfigurationError(
+                f"{key}= cannot be passed to the pool: connection settings come from DatabaseSettings "
+                "(DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_SSLMODE, DB_STATEMENT_TIMEOUT, ...), "
+                "so that every pooled connection keeps the library's read-only default and timeouts. "
+                "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
+            )
+
+
+def pooled_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """The connection arguments of a pooled connection (either layer): autocommit, read-only by default."""
+    kwargs = settings.connect_kwargs()
+    kwargs["autocommit"] = True
+    options = kwargs.get("options")
+    kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+    return kwargs
+
+
+def check_still_read_only(conn: Connection[Any] | AsyncConnection[Any]) -> None:
+    """After the caller's ``configure=``: refuse a connection whose read-only default was turned off."""
+    if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
+        raise ConfigurationError(
+            "the pool's configure= callback turned default_transaction_read_only off; pooled "
+            "connections must stay read-only outside transactions (use get_cursor(commit=True) to write)"
+        )
+
+
+def already_open(current: DatabaseSettings, wanted: DatabaseSettings) -> PoolStateError:
+    """`initialize_pool` (either layer) for another target while a pool is open."""
+    return PoolStateError(
+        f"the pool is already open for the {current.describe()}; "
+        f"call close_pool() before initializing it for the {wanted.describe()}"
+    )
 
 
 class _Holder(Protocol):
@@ -182,7 +220,90 @@ class _Bury(MaintenanceTask):
         pool._bury()
 
 
-class PrecogPool(ConnectionPool[Connection[Any]]):
+class PoolFaults:
+    """What both pool classes (sync `PrecogPool`, asyncio `precog_db.apool.AsyncPrecogPool`) share, no I/O:
+    remembering why connection attempts fail, the capped back-off, and the timeout errors."""
+
+    settings: DatabaseSettings
+    name: str
+    max_size: int
+    _last_connect_failure: tuple[float, str] | None
+    _last_connect_ok: float
+    _retries_pending: int
+
+    @property
+    def env(self) -> Environment:
+        """The environment this pool serves."""
+        return self.settings.env
+
+    if TYPE_CHECKING:
+
+        def get_stats(self) -> dict[str, int]: ...  # psycopg_pool's
+
+    def _init_faults(self) -> None:
+        #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
+        self._last_connect_failure = None
+        self._last_connect_ok = 0.0
+        #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
+        #: they succeed the pool has fewer open connections than it counts (its pool_size).
+        self._retries_pending = 0
+
+    def _check_target(self, prod_confirmed: bool | None) -> None:
+        # Every physical connection passes the chokepoint's checks first
+        # (naming rule, gate, production guard), however this pool was built.
+        check_target(self.settings, operation="open a pooled connection", prod_confirmed=prod_confirmed, quiet=True)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        # Remember why the server could not be reached, so that a caller who
+        # times out meanwhile is told the real reason (psycopg_pool itself
+        # only logs it from its background worker).
+        self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+
+    @staticmethod
+    def _cap(attempt: AttemptWithBackoff) -> None:
+        # psycopg_pool doubles the delay after each failure before scheduling
+        # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
+        attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+
+    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
+        # "Exhausted" only if every connection the pool counts is open: after an outage the pool
+        # comes back one connection at a time while the others wait out their reconnect back-off,
+        # and a caller timing out then must not be told that all max_size connections are busy.
+        failure = self._last_connect_failure
+        if failure is None:
+            return self._exhausted(waited)
+        when, reason = failure
+        latest_failed = when >= self._last_connect_ok
+        retrying = self._retries_pending
+        if not latest_failed and retrying <= 0:
+            return self._exhausted(waited)
+        ago = max(monotonic() - when, 0.0)
+        if latest_failed:
+            state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
+        else:
+            state = (
+                f"could not be reached ({reason}, {ago:.1f}s ago) and the pool is still re-opening "
+                f"{retrying} of its connections"
+            )
+        return DatabaseUnavailableError(
+            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
+            f"{self.settings.describe()} {state}. The pool keeps reconnecting by itself, at least every "
+            f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
+            "and DB_HOST / DB_PORT"
+        )
+
+    def _exhausted(self, waited: float) -> PoolExhaustedError:
+        stats = self.get_stats()
+        return PoolExhaustedError(
+            f"pool {self.name!r} ({self.env.value}) had no free connection after {waited:.1f}s: "
+            f"{stats.get('pool_size', self.max_size)} of at most {self.max_size} connections are busy "
+            f"and {stats.get('requests_waiting', 0)} callers are waiting. Raise DB_POOL_MAX_CONN, "
+            "raise DB_POOL_TIMEOUT to wait longer, or hold connections for less time "
+            "(a get_cursor block that waits on something else keeps its connection)"
+        )
+
+
+class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
     `lend` / `give_back` are what `get_cursor` and `get_connection` use
@@ -201,21 +322,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         self.prod_confirmed = prod_confirmed
         self.pid = os.getpid()
         self._reply_timeout = reply_timeout(settings)
-        #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
-        self._last_connect_failure: tuple[float, str] | None = None
-        self._last_connect_ok = 0.0
-        #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
-        #: they succeed the pool has fewer open connections than it counts (its pool_size).
-        self._retries_pending = 0
+        self._init_faults()
         self._retries_lock = threading.Lock()
-        for key in _REFUSED_POOL_KWARGS:
-            if key in pool_kwargs:
-                raise ConfigurationError(
-                    f"{key}= cannot be passed to the pool: connection settings come from DatabaseSettings "
-                    "(DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_SSLMODE, DB_STATEMENT_TIMEOUT, ...), "
-                    "so that every pooled connection keeps the library's read-only default and timeouts. "
-                    "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
-                )
+        check_pool_kwargs(pool_kwargs)
         #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
         self._user_configure: Callable[[Connection[Any]], None] | None = pool_kwargs.pop("configure", None)
         self.pool_kwargs = (
@@ -223,10 +332,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         )
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
-        kwargs = settings.connect_kwargs()
-        kwargs["autocommit"] = True
-        options = kwargs.get("options")
-        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+        kwargs = pooled_connect_kwargs(settings)
         params: dict[str, Any] = {
             "min_size": settings.pool_min,
             "max_size": settings.pool_max,
@@ -240,11 +346,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         }
         params.update(pool_kwargs)
         super().__init__("", kwargs=kwargs, **params)
-
-    @property
-    def env(self) -> Environment:
-        """The environment this pool serves."""
-        return self.settings.env
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
@@ -262,28 +363,17 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             self._user_configure(conn)
             if conn.pgconn.transaction_status != _IDLE:
                 conn.rollback()
-            if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
-                raise ConfigurationError(
-                    "the pool's configure= callback turned default_transaction_read_only off; pooled "
-                    "connections must stay read-only outside transactions (use get_cursor(commit=True) to write)"
-                )
+            check_still_read_only(conn)
             conn.autocommit = True
             conn.read_only = False
         baseline(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
-        # Every physical connection passes the chokepoint's checks first
-        # (naming rule, gate, production guard), however this pool was built.
-        # Remember why the server could not be reached, so that a caller who
-        # times out meanwhile is told the real reason (psycopg_pool itself
-        # only logs it from its background worker).
         try:
-            check_target(
-                self.settings, operation="open a pooled connection", prod_confirmed=self.prod_confirmed, quiet=True
-            )
+            self._check_target(self.prod_confirmed)
             conn = super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
-            self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+            self._connect_failed(exc)
             raise
         self._last_connect_ok = monotonic()
         return conn
@@ -296,12 +386,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         super().schedule_task(task, delay)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        # psycopg_pool doubles the delay after each failure before scheduling
-        # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
         if attempt is not None:  # a retry scheduled by schedule_task is running
             with self._retries_lock:
                 self._retries_pending -= 1
-            attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+            self._cap(attempt)
         super()._add_connection(attempt, growing=growing)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
@@ -564,43 +652,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             idle.rotate(1)
         return super()._get_ready_connection(timeout)
 
-    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
-        # "Exhausted" only if every connection the pool counts is open: after an outage the pool
-        # comes back one connection at a time while the others wait out their reconnect back-off,
-        # and a caller timing out then must not be told that all max_size connections are busy.
-        failure = self._last_connect_failure
-        if failure is None:
-            return self._exhausted(waited)
-        when, reason = failure
-        latest_failed = when >= self._last_connect_ok
-        retrying = self._retries_pending
-        if not latest_failed and retrying <= 0:
-            return self._exhausted(waited)
-        ago = max(monotonic() - when, 0.0)
-        if latest_failed:
-            state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
-        else:
-            state = (
-                f"could not be reached ({reason}, {ago:.1f}s ago) and the pool is still re-opening "
-                f"{retrying} of its connections"
-            )
-        return DatabaseUnavailableError(
-            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
-            f"{self.settings.describe()} {state}. The pool keeps reconnecting by itself, at least every "
-            f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
-            "and DB_HOST / DB_PORT"
-        )
-
-    def _exhausted(self, waited: float) -> PoolExhaustedError:
-        stats = self.get_stats()
-        return PoolExhaustedError(
-            f"pool {self.name!r} ({self.env.value}) had no free connection after {waited:.1f}s: "
-            f"{stats.get('pool_size', self.max_size)} of at most {self.max_size} connections are busy "
-            f"and {stats.get('requests_waiting', 0)} callers are waiting. Raise DB_POOL_MAX_CONN, "
-            "raise DB_POOL_TIMEOUT to wait longer, or hold connections for less time "
-            "(a get_cursor block that waits on something else keeps its connection)"
-        )
-
 
 def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> PrecogPool:
     """Check, then open a pool for ``settings``.
@@ -689,10 +740,7 @@ def initialize_pool(
             if _same_target(current.settings, settings):
                 check_gate(current.env)
                 return current
-            raise PoolStateError(
-                f"the pool is already open for the {current.settings.describe()}; "
-                f"call close_pool() before initializing it for the {settings.describe()}"
-            )
+            raise already_open(current.settings, settings)
         pool = create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
         _State.pool = pool
         return pool
