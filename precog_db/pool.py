@@ -79,7 +79,7 @@ _OK = ConnStatus.OK
 _IDLE = TransactionStatus.IDLE
 
 
-def connection_is_usable(conn: Connection[Any]) -> bool:
+def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
     """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
@@ -100,7 +100,7 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
             poller = (fd, select.poll())
             poller[1].register(fd, _POLL_MASK)
             with contextlib.suppress(AttributeError):
-                conn._precog_poller = poller  # type: ignore[attr-defined]
+                conn._precog_poller = poller  # type: ignore[union-attr]
         return not poller[1].poll(0)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
