@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import psycopg
 import pytest
@@ -13,11 +11,6 @@ from conftest import Server
 from psycopg.rows import dict_row, tuple_row
 
 from precog_db import (
-    CommitOutcomeUnknownError,
-    ConnectionLostError,
-    DatabaseUnavailableError,
-    EnvironmentNotAllowedError,
-    PoolExhaustedError,
     ReadOnlyWriteError,
     aio,
 )
@@ -121,9 +114,8 @@ class TestCursor:
 
     async def test_get_connection_transaction(self, items: str) -> None:
         """get_connection lends the raw connection; its transaction() writes."""
-        async with aio.get_connection() as conn:
-            async with conn.transaction():
-                await conn.execute("INSERT INTO aio_items (name) VALUES ('x')")
+        async with aio.get_connection() as conn, conn.transaction():
+            await conn.execute("INSERT INTO aio_items (name) VALUES ('x')")
         assert await count(items) == 1
 
     async def test_cursor_is_closed_after_the_block(self, apool: AsyncPrecogPool) -> None:

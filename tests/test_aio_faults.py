@@ -172,7 +172,7 @@ class TestCancellation:
         assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
 
     async def test_cancellation_storm(self, test_settings: DatabaseSettings, pg_server: Server, test_db: str) -> None:
-        """Thousands of random cancellations (waiting, mid-statement, in COMMIT): 0 leaked connections, 0 idle in transaction."""
+        """Thousands of random cancellations (queued, mid-statement, COMMIT): no leak, none idle in transaction."""
         pool = await aio.initialize_pool(settings=test_settings.replace(pool_min=4, pool_max=4, pool_timeout=5.0))
         await pool.wait(timeout=10)
         try:
