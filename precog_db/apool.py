@@ -284,7 +284,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
                 await arestore(conn, self._user_configure)
             except BaseException as exc:
                 log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
-                self._replace(conn, None)
+                self._replace(conn, None, "unrestorable")
                 if not isinstance(exc, (psycopg.Error, RestoreFailed)):
                     raise  # a cancellation: the caller must see it
                 return
@@ -312,14 +312,14 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         if self._pool_full_event and len(self._pool) >= self._min_size:
             self._pool_full_event.set()
 
-    def _replace(self, conn: AsyncConnection[Any], stat: str | None) -> None:
+    def _replace(self, conn: AsyncConnection[Any], stat: str | None, reason: str = "expired") -> None:
         """Close ``conn`` now and have a worker open its replacement (``stat``: what to count). No await."""
         _close_now(conn)
         if stat is not None:
             self._stats[stat] += 1
         if self._closed:
             return
-        log.info("replacing_connection", pool=self.name, env=self.env.value, reason=stat or "expired")
+        log.info("replacing_connection", pool=self.name, env=self.env.value, reason=stat or reason)
         self.run_task(AddConnection(self))
 
 
