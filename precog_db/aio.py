@@ -37,8 +37,7 @@ import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, dict_row
 
-from precog_db.apool import AsyncPrecogPool
-from precog_db.apool import close_pool, get_pool, initialize_pool
+from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
 from precog_db.cursors import _commit_cancelled, _translate
 from precog_db.errors import PoolStateError
 from precog_db.gates import (
