@@ -36,7 +36,7 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 from time import monotonic
-from typing import Any, ClassVar
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
@@ -53,9 +53,8 @@ from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.pool import (
     PoolFaults,
+    Registry,
     _audit_open,
-    _same_target,
-    already_open,
     check_pool_kwargs,
     check_still_read_only,
     connection_is_usable,
@@ -351,20 +350,14 @@ async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **poo
 
 
 class _State:
-    pool: AsyncPrecogPool | None = None
+    registry: Registry[AsyncPrecogPool] = Registry()
+    #: The event loop the pool serves, and the lock that serializes opening it on that loop.
     loop: asyncio.AbstractEventLoop | None = None
     lock: asyncio.Lock | None = None
-    inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
-    orphans: ClassVar[list[AsyncPrecogPool]] = []
 
 
 def _forget_pool_in_child() -> None:
-    # The fork rule of precog_db.pool: the child never uses (or closes) the parent's connections.
-    pool = _State.pool
-    if pool is not None:
-        _State.inherited = (pool.settings, pool.pool_kwargs)
-        _State.orphans.append(pool)
-    _State.pool = None
+    _State.registry.forget_in_child()  # the fork rule of precog_db.pool
     _State.loop = None
     _State.lock = None
 
@@ -376,9 +369,10 @@ if hasattr(os, "register_at_fork"):
 def _lock() -> asyncio.Lock:
     loop = asyncio.get_running_loop()
     if _State.lock is None or _State.loop is not loop:
-        if _State.pool is not None and _State.loop is not loop:
+        pool = _State.registry.pool
+        if pool is not None and _State.loop is not loop:
             raise PoolStateError(
-                f"the asyncio pool {_State.pool.name!r} was opened on another event loop; an asyncio pool "
+                f"the asyncio pool {pool.name!r} was opened on another event loop; an asyncio pool "
                 "serves one loop. Call `await precog_db.aio.close_pool()` on that loop first (a test fixture "
                 "per event loop, or one loop for the whole application)"
             )
@@ -393,24 +387,20 @@ async def initialize_pool(
     """Open the process-wide asyncio pool, or return it if it is already open for the same target."""
     async with _lock():
         settings = settings_for(env, settings, caller="initialize_pool")
-        current = _State.pool
-        if current is not None:
-            if _same_target(current.settings, settings):
-                check_gate(current.env)
-                return current
-            raise already_open(current.settings, settings)
+        if (current := _State.registry.reuse(settings)) is not None:
+            return current
         pool = await create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
-        _State.pool = pool
+        _State.registry.pool = pool
         return pool
 
 
 async def get_pool() -> AsyncPrecogPool:
     """The process-wide asyncio pool, opened on first use (in a forked child, with the parent pool's settings)."""
-    pool = _State.pool
+    pool = _State.registry.pool
     if pool is not None and _State.loop is asyncio.get_running_loop():
         check_gate(pool.env)
         return pool
-    inherited = _State.inherited
+    inherited = _State.registry.inherited
     if inherited is not None:
         settings, pool_kwargs = inherited
         return await initialize_pool(settings=settings, **pool_kwargs)
@@ -419,18 +409,17 @@ async def get_pool() -> AsyncPrecogPool:
 
 def active_pool() -> AsyncPrecogPool | None:
     """The process-wide asyncio pool if one is open, without opening one."""
-    return _State.pool
+    return _State.registry.pool
 
 
 def inherited_settings() -> DatabaseSettings | None:
     """In a forked child, the settings of the asyncio pool the parent had open."""
-    inherited = _State.inherited
-    return None if inherited is None else inherited[0]
+    return _State.registry.inherited_settings()
 
 
 async def close_pool(timeout: float = 5.0) -> None:
     """Close the process-wide asyncio pool, if any. Idempotent."""
-    pool, _State.pool = _State.pool, None
+    pool, _State.registry.pool = _State.registry.pool, None
     _State.lock = None
     _State.loop = None
     if pool is not None:

@@ -33,7 +33,7 @@ import select
 import threading
 from collections.abc import Callable
 from time import monotonic
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, Connection
@@ -225,6 +225,8 @@ class PoolFaults:
     remembering why connection attempts fail, the capped back-off, and the timeout errors."""
 
     settings: DatabaseSettings
+    #: The arguments the pool was created with beyond the settings (a forked child reopens with them).
+    pool_kwargs: dict[str, Any]
     name: str
     max_size: int
     _last_connect_failure: tuple[float, str] | None
@@ -695,26 +697,55 @@ def _audit_open(settings: DatabaseSettings, started: float, error: Exception | N
 # --- the process-wide pool ---------------------------------------------------------
 
 
+_P = TypeVar("_P", bound=PoolFaults)
+
+
+class Registry(Generic[_P]):
+    """The process-wide pool of one layer (sync here, asyncio in `precog_db.apool`), no I/O.
+
+    Holds the open pool; in a forked child, the settings and arguments of the
+    pool the parent had open (the child reopens it with them on first use), and
+    the inherited pool objects, kept referenced so that their finalizers never
+    run in the child (they would talk to the parent's workers).
+    """
+
+    def __init__(self) -> None:
+        self.pool: _P | None = None
+        self.inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
+        self.orphans: list[_P] = []
+
+    def forget_in_child(self) -> None:
+        # After fork the child shares the parent's sockets. Closing them would
+        # send Terminate on the parent's connections, so the child just drops the
+        # inherited pool (psycopg does not PQfinish in a forked child) and opens
+        # its own on first use, with the same settings as the parent's pool.
+        pool = self.pool
+        if pool is not None:
+            self.inherited = (pool.settings, pool.pool_kwargs)
+            self.orphans.append(pool)
+        self.pool = None
+
+    def reuse(self, settings: DatabaseSettings) -> _P | None:
+        """The open pool if it serves ``settings``' target (gate checked), None if none is open; else raise."""
+        current = self.pool
+        if current is None:
+            return None
+        if _same_target(current.settings, settings):
+            check_gate(current.env)
+            return current
+        raise already_open(current.settings, settings)
+
+    def inherited_settings(self) -> DatabaseSettings | None:
+        return None if self.inherited is None else self.inherited[0]
+
+
 class _State:
-    pool: PrecogPool | None = None
+    registry: Registry[PrecogPool] = Registry()
     lock = threading.Lock()
-    #: In a forked child: the settings and arguments of the pool the parent had open.
-    inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
-    #: Pools inherited through fork, kept referenced so that their finalizer
-    #: never runs in the child (it would talk to the parent's worker threads).
-    orphans: ClassVar[list[PrecogPool]] = []
 
 
 def _forget_pool_in_child() -> None:
-    # After fork the child shares the parent's sockets. Closing them would
-    # send Terminate on the parent's connections, so the child just drops the
-    # inherited pool (psycopg does not PQfinish in a forked child) and opens
-    # its own on first use, with the same settings as the parent's pool.
-    pool = _State.pool
-    if pool is not None:
-        _State.inherited = (pool.settings, pool.pool_kwargs)
-        _State.orphans.append(pool)
-    _State.pool = None
+    _State.registry.forget_in_child()
     _State.lock = threading.Lock()
 
 
@@ -735,14 +766,10 @@ def initialize_pool(
     """
     with _State.lock:
         settings = settings_for(env, settings, caller="initialize_pool")
-        current = _State.pool
-        if current is not None:
-            if _same_target(current.settings, settings):
-                check_gate(current.env)
-                return current
-            raise already_open(current.settings, settings)
+        if (current := _State.registry.reuse(settings)) is not None:
+            return current
         pool = create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
-        _State.pool = pool
+        _State.registry.pool = pool
         return pool
 
 
@@ -756,11 +783,11 @@ def get_pool() -> PrecogPool:
     In a child forked while the parent had a pool open, the child's own pool
     is opened with the parent pool's settings.
     """
-    pool = _State.pool
+    pool = _State.registry.pool
     if pool is not None:
         check_gate(pool.env)
         return pool
-    inherited = _State.inherited
+    inherited = _State.registry.inherited
     if inherited is not None:
         settings, pool_kwargs = inherited
         return initialize_pool(settings=settings, **pool_kwargs)
@@ -769,19 +796,18 @@ def get_pool() -> PrecogPool:
 
 def inherited_settings() -> DatabaseSettings | None:
     """In a forked child, the settings of the pool the parent had open (the child reopens it on first use)."""
-    inherited = _State.inherited
-    return None if inherited is None else inherited[0]
+    return _State.registry.inherited_settings()
 
 
 def active_pool() -> PrecogPool | None:
     """The process-wide pool if one is open, without opening one."""
-    return _State.pool
+    return _State.registry.pool
 
 
 def close_pool(timeout: float = 5.0) -> None:
     """Close the process-wide pool, if any. Idempotent."""
     with _State.lock:
-        pool, _State.pool = _State.pool, None
+        pool, _State.registry.pool = _State.registry.pool, None
     if pool is not None:
         pool.close(timeout=timeout)
         log.info("pool_closed", pool=pool.name, env=pool.env.value)
