@@ -46,7 +46,7 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask
 
 from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
-from precog_db.connection import check_gate, reply_timeout
+from precog_db.connection import check_gate
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
@@ -55,7 +55,6 @@ from precog_db.pool import (
     PoolFaults,
     Registry,
     _audit_open,
-    check_pool_kwargs,
     check_still_read_only,
     connection_is_usable,
     pooled_connect_kwargs,
@@ -116,12 +115,6 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
     """
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        self.settings = settings
-        self.prod_confirmed = prod_confirmed
-        self.pid = os.getpid()
-        self._reply_timeout = reply_timeout(settings)
-        self._init_faults()
-        check_pool_kwargs(pool_kwargs)
         for key in _UNSUPPORTED:
             if pool_kwargs.get(key) is not None:
                 raise ConfigurationError(
@@ -129,20 +122,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
                     "trip when lending it and undoes what a borrower changed when it comes back "
                     "(docs/DESIGN.md, 'Borrower isolation'). Use configure= for per-connection setup"
                 )
-        self._user_configure: AsyncConfigure | None = pool_kwargs.pop("configure", None)
-        self.pool_kwargs = (
-            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
-        )
-        params: dict[str, Any] = {
-            "min_size": settings.pool_min,
-            "max_size": settings.pool_max,
-            "timeout": settings.pool_timeout,
-            "name": settings.pool_name,
-            "configure": self._configure_connection,
-            "connection_class": PrecogAsyncConnection if self._reply_timeout is not None else AsyncConnection,
-            "open": False,
-        }
-        params.update(pool_kwargs)
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, AsyncConnection))
         super().__init__("", kwargs=pooled_connect_kwargs(settings), **params)
 
     def __repr__(self) -> str:

@@ -31,7 +31,6 @@ import os
 import queue
 import select
 import threading
-from collections.abc import Callable
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -227,6 +226,11 @@ class PoolFaults:
     settings: DatabaseSettings
     #: The arguments the pool was created with beyond the settings (a forked child reopens with them).
     pool_kwargs: dict[str, Any]
+    prod_confirmed: bool | None
+    pid: int
+    _reply_timeout: float | None
+    _user_configure: Any
+    _configure_connection: Any
     name: str
     max_size: int
     _last_connect_failure: tuple[float, str] | None
@@ -241,6 +245,43 @@ class PoolFaults:
     if TYPE_CHECKING:
 
         def get_stats(self) -> dict[str, int]: ...  # psycopg_pool's
+
+    def _setup(
+        self,
+        settings: DatabaseSettings,
+        prod_confirmed: bool | None,
+        pool_kwargs: dict[str, Any],
+        classes: tuple[type[Any], type[Any]],
+    ) -> dict[str, Any]:
+        """What both pool classes do before psycopg_pool's constructor; return its keyword arguments.
+
+        ``classes``: the connection class with the reply bound, and the plain one.
+        """
+        self.settings = settings
+        #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
+        self.prod_confirmed = prod_confirmed
+        self.pid = os.getpid()
+        self._reply_timeout = reply_timeout(settings)
+        self._init_faults()
+        check_pool_kwargs(pool_kwargs)
+        #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
+        self._user_configure = pool_kwargs.pop("configure", None)
+        self.pool_kwargs = (
+            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
+        )
+        params: dict[str, Any] = {
+            "min_size": settings.pool_min,
+            "max_size": settings.pool_max,
+            "timeout": settings.pool_timeout,
+            "name": settings.pool_name,
+            "configure": self._configure_connection,
+            # Only a bounded reply wait needs the overriding `wait`; without a
+            # statement timeout every statement goes straight to psycopg's.
+            "connection_class": classes[0] if self._reply_timeout is not None else classes[1],
+            "open": False,
+        }
+        params.update(pool_kwargs)
+        return params
 
     def _init_faults(self) -> None:
         #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
@@ -319,35 +360,11 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     settings: DatabaseSettings
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        self.settings = settings
-        #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
-        self.prod_confirmed = prod_confirmed
-        self.pid = os.getpid()
-        self._reply_timeout = reply_timeout(settings)
-        self._init_faults()
         self._retries_lock = threading.Lock()
-        check_pool_kwargs(pool_kwargs)
-        #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
-        self._user_configure: Callable[[Connection[Any]], None] | None = pool_kwargs.pop("configure", None)
-        self.pool_kwargs = (
-            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
-        )
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
-        kwargs = pooled_connect_kwargs(settings)
-        params: dict[str, Any] = {
-            "min_size": settings.pool_min,
-            "max_size": settings.pool_max,
-            "timeout": settings.pool_timeout,
-            "name": settings.pool_name,
-            "configure": self._configure_connection,
-            # Only a bounded reply wait needs the overriding `wait`; without a
-            # statement timeout every statement goes straight to psycopg's.
-            "connection_class": PrecogConnection if self._reply_timeout is not None else Connection,
-            "open": False,
-        }
-        params.update(pool_kwargs)
-        super().__init__("", kwargs=kwargs, **params)
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogConnection, Connection))
+        super().__init__("", kwargs=pooled_connect_kwargs(settings), **params)
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"

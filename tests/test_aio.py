@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import psycopg
 import pytest
 import pytest_asyncio
 from conftest import Server
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row, tuple_row
 
-from precog_db import (
-    ReadOnlyWriteError,
-    aio,
-)
+from precog_db import ConfigurationError, DatabaseUnavailableError, ReadOnlyWriteError, aio
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
-
-pytestmark = pytest.mark.asyncio
 
 
 @pytest_asyncio.fixture
@@ -66,6 +63,7 @@ def assert_clean(pool: AsyncPrecogPool, pg_server: Server, dbname: str) -> None:
     assert server_sessions(pg_server, dbname)[1] == 0
 
 
+@pytest.mark.asyncio
 class TestCursor:
     async def test_rows_are_dicts(self, apool: AsyncPrecogPool) -> None:
         """Rows come back as dicts by default."""
@@ -126,6 +124,7 @@ class TestCursor:
             await cur.execute("SELECT 2")
 
 
+@pytest.mark.asyncio
 class TestIsolation:
     async def test_a_set_does_not_reach_the_next_borrower(self, apool: AsyncPrecogPool) -> None:
         """A borrower's SET (even turning read-only off) is undone by DISCARD ALL before the next one."""
@@ -160,3 +159,47 @@ class TestIsolation:
             assert conn.read_only is False
             assert conn.row_factory is not dict_row
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+class TestPoolArguments:
+    @pytest.mark.parametrize("key", ["check", "reset", "kwargs", "conninfo"])
+    def test_arguments_that_would_bypass_the_rules_are_refused(self, test_settings: DatabaseSettings, key: str) -> None:
+        """check=/reset= (liveness and reset are the library's) and kwargs=/conninfo= raise ConfigurationError."""
+        with pytest.raises(ConfigurationError, match=f"{key}="):
+            AsyncPrecogPool(test_settings, **{key: (lambda *a: None) if key in ("check", "reset") else {}})
+
+    @pytest.mark.asyncio
+    async def test_configure_runs_after_the_library_setup(self, test_settings: DatabaseSettings) -> None:
+        """An async configure= runs on each connection after the library's setup, which it cannot undo."""
+        seen: list[bool] = []
+
+        async def configure(conn: AsyncConnection[Any]) -> None:
+            seen.append(conn.read_only is False)
+            await conn.execute("SET application_name = 'configured'")
+
+        pool = await aio.initialize_pool(settings=test_settings, configure=configure)
+        try:
+            async with aio.get_cursor() as cur:
+                await cur.execute("SHOW application_name")
+                assert await cur.fetchone() == {"application_name": "configured"}
+            with pytest.raises(ReadOnlyWriteError):
+                async with aio.get_cursor() as cur:
+                    await cur.execute("CREATE TABLE never_created (x int)")
+            assert seen and all(seen)
+            assert pool.get_stats()["pool_size"] >= 1
+        finally:
+            await aio.close_pool()
+
+    @pytest.mark.asyncio
+    async def test_configure_may_not_turn_read_only_off(self, test_settings: DatabaseSettings) -> None:
+        """A configure= that turns default_transaction_read_only off gets no connection into the pool."""
+
+        async def configure(conn: AsyncConnection[Any]) -> None:
+            await conn.execute("SET default_transaction_read_only = off")
+
+        pool = await aio.initialize_pool(settings=test_settings.replace(pool_timeout=1.0), configure=configure)
+        try:
+            with pytest.raises(DatabaseUnavailableError, match="configure= callback turned default_transaction"):
+                await pool.lend()
+        finally:
+            await aio.close_pool()

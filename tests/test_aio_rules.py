@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from conftest import Server
-from psycopg import sql
+from test_chokepoint import drop_database, make_database, sessions_on
 
 from precog_db import (
     DatabaseUnavailableError,
@@ -33,30 +33,6 @@ from precog_db.settings import DatabaseSettings
 
 REPO = Path(__file__).resolve().parent.parent
 UNIQUE = uuid.uuid4().hex[:8]
-
-
-def make_database(pg_server: Server, name: str, *, rows: int = 0) -> str:
-    """Create database ``name`` (dropped first) with a table ``accounts`` holding ``rows`` rows."""
-    pg_server.fresh_database(name)
-    with pg_server.connect(name) as conn:
-        conn.execute("CREATE TABLE accounts (id int PRIMARY KEY)")
-        if rows:
-            conn.execute("INSERT INTO accounts SELECT g FROM generate_series(1, %s) g", (rows,))
-    return name
-
-
-def drop_database(pg_server: Server, name: str) -> None:
-    with pg_server.connect() as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-
-
-def sessions_on(pg_server: Server, dbname: str) -> int:
-    with pg_server.connect() as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def rows_in(pg_server: Server, dbname: str) -> int:

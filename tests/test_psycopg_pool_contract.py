@@ -94,6 +94,7 @@ OWN_NAMES = {
     "_timed_out",
     "_exhausted",
     "_init_faults",
+    "_setup",
     "_check_target",
     "_connect_failed",
     "_cap",
