@@ -161,7 +161,7 @@ class TestGates:
             await aio.initialize_pool(settings=pg_server.settings(name, env=Environment.TEST))
             assert await aio.truncate_tables("accounts") == {"accounts": 3}
             async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("INSERT INTO accounts VALUES (1), (2)")
+                await cur.execute("INSERT INTO accounts VALUES (1, 0), (2, 0)")
             assert await aio.delete_all("accounts") == 2
             assert rows_in(pg_server, name) == 0
         finally:
