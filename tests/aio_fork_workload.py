@@ -29,6 +29,15 @@ async def backend_pid() -> int:
         return int(row["pid"])
 
 
+async def alive(pid: int) -> bool:
+    """Whether the server still has the session ``pid`` (asked through the parent's own pool)."""
+    async with aio.get_cursor() as cur:
+        await cur.execute("SELECT count(*) AS n FROM pg_stat_activity WHERE pid = %s", (pid,))
+        row = await cur.fetchone()
+        assert row is not None
+        return bool(row["n"])
+
+
 async def child(inherited: AsyncPrecogPool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
@@ -68,7 +77,7 @@ def main() -> None:
     os.waitpid(pid, 0)
     result = json.loads(data)
     result["parent_pid"] = parent_pid
-    result["parent_after"] = loop.run_until_complete(backend_pid())  # the parent's pool still works
+    result["parent_alive"] = loop.run_until_complete(alive(parent_pid))  # the child did not end it
     loop.run_until_complete(aio.close_pool())
     loop.close()
     print(json.dumps(result))
