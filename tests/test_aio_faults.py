@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 from conftest import Server
+from fault_proxy import fault_proxy
 from faults import own_server
 
 from precog_db import (
@@ -316,5 +317,47 @@ class TestServerDown:
                     "PoolExhaustedError",
                 }, outcomes
                 assert_no_leak(pool, await settled(pool), server, "precog_test")
+            finally:
+                await aio.close_pool()
+
+
+@pytest.mark.asyncio
+class TestSilentPath:
+    @pytest.mark.fault
+    async def test_reply_bound_ends_a_statement_and_a_commit_on_a_silent_path(self) -> None:
+        """With DB_STATEMENT_TIMEOUT set, a deaf path ends a statement (ConnectionLostError) and a COMMIT (unknown)."""
+        with own_server() as server, fault_proxy(server.host, server.port) as proxy:
+            with server.connect("precog_test") as admin:
+                admin.execute("CREATE TABLE silent_commit (id int)")
+            settings = server.settings(
+                port=proxy.port, pool_min=1, pool_max=1, statement_timeout_ms=300, tcp_user_timeout_ms=700
+            )
+            pool = await aio.initialize_pool(settings=settings)
+            try:
+                async with aio.get_cursor() as cur:
+                    await cur.execute("SELECT 1")
+                proxy.go_deaf()
+
+                async def read() -> None:
+                    async with aio.get_cursor() as cur:
+                        await cur.execute("SELECT 1")
+
+                with pytest.raises(ConnectionLostError, match="no reply from the") as info:
+                    await asyncio.wait_for(read(), 15)  # the bound is 1 s; 15 s only keeps a regression from hanging
+                assert "DB_STATEMENT_TIMEOUT" in str(info.value)
+                proxy.forward()
+
+                async def write() -> None:
+                    async with aio.get_cursor(commit=True) as cur:
+                        await cur.execute("INSERT INTO silent_commit VALUES (1)")
+                        proxy.go_deaf()  # the COMMIT sent when the block exits goes nowhere
+
+                with pytest.raises(CommitOutcomeUnknownError):
+                    await asyncio.wait_for(write(), 15)
+                proxy.forward()
+                async with aio.get_cursor() as cur:  # service resumes: the closed connection was replaced
+                    await cur.execute("SELECT 1 AS one")
+                    assert await cur.fetchone() == {"one": 1}
+                assert (await settled(pool))["pool_available"] == 1
             finally:
                 await aio.close_pool()
