@@ -203,3 +203,28 @@ class TestPoolArguments:
                 await pool.lend()
         finally:
             await aio.close_pool()
+
+
+@pytest.mark.asyncio
+class TestContract:
+    async def test_the_psycopg_pool_private_names_apool_relies_on_exist(self, apool: AsyncPrecogPool) -> None:
+        """Every psycopg_pool internal listed in precog_db/apool.py exists: an upgrade that renames one fails here."""
+        from psycopg_pool import AsyncConnectionPool
+        from psycopg_pool.pool_async import AddConnection, MaintenanceTask
+
+        for method in ("_connect", "_add_connection", "schedule_task", "_check_open_getconn", "_maybe_grow_pool"):
+            assert callable(getattr(AsyncConnectionPool, method, None)), method
+        for key in ("_REQUESTS_NUM", "_REQUESTS_QUEUED", "_REQUESTS_ERRORS", "_REQUESTS_WAIT_MS"):
+            assert isinstance(getattr(AsyncConnectionPool, key, None), str), key
+        for key in ("_CONNECTIONS_LOST", "_RETURNS_BAD"):
+            assert isinstance(getattr(AsyncConnectionPool, key, None), str), key
+        assert issubclass(AddConnection, MaintenanceTask)
+        assert type(apool._pool).__name__ == type(apool._waiting).__name__ == "deque"
+        assert type(apool._stats).__name__ == "Counter"
+        assert isinstance(apool._nconns_min, int) and isinstance(apool._min_size, int)
+        assert isinstance(apool._closed, bool) and isinstance(apool._drained_at, float)
+        assert hasattr(apool, "_pool_full_event")
+        async with aio.get_connection() as conn:
+            assert conn._pool is apool
+            assert isinstance(conn._created_at, float) and isinstance(conn._expire_at, float)
+            assert conn._closed is False
