@@ -32,6 +32,7 @@ test: lint typecheck pytest
 
 lint: install
 	$(BIN)/ruff check precog_db tests examples bench
+	$(BIN)/ruff format --check precog_db tests examples bench
 
 typecheck: install
 	$(BIN)/mypy

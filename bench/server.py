@@ -1,6 +1,6 @@
 """The server the benchmark runs against, and the data it reads and writes.
 
-By default a throwaway cluster is started with `precog_db.local_cluster.LocalCluster`
+By default a throwaway cluster is started with `precog_db.local.cluster.LocalCluster`
 in a temporary directory and destroyed at the end. ``PRECOG_BENCH_DSN`` (a libpq
 conninfo or URL whose user may create databases) points the benchmark at an
 existing server instead; it then creates ``precog_bench`` and
@@ -21,7 +21,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from precog_db.local_cluster import LocalCluster
+from precog_db.local.cluster import LocalCluster
 
 BENCH_DB = "precog_bench"
 PGBENCH_DB = "precog_bench_pgbench"

@@ -30,7 +30,7 @@ from precog_db import (
     initialize_pool,
     load_settings,
 )
-from precog_db.local_cluster import LocalCluster, local_up
+from precog_db.local.cluster import LocalCluster, local_up
 
 ROOT = Path(".precog")
 

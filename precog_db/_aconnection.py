@@ -23,6 +23,8 @@ from precog_db.connection import (
     _Silent,
     arm,
     check_target,
+    connection_kwargs,
+    direct_settings,
     failure_reason,
     silent_error,
     unavailable_error,
@@ -86,11 +88,21 @@ async def aconnect(
     prod_confirmed: bool | None = None,
     verify: bool = True,
     autocommit: bool = True,
+    direct: bool = False,
 ) -> PrecogAsyncConnection:
-    """`precog_db.connection.connect` for asyncio: every check, then one direct connection, or raise."""
+    """`precog_db.connection.connect` for asyncio: every check, then one connection, or raise.
+
+    The same arguments, credentials (`connection_kwargs`, resolved now) and
+    pooler rules (``direct``, no prepared statements behind a transaction-mode pooler).
+    """
+    if direct:
+        settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    prepare_threshold = None if settings.pooler == "transaction" else 5
     try:
-        conn = await PrecogAsyncConnection.connect(**settings.connect_kwargs(), autocommit=autocommit)
+        conn = await PrecogAsyncConnection.connect(
+            **connection_kwargs(settings), autocommit=autocommit, prepare_threshold=prepare_threshold
+        )
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:

@@ -203,13 +203,17 @@ def mask_conninfo(conninfo: str) -> str:
     return MASK if _still_shows(params, masked) else masked
 
 
+#: ``user:password@host…``: a URL pasted without its scheme (no ``://``, so not parsed as one).
+_SCHEMELESS_USERINFO = re.compile(r"^([^\s:/@=]*):([^\s@]+)@(?=\S)")
+
+
 def _scrub_value(value: str) -> str:
     url = _PG_URL.search(value)
     if url is not None:
         return redact(value[: url.start()]) + mask_url(value[url.start() :])
     if looks_like_conninfo(value):
         return mask_conninfo(value)
-    return redact(value)
+    return redact(_SCHEMELESS_USERINFO.sub(lambda m: f"{m.group(1)}:{MASK}@", value))
 
 
 def scrub_arg(arg: str) -> str:

@@ -47,6 +47,7 @@ from precog_db.gates import (
     log_truncated,
     truncate_statements,
 )
+from precog_db.session import mark_raw
 
 __all__ = [
     "close_pool",
@@ -92,6 +93,7 @@ class _ConnectionBlock:
             raise PoolStateError("a get_connection() block cannot be entered twice; call get_connection() again")
         pool = self._pool = await get_pool()
         conn = self._conn = await pool.lend()
+        mark_raw(conn)  # the raw connection is lent: its return always restores the session
         return conn
 
     async def __aexit__(

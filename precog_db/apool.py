@@ -23,7 +23,7 @@ worker replaces.
 psycopg_pool private names used here, beyond those `precog_db.pool` lists
 (checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
 ``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
-``_nconns_min``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
+``_nconns_min``, ``_nconns``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
 ``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
 the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
 interface ``set`` / ``fail``.
@@ -51,16 +51,17 @@ from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
+from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
 from precog_db.pool import (
     PoolFaults,
     Registry,
     _audit_open,
     check_still_read_only,
     connection_is_usable,
-    pooled_connect_kwargs,
 )
-from precog_db.session import RestoreFailed, adopt, arestore, baseline, needs_restore
+from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore
 from precog_db.settings import DatabaseSettings, settings_for
+from precog_db.topology import session_setup_sql
 
 __all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -112,6 +113,12 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
     the pool name. ``check=`` and ``reset=`` are refused: liveness is checked
     without a round trip and the reset is the library's (`precog_db.session`);
     ``configure=`` takes an ``async def`` run after the library's setup.
+
+    Topology: multi-host failover (several ``DB_HOST`` entries, the writer
+    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
+    work as in the sync pool. A transaction-mode pooler (``DB_POOLER=transaction``)
+    and read replicas (``DB_REPLICA_HOSTS``) are refused with a
+    `ConfigurationError`: use the sync API for those (docs/TOPOLOGY.md).
     """
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
@@ -122,14 +129,33 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
                     "trip when lending it and undoes what a borrower changed when it comes back "
                     "(docs/DESIGN.md, 'Borrower isolation'). Use configure= for per-connection setup"
                 )
+        refuse_unsupported_topology(settings)
+        #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
+        self._session_sql = session_setup_sql(settings)
         params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, AsyncConnection))
-        super().__init__("", kwargs=pooled_connect_kwargs(settings), **params)
+        #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
+        self.metrics = PoolRecorder(str(params["name"]), settings.env.value, self._metrics_state)
+        # A callable: psycopg_pool calls it for every new connection, so the password is
+        # resolved each time (DB_PASSWORD_FILE re-read, the provider called).
+        super().__init__("", kwargs=self._connection_kwargs, **params)
 
     def __repr__(self) -> str:
         return f"<AsyncPrecogPool {self.name!r} env={self.env.value}>"
 
+    def _metrics_state(self) -> PoolState | None:
+        """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
+        if getattr(self, "_closed", True):  # closed, or still being constructed
+            return None
+        idle = len(self._pool)
+        used = max(self._nconns - idle, 0)
+        pending = sum(1 for w in self._waiting if not (isinstance(w, _Waiter) and w.future.done()))
+        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
+
     async def _configure_connection(self, conn: AsyncConnection[Any]) -> None:
         await conn.set_read_only(False)  # explicit transactions are read-write
+        self._refuse_standby(conn)  # a writer pool keeps no connection to a hot standby
+        if self._session_sql is not None:
+            await conn.execute(self._session_sql, prepare=False)
         await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
         adopt(conn)
         if self._user_configure is not None:
@@ -141,14 +167,25 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
             await conn.set_read_only(False)
         baseline(conn)
 
+    async def _reconfigure(self, conn: AsyncConnection[Any]) -> None:
+        """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
+        if self._session_sql is not None:
+            await conn.execute(self._session_sql, prepare=False)
+        if self._user_configure is not None:
+            await self._user_configure(conn)
+
     async def _connect(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        started = monotonic()
         try:
             self._check_target(self.prod_confirmed)
             conn = await super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
             self._connect_failed(exc)
+            self.metrics.connection_failed()
             raise
-        self._last_connect_ok = monotonic()
+        self._last_connect_ok = now = monotonic()
+        self.metrics.created(now - started)
+        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 
     async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
@@ -165,8 +202,10 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
     # --- lending ---------------------------------------------------------------------------------
 
     async def getconn(self, timeout: float | None = None) -> AsyncConnection[Any]:
-        """psycopg_pool's checkout, served by `lend`."""
-        return await self.lend(timeout)
+        """psycopg_pool's checkout, served by `lend`: the raw connection is lent (`mark_raw`)."""
+        conn = await self.lend(timeout)
+        mark_raw(conn)  # statements may run unseen: its return always restores the session
+        return conn
 
     async def putconn(self, conn: AsyncConnection[Any]) -> None:
         """psycopg_pool's checkin, served by `give_back`."""
@@ -202,15 +241,17 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         self._stats[self._REQUESTS_NUM] += 1
         conn = self._take_idle()
         if conn is not None:
+            conn._precog_lent = monotonic()  # type: ignore[attr-defined]  # for the metrics (give_back)
             return conn
         wait = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        requested = monotonic()
         while True:
             self._check_open_getconn()
             conn = self._take_idle()
             if conn is not None:
-                return conn
+                return self._lent_after_wait(conn, requested)
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats[self._REQUESTS_ERRORS] += 1
                 raise TooManyRequests(f"the pool {self.name!r} has already {len(self._waiting)} requests waiting")
@@ -225,14 +266,22 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
             except BaseException as exc:
                 self._give_up(waiter)
                 if isinstance(exc, TimeoutError) and loop.time() >= deadline:
+                    self.metrics.timed_out()
                     raise self._timed_out(wait) from None
                 raise
             finally:
                 self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (loop.time() - started))
             if connection_is_usable(conn):
                 conn._pool = self
-                return conn
+                return self._lent_after_wait(conn, requested)
             self._replace(conn, self._CONNECTIONS_LOST)
+
+    def _lent_after_wait(self, conn: AsyncConnection[Any], requested: float) -> AsyncConnection[Any]:
+        """Metrics for a connection obtained after queueing: record the wait now. No await."""
+        now = monotonic()
+        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
+        self.metrics.waited(now - requested)
+        return conn
 
     def _give_up(self, waiter: _Waiter) -> None:
         """A queued caller stops waiting (cancelled, timed out): leave the queue, return what it got. No await."""
@@ -257,10 +306,17 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         """
         if getattr(conn, "_pool", None) is not self:
             raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        lent: float | None = getattr(conn, "_precog_lent", None)
+        conn._precog_lent = None  # type: ignore[attr-defined]
+        if lent is not None:  # an interrupt after this loses a sample, never a connection
+            returns = self.metrics.returns
+            returns.append((lent, monotonic()))
+            if len(returns) >= FOLD_AT:
+                self.metrics.fold_soon()
         pgconn = conn.pgconn
         if pgconn.status == _OK and (pgconn.transaction_status != _IDLE or needs_restore(conn)):
             try:
-                await arestore(conn, self._user_configure)
+                await arestore(conn, self._reconfigure)
             except BaseException as exc:
                 log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                 self._replace(conn, None, "unrestorable")
@@ -302,6 +358,21 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         self.run_task(AddConnection(self))
 
 
+def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
+    """The asyncio pool's refusals (no I/O): a transaction-mode pooler and read replicas are sync-only."""
+    if settings.pooler == "transaction":
+        raise ConfigurationError(
+            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
+            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
+            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
+        )
+    if settings.replica_hosts:
+        raise ConfigurationError(
+            "the asyncio pool (precog_db.aio) does not support read replicas (DB_REPLICA_HOSTS): unset it for "
+            "the asyncio service, or use the sync API's get_cursor(replica=True); nothing was opened"
+        )
+
+
 def _close_now(conn: AsyncConnection[Any]) -> None:
     """Close without awaiting (``AsyncConnection.close`` does nothing more for a pool's connection)."""
     conn._pool = None
@@ -313,6 +384,7 @@ async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **poo
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
     started = monotonic()
     try:
+        refuse_unsupported_topology(settings)
         probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()

@@ -46,16 +46,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from precog_db._secrets import current_os_user, scrub_argv, scrub_value
+from precog_db._secrets import current_os_user, scrub_argv, scrub_text, scrub_value
 from precog_db.environment import Environment
-from precog_db.errors import (
-    ConfigurationError,
-    EnvironmentMismatchError,
-    EnvironmentNotAllowedError,
-    PrecogDBError,
-    ProductionAccessError,
-    UnstampedDatabaseError,
-)
+from precog_db.errors import AuditLogError, AuditSettingError, RefusalError
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings
 
@@ -63,11 +56,10 @@ __all__ = [
     "AUDIT_LOG_VAR",
     "BACKUPS_VAR",
     "MAX_BYTES_VAR",
-    "AuditLogError",
-    "AuditSettingError",
     "audit_log_path",
     "command_line",
     "ensure_writable",
+    "operation",
     "outcome_of",
     "record",
     "record_safely",
@@ -92,15 +84,8 @@ REFUSED = "refused"
 FAILED = "failed"
 
 _ARGV: ContextVar[tuple[str, ...] | None] = ContextVar("precog_audit_argv", default=None)
-_RECORDED = "_precog_audited"
-
-
-class AuditLogError(PrecogDBError, OSError):
-    """The audit log could not be written."""
-
-
-class AuditSettingError(AuditLogError, ConfigurationError):
-    """``PRECOG_AUDIT_MAX_BYTES`` or ``PRECOG_AUDIT_BACKUPS`` is invalid (so the audit log cannot be written)."""
+#: The exceptions that already have their entry, within the current `command_line` block.
+_RECORDED: ContextVar[list[BaseException] | None] = ContextVar("precog_audit_recorded", default=None)
 
 
 def audit_log_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -143,42 +128,78 @@ def rotation(environ: Mapping[str, str] | None = None) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def command_line(argv: Sequence[str]) -> Iterator[None]:
-    """Within the block, entries record ``argv`` as the command line (the CLI sets this)."""
+    """Within the block, entries record ``argv`` as the command line (the CLI sets this).
+
+    The block also scopes `mark_recorded`/`was_recorded`: the CLI asks, for the
+    error that ended a command, whether an entry was already written for it.
+    """
     token = _ARGV.set(tuple(argv))
+    recorded = _RECORDED.set([])
     try:
         yield
     finally:
+        _RECORDED.reset(recorded)
         _ARGV.reset(token)
 
 
-_REFUSALS: tuple[type[BaseException], ...] = (
-    EnvironmentMismatchError,
-    EnvironmentNotAllowedError,
-    ProductionAccessError,
-    UnstampedDatabaseError,
-)
-
-
 def outcome_of(exc: BaseException) -> str:
-    """``refused`` for a safety refusal, ``failed`` for anything else.
-
-    A refusal is one of the environment/production errors, or any error class
-    with a true ``refusal`` attribute (confirmation, promotion, validation).
-    """
-    if isinstance(exc, _REFUSALS) or getattr(type(exc), "refusal", False):
-        return REFUSED
-    return FAILED
+    """``refused`` for a safety refusal (a `RefusalError`), ``failed`` for anything else."""
+    return REFUSED if isinstance(exc, RefusalError) else FAILED
 
 
 def mark_recorded(exc: BaseException) -> None:
-    """Note that ``exc`` already has its audit entry, so callers higher up do not write another."""
-    with contextlib.suppress(AttributeError, TypeError):
-        setattr(exc, _RECORDED, True)
+    """Note that ``exc`` already has its audit entry, so callers higher up do not write another.
+
+    Remembered for the current `command_line` block only (outside one, nobody asks).
+    """
+    recorded = _RECORDED.get()
+    if recorded is not None and not was_recorded(exc):
+        recorded.append(exc)
 
 
 def was_recorded(exc: BaseException) -> bool:
-    """True when an audit entry was already written for ``exc``."""
-    return bool(getattr(exc, _RECORDED, False))
+    """True when an audit entry was already written for ``exc`` in the current `command_line` block."""
+    return any(seen is exc for seen in _RECORDED.get() or ())
+
+
+@contextlib.contextmanager
+def operation(name: str, settings: DatabaseSettings, **details: Any) -> Iterator[dict[str, Any]]:
+    """Audit one operation on ``settings``' database: one entry when the block ends, whatever its outcome.
+
+    Checks first that the log is writable (nothing is done when it is not).
+    Yields a dict the block fills with details; its ``confirmation`` key goes
+    to the entry's own field. An error ending the block is recorded (``refused``
+    for a `RefusalError`, else ``failed``; its message without the password),
+    marked as recorded, and re-raised.
+    """
+    ensure_writable()
+    info: dict[str, Any] = {"confirmation": None, **details}
+    started = time.monotonic()
+    try:
+        yield info
+    except BaseException as exc:
+        confirmation = info.pop("confirmation")
+        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else scrub_text(str(exc), [settings.password])
+        record(
+            name,
+            outcome=outcome_of(exc),
+            settings=settings,
+            confirmation=confirmation,
+            duration_s=time.monotonic() - started,
+            error=f"{type(exc).__name__}: {message}",
+            **info,
+        )
+        mark_recorded(exc)
+        raise
+    confirmation = info.pop("confirmation")
+    record(
+        name,
+        outcome=OK,
+        settings=settings,
+        confirmation=confirmation,
+        duration_s=time.monotonic() - started,
+        **info,
+    )
 
 
 def _database(settings: DatabaseSettings | None) -> dict[str, Any] | None:

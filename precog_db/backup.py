@@ -22,16 +22,22 @@
   usual install locations and ``PATH``; the first whose major version is at
   least the server's wins (an older ``pg_dump`` cannot dump a newer server).
 
+* `backup_database` and `restore_database` are the audited workflows that
+  ``precog-db backup`` / ``restore`` run (and a Python caller can): one
+  audit entry each; the restore asks for its confirmation, connects through
+  the chokepoint for the server version, and re-stamps the restored copy with
+  the target environment.
+* `precog_db.local.binaries.tool_dirs` is where the tools are looked up.
+
 Settings come in explicitly; the backup directory and retention are
 resolved by `backup_dir` / `retention` from arguments or ``PRECOG_BACKUP_DIR``
-/ ``PRECOG_BACKUP_KEEP``.
+/ ``PRECOG_BACKUP_KEEP``. The driver (the chokepoint, the stamp) is imported
+only when a tool or a workflow runs, so ``precog-db env`` (which shows
+`backup_dir`) never imports it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import glob
 import hashlib
 import os
 import re
@@ -44,27 +50,30 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from precog_db import audit
+from precog_db._progress import NoProgress, ProgressDisplay
 from precog_db._secrets import scrub_text
-from precog_db.connection import tool_connection_args
-from precog_db.embedded import EmbeddedPostgresError, embedded_bindir
+from precog_db.confirm import confirmation
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError, PrecogDBError
+from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
+from precog_db.local.binaries import major_version, tool_dirs
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
     "BACKUP_DIR_VAR",
     "KEEP_VAR",
     "Backup",
-    "BackupError",
+    "Restored",
     "archive_name",
     "archive_prefix",
     "backup",
+    "backup_database",
     "backup_dir",
     "find_tool",
     "prune",
     "restore",
+    "restore_database",
     "retention",
-    "tool_connection_args",
     "verify",
 ]
 
@@ -73,12 +82,7 @@ KEEP_VAR = "PRECOG_BACKUP_KEEP"
 DEFAULT_KEEP = 7
 RESTORABLE = (Environment.DEV, Environment.TEST)
 
-_VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)")
 _TIMESTAMP = "%Y%m%dT%H%M%S"
-
-
-class BackupError(PrecogDBError, RuntimeError):
-    """pg_dump or pg_restore failed, could not be found, or produced an archive that does not verify."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,24 @@ class Backup:
     duration_s: float
     tool: Path
     pruned: tuple[Path, ...] = ()
+
+    def summary(self) -> str:
+        """One line for people: the file, its entries, size and duration, and what was pruned."""
+        pruned = f"; pruned {len(self.pruned)} old dump(s)" if self.pruned else ""
+        return (
+            f"verified backup {self.path} ({self.entries} archive entries, {self.size / 1_048_576:.1f} MiB, "
+            f"{self.duration_s:.1f}s){pruned}"
+        )
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The outcome of `restore_database`."""
+
+    path: Path
+    entries: int
+    #: ``"<stamp's env> -> <target env>"`` when the restored copy was re-stamped, else None.
+    restamped: str | None
 
 
 # --- configuration ------------------------------------------------------------------------
@@ -126,61 +148,17 @@ def retention(explicit: int | None = None, environ: Mapping[str, str] | None = N
 # --- tools ---------------------------------------------------------------------------------
 
 
-def _candidate_dirs() -> list[Path]:
-    dirs: list[Path] = []
-    explicit = os.environ.get("PRECOG_PG_BINDIR", "").strip()
-    if explicit:
-        dirs.append(Path(explicit))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                dirs.append(Path(out.stdout.strip()))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    for pattern in (
-        "/usr/lib/postgresql/*/bin",
-        "/usr/pgsql-*/bin",
-        "/opt/homebrew/opt/postgresql@*/bin",
-        "/usr/local/opt/postgresql@*/bin",
-        "/Applications/Postgres.app/Contents/Versions/*/bin",
-    ):
-        dirs.extend(sorted((Path(p) for p in glob.glob(pattern)), key=_dir_version, reverse=True))
-    # Last: the embedded PostgreSQL of the `local` extra (pg_dump/pg_restore run as us, so no shared copy).
-    with contextlib.suppress(EmbeddedPostgresError):
-        bundled = embedded_bindir(shared=False)
-        if bundled is not None:
-            dirs.append(bundled)
-    return dirs
-
-
-def _dir_version(path: Path) -> tuple[int, ...]:
-    digits = [int(p) for p in path.parent.name.replace("postgresql@", "").split(".") if p.isdigit()]
-    return tuple(digits) or (0,)
-
-
-@functools.lru_cache(maxsize=32)
-def _tool_major(path: Path) -> int | None:
-    try:
-        out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = _VERSION.search(out.stdout)
-    return int(match.group(1)) if out.returncode == 0 and match else None
-
-
 def find_tool(name: str, server_major: int) -> Path:
     """The first ``name`` (``pg_dump``/``pg_restore``) whose major version is at least ``server_major``."""
     seen: list[str] = []
-    candidates = [d / name for d in _candidate_dirs()]
+    candidates = [d / name for d in tool_dirs()]
     on_path = shutil.which(name)
     if on_path:
         candidates.append(Path(on_path))
     for path in dict.fromkeys(candidates):
         if not path.is_file():
             continue
-        major = _tool_major(path)
+        major = major_version(path)
         seen.append(f"{path} ({major if major is not None else 'unknown version'})")
         if major is not None and major >= server_major:
             return path
@@ -213,6 +191,8 @@ def _run(
     at all (``pg_restore --list`` reads only the file).
     """
     if connect:
+        from precog_db.connection import tool_connection_args  # the driver, only when a tool runs
+
         args, environ = tool_connection_args(settings, operation=f"run {what}")
         argv = [argv[0], *args, *argv[1:]]
     else:
@@ -413,3 +393,77 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
         connect=True,
     )
     return entries
+
+
+# --- the workflows -----------------------------------------------------------------------------
+
+
+def backup_database(
+    settings: DatabaseSettings,
+    *,
+    server_major: int,
+    purpose: str,
+    root: Path | None = None,
+    keep: int | None = None,
+    progress: ProgressDisplay | None = None,
+) -> Backup:
+    """`backup`, audited as one ``backup`` entry (with ``purpose``, the file, its size, entries and what was pruned).
+
+    ``progress`` shows pg_dump's elapsed time and size while it runs.
+    """
+    display = NoProgress() if progress is None else progress
+
+    def show(elapsed: float, size: int) -> None:
+        display.update(f"pg_dump {settings.dbname}: {elapsed:.0f}s, {size / 1_048_576:.1f} MiB")
+
+    with audit.operation("backup", settings, purpose=purpose) as info:
+        info["confirmation"] = "PRECOG_PROD_CONFIRMED=yes" if settings.env is Environment.PROD else "not required"
+        try:
+            made = backup(settings, server_major=server_major, root=root, keep=keep, progress=show)
+        finally:
+            display.done()
+        info.update(dump=str(made.path), size=made.size, entries=made.entries, pruned=[str(p) for p in made.pruned])
+    return made
+
+
+def restore_database(
+    settings: DatabaseSettings,
+    path: Path,
+    *,
+    confirm: Callable[[str], str] | None = None,
+    confirm_database: str | None = None,
+    yes: bool = False,
+) -> Restored:
+    """Restore ``path`` into ``settings``' database (dev or test only) and re-stamp it; audited as ``restore``.
+
+    Order: the target check (staging and prod refused before anything runs),
+    one connection through the chokepoint (the server's version picks
+    ``pg_restore``), the confirmation, the restore, and a re-stamp when the
+    dump carried another environment's stamp or a restored-copy mark.
+    ``confirm(action)`` returns how the action was confirmed (for the audit
+    log); by default the typed confirmation of `precog_db.confirm`, given
+    here as ``confirm_database`` (or ``yes``), or typed at a terminal.
+    """
+    from precog_db.connection import connect
+    from precog_db.stamp import read_stamp, stamp_database
+
+    def ask(action: str) -> str:
+        if confirm is not None:
+            return confirm(action)
+        return confirmation(settings, action, always=True, yes=yes, confirm_database=confirm_database)
+
+    with audit.operation("restore", settings, file=str(path)) as info:
+        check_restore_target(settings, path)
+        conn = connect(settings, operation="restore", direct=True)
+        try:
+            major = conn.info.server_version // 10000
+        finally:
+            conn.close()
+        info["confirmation"] = ask(f"restore {path.name} (replacing the objects it contains)")
+        entries = restore(settings, path, server_major=major)
+        info["entries"] = entries
+        stamp = read_stamp(settings)
+        if stamp is not None and (stamp.env is not settings.env or stamp.is_copy):
+            stamp_database(settings.env, force=True, settings=settings)
+            info["restamped"] = f"{stamp.env.value} -> {settings.env.value}"
+    return Restored(path, entries, info.get("restamped"))

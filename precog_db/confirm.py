@@ -22,21 +22,15 @@ import sys
 from collections.abc import Mapping
 from typing import TextIO
 
-from precog_db.environment import Environment
-from precog_db.errors import PrecogDBError
+from precog_db.environment import STRICT, Environment
+from precog_db.errors import ConfirmationError
 from precog_db.guard import CONFIRM_VAR, require_production_confirmation
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["ConfirmationError", "banner", "require_confirmation", "use_colour"]
+__all__ = ["banner", "confirmation", "require_confirmation", "use_colour"]
 
 _COLOURS = {Environment.PROD: "\033[1;97;41m", Environment.STAGING: "\033[1;30;43m"}
 _RESET = "\033[0m"
-
-
-class ConfirmationError(PrecogDBError, RuntimeError):
-    """A command that needs a confirmation did not get the right one; it did nothing."""
-
-    refusal = True
 
 
 def use_colour(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
@@ -131,3 +125,25 @@ def require_confirmation(
         )
     given.append("typed database name")
     return " + ".join(given)
+
+
+def confirmation(
+    settings: DatabaseSettings,
+    action: str,
+    *,
+    always: bool = False,
+    yes: bool = False,
+    confirm_database: str | None = None,
+    stdin: TextIO | None = None,
+    prompt_to: TextIO | None = None,
+) -> str:
+    """The confirmation a destructive or schema-changing ``action`` needs; how it was given (for the audit log).
+
+    Staging and prod always need one (`require_confirmation`); dev and test
+    only when ``always`` (restore), else ``"not required"``.
+    """
+    if settings.env not in STRICT and not always:
+        return "not required"
+    return require_confirmation(
+        settings, action, yes=yes, confirm_database=confirm_database, stdin=stdin, prompt_to=prompt_to
+    )

@@ -26,6 +26,11 @@ enforces every invariant on the settings it is given, however they were built
 before each physical connection and `prepare` on it. The asyncio twins
 (`aconnect`, `aprepare`, `PrecogAsyncConnection`) live next door in
 `precog_db._aconnection` and share every check, bound and message defined here.
+
+`connection_kwargs` is what reaches libpq for every connection, the pool's
+included: the settings' parameters with the password resolved now
+(`precog_db._credentials.resolve_credentials`: ``DB_PASSWORD_FILE`` re-read,
+the password provider called), so a rotated credential needs no restart.
 """
 
 from __future__ import annotations
@@ -41,9 +46,15 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._credentials import resolve_credentials
 from precog_db._secrets import scrub_text
 from precog_db.environment import Environment
-from precog_db.errors import ConnectionLostError, DatabaseUnavailableError, EnvironmentNotAllowedError
+from precog_db.errors import (
+    ConfigurationError,
+    ConnectionLostError,
+    DatabaseUnavailableError,
+    EnvironmentNotAllowedError,
+)
 from precog_db.guard import require_production_confirmation
 from precog_db.settings import DatabaseSettings, check_name_matches
 from precog_db.stamp import verify_stamp
@@ -55,6 +66,8 @@ __all__ = [
     "check_gate",
     "check_target",
     "connect",
+    "connection_kwargs",
+    "direct_settings",
     "gate_allows",
     "prepare",
     "reply_timeout",
@@ -123,6 +136,39 @@ def check_target(
     check_name_matches(settings)
     check_gate(settings.env)
     require_production_confirmation(settings, confirmed=prod_confirmed, operation=operation, quiet=quiet)
+
+
+def connection_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """Keyword arguments for one new connection to ``settings``, credentials resolved now (they include the password).
+
+    The one place a connection's password is decided: `connect`, the pool
+    (for each physical connection) and `tool_connection_args` call it.
+    """
+    kwargs = settings.connect_kwargs()
+    kwargs.pop("password", None)
+    kwargs.update(resolve_credentials(settings))
+    return kwargs
+
+
+def direct_settings(settings: DatabaseSettings, *, operation: str) -> DatabaseSettings:
+    """The settings of a connection that must reach the database server itself, not a pooler.
+
+    Migrations (their session advisory lock), backups, restores and the stamp
+    need a session of their own. Behind a transaction-mode pooler
+    (``DB_POOLER=transaction``) that is ``DB_DIRECT_HOST`` / ``DB_DIRECT_PORT``;
+    without them the operation is refused (`ConfigurationError`). With no
+    pooler, or a session-mode one, the settings are returned as they are.
+    """
+    if settings.pooler != "transaction":
+        return settings
+    if not settings.direct_host:
+        raise ConfigurationError(
+            f"cannot {operation} through a transaction-mode pooler (DB_POOLER=transaction): it needs a session "
+            "of its own on the database server (a session advisory lock, pg_dump's snapshot, the stamp), which "
+            "PgBouncer in transaction mode does not give. Set DB_DIRECT_HOST and DB_DIRECT_PORT to the database "
+            "server itself (not the PgBouncer); nothing was run"
+        )
+    return settings.replace(host=settings.direct_host, port=settings.direct_port, pooler="none")
 
 
 # --- the reply bound -----------------------------------------------------------------------------
@@ -253,16 +299,25 @@ def connect(
     prod_confirmed: bool | None = None,
     verify: bool = True,
     autocommit: bool = True,
+    direct: bool = False,
 ) -> PrecogConnection:
-    """Open one direct connection after every check (see the module docstring), or raise.
+    """Open one connection after every check (see the module docstring), or raise.
 
-    A server that cannot be reached raises `DatabaseUnavailableError` with
-    libpq's reason (password scrubbed). The connection is autocommit unless
-    told otherwise; the caller closes it.
+    ``direct`` True: to the database server itself even behind a pooler
+    (`direct_settings`; migrations, backups, restores, the stamp). A server
+    that cannot be reached raises `DatabaseUnavailableError` with libpq's
+    reason (password scrubbed). The connection is autocommit unless told
+    otherwise; the caller closes it. Behind a transaction-mode pooler it
+    prepares no statement on the server (``prepare_threshold=None``).
     """
+    if direct:
+        settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    prepare_threshold = None if settings.pooler == "transaction" else 5
     try:
-        conn = PrecogConnection.connect(**settings.connect_kwargs(), autocommit=autocommit)
+        conn = PrecogConnection.connect(
+            **connection_kwargs(settings), autocommit=autocommit, prepare_threshold=prepare_threshold
+        )
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:
@@ -297,18 +352,24 @@ def tool_connection_args(
     expanded as a connection string by libpq. The password is not in it: it
     travels only as ``PGPASSWORD`` in the returned environment, from which
     every other ``PG*`` variable is removed (none of them may redirect the tool).
+    The password is resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE``
+    is read, a provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
+    Behind a transaction-mode pooler the tool goes to ``DB_DIRECT_HOST`` (`direct_settings`).
     """
     import os
 
     from psycopg.conninfo import make_conninfo
 
+    settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
-    params = {k: v for k, v in settings.connect_kwargs().items() if k not in ("password", "options")}
+    params = connection_kwargs(settings)
+    password = params.pop("password", None)
+    params.pop("options", None)
     params["application_name"] = f"{settings.application_name} backup".strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if settings.password:
-        env["PGPASSWORD"] = settings.password
+    if password:
+        env["PGPASSWORD"] = password
     return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
 
 

@@ -18,15 +18,17 @@ from __future__ import annotations
 import contextlib
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import psycopg
 from psycopg import AsyncConnection, Connection, Cursor
-from psycopg.rows import RowFactory, dict_row
+from psycopg.rows import Row, RowFactory, dict_row
 from psycopg.transaction import Transaction
 
-from precog_db.errors import CommitOutcomeUnknownError, ConnectionLostError, PoolStateError
+from precog_db import replicas
+from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
 from precog_db.pool import PoolFaults, PrecogPool, get_pool
+from precog_db.session import mark_raw
 
 __all__ = ["CommitOutcomeUnknownError", "ConnectionLostError", "get_connection", "get_cursor"]
 
@@ -74,15 +76,37 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
     return _ConnectionBlock()
 
 
-def get_cursor(commit: bool = False, *, row_factory: RowFactory[Any] = dict_row) -> AbstractContextManager[Cursor[Any]]:
-    """Borrow a cursor; rows are dicts by default.
+@overload
+def get_cursor(*, commit: bool = False, replica: bool = False) -> AbstractContextManager[Cursor[dict[str, Any]]]: ...
+
+
+@overload
+def get_cursor(
+    *, commit: bool = False, row_factory: RowFactory[Row], replica: bool = False
+) -> AbstractContextManager[Cursor[Row]]: ...
+
+
+def get_cursor(
+    *, commit: bool = False, row_factory: RowFactory[Any] = dict_row, replica: bool = False
+) -> AbstractContextManager[Cursor[Any]]:
+    """Borrow a cursor; rows are dicts by default (typed ``Cursor[dict[str, Any]]``).
 
     ``commit=False``: statements run read-only in autocommit; writes raise
-    `psycopg.errors.ReadOnlySqlTransaction`. ``commit=True``: one read-write
-    transaction, committed when the block exits cleanly and rolled back when
-    it raises (the exception propagates).
+    `ReadOnlyWriteError` (a `psycopg.errors.ReadOnlySqlTransaction`).
+    ``commit=True``: one read-write transaction, committed when the block
+    exits cleanly and rolled back when it raises (the exception propagates).
+    ``replica=True`` (reads only): from a ``DB_REPLICA_HOSTS`` replica that
+    is fresh enough and has this thread's or task's own writes, else from the
+    primary (`precog_db.replicas`). All are keyword-only: ``get_cursor(commit=True)``
+    reads as what it does.
     """
-    return _CursorBlock(commit, row_factory)
+    if replica and commit:
+        raise ConfigurationError(
+            "get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
+        )
+    block = _CursorBlock(commit, row_factory)
+    block._replica = replica
+    return block
 
 
 # The blocks are classes rather than @contextmanager generators: they sit on
@@ -112,6 +136,7 @@ class _ConnectionBlock:
         self.__class__ = _LentConnectionBlock  # no call in between: see _reclaim
         conn = self._conn
         assert conn is not None
+        mark_raw(conn)  # the raw connection is lent: its return always restores the session
         return conn
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -129,7 +154,7 @@ class _LentConnectionBlock(_ConnectionBlock):
 
 
 class _CursorBlock:
-    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_row_factory", "_transaction")
+    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_replica", "_row_factory", "_transaction")
 
     def __init__(self, commit: bool, row_factory: RowFactory[Any]) -> None:
         self._commit = commit
@@ -138,11 +163,12 @@ class _CursorBlock:
         self._conn: Connection[Any] | None = None
         self._cursor: Cursor[Any] | None = None
         self._transaction: Transaction | None = None
+        self._replica = False
 
     def __enter__(self) -> Cursor[Any]:
         if self._conn is not None:
             raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
-        pool = self._pool = get_pool()
+        pool = self._pool = get_pool() if not self._replica else replicas.choose(get_pool())
         pool.lend(self)  # on any exception the slot is empty again
         self.__class__ = _LentCursorBlock  # no call in between: see _reclaim
         try:
@@ -182,6 +208,8 @@ class _CursorBlock:
                 # transaction swallows it; so does this block.
                 if self._transaction is not None and self._transaction.__exit__(et, ev, tb):
                     return True
+                if self._transaction is not None and et is None and pool.settings.replica_hosts:
+                    replicas.note_commit()  # this thread's/task's next replica read must see the write
             except psycopg.OperationalError as exc:
                 # With a clean block, what failed here is the COMMIT.
                 if wrapped := _translate(pool, conn, exc, et is None and self._transaction is not None):

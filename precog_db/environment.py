@@ -18,6 +18,8 @@ from enum import StrEnum
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 
 __all__ = [
+    "STRICT",
+    "STRICTNESS",
     "Environment",
     "Resolution",
     "environment_named_by",
@@ -38,6 +40,11 @@ class Environment(StrEnum):
     PROD = "prod"
 
 
+#: Every environment, from the most to the least forgiving (the order gates report them in).
+STRICTNESS: tuple[Environment, ...] = tuple(Environment)
+#: The environments that show a banner, need typed confirmations and must carry an identity stamp.
+STRICT: tuple[Environment, ...] = (Environment.STAGING, Environment.PROD)
+
 _ALIASES: dict[str, Environment] = {
     "dev": Environment.DEV,
     "development": Environment.DEV,
@@ -54,12 +61,15 @@ _ALIASES: dict[str, Environment] = {
 _VALID = ", ".join(e.value for e in Environment)
 
 
-def parse_environment(value: str | Environment, *, source: str = "environment name") -> Environment:
+def parse_environment(
+    value: str | Environment, *, source: str = "environment name", show_value: bool = True
+) -> Environment:
     """Turn a user-supplied name into an `Environment`, or raise `ConfigurationError`.
 
     Names are trimmed and case-insensitive; ``production``, ``development``
     and ``testing`` are accepted. ``source`` names where the value came from
-    so that the error message can point at it.
+    so that the error message can point at it. ``show_value`` False keeps the
+    value out of the message (a value read from a file may be a misplaced secret).
     """
     if isinstance(value, Environment):
         return value
@@ -67,7 +77,7 @@ def parse_environment(value: str | Environment, *, source: str = "environment na
     try:
         return _ALIASES[key]
     except KeyError:
-        shown = repr(value) if len(str(value)) <= 40 else "the given value"
+        shown = repr(value) if show_value and len(str(value)) <= 40 else "(value not shown)"
         raise ConfigurationError(f"{source} {shown} is not a known environment; use one of: {_VALID}") from None
 
 
@@ -150,7 +160,7 @@ def resolve_environment(
     declared = (files.get("PRECOG_ENV") or "").strip()
     if declared:
         where = f"PRECOG_ENV in {file_name}"
-        return Resolution(parse_environment(declared, source=where), where)
+        return Resolution(parse_environment(declared, source=where, show_value=False), where)
     for name, where in (
         (dbname, dbname_source),
         (env.get("DB_NAME"), "DB_NAME"),
@@ -166,12 +176,17 @@ def get_environment(
     *,
     environ: Mapping[str, str] | None = None,
 ) -> Environment:
-    """Resolve the current environment from the process (see `resolve_environment` for the order).
+    """Resolve the current environment exactly as `load_settings` does (see `resolve_environment`).
 
-    ``environ`` defaults to `os.environ` and exists for tests. ``config/.env``
-    is not read here; `load_settings` reads it and passes its values on.
+    That includes ``PRECOG_ENV`` and ``DB_NAME`` in the shared ``config/.env``
+    (``PRECOG_CONFIG_DIR``), so `require_environment` and the gates never see
+    another environment than the one the settings load. ``environ`` defaults
+    to `os.environ` and exists for tests.
     """
-    return resolve_environment(explicit, environ=environ).env
+    # Imported here: settings builds on this module (it reads the file and calls resolve_environment).
+    from precog_db.settings import environment_resolution
+
+    return environment_resolution(explicit, environ=environ).env
 
 
 def require_environment(*allowed: str | Environment, current: Environment | None = None) -> Environment:

@@ -1,32 +1,63 @@
-"""Exceptions raised by precog_db.
+"""Exceptions raised by precog_db: every one of them is defined here.
 
 Every exception derives from `PrecogDBError` and also from the builtin (or
 psycopg) class that callers already catch, so ``except ValueError`` keeps
 working for configuration mistakes and ``except RuntimeError`` for refusals.
-Messages name the thing, the reason and the fix, and never echo a value that
-could be a secret.
+A safety refusal (wrong environment, unconfirmed production, a missing
+confirmation, an unpromoted migration...) derives from `RefusalError`: the
+audit log records it as ``refused`` and the CLI prints ``refused:``. Messages
+name the thing, the reason and the fix, and never echo a value that could be
+a secret.
+
+The classes that must also inherit a psycopg class
+(`DatabaseUnavailableError`, `PoolExhaustedError`, `ConnectionLostError`,
+`CommitOutcomeUnknownError`, `ReadOnlyWriteError`) are created on first access (PEP 562), in
+`precog_db._driver_errors`, so that importing this module (the settings layer
+and ``precog-db env`` do) never imports the driver.
 """
 
 from __future__ import annotations
 
-import psycopg
-import psycopg_pool
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from precog_db._driver_errors import (
+        CommitOutcomeUnknownError,
+        ConnectionLostError,
+        DatabaseUnavailableError,
+        PoolExhaustedError,
+        ReadOnlyWriteError,
+        SessionStateError,
+    )
 
 __all__ = [
+    "AuditLogError",
+    "AuditSettingError",
+    "BackupError",
     "CommitOutcomeUnknownError",
     "ConfigurationError",
+    "ConfirmationError",
     "ConnectionLostError",
     "DatabaseUnavailableError",
+    "EmbeddedPostgresError",
     "EnvironmentMismatchError",
     "EnvironmentNotAllowedError",
+    "LocalClusterError",
+    "MigrationError",
+    "MigrationLockError",
+    "MigrationValidationError",
     "PoolExhaustedError",
     "PoolStateError",
     "PrecogDBError",
     "ProductionAccessError",
+    "PromotionError",
     "ReadOnlyWriteError",
+    "RefusalError",
     "RestoredCopyError",
+    "SessionStateError",
     "StampError",
     "UnstampedDatabaseError",
+    "UsageError",
 ]
 
 
@@ -34,15 +65,23 @@ class PrecogDBError(Exception):
     """Base class of every error raised by precog_db."""
 
 
+class RefusalError(PrecogDBError, RuntimeError):
+    """Base class of the safety refusals: precog_db declined to act, and nothing was changed."""
+
+
 class ConfigurationError(PrecogDBError, ValueError):
     """A setting, a `.env` file or an environment name is invalid."""
 
 
-class EnvironmentNotAllowedError(PrecogDBError, RuntimeError):
+class UsageError(PrecogDBError, ValueError):
+    """The ``precog-db`` command line is inconsistent (exit code 2)."""
+
+
+class EnvironmentNotAllowedError(RefusalError):
     """The operation is not allowed in the current environment."""
 
 
-class EnvironmentMismatchError(PrecogDBError, RuntimeError):
+class EnvironmentMismatchError(RefusalError):
     """The configured database belongs to another environment than the resolved one."""
 
 
@@ -50,37 +89,80 @@ class RestoredCopyError(EnvironmentMismatchError):
     """The database is a restored copy of another environment's database and must be re-stamped before use."""
 
 
-class UnstampedDatabaseError(PrecogDBError, RuntimeError):
+class UnstampedDatabaseError(RefusalError):
     """A staging or production database carries no identity stamp."""
+
+
+class ProductionAccessError(RefusalError):
+    """Production was requested without `PRECOG_PROD_CONFIRMED=yes`."""
+
+
+class ConfirmationError(RefusalError):
+    """A command that needs a confirmation did not get the right one; it did nothing."""
 
 
 class StampError(PrecogDBError, RuntimeError):
     """The identity stamp could not be read or written (usually missing privileges)."""
 
 
-class ProductionAccessError(PrecogDBError, RuntimeError):
-    """Production was requested without `PRECOG_PROD_CONFIRMED=yes`."""
-
-
 class PoolStateError(PrecogDBError, RuntimeError):
     """The global pool was used in a way its current state does not allow."""
 
 
-class DatabaseUnavailableError(PrecogDBError, psycopg.OperationalError):
-    """The database server could not be reached or refused the connection."""
+class MigrationError(PrecogDBError, RuntimeError):
+    """A migration file could not be applied, or the migrations directory is unusable."""
 
 
-class PoolExhaustedError(PrecogDBError, psycopg_pool.PoolTimeout):
-    """No pooled connection became free within the checkout timeout."""
+class MigrationValidationError(MigrationError, RefusalError):
+    """The files and the ledger disagree (edited, missing, gaps, out of order); nothing was applied."""
 
 
-class ConnectionLostError(PrecogDBError, psycopg.OperationalError):
-    """The server closed the connection, or stopped answering, while a block was using it."""
+class PromotionError(MigrationError, RefusalError):
+    """A migration has not been applied to the previous environment first; nothing was applied."""
 
 
-class CommitOutcomeUnknownError(ConnectionLostError):
-    """The connection was lost while COMMIT was in flight: the transaction may or may not be committed."""
+class MigrationLockError(MigrationError):
+    """Another migration run held the lock for longer than the timeout."""
 
 
-class ReadOnlyWriteError(PrecogDBError, psycopg.errors.ReadOnlySqlTransaction):
-    """A write ran outside a transaction on a read-only pooled connection: use ``get_cursor(commit=True)``."""
+class BackupError(PrecogDBError, RuntimeError):
+    """pg_dump or pg_restore failed, could not be found, or produced an archive that does not verify."""
+
+
+class AuditLogError(PrecogDBError, OSError):
+    """The audit log could not be written."""
+
+
+class AuditSettingError(AuditLogError, ConfigurationError):
+    """``PRECOG_AUDIT_MAX_BYTES`` or ``PRECOG_AUDIT_BACKUPS`` is invalid (so the audit log cannot be written)."""
+
+
+class LocalClusterError(PrecogDBError, RuntimeError):
+    """The local throwaway cluster could not be found, created, started or stopped."""
+
+
+class EmbeddedPostgresError(PrecogDBError, RuntimeError):
+    """The embedded PostgreSQL is installed but cannot be made usable."""
+
+
+_DRIVER_ERRORS = frozenset(
+    {
+        "CommitOutcomeUnknownError",
+        "ConnectionLostError",
+        "DatabaseUnavailableError",
+        "PoolExhaustedError",
+        "ReadOnlyWriteError",
+        "SessionStateError",
+    }
+)
+
+
+def __getattr__(name: str) -> type[PrecogDBError]:
+    """The psycopg-derived classes, imported with the driver on first use."""
+    if name in _DRIVER_ERRORS:
+        from precog_db import _driver_errors
+
+        cls: type[PrecogDBError] = getattr(_driver_errors, name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

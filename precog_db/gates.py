@@ -23,7 +23,7 @@ from psycopg import sql
 from precog_db import apool, audit
 from precog_db.connection import gate_allows
 from precog_db.cursors import get_cursor
-from precog_db.environment import Environment, get_environment, parse_environment
+from precog_db.environment import STRICTNESS, Environment, get_environment, parse_environment
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 from precog_db.log import get_logger
 from precog_db.pool import active_pool, inherited_settings
@@ -34,8 +34,6 @@ log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_STRICTNESS = (Environment.DEV, Environment.TEST, Environment.STAGING, Environment.PROD)
 
 
 def current_environments() -> tuple[Environment, ...]:
@@ -48,7 +46,7 @@ def current_environments() -> tuple[Environment, ...]:
     for inherited in (inherited_settings(), apool.inherited_settings()):
         if inherited is not None:
             envs.add(inherited.env)
-    return tuple(sorted(envs, key=_STRICTNESS.index))
+    return tuple(sorted(envs, key=STRICTNESS.index))
 
 
 def dangerous_operation(
@@ -60,6 +58,11 @@ def dangerous_operation(
         raise ConfigurationError("dangerous_operation needs at least one allowed environment")
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            raise TypeError(
+                f"dangerous_operation cannot guard the generator function {func.__name__}: its body runs "
+                "after the call returns, outside the gate. Make it a plain function (return a list)"
+            )
         name = func.__name__
         if inspect.iscoroutinefunction(func):
             # An ``async def``: the same check when the coroutine starts, before the

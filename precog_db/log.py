@@ -239,7 +239,7 @@ def unroute_pool_logging() -> None:
         _unroute(logger, forwarder)
 
 
-def configure_logging(json: bool = False, level: str | int = "info") -> None:
+def configure_logging(*, json: bool = False, level: str | int = "info") -> None:
     """Configure structlog (and stdlib logging) for a script: console or JSON lines on stderr.
 
     psycopg_pool's records are routed through the same structlog processors.

@@ -32,6 +32,7 @@ import hashlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
@@ -42,12 +43,14 @@ from psycopg.rows import dict_row, tuple_row
 from precog_db.apool import AsyncPrecogPool
 from precog_db.connection import connect
 from precog_db.environment import Environment, environment_named_by
-from precog_db.errors import EnvironmentNotAllowedError, PrecogDBError
+from precog_db.errors import DatabaseUnavailableError, EnvironmentNotAllowedError, PrecogDBError
 from precog_db.gates import current_environments
 from precog_db.log import get_logger
+from precog_db.migrations import read_ledger
 from precog_db.pool import PrecogPool, close_pool, initialize_pool
 from precog_db.settings import DatabaseSettings, environment_resolution, load_settings
 from precog_db.stamp import stamp_database
+from precog_db.testdb import build_test_database, database_missing
 
 __all__ = ["DB_FIXTURES", "resolve_test_target"]
 
@@ -80,7 +83,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         default=False,
         help="under xdist: rebuild the template and per-worker databases at the start of this run even "
-        "with --precog-reuse-db (use it after a schema change)",
+        "with --precog-reuse-db (use it after a schema change); with precog_migrations_dir, also drop and "
+        "rebuild the test database itself and apply every migration",
     )
     parser.addini(
         "precog_clean_tables",
@@ -93,6 +97,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         type="bool",
         default=False,
         help="same as --precog-reuse-db",
+    )
+    parser.addini(
+        "precog_migrations_dir",
+        default="",
+        help="migrations directory (relative to the rootdir) applied to the test database once at the start of "
+        "a session that uses the database fixtures; with --precog-create-db the database is rebuilt from scratch",
     )
     parser.addini(
         "precog_maintenance_db",
@@ -122,7 +132,11 @@ def _declared(environ: Mapping[str, str]) -> bool:
     return environment_resolution(environ=environ).source != "default"
 
 
-def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSettings:
+#: Called by the guard, after its checks on the settings, with (settings, database_missing).
+Builder = Callable[[DatabaseSettings, bool], None]
+
+
+def resolve_test_target(environ: Mapping[str, str] | None = None, *, build: Builder | None = None) -> DatabaseSettings:
     """Return the settings of the test database, or raise a `PrecogDBError` that says why not.
 
     Checks, in order: the resolved environment is ``test`` (``staging`` and
@@ -130,11 +144,13 @@ def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSet
     mismatch; the database name names ``test``; the server is reachable; the
     database is not stamped as another environment (nor a copy of one).
     When neither ``PRECOG_ENV`` nor ``DB_NAME`` is set, a test run resolves to
-    ``test`` rather than the library's usual ``dev``.
+    ``test`` rather than the library's usual ``dev``. ``build`` (the plugin's
+    self-building test database, `precog_db.testdb`) runs after the checks on
+    the settings, told whether the database is missing; the probe runs again after it.
     """
     env_vars = os.environ if environ is None else environ
     if not _declared(env_vars):
-        return _checked(load_settings(Environment.TEST, environ=env_vars))
+        return _checked(load_settings(Environment.TEST, environ=env_vars), build)
     resolution = environment_resolution(environ=env_vars)
     env, why = resolution.env, f"from {resolution.source}"
     if env in (Environment.STAGING, Environment.PROD):
@@ -148,13 +164,13 @@ def resolve_test_target(environ: Mapping[str, str] | None = None) -> DatabaseSet
             f"the environment is {env.value} ({why}), and database tests run only in test. "
             "Set PRECOG_ENV=test for the test run (and DB_NAME to a test database, e.g. in config/.env.test)"
         )
-    return _checked(load_settings(Environment.TEST, environ=env_vars))
+    return _checked(load_settings(Environment.TEST, environ=env_vars), build)
 
 
 _ORIGINS = {"default": "the defaults", "environment": "DB_NAME in the process environment", "argument": "an argument"}
 
 
-def _checked(settings: DatabaseSettings) -> DatabaseSettings:
+def _checked(settings: DatabaseSettings, build: Builder | None = None) -> DatabaseSettings:
     if environment_named_by(settings.dbname) is not Environment.TEST:
         origin = settings.origins.get("dbname", "default")
         raise EnvironmentNotAllowedError(
@@ -162,7 +178,16 @@ def _checked(settings: DatabaseSettings) -> DatabaseSettings:
             "look like a test database: its name must contain the word 'test', e.g. precog_test or "
             "myapp_test. Point DB_NAME at a test database; the plugin never runs tests on anything else"
         )
-    connect(settings, operation="check the test database").close()
+    missing = False
+    try:
+        connect(settings, operation="check the test database").close()
+    except DatabaseUnavailableError as exc:
+        if build is None or not database_missing(exc):
+            raise
+        missing = True
+    if build is not None:
+        build(settings, missing)
+        connect(settings, operation="check the test database").close()
     return settings
 
 
@@ -185,9 +210,11 @@ def _guarded_settings(session: pytest.Session) -> DatabaseSettings:
     if cached is not None:
         return cached
     try:
-        settings = resolve_test_target()
+        settings = resolve_test_target(build=_builder(session))
     except PrecogDBError as exc:
         _stop(session, f"precog_db refuses to run database tests: {exc}")
+    except psycopg.Error as exc:
+        _stop(session, f"precog_db could not build the test database: {_admin_failure_text(exc)}")
     if not _declared(os.environ):
         # Code under test resolves the environment itself: make it agree (undone at exit).
         patch = pytest.MonkeyPatch()
@@ -195,6 +222,44 @@ def _guarded_settings(session: pytest.Session) -> DatabaseSettings:
         session.config.stash[_PATCH] = patch
     session.config.stash[_TARGET] = settings
     return settings
+
+
+def _builder(session: pytest.Session) -> Builder:
+    """The self-building step: create a missing test database; with ``precog_migrations_dir``, migrate it.
+
+    ``--precog-create-db`` with ``precog_migrations_dir`` drops and rebuilds it from scratch, once per run.
+    """
+    config = session.config
+    configured = str(config.getini("precog_migrations_dir") or "").strip()
+    directory = Path(configured) if configured else None
+    if directory is not None and not directory.is_absolute():
+        directory = config.rootpath / directory
+    workerinput = _workerinput(config)
+    run_id = str(workerinput["testrunuid"]) if workerinput is not None else uuid.uuid4().hex
+    rebuild = _recreate(config) and directory is not None
+
+    def build(settings: DatabaseSettings, missing: bool) -> None:
+        if not (missing or directory is not None):
+            return
+        notes = config.stash.setdefault(_SUMMARY, [])
+        build_test_database(
+            settings,
+            maintenance_db=str(config.getini("precog_maintenance_db") or "postgres"),
+            migrations_dir=directory,
+            rebuild=rebuild,
+            run_id=run_id,
+            lock_key=_lock_key(derived_name(settings.dbname, "template")),
+            note=notes.append,
+        )
+
+    return build
+
+
+def _admin_failure_text(exc: psycopg.Error) -> str:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.errors.InsufficientPrivilege):
+        return f"{detail}; the test role needs CREATEDB (ALTER ROLE <role> CREATEDB), or create the database by hand"
+    return f"{detail}; check the server log"
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -268,23 +333,29 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
     marker = f"precog_db test template built from {settings.dbname} for run {run}"
     reuse, recreate = _reuse(config), _recreate(config)
     notes = config.stash.setdefault(_SUMMARY, [])
-    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
+    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
     step = f"build the template database {template!r} from {settings.dbname!r}"
     try:
         admin.execute("SELECT pg_advisory_lock(%s)", (_lock_key(template),))
         try:
             exists, comment = _database_exists(admin, template)
-            built_this_run = comment == marker
-            if not built_this_run and (not exists or not reuse or recreate):
+            built_this_run = (comment or "").startswith(marker)
+            schema = _schema_fingerprint(settings) if config.getini("precog_migrations_dir") else ""
+            stale = bool(schema) and not (comment or "").endswith(schema)
+            rebuilt = not built_this_run and (not exists or not reuse or recreate or stale)
+            if rebuilt:
                 _clone(admin, template, settings.dbname)
                 stamp_database(Environment.TEST, settings=settings.replace(dbname=template))
                 admin.execute(
-                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(sql.Identifier(template), sql.Literal(marker))
+                    sql.SQL("COMMENT ON DATABASE {} IS {}").format(
+                        sql.Identifier(template), sql.Literal(marker + schema)
+                    )
                 )
                 notes.append(f"built template database {template} from {settings.dbname}")
             step = f"create the worker database {mine!r} from {template!r}"
             exists, _ = _database_exists(admin, mine)
-            if exists and reuse and not recreate:
+            # A template (re)built in this run means the kept worker databases have the old schema.
+            if exists and reuse and not recreate and not (rebuilt or built_this_run):
                 notes.append(f"reused worker database {mine}")
             else:
                 _clone(admin, mine, template)
@@ -304,15 +375,26 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
     return worker_settings
 
 
-def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
-    """Drop ``name`` (only if its comment is ``marker``, when given); never fails the run."""
+def _schema_fingerprint(settings: DatabaseSettings) -> str:
+    """``; schema <hash>`` of the migration ledger of the test database: a reused template with another is stale."""
+    conn = connect(settings, operation="read the test database's migration ledger")
     try:
-        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False)
+        ledger = read_ledger(conn)
+    finally:
+        conn.close()
+    text = ",".join(f"{v}:{row.checksum}" for v, row in sorted(ledger.items()))
+    return f"; schema {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
+    """Drop ``name`` (only if its comment starts with ``marker``, when given); never fails the run."""
+    try:
+        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
     except PrecogDBError as exc:
         log.warning("test_database_not_dropped", dbname=name, reason=str(exc))
         return
     try:
-        if marker is not None and _database_exists(admin, name)[1] != marker:
+        if marker is not None and not (_database_exists(admin, name)[1] or "").startswith(marker):
             return
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     except psycopg.Error as exc:

@@ -31,6 +31,7 @@ import os
 import queue
 import select
 import threading
+import weakref
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -42,7 +43,15 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask
 
 from precog_db import audit
-from precog_db.connection import PrecogConnection, check_gate, check_target, connect, failure_reason, prepare
+from precog_db.connection import (
+    PrecogConnection,
+    check_gate,
+    check_target,
+    connect,
+    connection_kwargs,
+    failure_reason,
+    prepare,
+)
 from precog_db.connection import reply_timeout as reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -54,8 +63,10 @@ from precog_db.errors import (
 )
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
-from precog_db.session import RestoreFailed, adopt, baseline, needs_restore, restore
+from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
+from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, restore
 from precog_db.settings import DatabaseSettings, settings_for
+from precog_db.topology import PoolerCursor, cannot_write, session_setup
 
 __all__ = ["PrecogPool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -70,16 +81,25 @@ _RETURN = "return"
 #: psycopg_pool doubles the pause without limit (1, 2, 4 … 128 s), so after a long outage
 #: the pool could stay empty for minutes after the server came back.
 MAX_RECONNECT_DELAY = 5.0
+#: The same with several DB_HOST entries: the standby being promoted is found within this time.
+FAILOVER_RECONNECT_DELAY = 1.0
 _HAS_POLL = hasattr(select, "poll")
 _POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
+_MAIN_THREAD = threading.main_thread()
 _OK = ConnStatus.OK
+_HOT_STANDBY = b"in_hot_standby"
+_ON = b"on"
 _IDLE = TransactionStatus.IDLE
 
 
 def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
-    """Cheap check, no round trip: open, idle, and nothing unsolicited on the socket.
+    """Cheap check, no round trip: open, idle, on a server that can write, nothing unsolicited on the socket.
+
+    A server that reports ``in_hot_standby=on`` (a standby, or a node demoted
+    in a failover) cannot take the writes of this pool: its connection is
+    replaced, and libpq's ``target_session_attrs`` picks a primary for the new one.
 
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
@@ -90,6 +110,8 @@ def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
     pgconn = conn.pgconn
     if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
         return False
+    if pgconn.parameter_status(_HOT_STANDBY) == _ON and getattr(conn, "_precog_writer", True):
+        return False  # `precog_db.topology.cannot_write`, inlined: this runs on every checkout
     try:
         fd = pgconn.socket
         if not _HAS_POLL:
@@ -118,11 +140,18 @@ def check_pool_kwargs(pool_kwargs: dict[str, Any]) -> None:
 
 
 def pooled_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
-    """The connection arguments of a pooled connection (either layer): autocommit, read-only by default."""
-    kwargs = settings.connect_kwargs()
+    """The connection arguments of a pooled connection (either layer): autocommit, read-only by default.
+
+    The credentials are resolved now (`precog_db.connection.connection_kwargs`):
+    the pools call this for every new physical connection.
+    """
+    kwargs = connection_kwargs(settings)
     kwargs["autocommit"] = True
-    options = kwargs.get("options")
-    kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+    if settings.pooler == "none":
+        options = kwargs.get("options")
+        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+    elif settings.pooler == "transaction":
+        kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
     return kwargs
 
 
@@ -236,6 +265,8 @@ class PoolFaults:
     _last_connect_failure: tuple[float, str] | None
     _last_connect_ok: float
     _retries_pending: int
+    _max_reconnect_delay: float
+    _writer: bool
 
     @property
     def env(self) -> Environment:
@@ -264,6 +295,21 @@ class PoolFaults:
         self._reply_timeout = reply_timeout(settings)
         self._init_faults()
         check_pool_kwargs(pool_kwargs)
+        wanted_class = pool_kwargs.get("connection_class")
+        if (
+            wanted_class is not None
+            and self._reply_timeout is not None
+            and not (isinstance(wanted_class, type) and issubclass(wanted_class, classes[0]))
+        ):
+            raise ConfigurationError(
+                f"connection_class= must be a subclass of precog_db.{classes[0].__module__.rsplit('.', 1)[-1]}."
+                f"{classes[0].__name__} while DB_STATEMENT_TIMEOUT is set: a plain psycopg connection class would "
+                f"drop the bound on a server that stops answering. Subclass {classes[0].__name__} instead"
+            )
+        #: A writer pool discards connections to a hot standby (`connection_is_usable`).
+        self._writer = settings.target_session_attrs in ("read-write", "primary")
+        #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
+        self._max_reconnect_delay = MAX_RECONNECT_DELAY if len(settings.endpoints()) == 1 else FAILOVER_RECONNECT_DELAY
         #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
         self._user_configure = pool_kwargs.pop("configure", None)
         self.pool_kwargs = (
@@ -302,11 +348,32 @@ class PoolFaults:
         # only logs it from its background worker).
         self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
 
-    @staticmethod
-    def _cap(attempt: AttemptWithBackoff) -> None:
-        # psycopg_pool doubles the delay after each failure before scheduling
-        # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
-        attempt.delay = min(attempt.delay, MAX_RECONNECT_DELAY / attempt.DELAY_BACKOFF)
+    def _cap(self, attempt: AttemptWithBackoff) -> None:
+        # psycopg_pool doubles the delay after each failure before scheduling the next
+        # attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY (FAILOVER_RECONNECT_DELAY
+        # with several hosts).
+        attempt.delay = min(attempt.delay, self._max_reconnect_delay / attempt.DELAY_BACKOFF)
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """libpq's arguments for one new pooled connection, with the credentials resolved now.
+
+        A callable given to psycopg_pool as ``kwargs=``: it is called for every
+        new connection, so the password is resolved each time (``DB_PASSWORD_FILE``
+        re-read, the provider called; see `PrecogPool.drain`).
+        """
+        return pooled_connect_kwargs(self.settings)
+
+    def _refuse_standby(self, conn: Connection[Any] | AsyncConnection[Any]) -> None:
+        """A writer pool never keeps a connection to a hot standby (no I/O): mark the connection, or raise."""
+        # libpq already refuses one on PostgreSQL 14+ for read-write/primary; this also covers a node
+        # that reports it later (`connection_is_usable` reads the mark on every checkout).
+        conn._precog_writer = self._writer  # type: ignore[union-attr]
+        if self._writer and cannot_write(conn.pgconn):
+            raise DatabaseUnavailableError(
+                f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
+                "list the primary in DB_HOST (or several hosts for failover), or set DB_TARGET_SESSION_ATTRS=any "
+                "for a pool that only reads"
+            )
 
     def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
         # "Exhausted" only if every connection the pool counts is open: after an outage the pool
@@ -346,6 +413,14 @@ class PoolFaults:
         )
 
 
+class _FoldMetrics(MaintenanceTask):
+    """Fold the returned-connection samples into the metrics histograms (in a pool worker, off the read path)."""
+
+    def _run(self, pool: ConnectionPool[Any]) -> None:
+        assert isinstance(pool, PrecogPool)
+        pool.metrics.fold()
+
+
 class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
@@ -363,20 +438,69 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         self._retries_lock = threading.Lock()
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
+        #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
+        self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
+        self._precog_conns_lock = threading.Lock()
+        #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
+        self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
+        self._janitor: threading.Thread | None = None
+        #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
+        self._session_setup = session_setup(settings)
         params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogConnection, Connection))
-        super().__init__("", kwargs=pooled_connect_kwargs(settings), **params)
+        #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
+        self.metrics = PoolRecorder(
+            str(params["name"]), settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
+        )
+        #: (lent_at, returned_at) of every block given back since the recorder last folded them (`give_back`).
+        self._returns = self.metrics.returns
+        # A callable: psycopg_pool calls it for every new connection, so the password is
+        # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
+        super().__init__("", kwargs=self._connection_kwargs, **params)
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
+
+    def drain(self) -> None:
+        """Replace every connection, gracefully: after a credential rotation, or a failover.
+
+        Idle connections are closed and reopened now (with the password as
+        resolved now); connections in use finish their block undisturbed and
+        are closed and replaced when given back. Callers keep being served
+        meanwhile. See docs/OPERATIONS.md.
+        """
+        super().drain()
+        log.info("pool_drained", pool=self.name, env=self.env.value)
+
+    def _fold_metrics_soon(self) -> None:
+        self.run_task(_FoldMetrics(self))
+
+    def _metrics_state(self) -> PoolState | None:
+        """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
+        if getattr(self, "_closed", True):  # closed, or still being constructed
+            return None
+        with self._lock:
+            idle = len(self._pool)
+            pending = sum(1 for w in self._waiting if not getattr(w, "_served", False))
+        with self._precog_conns_lock:
+            conns = list(self._precog_conns)
+        used = sum(1 for c in conns if c._pool is self and not c.closed)
+        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
 
     def _configure_connection(self, conn: Connection[Any]) -> None:
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
+        # A writer pool (DB_TARGET_SESSION_ATTRS read-write or primary) never keeps a connection to a hot standby.
+        self._refuse_standby(conn)
+        if self._session_setup is not None:
+            self._session_setup(conn)
         # The chokepoint's post-connect checks: reply bound and identity stamp
         # (on every physical connection; its warnings were logged at open).
         prepare(conn, self.settings, quiet=True)
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, PoolerCursor, shared=True)
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             # The caller's setup runs after the library's, never instead of it.
             self._user_configure(conn)
@@ -387,17 +511,82 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             conn.read_only = False
         baseline(conn)
 
+    def _reconfigure(self, conn: Connection[Any]) -> None:
+        """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
+        if self._session_setup is not None:
+            self._session_setup(conn)
+        if self._user_configure is not None:
+            self._user_configure(conn)
+
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
+        started = monotonic()
         try:
             self._check_target(self.prod_confirmed)
             conn = super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
             self._connect_failed(exc)
+            self.metrics.connection_failed()
             raise
-        self._last_connect_ok = monotonic()
+        self._last_connect_ok = now = monotonic()
+        self.metrics.created(now - started)
+        with self._precog_conns_lock:
+            self._precog_conns.add(conn)
+        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 
+    # --- maintenance requests from the main thread ---------------------------------------------
+    #
+    # psycopg_pool queues maintenance work with queue.Queue.put and sched.scheduler.enter, which
+    # take Python-level locks. A signal handler that raises in the main thread (KeyboardInterrupt,
+    # a job runner's SIGALRM timeout) can fire just after such a lock was acquired inside
+    # Condition.__enter__, before any `with` owns it: the lock then stays held forever and every
+    # pool worker deadlocks on its next get (seen in tests/test_interrupts.py). So the main thread
+    # never touches those queues: it puts the request on a SimpleQueue (one C call, no Python
+    # lock) and the pool's janitor thread, where no signal handler runs, passes it on.
+
+    def open(self, wait: bool = False, timeout: float = 30.0) -> None:
+        """Open the pool (psycopg_pool's `open`), after starting the janitor thread."""
+        if self._janitor is None or not self._janitor.is_alive():
+            self._janitor = threading.Thread(target=self._janitor_loop, name=f"{self.name}-janitor", daemon=True)
+            self._janitor.start()
+        super().open(wait=wait, timeout=timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the pool and the pools of its read replicas (`precog_db.replicas`), then stop the janitor thread."""
+        from precog_db.replicas import close_replicas
+
+        try:
+            close_replicas(self)
+            super().close(timeout=timeout)
+        finally:
+            self._deferred.put(None)
+
+    def _janitor_loop(self) -> None:
+        while (item := self._deferred.get()) is not None:
+            task, delay = item
+            try:
+                if delay is None:
+                    self.run_task(task)
+                else:
+                    self.schedule_task(task, delay)
+            except Exception as exc:  # never let one request stop the janitor
+                log.warning("pool_maintenance_request_failed", pool=self.name, error=type(exc).__name__)
+
+    def _deferred_from_main_thread(self, task: MaintenanceTask, delay: float | None) -> bool:
+        """Queue ``task`` for the janitor when called in the main thread; False: run it here."""
+        if self._janitor is None or threading.current_thread() is not _MAIN_THREAD:
+            return False
+        self._deferred.put((task, delay))
+        return True
+
+    def run_task(self, task: MaintenanceTask) -> None:
+        """psycopg_pool's `run_task`, handed over through the janitor when called in the main thread."""
+        if not self._deferred_from_main_thread(task, None):
+            super().run_task(task)
+
     def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        if self._deferred_from_main_thread(task, delay):
+            return
         # psycopg_pool schedules an AddConnection only to retry a failed attempt (after the back-off).
         if isinstance(task, AddConnection):
             with self._retries_lock:
@@ -421,6 +610,7 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         self.lend(slot, timeout)
         conn = slot._conn
         assert conn is not None
+        mark_raw(conn)
         return conn
 
     def checkin(self, conn: Connection[Any]) -> None:
@@ -429,10 +619,21 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         slot._conn = conn
         self.give_back(slot)
 
+    def putconn(self, conn: Connection[Any]) -> None:
+        """psycopg_pool's return path (``pool.connection()``, ``getconn``/``putconn``), through `give_back`.
+
+        So a connection borrowed through psycopg_pool's own API gets the same
+        session restore as one from `get_cursor`: nothing a borrower changed
+        reaches the next one, whichever API lent it.
+        """
+        self.checkin(conn)
+
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
         """psycopg_pool's own checkout (``pool.connection()`` uses it), behind the same gate check as `lend`."""
         check_gate(self.settings.env)
-        return super().getconn(timeout)
+        conn = super().getconn(timeout)
+        mark_raw(conn)
+        return conn
 
     def lend(self, holder: _Holder, timeout: float | None = None) -> None:
         """Store a live, idle, autocommit connection into ``holder._conn``.
@@ -452,33 +653,63 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             )
         check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
         wait = self.timeout if timeout is None else timeout
+        started = monotonic()
         try:
-            if self._check is not None:
-                self._lend_checked(holder, wait)
-                return
             self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
-            if not self._closed:
-                with self._lock:
-                    idle = self._pool
-                    if idle:
-                        # Store, then pop: no eval-breaker check between the two.
-                        holder._conn = idle[-1]
-                        idle.pop()  # the most recently returned one (see _get_ready_connection)
-                        if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
-                            self._nconns_min = len(idle)
-            conn = holder._conn
-            if conn is not None:
-                if connection_is_usable(conn):
-                    conn._pool = self
+            deadline = started + wait
+            while True:
+                waited = self._lend_once(holder, deadline)
+                if self._check is None or self._passes_check(holder):
+                    if waited:
+                        self._lent_after_wait(holder, started)
+                    else:
+                        holder._conn._precog_lent = started  # type: ignore[union-attr]  # for the metrics (give_back)
                     return
-                self._retire(holder, self._CONNECTIONS_LOST)
-            self._lend_waiting(holder, monotonic() + wait)
         except PoolTimeout:
             self._abandon(holder)
+            self.metrics.timed_out()
             raise self._timed_out(wait) from None
         except BaseException:
             self._abandon(holder)
             raise
+
+    def _passes_check(self, holder: _Holder) -> bool:
+        """Run psycopg_pool's ``check=`` callback on the lent connection; retire it if the check fails.
+
+        The check runs here, with the connection already in the holder, rather
+        than through psycopg_pool's `getconn`: an interrupt during it is then
+        covered by `lend`'s handler like any other point.
+        """
+        conn = holder._conn
+        assert conn is not None and self._check is not None
+        try:
+            self._check(conn)
+        except Exception as exc:
+            log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
+            self._retire(holder, self._CONNECTIONS_LOST)
+            return False
+        return True
+
+    def _lend_once(self, holder: _Holder, deadline: float) -> bool:
+        """Put a live idle connection into ``holder._conn``: the top of the stack (False), or the first one
+        handed over after queueing (True)."""
+        if not self._closed:
+            with self._lock:
+                idle = self._pool
+                if idle:
+                    # Store, then pop: no eval-breaker check between the two.
+                    holder._conn = idle[-1]
+                    idle.pop()  # the most recently returned one (see _get_ready_connection)
+                    if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
+                        self._nconns_min = len(idle)
+        conn = holder._conn
+        if conn is not None:
+            if connection_is_usable(conn):
+                conn._pool = self
+                return False
+            self._retire(holder, self._CONNECTIONS_LOST)
+        self._lend_waiting(holder, deadline)
+        return True
 
     def _lend_waiting(self, holder: _Holder, deadline: float) -> None:
         """The slow path of `lend`: the first idle connection, or a place in the queue (first come, first served)."""
@@ -525,14 +756,13 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
                 return
             self._retire(holder, self._CONNECTIONS_LOST)
 
-    def _lend_checked(self, holder: _Holder, wait: float) -> None:
-        """With a ``check`` callback, psycopg_pool's `getconn` runs it (not proof against asynchronous exceptions)."""
-        deadline = monotonic() + wait
-        while True:
-            holder._conn = self.getconn(timeout=max(deadline - monotonic(), 0.001))
-            if connection_is_usable(holder._conn):
-                return
-            self._retire(holder, self._CONNECTIONS_LOST)
+    def _lent_after_wait(self, holder: _Holder, started: float) -> None:
+        """Metrics for a connection obtained after queueing (the slow path): record the wait now."""
+        conn = holder._conn
+        assert conn is not None
+        now = monotonic()
+        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
+        self.metrics.waited(now - started)
 
     def _abandon(self, holder: _Holder) -> None:
         """After `lend` failed: leave the queue, and give back a connection handed over meanwhile."""
@@ -564,11 +794,14 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             return
         if getattr(conn, "_pool", None) is not self:
             raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        lent: float | None = None
         try:
+            lent = conn._precog_lent  # type: ignore[attr-defined]  # set in _connect, by lend
+            conn._precog_lent = None  # type: ignore[attr-defined]
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:
-                    restore(conn, self._user_configure)
+                    restore(conn, self._reconfigure)
                 except Exception as exc:
                     log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                     conn.close()
@@ -592,6 +825,11 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
                 conn.close()
                 self._retire(holder, None)
             raise
+        if lent is not None:  # after the hand-over: an interrupt here loses a sample, never a connection
+            returns = self._returns
+            returns.append((lent, monotonic()))  # folded into the histograms off the read path
+            if len(returns) >= FOLD_AT:
+                self.metrics.fold_soon()
 
     def _hand_over(self, holder: _Holder, conn: Connection[Any]) -> None:
         """Give an idle connection to the first waiter, or put it on the idle stack (exactly as `putconn` would)."""
@@ -791,7 +1029,15 @@ def initialize_pool(
 
 
 def _same_target(a: DatabaseSettings, b: DatabaseSettings) -> bool:
-    return (a.env, a.host, a.port, a.dbname, a.user) == (b.env, b.host, b.port, b.dbname, b.user)
+    return (a.env, a.host, a.port, a.dbname, a.user, a.pooler, a.replica_hosts) == (
+        b.env,
+        b.host,
+        b.port,
+        b.dbname,
+        b.user,
+        b.pooler,
+        b.replica_hosts,
+    )
 
 
 def get_pool() -> PrecogPool:

@@ -46,11 +46,13 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, Connection
+from psycopg._preparing import PrepareManager
 from psycopg.abc import PQGen
+from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db.errors import ReadOnlyWriteError
+from precog_db.errors import ReadOnlyWriteError, SessionStateError
 
 #: A connection of either layer.
 AnyConnection = Connection[Any] | AsyncConnection[Any]
@@ -63,6 +65,7 @@ __all__ = [
     "adopt",
     "arestore",
     "changes_session",
+    "mark_raw",
     "needs_restore",
     "restore",
 ]
@@ -77,11 +80,18 @@ _CLEAN = frozenset(
 _TRANSACTION_SET = frozenset(b"local transaction constraints".split())
 #: Leading comments, whitespace and parentheses, then the first one or two words. A nested
 #: comment (PostgreSQL allows them) does not match, so its statement counts as session-changing.
-_LEAD = re.compile(rb"(?:\s+|--[^\n]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
+_LEAD = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
 #: Functions that change the session, wherever they appear: settings, session
 #: advisory locks (not the ``_xact_`` ones), dblink connections; ``SELECT … INTO``;
 #: temporary objects (``CREATE TEMP …``, anything in ``pg_temp``).
-_RISKY = re.compile(rb"set_config|advisory_lock|dblink|\binto\b|\btemp(?:orary)?\b|pg_temp", re.I)
+#: ``pg_settings``: updating the view calls set_config. ``U&``: a Unicode-escaped identifier
+#: (``U&"set\\005fconfig"``) can spell any of these without their text appearing.
+#: ``query_to_xml`` and its family run SQL given as text (built-ins: a function of the application's
+#: own that runs dynamic SQL is the documented limit, docs/DESIGN.md).
+_RISKY = re.compile(
+    rb"set_config|pg_settings|advisory_lock|dblink|query_to_xml|cursor_to_xml|\binto\b|\btemp(?:orary)?\b|pg_temp|u&",
+    re.I,
+)
 _INSERT_INTO = re.compile(rb"\b(?:insert|merge)\s+into\b", re.I)
 _VERDICTS: dict[bytes, bool] = {}
 _VERDICTS_MAX = 4096
@@ -117,6 +127,24 @@ def _judge(query: bytes) -> bool:
 def _mark(conn: Any, query: bytes) -> None:
     if changes_session(query):
         conn._precog_dirty = True
+
+
+class _TrackingPrepareManager(PrepareManager):
+    """psycopg's per-connection prepared-statement manager, which every cursor class consults.
+
+    Every ``execute``/``executemany`` of any cursor on the connection, including a
+    ``psycopg.ClientCursor(conn)`` or ``psycopg.Cursor(conn)`` built by hand
+    (which bypasses the connection's ``cursor_factory``), asks it whether to
+    prepare the statement: so it sees the statement text and marks the session
+    dirty exactly like `PrecogCursor` does.
+    """
+
+    dirty = False
+
+    def get(self, query: Any, prepare: bool | None = None) -> Any:
+        if not self.dirty and changes_session(query.query):
+            self.dirty = True
+        return super().get(query, prepare)
 
 
 def _forgot_commit(conn: Any, exc: psycopg.errors.ReadOnlySqlTransaction) -> BaseException:
@@ -233,6 +261,12 @@ class _DeclareMarking:
 
     def _make_declare_statement(self, query: Any) -> Any:
         if self._withhold:
+            if getattr(self._conn, "_precog_shared", False):
+                raise SessionStateError(
+                    "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
+                    "pooler (DB_POOLER=transaction) shares with other clients; nothing was sent. Fetch the rows "
+                    "inside the transaction, or use DB_POOLER=session"
+                )
             self._conn._precog_dirty = True
         elif isinstance(query, str):
             _mark(self._conn, query.encode())
@@ -285,14 +319,29 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
     )
 
 
-def adopt(conn: AnyConnection) -> None:
-    """Install the tracking cursors on a new pooled connection of either layer (before any user setup runs)."""
+def adopt(conn: AnyConnection, cursor_factory: type[Any] | None = None, *, shared: bool = False) -> None:
+    """Install the tracking cursors on a new pooled connection of either layer (before any user setup runs).
+
+    ``cursor_factory``: a `PrecogCursor` subclass (sync) or `AsyncPrecogCursor`
+    subclass (asyncio) instead of the plain one. ``shared``: the server session
+    is not this connection's own (a transaction-mode pooler hands each
+    transaction to any server connection), so `restore` never sends
+    ``DISCARD ALL``: it would reset a server connection another client uses
+    next, and nothing of this client's lives there. The prepared-statement
+    manager is replaced by `_TrackingPrepareManager`, which sees the statements
+    of every cursor, hand-built ones included.
+    """
     c: Any = conn
     if isinstance(conn, psycopg.AsyncConnection):
-        c._precog_factories = (AsyncPrecogCursor, AsyncPrecogServerCursor)
+        c._precog_factories = (cursor_factory or AsyncPrecogCursor, AsyncPrecogServerCursor)
     else:
-        c._precog_factories = (PrecogCursor, PrecogServerCursor)
+        c._precog_factories = (cursor_factory or PrecogCursor, PrecogServerCursor)
+    tracker = _TrackingPrepareManager()
+    tracker.prepare_threshold = c._prepared.prepare_threshold
+    tracker.prepared_max = c._prepared.prepared_max
+    c._prepared = tracker
     c.cursor_factory, c.server_cursor_factory = c._precog_factories
+    c._precog_shared = shared
     c._precog_dirty = False
     c._precog_busy = False
 
@@ -305,6 +354,41 @@ def baseline(conn: AnyConnection) -> None:
     c._precog_row_factory = conn.row_factory
     c._precog_prepare_threshold = conn.prepare_threshold
     c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
+    c._prepared.dirty = False
+    # Client-side adapters: the borrower gets a child map of the configured one, so a loader or
+    # dumper it registers (copy-on-write in psycopg) flips an ownership flag and is undone on return.
+    c._precog_adapters_template = conn.adapters
+    c._adapters = AdaptersMap(conn.adapters)
+    c._precog_adapters_owned = _adapters_owned(c._adapters)
+
+
+def mark_raw(conn: AnyConnection) -> None:
+    """The connection itself is lent (`get_connection`, `checkout`, psycopg_pool's ``getconn``/``connection()``).
+
+    Its borrower can run statements no tracker sees (a ``psycopg.ClientCursor(conn)``
+    built by hand uses neither the cursor factory nor the prepared-statement
+    manager), so its return always pays one ``DISCARD ALL``. `get_cursor` blocks,
+    whose statements the trackers do see, keep their single round trip.
+    """
+    c: Any = conn
+    c._precog_dirty = True
+
+
+def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
+    """The identity of the tables of an `AdaptersMap`: psycopg copies a table before the first write to it.
+
+    Identities rather than psycopg's ``_own_*`` flags: every cursor makes a child
+    map of the connection's, which resets those flags on the connection's map
+    (so a loader registered, then a query run, would look untouched), while a
+    table, once copied, stays a different object. The baseline tables are
+    shared with the template map, which keeps them alive: no identity is reused.
+    """
+    return (
+        tuple(map(id, adapters._loaders)),
+        tuple(map(id, adapters._dumpers_by_oid)),
+        tuple(id(adapters._dumpers[fmt]) for fmt in sorted(adapters._dumpers, key=str)),
+        id(getattr(adapters.types, "_registry", None)),
+    )
 
 
 def needs_restore(conn: AnyConnection) -> bool:
@@ -312,6 +396,9 @@ def needs_restore(conn: AnyConnection) -> bool:
     c: Any = conn
     return bool(
         c._precog_dirty
+        or c._prepared.dirty
+        or c._adapters is None
+        or _adapters_owned(c._adapters) != c._precog_adapters_owned
         or not c._autocommit
         or c._read_only is not False
         or c._isolation_level is not None
@@ -374,7 +461,18 @@ def _restore_gen(conn: AnyConnection) -> PQGen[bool]:
     c.prepare_threshold = c._precog_prepare_threshold
     del c._notice_handlers[c._precog_handlers[0] :]
     del c._notify_handlers[c._precog_handlers[1] :]
-    if not (c._precog_dirty or reported(conn.pgconn) != c._precog_reported):
+    if c._adapters is None or _adapters_owned(c._adapters) != c._precog_adapters_owned:
+        c._adapters = AdaptersMap(c._precog_adapters_template)
+        c._precog_adapters_owned = _adapters_owned(c._adapters)
+    if c._precog_shared:
+        # Behind a transaction-mode pooler the server session is not ours to reset (see `adopt`);
+        # session-changing statements were refused or rolled back (precog_db.topology).
+        c._precog_dirty = False
+        c._prepared.dirty = False
+        if reported(conn.pgconn) != c._precog_reported:
+            raise RestoreFailed("session parameters differ from the baseline behind a transaction-mode pooler")
+        return False
+    if not (c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported):
         return False
     yield from c._exec_command(b"DISCARD ALL")
     _forget_prepared(conn)
@@ -387,6 +485,7 @@ def _settled(conn: AnyConnection) -> None:
     if reported(conn.pgconn) != c._precog_reported:
         raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
     c._precog_dirty = False
+    c._prepared.dirty = False
 
 
 def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None] | None = None) -> None:

@@ -3,14 +3,29 @@
 Precedence, highest first (written down once, here and in the README):
 
 1. keyword overrides passed to `load_settings`;
-2. the process environment (``DB_HOST`` …);
-3. ``<config_dir>/.env.<env>``;
-4. ``<config_dir>/.env``;
+2. the process environment: ``DB_HOST`` …, then ``DATABASE_URL``;
+3. ``<config_dir>/.env.<env>``: its ``DB_*``, then its ``DATABASE_URL``;
+4. ``<config_dir>/.env``: its ``DB_*``, then its ``DATABASE_URL``;
 5. built-in defaults for the environment.
 
-Files are parsed with python-dotenv's `dotenv_values` from text this module
-reads itself, so that ``os.environ`` is never mutated, a BOM or CRLF line
-endings are harmless, and a malformed line is an error rather than a warning.
+``DATABASE_URL`` (``postgresql://user:password@host:port/dbname?sslmode=…``,
+``postgres://`` too) fills host, port, dbname, user, password, sslmode,
+connect_timeout and application_name at the level of the source it was found
+in, just below the ``DB_*`` variables of that same source: ``DB_NAME=x`` next
+to a ``DATABASE_URL`` overrides the URL's database name, and a ``DATABASE_URL``
+in the process environment overrides every ``.env`` file. Any other URL
+parameter (``options``, ``target_session_attrs`` …) is refused, naming the
+parameter; so is anything that is not a PostgreSQL URL. Its database name takes
+part in the environment inference (`resolve_environment`) where ``DB_NAME``
+would, below a ``DB_NAME`` of the same or a higher source. It gets every check
+``DB_*`` gets: the naming rule, the production guard at connection time, and
+the password is a `Secret` that no message, log or ``repr`` shows.
+
+Files are parsed once, with python-dotenv's public `dotenv_values`, from text
+this module reads itself (the lines it cannot parse are the ones it reports
+on the ``dotenv.main`` logger; `_first_bad_line` turns them into errors), so
+that ``os.environ`` is never mutated, a BOM or CRLF line endings are
+harmless, and a malformed line is an error rather than a warning.
 No message ever contains a configured value.
 """
 
@@ -18,6 +33,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import logging
 import os
 import stat
 import sys
@@ -27,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from dotenv import dotenv_values
-from dotenv.parser import parse_stream
 
 from precog_db.environment import (
     Environment,
@@ -40,6 +55,7 @@ from precog_db.errors import ConfigurationError, EnvironmentMismatchError
 from precog_db.log import get_logger
 
 __all__ = [
+    "DATABASE_URL",
     "ENV_VARS",
     "FIELD_VARS",
     "DatabaseSettings",
@@ -79,6 +95,20 @@ _UNSET: Any = _Unset()
 _NAMED_BY_ENV = frozenset({"dbname", "user", "application_name"})
 
 
+#: The settings that can supply the password, and how a message names each one.
+_SOURCE_NAMES = {
+    "password": "DB_PASSWORD",
+    "password_file": "DB_PASSWORD_FILE",
+    "passfile": "DB_PASSFILE",
+    "password_provider": "password_provider",
+}
+
+
+def password_sources(settings: DatabaseSettings) -> list[str]:
+    """Which of ``password``, ``password_file``, ``passfile`` and ``password_provider`` supply the password."""
+    return [name for name in _SOURCE_NAMES if getattr(settings, name)]
+
+
 def _origin_text(origin: str) -> str:
     return {"argument": "the arguments", "environment": "the process environment", "default": "the defaults"}.get(
         origin, origin
@@ -101,7 +131,7 @@ def check_name_matches(settings: DatabaseSettings) -> None:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class DatabaseSettings:
     """Everything needed to open a pool for one environment.
 
@@ -111,7 +141,8 @@ class DatabaseSettings:
 
     env: Environment
     host: str = _UNSET
-    port: int = _UNSET
+    #: One port, or (with several DB_HOST entries) a comma-separated list such as ``"5432,5433"``.
+    port: int | str = _UNSET
     dbname: str = _UNSET
     user: str = _UNSET
     password: str = field(default=_UNSET, repr=False)
@@ -123,6 +154,23 @@ class DatabaseSettings:
     statement_timeout_ms: int = _UNSET
     tcp_user_timeout_ms: int = _UNSET
     application_name: str = _UNSET
+    #: A file whose content is the password, re-read for every new connection (docs/OPERATIONS.md).
+    password_file: str = _UNSET
+    #: libpq's password file (``.pgpass`` format), used instead of a password.
+    passfile: str = _UNSET
+    #: Called for every connection attempt; returns the password (e.g. an IAM token). Never in `repr`.
+    password_provider: Callable[[], str] | None = field(default=None, repr=False)
+    #: ``none``, ``session`` or ``transaction``: the PgBouncer pool mode between the app and the database.
+    pooler: str = _UNSET
+    #: Where migrations, backups, restores and the stamp connect behind a transaction pooler ("" = unset).
+    direct_host: str = _UNSET
+    direct_port: int = _UNSET
+    #: libpq ``target_session_attrs`` of the writer pool and its direct connections.
+    target_session_attrs: str = _UNSET
+    #: Read replicas, ``host[:port]`` each (the port defaults to the first DB_PORT).
+    replica_hosts: tuple[str, ...] = _UNSET
+    #: A replica whose replay lags more than this many ms is skipped.
+    replica_max_lag_ms: int = _UNSET
     #: The `.env` files that were read, lowest precedence first.
     files: tuple[Path, ...] = ()
     #: Where each field's value came from ("default", a file, "environment", "argument").
@@ -143,6 +191,12 @@ class DatabaseSettings:
             else:
                 origins.setdefault(name, "argument")
         object.__setattr__(self, "origins", origins)
+        if isinstance(self.host, str) and "," in self.host:
+            object.__setattr__(self, "host", ",".join(h.strip() for h in self.host.split(",")))
+        if isinstance(self.replica_hosts, str):
+            object.__setattr__(self, "replica_hosts", _replicas(self.replica_hosts))
+        if isinstance(self.port, str) and _port_list(self.port) is None:
+            object.__setattr__(self, "port", _ports(self.port))
         if isinstance(self.password, str) and not isinstance(self.password, Secret):
             object.__setattr__(self, "password", Secret(self.password))
         for spec in _SPECS:
@@ -150,11 +204,25 @@ class DatabaseSettings:
                 problem = spec.check(getattr(self, spec.field))
                 if problem:
                     raise ConfigurationError(f"setting {spec.field} ({spec.var}) {problem}")
+        if self.password_provider is not None and not callable(self.password_provider):
+            raise ConfigurationError(
+                "password_provider must be a callable that takes no argument and returns the password"
+            )
+        sources = password_sources(self)
+        if len(sources) > 1:
+            named = " and ".join(
+                f"{_SOURCE_NAMES[s]} (from {_origin_text(origins.get(s, 'argument'))})" for s in sources
+            )
+            raise ConfigurationError(
+                f"the password is given twice, by {named}; set only one of DB_PASSWORD, DB_PASSWORD_FILE, "
+                "DB_PASSFILE and password_provider"
+            )
         if self.pool_min > self.pool_max:
             raise ConfigurationError(
                 f"DB_POOL_MIN_CONN (from {_origin_text(origins['pool_min'])}) is larger than DB_POOL_MAX_CONN "
                 f"(from {_origin_text(origins['pool_max'])}); lower the minimum or raise the maximum"
             )
+        _check_topology(self)
         check_name_matches(self)
 
     @property
@@ -164,7 +232,38 @@ class DatabaseSettings:
 
     def describe(self) -> str:
         """A one-line description for messages and logs: no password, ever."""
-        return f"{self.env.value} database {self.dbname!r} on {self.host}:{self.port} as {self.user!r}"
+        return self._masked(f"{self.env.value} database {self.dbname!r} on {self.where()} as {self.user!r}")
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        return self._masked(f"{type(self).__name__}({shown})")
+
+    def _masked(self, text: str) -> str:
+        """``text`` with the password masked wherever another field repeats it (a password pasted as a name)."""
+        secret = str(self.password)
+        if not secret:
+            return text
+        if len(secret) >= 4:
+            return text.replace(secret, "***")
+        # Too short to mask as a substring without mangling names: mask only fields equal to it.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.repr and isinstance(value, str) and value == secret:
+                text = text.replace(repr(value), "'***'")
+        return text
+
+    def where(self) -> str:
+        """``host:port``, or ``a:5432, b:5433`` for several hosts (libpq multi-host), plus the pooler mode."""
+        place = ", ".join(f"{h}:{p}" for h, p in self.endpoints())
+        return place if self.pooler == "none" else f"{place} (PgBouncer, {self.pooler} mode)"
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs libpq tries in order: one port for every host, or one port per host."""
+        hosts = [h.strip() for h in self.host.split(",")]
+        ports = [int(p) for p in str(self.port).split(",")]
+        if len(ports) == 1:
+            ports = ports * len(hosts)
+        return list(zip(hosts, ports, strict=True))
 
     def __str__(self) -> str:
         return self.describe()
@@ -175,7 +274,10 @@ class DatabaseSettings:
         Keep this dict out of logs and messages: it is what reaches libpq.
         """
         options = []
-        if self.statement_timeout_ms:
+        # Behind PgBouncer startup options never reach the server (it refuses them, or drops them when told
+        # to ignore them): in session mode the pool sets them with SET (precog_db.topology), and
+        # DB_STATEMENT_TIMEOUT is refused in transaction mode on construction (`_check_topology`).
+        if self.statement_timeout_ms and self.pooler == "none":
             options.append(f"-c statement_timeout={self.statement_timeout_ms}")
         kwargs: dict[str, Any] = {
             "host": self.host,
@@ -192,6 +294,8 @@ class DatabaseSettings:
         }
         if self.tcp_user_timeout_ms:
             kwargs["tcp_user_timeout"] = self.tcp_user_timeout_ms
+        if self.pooler == "none":
+            kwargs["target_session_attrs"] = _libpq_target(self.target_session_attrs)
         if options:
             kwargs["options"] = " ".join(options)
         if self.password:
@@ -200,7 +304,7 @@ class DatabaseSettings:
 
     def replace(self, **changes: Any) -> DatabaseSettings:
         """Return a validated copy with ``changes`` applied (field names as keys)."""
-        unknown = sorted(set(changes) - _FIELD_NAMES - {"env"})
+        unknown = sorted(set(changes) - _FIELD_NAMES - {"env", "password_provider"})
         if unknown:
             raise ConfigurationError(
                 f"unknown setting(s) {', '.join(unknown)}; valid names are {', '.join(sorted(_FIELD_NAMES))}"
@@ -209,7 +313,7 @@ class DatabaseSettings:
             changes["password"] = Secret(changes["password"])  # masked in this frame's locals
         try:
             env = changes.pop("env", None)
-            parsed = {k: _parse_field(k, v, "argument") for k, v in changes.items()}
+            parsed = {k: v if k == "password_provider" else _parse_field(k, v, "argument") for k, v in changes.items()}
             origins = {k: v for k, v in self.origins.items() if k not in changes}
             origins.update(dict.fromkeys(changes, "argument"))
             if env is not None:
@@ -330,9 +434,105 @@ def _sslmode(value: Any) -> str | None:
     return None
 
 
+_POOLERS = ("none", "session", "transaction")
+_TARGETS = ("read-write", "primary", "any", "standby", "prefer-standby")
+
+
+def _libpq_target(value: str) -> str:
+    """libpq's ``target_session_attrs`` for the setting: ``read-write`` is libpq's ``primary``.
+
+    libpq's own ``read-write`` also rejects a server whose session default is
+    read-only, which every pooled connection's is (its startup options set
+    ``default_transaction_read_only=on``); "can write" is exactly "not a hot
+    standby", which the server reports at no round-trip cost (PostgreSQL 14+).
+    """
+    return "primary" if value == "read-write" else value
+
+
+def _hosts(value: Any) -> str | None:
+    problem = _nonempty(value)
+    if problem:
+        return problem
+    parts = [h.strip() for h in str(value).split(",")]
+    if any(not h for h in parts):
+        return "has an empty entry in its comma-separated list (e.g. 'db1,,db2' or a trailing comma); remove it"
+    if any(" " in h or "=" in h for h in parts):
+        return "entries must be host names, IP addresses or socket directories separated by commas, without spaces"
+    return None
+
+
+def _ports(value: str) -> int | str:
+    parts = [p.strip() for p in value.split(",")]
+    if len(parts) == 1:
+        return int(parts[0])
+    return ",".join(str(int(p)) for p in parts)
+
+
+def _port_list(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return "must be a port from 1 to 65535, or a comma-separated list of them"
+    try:
+        ports = [int(p) for p in str(value).split(",")]
+    except ValueError:
+        return "must be a port from 1 to 65535, or a comma-separated list of them"
+    if not all(1 <= p <= 65535 for p in ports):
+        return "must be from 1 to 65535 (each entry of a comma-separated list)"
+    return None
+
+
+def _replicas(value: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+def _replica_list(value: Any) -> str | None:
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
+        return "must be a comma-separated list of host[:port]"
+    for entry in value:
+        host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+        if not host or " " in host or _no_nul(host) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
+            return "has an entry that is not host[:port] with a port from 1 to 65535; fix DB_REPLICA_HOSTS"
+    return None
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _check_topology(s: DatabaseSettings) -> None:
+    """Settings that only make sense together: host/port lists, the transaction pooler's limits."""
+    hosts = s.host.split(",")
+    ports = str(s.port).split(",")
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise ConfigurationError(
+            f"DB_PORT lists {len(ports)} ports but DB_HOST lists {len(hosts)} hosts; give one port for all "
+            "hosts or exactly one port per host, in the same order (libpq multi-host)"
+        )
+    if s.pooler == "transaction" and s.statement_timeout_ms:
+        raise ConfigurationError(
+            "DB_STATEMENT_TIMEOUT cannot be applied behind a transaction-mode pooler (DB_POOLER=transaction): "
+            "it travels as a startup option, which PgBouncer refuses or drops. Set it on the role instead "
+            "(ALTER ROLE ... SET statement_timeout = ...) and leave DB_STATEMENT_TIMEOUT at 0, or use "
+            "DB_POOLER=session"
+        )
+    if s.pooler != "none" and "," in s.host:
+        raise ConfigurationError(
+            "DB_HOST lists several hosts but DB_POOLER is set: with a pooler, DB_HOST names the PgBouncer "
+            "and PgBouncer's own configuration names the database servers; use one DB_HOST"
+        )
+
+
 _SPECS: tuple[_Spec, ...] = (
-    _Spec("host", "DB_HOST", _text, _nonempty, "server host name, IP address or socket directory"),
-    _Spec("port", "DB_PORT", _integer, _int_range(1, 65535), "server port"),
+    _Spec(
+        "host",
+        "DB_HOST",
+        _text,
+        _hosts,
+        "server host name, IP address or socket directory; a comma-separated list for libpq multi-host",
+    ),
+    _Spec("port", "DB_PORT", _ports, _port_list, "server port; a comma-separated list gives one per DB_HOST entry"),
     _Spec("dbname", "DB_NAME", _text, _nonempty, "database name"),
     _Spec("user", "DB_USER", _text, _nonempty, "role to connect as"),
     _Spec("password", "DB_PASSWORD", _secret, _no_nul, "password (never logged or printed)"),
@@ -368,6 +568,38 @@ _SPECS: tuple[_Spec, ...] = (
         "ms unacknowledged data may wait before the socket is dropped (0 = OS default)",
     ),
     _Spec("application_name", "DB_APPLICATION_NAME", _text, _nonempty, "name shown in pg_stat_activity"),
+    _Spec(
+        "password_file",
+        "DB_PASSWORD_FILE",
+        _text,
+        _no_nul,
+        "file holding the password, re-read for every new connection (rotation)",
+    ),
+    _Spec("passfile", "DB_PASSFILE", _text, _no_nul, "libpq password file (.pgpass format), instead of a password"),
+    _Spec("pooler", "DB_POOLER", _text, _one_of(_POOLERS), "PgBouncer pool mode in front: none, session, transaction"),
+    _Spec(
+        "direct_host",
+        "DB_DIRECT_HOST",
+        _text,
+        _no_nul,
+        "the database server itself, behind a pooler: migrations, backups, restores and the stamp connect here",
+    ),
+    _Spec("direct_port", "DB_DIRECT_PORT", _integer, _int_range(1, 65535), "port of DB_DIRECT_HOST"),
+    _Spec(
+        "target_session_attrs",
+        "DB_TARGET_SESSION_ATTRS",
+        _text,
+        _one_of(_TARGETS),
+        "which of the DB_HOST servers the writer pool accepts (libpq target_session_attrs)",
+    ),
+    _Spec("replica_hosts", "DB_REPLICA_HOSTS", _replicas, _replica_list, "read replicas, host[:port] each"),
+    _Spec(
+        "replica_max_lag_ms",
+        "DB_REPLICA_MAX_LAG_MS",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "a replica lagging more than this is skipped",
+    ),
 )
 
 _BY_VAR = {s.var: s for s in _SPECS}
@@ -382,6 +614,20 @@ _PROCESS_ONLY = frozenset(
     {"PRECOG_PROD_CONFIRMED", "PRECOG_CONFIG_DIR", "PRECOG_AUDIT_LOG", "PRECOG_AUDIT_MAX_BYTES", "PRECOG_AUDIT_BACKUPS"}
 )
 _OTHER_KNOWN = {"PRECOG_ENV", *_PROCESS_ONLY}
+
+#: The twelve-factor variable: a PostgreSQL URL that fills several fields at once.
+DATABASE_URL = "DATABASE_URL"
+#: URL parameters (libpq's names) DATABASE_URL may set, and the field each one fills.
+_URL_KEYS = {
+    "host": "host",
+    "port": "port",
+    "dbname": "dbname",
+    "user": "user",
+    "password": "password",
+    "sslmode": "sslmode",
+    "connect_timeout": "connect_timeout",
+    "application_name": "application_name",
+}
 
 
 _UNPARSABLE = object()
@@ -425,6 +671,14 @@ def _defaults(env: Environment) -> dict[str, Any]:
         "statement_timeout_ms": 0,
         "tcp_user_timeout_ms": 30_000,
         "application_name": f"precog-{env.value}",
+        "password_file": "",
+        "passfile": "",
+        "pooler": "none",
+        "direct_host": "",
+        "direct_port": 5432,
+        "target_session_attrs": "read-write",
+        "replica_hosts": (),
+        "replica_max_lag_ms": 1000,
     }
 
 
@@ -440,6 +694,68 @@ def resolve_config_dir(
         return Path(config_dir)
     from_env = env.get("PRECOG_CONFIG_DIR", "").strip()
     return Path(from_env) if from_env else Path("config")
+
+
+class _InvalidLines(logging.Filter):
+    """Collects the lines python-dotenv reports as unparseable while `dotenv_values` runs, and keeps them quiet.
+
+    `dotenv_values` skips a malformed statement with the warning "could not
+    parse statement starting at line N" on the ``dotenv.main`` logger; its
+    argument is the line number, which is all a message may show.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[int] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if args and isinstance(args[0], int):
+            self.lines.append(args[0])
+            return False
+        return True
+
+
+_DOTENV_LOGGER = logging.getLogger("dotenv.main")
+
+
+def _parse_env_text(text: str) -> tuple[dict[str, str | None], list[int]]:
+    """`dotenv_values` over ``text`` (parsed once), and the numbers of the lines it could not parse."""
+    catcher = _InvalidLines()
+    _DOTENV_LOGGER.addFilter(catcher)
+    try:
+        values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+    finally:
+        _DOTENV_LOGGER.removeFilter(catcher)
+    return dict(values), catcher.lines
+
+
+def _line_of(text: str, key: str) -> int:
+    """The number of the first line that starts with ``key`` (after ``export`` and an opening quote)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("export "):
+            stripped = stripped[len("export ") :].lstrip()
+        if stripped.lstrip("'\"").startswith(key):
+            return number
+    return 1
+
+
+def _first_bad_line(text: str, values: Mapping[str, str | None], unparseable: list[int]) -> tuple[int, bool] | None:
+    """The first broken line, and whether the problem is a malformed DB_/PRECOG_ name; None when all are fine.
+
+    A key without '=' (python-dotenv accepts it as "no value") is almost
+    always a broken line, e.g. the second line of a wrapped password or
+    DB_PASSWORDsecret with the '=' lost; its "key" may be a secret, so it is
+    reported by line number only, like any malformed line.
+    """
+    problems = [(line, False) for line in unparseable]
+    for key, value in values.items():
+        if value is None:
+            problems.append((_line_of(text, key), False))
+        elif key.startswith(("DB_", "PRECOG_")) and not key.isidentifier():
+            problems.append((_line_of(text, key), True))
+    return min(problems) if problems else None
 
 
 def _read_env_file(path: Path) -> dict[str, str | None] | None:
@@ -477,23 +793,18 @@ def _read_env_file(path: Path) -> dict[str, str | None] | None:
     if "\x00" in text:
         line = text[: text.index("\x00")].count("\n") + 1
         raise ConfigurationError(f"{path} line {line} contains a NUL byte; this is not a text file")
-    for binding in parse_stream(io.StringIO(text)):
-        # A key without '=' (python-dotenv accepts it as "no value") is almost
-        # always a broken line, e.g. the second line of a wrapped password or
-        # DB_PASSWORDsecret with the '=' lost; its "key" may be a secret, so
-        # it is reported by line number only, like any malformed line.
-        if binding.error or (binding.key is not None and binding.value is None):
+    values, unparseable = _parse_env_text(text)
+    problem = _first_bad_line(text, values, unparseable)
+    if problem is not None:
+        line, malformed_name = problem
+        if malformed_name:
             raise ConfigurationError(
-                f"{path} line {binding.original.line} is not a valid KEY=VALUE line; "
-                "fix or remove it (quote values that contain spaces or #)"
+                f"{path} line {line} has a malformed variable name (letters, digits and _ only); fix the line"
             )
-        key = binding.key or ""
-        if key.startswith(("DB_", "PRECOG_")) and not key.isidentifier():
-            raise ConfigurationError(
-                f"{path} line {binding.original.line} has a malformed variable name (letters, digits and _ "
-                "only); fix the line"
-            )
-    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
+        raise ConfigurationError(
+            f"{path} line {line} is not a valid KEY=VALUE line; "
+            "fix or remove it (quote values that contain spaces or #)"
+        )
     _warn_unknown_keys(path, values)
     return values
 
@@ -511,12 +822,88 @@ def _warn_unknown_keys(path: Path, values: Mapping[str, str | None]) -> None:
             )
 
 
+def _url_has_password(raw: str | None) -> bool:
+    try:
+        return bool(_url_values(raw, "a .env file").get("password"))
+    except ConfigurationError:
+        return False  # reported, with the file's name, when the URL is applied
+
+
 def _check_file_permissions(path: Path, values: Mapping[str, str | None]) -> None:
-    if sys.platform == "win32" or not values.get("DB_PASSWORD"):
+    if not values.get("DB_PASSWORD") and not _url_has_password(values.get(DATABASE_URL)):
         return
-    mode = path.stat().st_mode
+    check_secret_file_mode(path, path.stat().st_mode)
+
+
+def secret_file_rule_applies(env: Environment) -> bool:
+    """Whether files holding a password must be private to their owner (staging and production)."""
+    return env in (Environment.STAGING, Environment.PROD)
+
+
+def check_secret_file_mode(path: Path | str, mode: int) -> None:
+    """The rule for a file holding a password: no access for group or others (POSIX; not on Windows).
+
+    Applies to a staging/prod ``.env`` file with a ``DB_PASSWORD`` and to ``DB_PASSWORD_FILE``
+    (`precog_db._credentials`); `secret_file_rule_applies` says when.
+    """
+    if sys.platform == "win32":
+        return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigurationError(f"{path} holds a password and is readable by group/others; run `chmod 600 {path}`")
+
+
+def _url_values(raw: str | None, where: str) -> dict[str, Any]:
+    """The fields a ``DATABASE_URL`` found in ``where`` sets (parsed by libpq's own parser), or {} when unset.
+
+    Never quotes the URL: it holds the password.
+    """
+    text = (raw or "").strip()
+    if not text:
+        return {}
+    if not text.startswith(("postgresql://", "postgres://")):
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} is not a PostgreSQL URL; it must start with postgresql:// or postgres:// "
+            "(e.g. postgresql://user:password@host:5432/dbname?sslmode=require), or be removed"
+        )
+    import psycopg  # only when a URL is set: `precog-db env` without one stays light
+    from psycopg.conninfo import conninfo_to_dict
+
+    params: dict[str, Any] | None
+    try:
+        params = conninfo_to_dict(text)
+    except psycopg.Error:
+        params = None
+    if params is None:  # raised outside the except block: libpq's message may quote the URL
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} is not a valid PostgreSQL URL (libpq cannot parse it); check its "
+            "percent-encoding (a password with @, : or / must be percent-encoded) and its ?key=value parameters"
+        )
+    unknown = sorted(set(params) - set(_URL_KEYS))
+    if unknown:
+        raise ConfigurationError(
+            f"DATABASE_URL in {where} sets {', '.join(unknown)}, which precog-db does not take from a URL; it "
+            f"accepts {', '.join(sorted(_URL_KEYS))}. Remove the parameter and use the DB_* setting instead "
+            "(e.g. DB_STATEMENT_TIMEOUT rather than options=-c statement_timeout=...)"
+        )
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if value is None or str(value) == "":
+            continue
+        name = _URL_KEYS[key]
+        if name in ("host", "port") and "," in str(value):
+            raise ConfigurationError(
+                f"DATABASE_URL in {where} names several hosts or ports; precog-db connects to one server. "
+                "Give one host (a pooler or a load balancer in front of the others)"
+            )
+        out[name] = _parse_field(
+            name, _secret(str(value)) if name == "password" else str(value), f"DATABASE_URL in {where}"
+        )
+    return out
+
+
+def _url_dbname(raw: str | None, where: str) -> str | None:
+    dbname = _url_values(raw, where).get("dbname")
+    return dbname if isinstance(dbname, str) else None
 
 
 # --- loading ----------------------------------------------------------------------
@@ -558,6 +945,7 @@ def _load_settings(
     overrides: dict[str, Any],
 ) -> DatabaseSettings:
     process_env = os.environ if environ is None else environ
+    provider = overrides.pop("password_provider", None)
     directory = resolve_config_dir(config_dir, process_env)
     explicit_dir = config_dir is not None or bool(process_env.get("PRECOG_CONFIG_DIR", "").strip())
     if directory.exists() and not directory.is_dir():
@@ -578,39 +966,56 @@ def _load_settings(
     shared = _read_env_file(shared_path)
     dbname_override = overrides.get("dbname")
     resolution = _resolve(env, dbname_override, process_env, shared_path, shared)
+    process_url = _url_values(process_env.get(DATABASE_URL), "the process environment")
     resolved = resolution.env
 
     values: dict[str, Any] = _defaults(resolved)
     origins = dict.fromkeys(values, "default")
     files: list[Path] = []
+    #: Per password source, the precedence of the layer that set it (see `_one_password_source`).
+    source_rank: dict[str, int] = {}
 
     own_path = directory / f".env.{resolved.value}"
-    for path, content in ((shared_path, shared), (own_path, _read_env_file(own_path))):
+    for rank, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path))), 1):
         if content is None:
             continue
         if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
             _check_file_permissions(path, content)
         _check_process_only_keys(path, content, resolved, shared=path is shared_path)
         files.append(path)
+        for name, value in _url_values(content.get(DATABASE_URL), str(path)).items():
+            values[name] = value
+            origins[name] = f"DATABASE_URL in {path}"
         for var, raw in content.items():
             spec = _BY_VAR.get(var)
             if spec is None or raw is None or raw == "":
                 continue
             values[spec.field] = _parse_field(spec.field, raw, str(path))
             origins[spec.field] = str(path)
+            source_rank[spec.field] = rank
 
+    for name, value in process_url.items():
+        values[name] = value
+        origins[name] = "DATABASE_URL in the process environment"
     for spec in _SPECS:
         raw = process_env.get(spec.var)
         if raw is None or raw == "":
             continue
         values[spec.field] = _parse_field(spec.field, raw, "the process environment")
         origins[spec.field] = "environment"
+        source_rank[spec.field] = 3
 
     for name, raw in overrides.items():
         if raw is None:
             continue
         values[name] = _parse_field(name, raw, "the arguments")
         origins[name] = "argument"
+        source_rank[name] = 4
+    if provider is not None:
+        values["password_provider"] = provider
+        origins["password_provider"] = "argument"  # noqa: S105  # an origin, not a password
+        source_rank["password_provider"] = 4
+    _one_password_source(values, origins, source_rank)
 
     if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
         log.warning(
@@ -625,12 +1030,31 @@ def _load_settings(
     return DatabaseSettings(env=resolved, files=tuple(files), origins=origins, **values)
 
 
+def _one_password_source(values: dict[str, Any], origins: dict[str, str], rank: Mapping[str, int]) -> None:
+    """Keep only the password source(s) set by the highest-precedence layer.
+
+    ``DB_PASSWORD_FILE`` exported in the process environment replaces a
+    ``DB_PASSWORD`` from a ``.env`` file, as any higher layer replaces a lower
+    one. Two sources set in the same layer stay, and `DatabaseSettings`
+    refuses them as ambiguous.
+    """
+    present = {name: rank.get(name, 0) for name in _SOURCE_NAMES if values.get(name)}
+    if not present:
+        return
+    top = max(present.values())
+    for name, level in present.items():
+        if level < top:
+            values[name] = None if name == "password_provider" else ""
+            origins[name] = "default"
+
+
 def _check_process_only_keys(
     path: Path, content: Mapping[str, str | None], resolved: Environment, *, shared: bool
 ) -> None:
     """PRECOG_ENV in an environment's own file must agree; process-only variables in a file are reported as ignored."""
     declared = (content.get("PRECOG_ENV") or "").strip()
-    if declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}") is not resolved:
+    own = declared and not shared and parse_environment(declared, source=f"PRECOG_ENV in {path}", show_value=False)
+    if own and own is not resolved:
         raise ConfigurationError(
             f"{path} sets PRECOG_ENV to another environment than {resolved.value}, the one that chose this file; "
             f"an environment's own file cannot change the environment. Remove PRECOG_ENV from {path} "
@@ -662,10 +1086,25 @@ def _resolve(
     shared_path: Path,
     shared: Mapping[str, str | None] | None,
 ) -> Resolution:
+    """`resolve_environment`, with a DATABASE_URL's database name where its precedence puts it.
+
+    The inference reads, first match wins: the dbname argument, ``DB_NAME``
+    in the process, ``DATABASE_URL`` in the process, ``DB_NAME`` in
+    ``config/.env``, ``DATABASE_URL`` in ``config/.env``.
+    """
+    source = "the dbname argument"
+    name = dbname if isinstance(dbname, str) and dbname.strip() else None
+    files = shared or {}
+    if name is None and not (environ.get("DB_NAME") or "").strip():
+        name = _url_dbname(environ.get(DATABASE_URL), "the process environment")
+        source = "the database name in DATABASE_URL"
+        if name is None and not (files.get("DB_NAME") or "").strip():
+            name = _url_dbname(files.get(DATABASE_URL), str(shared_path))
+            source = f"the database name in DATABASE_URL in {shared_path}"
     return resolve_environment(
         env,
-        dbname=dbname if isinstance(dbname, str) else None,
-        dbname_source="the dbname argument",
+        dbname=name,
+        dbname_source=source,
         environ=environ,
         file_values=shared,
         file_name=str(shared_path),

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, Connection
 from psycopg.rows import tuple_row
 
+from precog_db._secrets import current_os_user
 from precog_db._steps import Query, Steps, arun, run
-from precog_db.environment import Environment, parse_environment
+from precog_db.environment import STRICT, Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
     ProductionAccessError,
@@ -41,7 +41,7 @@ from precog_db.errors import (
     StampError,
     UnstampedDatabaseError,
 )
-from precog_db.guard import current_os_user, production_confirmed
+from precog_db.guard import production_confirmed
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
 
@@ -68,7 +68,6 @@ TABLE = f"{SCHEMA}.stamp"
 #: Serializes concurrent stampers of one database (any constant works; this is "precog_stamp" in ASCII).
 _LOCK_KEY = 0x707265636F675F73
 
-_STRICT = (Environment.STAGING, Environment.PROD)
 
 _DDL = f"""
 CREATE SCHEMA IF NOT EXISTS {SCHEMA};
@@ -115,10 +114,9 @@ RETURNING {_COLUMNS}
 
 
 def _library_version() -> str:
-    try:
-        return metadata.version("precog-db")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    from precog_db import __version__  # the one place the version is written
+
+    return __version__
 
 
 @dataclass(frozen=True)
@@ -325,7 +323,7 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
 
     if settings is None:
         settings = load_settings()
-    conn = connect(settings, operation="read the identity stamp", verify=False)
+    conn = connect(settings, operation="read the identity stamp", verify=False, direct=True)
     try:
         return read_stamp_on(conn, settings)
     finally:
@@ -357,7 +355,7 @@ def judge_stamp(settings: DatabaseSettings, stamp: Stamp | None, *, quiet: bool 
     env = settings.env
     where = settings.describe()
     if stamp is None:
-        if env in _STRICT:
+        if env in STRICT:
             raise UnstampedDatabaseError(
                 f"the {where} carries no identity stamp, and {env.value} databases must: "
                 f"without it nothing proves this is the {env.value} database rather than another one "
@@ -429,7 +427,7 @@ def stamp_database(
     from precog_db.connection import connect  # the chokepoint imports this module
 
     settings = settings_for(env, settings, caller="stamp_database")
-    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False)
+    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False, direct=True)
     try:
         return _write(conn, settings, force=force)
     finally:

@@ -14,88 +14,22 @@ message saying how to provide one: database tests are never skipped silently.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from precog_db import close_pool
-from precog_db.environment import Environment
 from precog_db.errors import PrecogDBError
-from precog_db.local_cluster import LocalCluster, find_server_binaries
+from precog_db.local.binaries import find_server_binaries
 from precog_db.settings import DatabaseSettings
-
-REPO = Path(__file__).resolve().parent.parent
+from tests._helpers.server import Server, start_throwaway_cluster
 
 _CLEARED_PREFIXES = ("DB_", "PRECOG_")
 _KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR", "PRECOG_PG_SEARCH"}
 _USED: list[str] = []  # what pg_server used, for the final summary
-
-
-@dataclass
-class Server:
-    """A PostgreSQL server the tests may create databases on."""
-
-    host: str
-    port: int
-    user: str
-    password: str
-    admin_db: str
-    cluster: LocalCluster | None = None
-    source: str = ""
-
-    def conninfo(self, dbname: str | None = None) -> str:
-        parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname or self.admin_db}
-        if self.password:
-            parts["password"] = self.password
-        return " ".join(f"{k}={v}" for k, v in parts.items())
-
-    def connect(self, dbname: str | None = None) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.conninfo(dbname), autocommit=True, connect_timeout=10)
-
-    def fresh_database(self, name: str) -> str:
-        """Drop (if present) and create database ``name``."""
-        with self.connect() as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        return name
-
-    def settings(self, dbname: str = "precog_test", env: Environment = Environment.TEST, **kw: Any) -> DatabaseSettings:
-        values: dict[str, Any] = {
-            "host": self.host,
-            "port": self.port,
-            "user": self.user,
-            "password": self.password,
-            "dbname": dbname,
-            "pool_min": 1,
-            "pool_max": 4,
-            "pool_timeout": 5.0,
-            "connect_timeout": 5,
-            "sslmode": "disable",
-        }
-        values.update(kw)
-        return DatabaseSettings(env=env, **values)
-
-    def env_vars(self, dbname: str = "precog_test") -> dict[str, str]:
-        """The DB_* variables that point at this server."""
-        out = {"DB_HOST": self.host, "DB_PORT": str(self.port), "DB_USER": self.user, "DB_NAME": dbname}
-        if self.password:
-            out["DB_PASSWORD"] = self.password
-        return out
-
-
-def start_throwaway_cluster(**server_options: str) -> LocalCluster:
-    """Start a new cluster in a fresh temporary directory (caller destroys it)."""
-    root = Path(tempfile.mkdtemp(prefix="precog-test-"))
-    cluster = LocalCluster(root, server_options={"fsync": "off", **server_options})  # destroy() removes root
-    cluster.start()
-    return cluster
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -123,7 +57,7 @@ def pg_server() -> Iterator[Server]:
             params = conninfo_to_dict(dsn)
             server = Server(
                 host=str(params.get("host", "127.0.0.1")),
-                port=int(params.get("port", 5432)),
+                port=int(str(params.get("port", 5432))),
                 user=str(params.get("user", "postgres")),
                 password=str(params.get("password", "")),
                 admin_db=str(params.get("dbname", "postgres")),
@@ -174,6 +108,7 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
     for key in list(os.environ):
         if key.startswith(_CLEARED_PREFIXES) and key not in _KEPT:
             monkeypatch.delenv(key)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.chdir(tmp_path)
     close_pool()
     yield

@@ -8,13 +8,13 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_asyncio
-from conftest import Server
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row, tuple_row
 
 from precog_db import ConfigurationError, DatabaseUnavailableError, ReadOnlyWriteError, aio
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest_asyncio.fixture
@@ -161,12 +161,94 @@ class TestIsolation:
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
+@pytest.mark.asyncio
+class TestSharedSessionRules:
+    """The sync pool's session rules (precog_db.session) hold on the asyncio pool too."""
+
+    async def test_a_hand_built_cursor_in_a_get_cursor_block_is_tracked(self, apool: AsyncPrecogPool) -> None:
+        """A hand-built cursor on the lent connection bypasses cursor_factory; the prepare tracker sees its SET."""
+        async with aio.get_cursor() as cur:
+            first = cur.connection
+            await psycopg.AsyncCursor(first).execute("SET application_name = 'leaked'")
+        async with aio.get_cursor() as cur:
+            assert cur.connection is first
+            await cur.execute("SHOW application_name")
+            assert await cur.fetchone() == {"application_name": "precog-test"}
+
+    async def test_a_raw_connection_always_pays_the_reset(self, apool: AsyncPrecogPool) -> None:
+        """A get_connection() borrower may send what no tracker sees, so its return runs DISCARD ALL."""
+        async with aio.get_connection() as conn:
+            first = conn
+            await conn.execute("SELECT 1")
+            assert conn._precog_dirty is True  # type: ignore[attr-defined]
+        async with aio.get_cursor() as cur:
+            assert cur.connection is first
+            assert first._precog_dirty is False  # type: ignore[attr-defined]
+
+    async def test_adapters_registered_by_a_borrower_are_undone(self, apool: AsyncPrecogPool) -> None:
+        """A loader a borrower registers on the connection does not reach the next borrower."""
+        from psycopg.adapt import Loader
+
+        class TextInt(Loader):
+            def load(self, data: Any) -> str:
+                return "loaded:" + bytes(data).decode()
+
+        async with aio.get_connection() as conn:
+            first = conn
+            conn.adapters.register_loader("int4", TextInt)
+            cur = await conn.execute("SELECT 1::int4 AS n")
+            assert await cur.fetchone() == ("loaded:1",)
+        async with aio.get_cursor() as cur:
+            assert cur.connection is first
+            await cur.execute("SELECT 1::int4 AS n")
+            assert await cur.fetchone() == {"n": 1}
+
+    async def test_pool_metrics_include_the_asyncio_pool(self, apool: AsyncPrecogPool) -> None:
+        """pool_metrics() reports the asyncio pool: its uses and the connections it created."""
+        from precog_db.metrics import pool_metrics
+
+        for _ in range(3):
+            async with aio.get_cursor() as cur:
+                await cur.execute("SELECT 1")
+        snapshots = [s for s in pool_metrics() if s.pool_name == apool.name]
+        assert len(snapshots) == 1
+        snap = snapshots[0]
+        assert sum(snap.use_time.counts) >= 3
+        assert sum(snap.create_time.counts) >= 1
+        assert snap.max == apool.max_size
+
+
+class TestTopologyRefusals:
+    @pytest.mark.asyncio
+    async def test_a_transaction_mode_pooler_is_refused(self, test_settings: DatabaseSettings) -> None:
+        """DB_POOLER=transaction is sync-only: the asyncio pool refuses it before connecting, saying what to do."""
+        settings = test_settings.replace(pooler="transaction")
+        with pytest.raises(ConfigurationError, match="DB_POOLER=transaction"):
+            await aio.initialize_pool(settings=settings)
+        assert aio_pool_is_closed()
+
+    @pytest.mark.asyncio
+    async def test_read_replicas_are_refused(self, test_settings: DatabaseSettings) -> None:
+        """DB_REPLICA_HOSTS is sync-only: the asyncio pool refuses it before connecting."""
+        settings = test_settings.replace(replica_hosts=(f"{test_settings.host}:{test_settings.port}",))
+        with pytest.raises(ConfigurationError, match="DB_REPLICA_HOSTS"):
+            await aio.initialize_pool(settings=settings)
+        assert aio_pool_is_closed()
+
+
+def aio_pool_is_closed() -> bool:
+    from precog_db.apool import active_pool
+
+    return active_pool() is None
+
+
 class TestPoolArguments:
     @pytest.mark.parametrize("key", ["check", "reset", "kwargs", "conninfo"])
     def test_arguments_that_would_bypass_the_rules_are_refused(self, test_settings: DatabaseSettings, key: str) -> None:
         """check=/reset= (liveness and reset are the library's) and kwargs=/conninfo= raise ConfigurationError."""
+        value: Any = (lambda *a: None) if key in ("check", "reset") else {}
         with pytest.raises(ConfigurationError, match=f"{key}="):
-            AsyncPrecogPool(test_settings, **{key: (lambda *a: None) if key in ("check", "reset") else {}})
+            AsyncPrecogPool(test_settings, **{key: value})
 
     @pytest.mark.asyncio
     async def test_configure_runs_after_the_library_setup(self, test_settings: DatabaseSettings) -> None:
@@ -222,6 +304,7 @@ class TestContract:
         assert type(apool._pool).__name__ == type(apool._waiting).__name__ == "deque"
         assert type(apool._stats).__name__ == "Counter"
         assert isinstance(apool._nconns_min, int) and isinstance(apool._min_size, int)
+        assert isinstance(apool._nconns, int)
         assert isinstance(apool._closed, bool) and isinstance(apool._drained_at, float)
         assert hasattr(apool, "_pool_full_event")
         async with aio.get_connection() as conn:

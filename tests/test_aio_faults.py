@@ -11,9 +11,6 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 import pytest_asyncio
-from conftest import Server
-from fault_proxy import fault_proxy
-from faults import own_server
 
 from precog_db import (
     CommitOutcomeUnknownError,
@@ -25,6 +22,9 @@ from precog_db import (
 )
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.fault_proxy import fault_proxy
+from tests._helpers.faults import own_server
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.asyncio
 

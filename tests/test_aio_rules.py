@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from conftest import Server
-from test_chokepoint import drop_database, make_database, sessions_on
 
 from precog_db import (
     DatabaseUnavailableError,
@@ -30,6 +28,8 @@ from precog_db import (
 from precog_db.apool import AsyncPrecogPool
 from precog_db.environment import Environment
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
+from tests.test_chokepoint import drop_database, make_database, sessions_on
 
 REPO = Path(__file__).resolve().parent.parent
 UNIQUE = uuid.uuid4().hex[:8]

@@ -13,15 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
-from conftest import Server
 from structlog.testing import capture_logs
 
 from precog_db import audit
 from precog_db.environment import Environment
-from precog_db.errors import EnvironmentNotAllowedError, ProductionAccessError
+from precog_db.errors import AuditLogError, AuditSettingError, EnvironmentNotAllowedError, ProductionAccessError
 from precog_db.gates import delete_all, truncate_tables
 from precog_db.pool import create_pool, initialize_pool
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.server import Server
 
 
 @pytest.fixture
@@ -110,7 +110,7 @@ class TestRecord:
         blocker = tmp_path / "file"
         blocker.write_text("")
         monkeypatch.setenv("PRECOG_AUDIT_LOG", str(blocker / "audit.log"))
-        with pytest.raises(audit.AuditLogError, match="cannot write the audit log"):
+        with pytest.raises(AuditLogError, match="cannot write the audit log"):
             audit.record("x", outcome="ok")
         with pytest.raises(OSError):
             audit.ensure_writable()
@@ -302,7 +302,7 @@ class TestConcurrentWriters:
         try:
             assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
             monkeypatch.setattr(audit, "LOCK_WAIT_S", 0.3)
-            with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock"):
+            with pytest.raises(AuditLogError, match=r"audit\.log\.lock"):
                 audit.record("x", outcome="ok")
         finally:
             holder.communicate(input="", timeout=30)
@@ -312,9 +312,9 @@ class TestConcurrentWriters:
     def test_an_unusable_lock_file_is_named_in_the_error(self, tmp_path: Path) -> None:
         """When <log>.lock cannot be opened, AuditLogError names the lock file rather than only the log."""
         (tmp_path / "logs" / "audit.log.lock").mkdir(parents=True)
-        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock: Is a directory"):
+        with pytest.raises(AuditLogError, match=r"audit\.log\.lock: Is a directory"):
             audit.record("x", outcome="ok")
-        with pytest.raises(audit.AuditLogError, match=r"audit\.log\.lock"):
+        with pytest.raises(AuditLogError, match=r"audit\.log\.lock"):
             audit.ensure_writable()
 
 
@@ -364,11 +364,11 @@ class TestRotationSettings:
     ) -> None:
         """A bad value names the variable and the fix, never the value; the library only warns about it."""
         monkeypatch.setenv(var, value)
-        with pytest.raises(audit.AuditSettingError, match=var) as caught:
+        with pytest.raises(AuditSettingError, match=var) as caught:
             audit.record("x", outcome="ok")
         assert value not in str(caught.value) and "unset it" in str(caught.value)
-        assert isinstance(caught.value, ValueError) and isinstance(caught.value, audit.AuditLogError)
-        with pytest.raises(audit.AuditSettingError, match=var):
+        assert isinstance(caught.value, ValueError) and isinstance(caught.value, AuditLogError)
+        with pytest.raises(AuditSettingError, match=var):
             audit.ensure_writable()
         with capture_logs() as logs:
             assert audit.record_safely("x", outcome="ok") is None
@@ -394,3 +394,46 @@ def test_cli_audits_a_url_with_empty_user_without_its_password(ws: Workspace) ->
     entry = ws.audit_entries()[-1]
     assert entry["outcome"] == "refused"
     assert "postgresql://:***@127.0.0.1:1/cli_db_prod" in entry["argv"]
+
+
+class TestRefusals:
+    def test_every_refusal_class_derives_from_refusal_error(self) -> None:
+        """The refusals are exactly the RefusalError subclasses, each audited as refused; other errors as failed."""
+        from precog_db import errors
+
+        refusals = {
+            errors.ConfirmationError,
+            errors.EnvironmentMismatchError,
+            errors.EnvironmentNotAllowedError,
+            errors.MigrationValidationError,
+            errors.ProductionAccessError,
+            errors.PromotionError,
+            errors.RestoredCopyError,
+            errors.UnstampedDatabaseError,
+        }
+        for name in errors.__all__:
+            cls = getattr(errors, name)
+            assert issubclass(cls, errors.PrecogDBError), name
+            assert issubclass(cls, errors.RefusalError) == (cls in refusals or cls is errors.RefusalError), name
+            expected = audit.REFUSED if issubclass(cls, errors.RefusalError) else audit.FAILED
+            assert audit.outcome_of(cls.__new__(cls)) == expected, name
+        for cls in refusals:
+            assert issubclass(cls, RuntimeError) and not hasattr(cls, "refusal"), cls
+
+    def test_recorded_errors_are_remembered_per_command_without_touching_them(self) -> None:
+        """mark_recorded remembers an error within one command_line block and sets no attribute on it."""
+        error = errors_for_test()
+        with audit.command_line(["precog-db", "env"]):
+            assert not audit.was_recorded(error)
+            audit.mark_recorded(error)
+            assert audit.was_recorded(error)
+            assert vars(error) == {}
+        with audit.command_line(["precog-db", "env"]):
+            assert not audit.was_recorded(error)
+
+
+def errors_for_test() -> Exception:
+    """A refusal as the CLI would see it."""
+    from precog_db.errors import ProductionAccessError
+
+    return ProductionAccessError("refused for the test")

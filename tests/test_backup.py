@@ -11,26 +11,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cli_helpers import SENTINEL, Workspace, tty_stdin, workspace
-from conftest import Server, start_throwaway_cluster
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from precog_db.backup import (
-    BackupError,
     archive_name,
     archive_prefix,
     backup,
     find_tool,
     prune,
     restore,
+    restore_database,
     retention,
-    tool_connection_args,
     verify,
 )
+from precog_db.connection import tool_connection_args
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
+from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
 from precog_db.stamp import read_stamp
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.server import Server, start_throwaway_cluster
 
 
 @pytest.fixture
@@ -192,6 +192,22 @@ class TestRestore:
         stamp = read_stamp(dev)
         assert stamp is not None and stamp.env is Environment.DEV and not stamp.is_copy
         assert "re-stamped it as dev (the dump carried the prod stamp)" in result.out
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"], entry["restamped"]) == ("restore", "ok", "prod -> dev")
+
+    def test_restore_database_restamps_from_python(self, ws: Workspace) -> None:
+        """backup.restore_database restores and re-stamps a prod dump into dev without the CLI, audited."""
+        ws.add("prod")
+        dev = ws.add("dev")
+        fill(ws, "prod", rows=3)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        made = backup(ws.databases["prod"], server_major=server_major(ws), root=ws.root / "b")
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        done = restore_database(dev, made.path, yes=True)
+        assert (done.entries > 0, done.restamped) == (True, "prod -> dev")
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(3,)]
+        stamp = read_stamp(dev)
+        assert stamp is not None and stamp.env is Environment.DEV and not stamp.is_copy
         entry = ws.audit_entries()[-1]
         assert (entry["operation"], entry["outcome"], entry["restamped"]) == ("restore", "ok", "prod -> dev")
 

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Server
-from fault_proxy import fault_proxy
 from psycopg import sql
 from structlog.testing import capture_logs
 
@@ -40,6 +38,8 @@ from precog_db import (
     stamp_database,
 )
 from precog_db.pool import create_pool
+from tests._helpers.fault_proxy import fault_proxy
+from tests._helpers.server import REPO, Server
 
 UNIQUE = uuid.uuid4().hex[:8]
 
@@ -83,7 +83,7 @@ def prod_like(pg_server: Server) -> Iterator[str]:
     drop_database(pg_server, name)
 
 
-def test_fork_child_cannot_truncate_through_the_parents_staging_pool(pg_server: Server) -> None:
+def test_fork_child_cannot_truncate_through_the_parents_staging_pool(pg_server: Server, tmp_path: Path) -> None:
     """A child forked from a process with a staging pool is refused by truncate_tables: the table keeps its rows."""
     name = make_database(pg_server, f"chk_staging_{UNIQUE}", rows=5)
     try:
@@ -96,13 +96,14 @@ def test_fork_child_cannot_truncate_through_the_parents_staging_pool(pg_server: 
         fields["password"] = str(fields["password"])
         env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("DB_", "PRECOG_"))}
         env["PRECOG_ENV"] = "dev"  # the child resolves dev, as in the reported attack
+        env["PRECOG_AUDIT_LOG"] = str(tmp_path / "audit.log")
         out = subprocess.run(
             [sys.executable, str(REPO / "tests" / "fork_gate_workload.py"), json.dumps(fields), "accounts"],
             capture_output=True,
             text=True,
             timeout=120,
             env=env,
-            cwd=REPO / "tests",
+            cwd=tmp_path,
             check=False,
         )
         assert out.returncode == 0, out.stderr[-2000:]

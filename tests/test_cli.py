@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
-from conftest import REPO, Server
 
 from precog_db.cli import Progress, build_parser, main
 from precog_db.stamp import read_stamp
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
+from tests._helpers.server import REPO, Server
 
 
 @pytest.fixture
@@ -302,7 +302,7 @@ class TestLocalAndMakefile:
             status_json = console_script(["--json", "local", "status"], cwd=tmp_path)
             assert json.loads(status_json.out)["running"] is False
         finally:
-            from precog_db.local_cluster import LocalCluster
+            from precog_db.local.cluster import LocalCluster
 
             LocalCluster(root).destroy()
 

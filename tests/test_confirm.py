@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 
 import pytest
-from cli_helpers import tty_stdin
 
-from precog_db.confirm import ConfirmationError, banner, require_confirmation, use_colour
+from precog_db.confirm import banner, require_confirmation, use_colour
 from precog_db.environment import Environment
-from precog_db.errors import ProductionAccessError
+from precog_db.errors import ConfirmationError, ProductionAccessError
 from precog_db.settings import DatabaseSettings
+from tests._helpers.cli import tty_stdin
 
 PROD = DatabaseSettings(env=Environment.PROD, host="db.internal", dbname="precog_prod", user="deploy")
 STAGING = DatabaseSettings(env=Environment.STAGING, dbname="precog_staging")

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any, assert_type
+
 import psycopg
 import pytest
-from conftest import Server
 from psycopg.rows import tuple_row
 
 from precog_db import ReadOnlyWriteError, close_pool, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest.fixture
@@ -176,3 +178,26 @@ class TestForgottenCommit:
             with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info, conn.transaction():
                 conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
         assert not isinstance(info.value, ReadOnlyWriteError)
+
+
+class TestPublicSignature:
+    def test_rows_are_typed_dicts_by_default(self, table: str) -> None:
+        """get_cursor() is typed Cursor[dict[str, Any]] (checked by mypy over the tests) and yields dicts."""
+        with get_cursor() as cur:
+            cur.execute("SELECT 1 AS one")
+            row = cur.fetchone()
+        assert_type(row, dict[str, Any] | None)
+        assert row == {"one": 1}
+
+    def test_a_row_factory_sets_the_row_type(self, table: str) -> None:
+        """get_cursor(row_factory=tuple_row) is typed by its factory and yields tuples."""
+        with get_cursor(row_factory=tuple_row) as cur:
+            cur.execute("SELECT 1, 'a'")
+            row = cur.fetchone()
+        assert_type(row, tuple[Any, ...] | None)
+        assert row == (1, "a")
+
+    def test_commit_is_keyword_only(self) -> None:
+        """get_cursor(True) is a TypeError: a bare True does not say that it commits."""
+        with pytest.raises(TypeError):
+            get_cursor(True)  # type: ignore[call-overload]

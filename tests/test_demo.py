@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import console_script
-from conftest import REPO
 
-from precog_db.local_cluster import LocalCluster, free_port, local_up
+from precog_db.local.cluster import LocalCluster, free_port, local_up
+from tests._helpers.cli import console_script
+from tests._helpers.server import REPO
 
 MARKER = "# written by precog-db local up"
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import REPO
 
-from precog_db import embedded, local_cluster
-from precog_db.errors import ConfigurationError
-from precog_db.local_cluster import LocalCluster, LocalClusterError, find_server_binaries, local_up
+from precog_db.errors import ConfigurationError, EmbeddedPostgresError, LocalClusterError
+from precog_db.local import binaries, embedded
+from precog_db.local import cluster as local_cluster
+from precog_db.local.binaries import find_server_binaries
+from precog_db.local.cluster import LocalCluster, local_up
+from tests._helpers.server import REPO
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
@@ -106,7 +108,7 @@ class TestLookup:
 
     def test_embedded_when_nothing_is_installed(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """With no PostgreSQL on the machine the default lookup falls back to the embedded server."""
-        monkeypatch.setattr(local_cluster, "_system_candidates", list)
+        monkeypatch.setattr(binaries, "system_bindirs", list)
         found = find_server_binaries()
         assert found.kind == "embedded"
         assert (found.bindir / "initdb").is_file()
@@ -115,7 +117,7 @@ class TestLookup:
     def test_installed_binaries_win_over_embedded(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Binaries installed on the machine are preferred to the embedded ones."""
         installed = installed_package() / "pginstall" / "bin"  # stands in for a system installation
-        monkeypatch.setattr(local_cluster, "_system_candidates", lambda: [(installed, "standard location")])
+        monkeypatch.setattr(binaries, "system_bindirs", lambda: [(installed, "standard location")])
         found = find_server_binaries()
         assert (found.kind, found.bindir, found.found_by) == ("system", installed, "standard location")
         assert "installed on this machine" in found.describe()
@@ -123,13 +125,13 @@ class TestLookup:
     def test_search_embedded_skips_installed_binaries(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """PRECOG_PG_SEARCH=embedded ignores binaries installed on the machine."""
         installed = installed_package() / "pginstall" / "bin"
-        monkeypatch.setattr(local_cluster, "_system_candidates", lambda: [(installed, "standard location")])
+        monkeypatch.setattr(binaries, "system_bindirs", lambda: [(installed, "standard location")])
         monkeypatch.setenv("PRECOG_PG_SEARCH", "embedded")
         assert find_server_binaries().kind == "embedded"
 
     def test_search_system_refuses_embedded_with_three_fixes(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """PRECOG_PG_SEARCH=system never uses the embedded server; the error names the three fixes."""
-        monkeypatch.setattr(local_cluster, "_system_candidates", list)
+        monkeypatch.setattr(binaries, "system_bindirs", list)
         monkeypatch.setenv("PRECOG_PG_SEARCH", "system")
         with pytest.raises(LocalClusterError) as info:
             find_server_binaries()
@@ -141,7 +143,7 @@ class TestLookup:
 
     def test_nothing_available_names_three_fixes(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without installed binaries and without the extra, one message names the three ways out."""
-        monkeypatch.setattr(local_cluster, "_system_candidates", list)
+        monkeypatch.setattr(binaries, "system_bindirs", list)
         monkeypatch.setattr(embedded, "embedded_package_dir", lambda: None)
         with pytest.raises(LocalClusterError) as info:
             find_server_binaries()
@@ -174,7 +176,7 @@ class TestLookup:
 
     def test_existing_data_needs_its_major_version(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Binaries of another major version than the data directory's are never picked."""
-        monkeypatch.setattr(local_cluster, "_system_candidates", list)
+        monkeypatch.setattr(binaries, "system_bindirs", list)
         assert find_server_binaries(major=16).kind == "embedded"
         with pytest.raises(LocalClusterError, match="no PostgreSQL 15 server binaries"):
             find_server_binaries(major=15)
@@ -210,9 +212,13 @@ class TestEmbeddedPackage:
             assert os.stat(dirpath).st_mode & 0o777 == 0o755, dirpath
             for name in files:
                 assert os.lstat(Path(dirpath) / name).st_mode & 0o022 == 0, name
-        as_user = {"user": "postgres"} if IS_ROOT else {}
         version = subprocess.run(
-            [str(bindir / "initdb"), "--version"], capture_output=True, text=True, check=True, cwd="/", **as_user
+            [str(bindir / "initdb"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd="/",
+            user="postgres" if IS_ROOT else None,
         )
         assert "16." in version.stdout
         # The second call reuses the copy.
@@ -230,7 +236,7 @@ class TestEmbeddedPackage:
         assert bindir is not None
         (target,) = cache.iterdir()
         target.chmod(0o777)
-        with pytest.raises(embedded.EmbeddedPostgresError, match="remove it"):
+        with pytest.raises(EmbeddedPostgresError, match="remove it"):
             embedded.embedded_bindir(shared=True, package_dir=private / "site" / "pgserver", cache_parent=cache)
 
 
@@ -244,7 +250,7 @@ class TestEmbeddedServer:
             """
             from pathlib import Path
             import psycopg
-            from precog_db.local_cluster import local_up
+            from precog_db.local.cluster import local_up
             cluster, done = local_up(Path(".precog"), Path("config"))
             print("\\n".join(done))
             with psycopg.connect(cluster.conninfo("precog_dev"), autocommit=True) as conn:
@@ -264,7 +270,7 @@ class TestEmbeddedServer:
         second = run_python(
             """
             from pathlib import Path
-            from precog_db.local_cluster import local_up
+            from precog_db.local.cluster import local_up
             cluster, done = local_up(Path(".precog"), Path("config"))
             print("\\n".join(done))
             """,
@@ -386,7 +392,7 @@ class TestStaleServer:
         cluster, _ = local_up(workdir / ".precog", workdir / "config", envs=("dev",))
         cluster.stop()
         # A live process of the server's user, as after a reboot that reused the pid.
-        other = subprocess.Popen(["sleep", "120"], **({"user": "postgres"} if IS_ROOT else {}))
+        other = subprocess.Popen(["sleep", "120"], user="postgres" if IS_ROOT else None)
         try:
             (cluster.data_dir / "postmaster.pid").write_text(f"{other.pid}\n{cluster.data_dir}\n")
             assert not cluster.running()
@@ -409,7 +415,7 @@ class TestStaleServer:
         gone = subprocess.Popen(["true"])
         gone.wait()
         pid_file.write_text(f"{gone.pid}\n{cluster.data_dir}\n")
-        leftover = subprocess.Popen(["sleep", "120"], cwd=cluster.data_dir, **({"user": "postgres"} if IS_ROOT else {}))
+        leftover = subprocess.Popen(["sleep", "120"], cwd=cluster.data_dir, user="postgres" if IS_ROOT else None)
         try:
             with pytest.raises(LocalClusterError, match=f"processes {leftover.pid} still run.*kill {leftover.pid}"):
                 cluster._clear_stale_pid(leftovers_wait=0.5)

@@ -60,7 +60,7 @@ class TestGetEnvironment:
 
     def test_environment_is_a_str_enum(self) -> None:
         """Environment members compare equal to their string values."""
-        assert Environment.PROD == "prod"
+        assert Environment.PROD == "prod"  # type: ignore[comparison-overlap]
         assert str(Environment.STAGING) == "staging"
 
 

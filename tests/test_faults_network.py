@@ -16,9 +16,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import Server
-from fault_proxy import FaultProxy, fault_proxy
-from faults import own_server, report, settled_pool_stats, wait_until
 
 from precog_db import (
     CommitOutcomeUnknownError,
@@ -28,6 +25,9 @@ from precog_db import (
     initialize_pool,
 )
 from precog_db.settings import DatabaseSettings
+from tests._helpers.fault_proxy import FaultProxy, fault_proxy
+from tests._helpers.faults import own_server, report, settled_pool_stats, wait_until
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.fault
 

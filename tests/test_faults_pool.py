@@ -16,10 +16,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from faults import own_server, pool_sessions, report, settled_pool_stats
 from psycopg.pq import TransactionStatus
 
 from precog_db import PoolExhaustedError, get_connection, get_cursor, initialize_pool
+from tests._helpers.faults import own_server, pool_sessions, report, settled_pool_stats
 
 pytestmark = pytest.mark.fault
 
@@ -137,8 +137,8 @@ class TestLeakSoak:
             elapsed = time.monotonic() - started
 
             total: dict[str, int] = {}
-            for c in counts:
-                for k, v in c.items():
+            for count in counts:
+                for k, v in count.items():
                     total[k] = total.get(k, 0) + v
             assert sum(total.values()) == _SOAK_BLOCKS, f"only {sum(total.values())} blocks within the time bound"
             assert set(total) == {"ok", "_Boom", "DivisionByZero", "ReadOnlyWriteError"}, total
@@ -149,10 +149,10 @@ class TestLeakSoak:
             assert stats.get("requests_waiting", 0) == 0 and stats.get("returns_bad", 0) == 0, stats
             assert stats["connections_num"] == 4, "a block cost a connection"
             with get_connection() as a, get_connection() as b, get_connection() as c, get_connection() as d:
-                for conn in (a, b, c, d):
-                    assert conn.info.transaction_status == TransactionStatus.IDLE
-                    assert conn.autocommit is True and conn.read_only is False
-                    row = conn.execute("SHOW default_transaction_read_only").fetchone()
+                for held in (a, b, c, d):
+                    assert held.info.transaction_status == TransactionStatus.IDLE
+                    assert held.autocommit is True and held.read_only is False
+                    row = held.execute("SHOW default_transaction_read_only").fetchone()
                     assert row == ("on",)
             sessions = pool_sessions(server)
             assert len(sessions) == 4 and all(state == "idle" for _, state in sessions), sessions

@@ -15,8 +15,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
-from faults import APP, Workload, own_server, pool_sessions, report, settled_pool_stats, wait_until
 
 import precog_db.pool as pool_module
 from precog_db import (
@@ -28,6 +26,8 @@ from precog_db import (
     get_pool,
     initialize_pool,
 )
+from tests._helpers.faults import APP, Workload, own_server, pool_sessions, report, settled_pool_stats, wait_until
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.fault
 

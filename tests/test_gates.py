@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from conftest import Server
 from structlog.testing import capture_logs
 
 from precog_db import (
@@ -18,6 +17,7 @@ from precog_db import (
     truncate_tables,
 )
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest.fixture

@@ -18,11 +18,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg.pq import TransactionStatus
 
 from precog_db import PoolExhaustedError, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 _BLOCKS = 1500
 _TIME_BOUND = 90.0

@@ -14,13 +14,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg import IsolationLevel
 from psycopg.pq import Trace
 
 from precog_db import get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.session import changes_session
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 @pytest.fixture
@@ -242,12 +242,13 @@ def _traced(tmp_path: Path, blocks: Callable[[], None]) -> tuple[int, list[str]]
     """Round trips (ReadyForQuery) and queries sent while ``blocks`` runs on the pool's one connection."""
     trace = tmp_path / "trace.txt"
     with trace.open("w") as fh:
-        with get_connection() as conn:
+        with get_cursor() as cur:  # a get_connection() block would add its own reset to the trace
+            conn = cur.connection
             conn.pgconn.trace(fh.fileno())
             conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
         blocks()
-        with get_connection() as conn:
-            conn.pgconn.untrace()
+        with get_cursor() as cur:
+            cur.connection.pgconn.untrace()
     lines = trace.read_text().splitlines()
     round_trips = [line for line in lines if "\tReadyForQuery" in line and line.startswith("B")]
     sent = [line.split("\t")[3] for line in lines if line.startswith("F") and "\tQuery\t" in line]

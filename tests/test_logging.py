@@ -7,14 +7,15 @@ import json
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 import structlog
-from conftest import REPO, Server
 from structlog.testing import capture_logs
 
 from precog_db import Environment, configure_logging, initialize_pool
 from precog_db.log import PoolLogForwarder, get_logger, mask_secrets, pool_event, redact, unroute_pool_logging
+from tests._helpers.server import REPO, Server
 
 SECRET = "Sentinel-pw-31337"
 
@@ -104,7 +105,7 @@ if mode == "structlog":
     )
 elif mode == "stdlib":
     logging.basicConfig(stream=sys.stdout, format="STDLIB %(name)s %(levelname)s %(message)s")
-from fault_proxy import FaultProxy
+from tests._helpers.fault_proxy import FaultProxy
 from precog_db import close_pool, get_cursor, get_pool, initialize_pool, load_settings
 
 failed = threading.Event()
@@ -135,7 +136,7 @@ def run_service(pg_server: Server, mode: str) -> subprocess.CompletedProcess[str
     """Run SERVICE against a fresh unstamped database in a subprocess; fail with its output if it failed."""
     db = pg_server.fresh_database("precog_logging")
     code = SERVICE.format(
-        tests=str(REPO / "tests"),
+        tests=str(REPO),
         host=pg_server.host,
         port=pg_server.port,
         db=db,
@@ -217,3 +218,10 @@ class TestWhereLibraryLogsGo:
         captured = capsys.readouterr()
         assert captured.out == ""
         assert "hello_library" in captured.err and "hunter2" not in captured.err
+
+
+def test_configure_logging_takes_keywords_only() -> None:
+    """`configure_logging(True)` is a TypeError: the flag must be spelled `json=True`."""
+    with pytest.raises(TypeError):
+        untyped: Any = configure_logging  # the type checker refuses the call too; this checks the runtime
+        untyped(True)

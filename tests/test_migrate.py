@@ -11,13 +11,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from cli_helpers import SENTINEL, Workspace, console_script, tty_stdin, workspace
-from conftest import Server
 
 from precog_db import migrations
 from precog_db.backup import find_tool
-from precog_db.errors import ConfigurationError
-from precog_db.migrations import LOCK_KEY, MigrationError, checksum_of, discover, new_migration
+from precog_db.errors import ConfigurationError, MigrationError, MigrationLockError, PromotionError
+from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
+from tests._helpers.server import Server
 
 MARKETS = "CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);\n"
 TRADES = "CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets, note text DEFAULT '100%');\n"
@@ -215,6 +215,30 @@ class TestBaseline:
         assert "no migration file with version 7" in result.err
 
 
+class TestFromPython:
+    def test_upgrade_is_the_cli_workflow_callable_from_python(self, ws: Workspace) -> None:
+        """migrations.upgrade applies, audits and enforces the promotion check without the CLI."""
+        ws.add("test")
+        staging = ws.add("staging")
+        two_migrations(ws)
+        directory = ws.root / "migrations"
+        with pytest.raises(PromotionError, match="not applied to test"):
+            migrations.upgrade(staging, directory=directory, config_dir=ws.config, confirm_database=staging.dbname)
+        assert not ws.has_table("staging", "markets")
+        done = migrations.upgrade(ws.databases["test"], directory=directory, config_dir=ws.config)
+        assert [a["file"] for a in done.applied] == ["0001_create_markets.sql", "0002_create_trades.sql"]
+        seen: list[str] = []
+
+        def confirm(action: str) -> str:
+            seen.append(action)
+            return "approved by the deploy job"
+
+        promoted = migrations.upgrade(staging, directory=directory, config_dir=ws.config, confirm=confirm)
+        assert seen == ["apply 2 migration(s)"] and promoted.promotion.startswith("passed: test has applied all 2")
+        assert ws.has_table("staging", "trades")
+        assert [e["outcome"] for e in ws.audit_entries() if e["operation"] == "migrate up"] == ["refused", "ok", "ok"]
+
+
 class TestLock:
     def test_second_run_waits_for_the_lock_then_applies_nothing_twice(self, ws: Workspace) -> None:
         """While another session holds the lock, up says so and waits; afterwards each file is applied once."""
@@ -244,6 +268,41 @@ class TestLock:
         assert "holds the migration lock on this database; waiting" in results[0].err
         assert [v for v, _ in ws.ledger("test")] == [1, 2]
 
+    def test_waiting_is_one_blocking_lock_call_bounded_by_lock_timeout(self, ws: Workspace) -> None:
+        """A waiting run sits in one pg_advisory_lock (an advisory-lock wait, no polling); 55P03 ends it."""
+        settings = ws.add("test")
+        with ws.server.connect(settings.dbname) as holder, ws.server.connect(settings.dbname) as waiter:
+            holder.execute("SELECT pg_advisory_lock(%s)", (signed(LOCK_KEY),))
+            waiter_pid = waiter.info.backend_pid
+            outcome: list[BaseException | None] = []
+
+            def wait() -> None:
+                try:
+                    with migrations.migration_lock(waiter, timeout=3):
+                        outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            runner = threading.Thread(target=wait)
+            runner.start()
+            seen: list[tuple[str | None, str | None]] = []
+            deadline = time.monotonic() + 2.5
+            while time.monotonic() < deadline and len(seen) < 10:
+                # Only samples taken while a statement runs: between its statements (setting the lock
+                # timeout, then after the timeout) the waiter is idle in ClientRead, which says nothing
+                # about how it waits. A polling waiter never shows an advisory-lock wait while active.
+                row = holder.execute(
+                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+                    (waiter_pid,),
+                ).fetchone()
+                if row is not None and row[0] is not None:
+                    seen.append((row[0], row[1]))
+                time.sleep(0.1)
+            runner.join(10)
+        assert seen and set(seen) == {("Lock", "advisory")}, seen
+        assert len(outcome) == 1 and isinstance(outcome[0], MigrationLockError), outcome
+        assert "gave up after 3s waiting for the migration lock" in str(outcome[0])
+
     def test_lock_timeout_fails_clearly(self, ws: Workspace) -> None:
         """With the lock held past --lock-timeout, up fails naming the holder, and applies nothing."""
         settings = ws.add("test")
@@ -265,7 +324,7 @@ class TestLock:
         import os
         import sys
 
-        from cli_helpers import REPO
+        from tests._helpers.server import REPO
 
         script = Path(sys.executable).with_name("precog-db")
         procs = [

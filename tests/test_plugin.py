@@ -6,11 +6,11 @@ import os
 from collections.abc import Callable
 
 import pytest
-from conftest import Server
 from psycopg import sql
 
 from precog_db import stamp_database
 from precog_db.plugin import derived_name
+from tests._helpers.server import Server
 
 pytest_plugins = ["pytester"]
 

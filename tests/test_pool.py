@@ -9,7 +9,6 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg.pq import Trace
 from structlog.testing import capture_logs
 
@@ -27,8 +26,9 @@ from precog_db import (
     initialize_pool,
     stamp_database,
 )
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 SECRET = "pw-Sentinel-77x"
 
@@ -51,7 +51,7 @@ class TestOpening:
         pool_repr = ""
         try:
             pool = initialize_pool(settings=settings)
-            pool_repr = repr(pool) + pool.conninfo
+            pool_repr = repr(pool) + str(pool.conninfo)
         except DatabaseUnavailableError:
             pass  # trust auth may still accept; either way check what we built
         assert SECRET not in pool_repr
@@ -201,7 +201,8 @@ class TestDeadConnections:
             cur.execute("CREATE TABLE IF NOT EXISTS rt_probe (x int)")
         trace = tmp_path / "trace.txt"
         with trace.open("w") as fh:
-            with get_connection() as conn:
+            with get_cursor() as cur:  # a get_connection() block would add its own reset to the trace
+                conn = cur.connection
                 conn.pgconn.trace(fh.fileno())
                 conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS | Trace.REGRESS_MODE)
             for _ in range(3):
@@ -209,8 +210,8 @@ class TestDeadConnections:
                     cur.execute("SELECT 1")
             with get_cursor(commit=True) as cur:
                 cur.execute("INSERT INTO rt_probe VALUES (1)")
-            with get_connection() as conn:
-                conn.pgconn.untrace()
+            with get_cursor() as cur:
+                cur.connection.pgconn.untrace()
         lines = trace.read_text().splitlines()
         round_trips = [line for line in lines if "\tReadyForQuery" in line and line.startswith("B")]
         sent = [line.split("\t")[3] for line in lines if line.startswith("F") and "\tQuery\t" in line]

@@ -10,12 +10,12 @@ import time
 
 import psycopg
 import pytest
-from conftest import Server
 from psycopg_pool import PoolClosed
 
 from precog_db import PoolExhaustedError, PoolStateError, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.pool import PrecogPool, _Slot, _Waiter
 from precog_db.settings import DatabaseSettings
+from tests._helpers.server import Server
 
 
 def _backend(pool: PrecogPool) -> int:

@@ -20,12 +20,12 @@ from typing import Any
 import psycopg
 import psycopg_pool
 import pytest
-from conftest import Server
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, WaitingClient
 
 import precog_db.pool as precog_pool
+from tests._helpers.server import Server
 
 POOL_SOURCE = Path(precog_pool.__file__)
 WHY = (
@@ -45,6 +45,7 @@ METHODS: dict[str, tuple[str, ...]] = {
     "_check_open_getconn": (),
     "_maybe_grow_pool": (),
     "schedule_task": ("task", "delay"),  # overridden: counts the retries of failed connection attempts
+    "drain": (),  # public, wrapped: replaces every connection after a credential rotation (3.3+)
 }
 #: Statistics keys (class constants) that `PrecogPool` increments itself.
 STAT_KEYS = (
@@ -105,11 +106,31 @@ OWN_NAMES = {
     "_conn",
     "_graves",
     "_hand_over",
-    "_lend_checked",
+    "_lend_once",
+    "_passes_check",
     "_lend_waiting",
     "_retire",
     "_served",
     "_user_configure",
+    "_connection_kwargs",
+    "_lent_after_wait",
+    "_metrics_state",
+    "_precog_conns",
+    "_precog_lent",
+    "_fold_metrics_soon",
+    "_returns",
+    "_precog_conns_lock",
+    "_deferred",
+    "_deferred_from_main_thread",
+    "_janitor",
+    "_janitor_loop",
+    # issue 13 (precog_db.topology): pooler setup, failover reconnect cap, hot-standby discard
+    "_max_reconnect_delay",
+    "_refuse_standby",
+    "_precog_writer",
+    "_reconfigure",
+    "_session_setup",
+    "_writer",
 }
 
 
@@ -194,6 +215,29 @@ class TestPsycopgPoolContract:
         )
         params = tuple(inspect.signature(AddConnection).parameters)
         assert params[:3] == ("pool", "attempt", "growing"), broken("pool.AddConnection", f"now takes {params}")
+
+    def test_callable_kwargs_are_resolved_for_every_connection(self, pg_server: Server, test_db: str) -> None:
+        """A callable ``kwargs=`` is called for each new connection, drain() included (how rotated passwords work)."""
+        calls: list[int] = []
+
+        def kwargs() -> dict[str, Any]:
+            calls.append(1)
+            return {"application_name": f"contract-{len(calls)}"}
+
+        pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            pg_server.conninfo(test_db), kwargs=kwargs, min_size=1, max_size=1, open=False, name="contract-kw"
+        )
+        pool.open(wait=True, timeout=30)
+        try:
+            with pool.connection() as conn:
+                first = conn.execute("SELECT current_setting('application_name')").fetchone()
+            pool.drain()
+            with pool.connection(timeout=30) as conn:
+                second = conn.execute("SELECT current_setting('application_name')").fetchone()
+        finally:
+            pool.close()
+        assert first == ("contract-1",), broken("ConnectionPool(kwargs=callable)", "the callable is not used")
+        assert second == ("contract-2",), broken("ConnectionPool.drain", "did not reopen with fresh kwargs")
 
     @pytest.mark.parametrize(("name", "params"), [("set", ("conn",)), ("fail", ("error",))])
     def test_waiter_interface(self, name: str, params: tuple[str, ...]) -> None:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import yaml
-from conftest import REPO
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 import precog_db
+from tests._helpers.server import REPO
 
 
 class TestDockerCompose:
@@ -106,6 +108,30 @@ class TestPublicApi:
             "ProductionAccessError",
         ):
             assert name in precog_db.__all__
+
+    def test_import_and_cli_env_do_not_import_the_driver(self, tmp_path: Path) -> None:
+        """`import precog_db`, `import precog_db.cli`, `precog-db env` and `--help` never import psycopg."""
+        probe = (
+            "import sys, contextlib, io\n"
+            "import precog_db, precog_db.cli\n"
+            "assert 'psycopg' not in sys.modules, 'import'\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    assert precog_db.cli.main(['env']) == 0\n"
+            "    assert precog_db.cli.main(['--help']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('psycopg', 'psycopg_pool')))\n"
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_"))}
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"
+
+    def test_version_is_the_installed_distribution_version(self) -> None:
+        """`precog_db.__version__` is the one source of the version the installed distribution reports."""
+        from importlib.metadata import version
+
+        assert precog_db.__version__ == version("precog-db")
 
     def test_ships_py_typed(self) -> None:
         """The package is marked as typed."""

@@ -31,8 +31,6 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import Server
-from faults import own_server
 from psycopg import sql
 
 from precog_db import (
@@ -42,14 +40,19 @@ from precog_db import (
     delete_all,
     get_connection,
     get_cursor,
+    get_pool,
     initialize_pool,
     load_settings,
+    pool_metrics,
     truncate_tables,
 )
 from precog_db.cli import main as cli_main
+from precog_db.connection import connect, tool_connection_args
 from precog_db.environment import Environment
-from precog_db.local_cluster import free_port
+from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
+from tests._helpers.faults import own_server
+from tests._helpers.server import Server
 
 pytestmark = pytest.mark.fault
 
@@ -247,7 +250,6 @@ def test_sentinel_password_appears_nowhere(
     printed = capfd.readouterr()
     audit_text = audit_log.read_text(encoding="utf-8") if audit_log.exists() else ""
     records = caplog.records
-    logged = "\n".join(f"{r.name} {r.levelname} {r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in records)
 
     assert len(cap.raised) >= 12, [type(e).__name__ for e in cap.raised]
     kinds = {type(e).__name__ for e in cap.raised}
@@ -257,19 +259,27 @@ def test_sentinel_password_appears_nowhere(
     assert audit_text.count("\n") >= 3, "the audit log recorded the refusals and gated calls"
     assert any(r.name.startswith("psycopg") for r in records), "psycopg's own logging was captured"
     assert cap.events, "structlog events were captured"
+    assert_nowhere(SENTINEL, cap, printed, records, audit_text)
 
+
+def assert_nowhere(
+    secret: str, cap: Capture, printed: Any, records: list[logging.LogRecord], audit_text: str, *extra: str
+) -> None:
+    """``secret`` is in none of the places a password could leak to (see the module docstring)."""
+    logged = "\n".join(f"{r.name} {r.levelname} {r.getMessage()} {r.args!r} {r.exc_text or ''}" for r in records)
     places = {
         "stdout": printed.out,
         "stderr": printed.err,
         "stdlib logging": logged,
         "structlog events (raw, before masking)": repr(cap.events),
         "audit log": audit_text,
+        **{f"extra {i}": text for i, text in enumerate(extra)},
     }
     for where, text in places.items():
-        assert SENTINEL not in text, f"the password leaked into {where}"
-    for exc in cap.raised:
-        for text in _renderings(exc):
-            assert SENTINEL not in text, f"the password leaked through {type(exc).__name__}: {text[:300]}"
+        assert secret not in text, f"the password leaked into {where}"
+    for raised in cap.raised:
+        for text in _renderings(raised):
+            assert secret not in text, f"the password leaked through {type(raised).__name__}: {text[:300]}"
 
 
 def _select() -> None:
@@ -340,3 +350,108 @@ def _workload(cap: Capture, server: Server) -> None:
     cap.attempt(lambda: delete_all("trades\x00; DROP TABLE trades"))
     with get_connection() as conn, conn.transaction():
         conn.execute("INSERT INTO trades VALUES (4, 40)")
+
+
+FILE_SENTINEL = "F1le-S3ntinel-Rotat3d"
+PROVIDER_SENTINEL = "Pr0vider-S3ntinel-T0ken"
+
+
+def test_password_file_and_provider_values_appear_nowhere(
+    scram_server: Server,
+    logging_captured: Capture,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Passwords read from DB_PASSWORD_FILE or returned by a provider, in success and failure paths, leak nowhere."""
+    caplog.set_level(logging.DEBUG)
+    for name in ("psycopg", "psycopg.pool", "precog_db"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    audit_log = tmp_path / "audit.log"
+    monkeypatch.setenv("PRECOG_AUDIT_LOG", str(audit_log))
+    cap = logging_captured
+    server = scram_server
+    with server.connect() as admin:
+        for role, secret in ((APP_ROLE, FILE_SENTINEL), (OTHER_ROLE, PROVIDER_SENTINEL)):
+            admin.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(sql.Identifier(role), sql.Literal(secret)))
+    secret_file = tmp_path / "db-password"
+    secret_file.write_text(FILE_SENTINEL + "\n")
+    secret_file.chmod(0o600)
+    token = {"value": PROVIDER_SENTINEL}
+
+    def provider() -> str:
+        return token["value"]
+
+    def app(**kw: Any) -> DatabaseSettings:
+        fields: dict[str, Any] = {
+            "user": APP_ROLE, "password": "", "password_file": str(secret_file), "pool_min": 2, "pool_max": 2,
+            "pool_timeout": 1.0, "connect_timeout": 2, "statement_timeout_ms": 1000,
+        }  # fmt: skip
+        fields.update(kw)
+        return server.settings("hygiene_test", **fields)
+
+    by_provider = app(user=OTHER_ROLE, password_file="", password_provider=provider)
+    assert "password_provider" not in repr(by_provider) and "provider" not in str(by_provider)
+
+    # 1. The pool on the file, with the everyday failures; a rotation to a wrong value and back; drain().
+    initialize_pool(settings=app())
+    _workload(cap, server)
+    pool = get_pool()
+    secret_file.write_text(FILE_SENTINEL + "-wrong\n")
+    pool.drain()
+    cap.attempt(_select)
+    cap.attempt(lambda: connect(app(), operation="hygiene"))
+    secret_file.write_text(FILE_SENTINEL + "\n")
+    pool.drain()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            _select()
+            break
+        except PrecogDBError as exc:
+            cap.raised.append(exc)
+            time.sleep(0.2)
+    metrics_text = repr(pool_metrics())
+    close_pool()
+
+    # 2. The pool on the provider; the provider failing and returning garbage holding the token.
+    initialize_pool(settings=by_provider)
+    _select()
+    token["value"] = PROVIDER_SENTINEL + "\x00"
+    cap.attempt(lambda: connect(by_provider, operation="hygiene"))
+    token["value"] = PROVIDER_SENTINEL + "-wrong"
+    cap.attempt(lambda: connect(by_provider, operation="hygiene"))
+    cap.attempt(lambda: tool_connection_args(by_provider.replace(dbname="hygiene_staging", env="staging")))
+    token["value"] = PROVIDER_SENTINEL
+    args, _env = tool_connection_args(by_provider)
+    close_pool()
+
+    # 3. Unusable files holding the value: NUL inside, readable by others in staging.
+    secret_file.write_text(FILE_SENTINEL + "\x00\n")
+    cap.attempt(lambda: connect(app(), operation="hygiene"))
+    secret_file.write_text(FILE_SENTINEL + "\n")
+    secret_file.chmod(0o644)
+    cap.attempt(lambda: connect(app(dbname="hygiene_staging", env=Environment.STAGING), operation="hygiene"))
+    secret_file.chmod(0o600)
+
+    # 4. The command line with DB_PASSWORD_FILE in the environment.
+    monkeypatch.setenv("DB_HOST", server.host)
+    monkeypatch.setenv("DB_PORT", str(server.port))
+    monkeypatch.setenv("DB_USER", APP_ROLE)
+    monkeypatch.setenv("DB_PASSWORD_FILE", str(secret_file))
+    monkeypatch.setenv("DB_NAME", "hygiene_test")
+    monkeypatch.setenv("DB_SSLMODE", "disable")
+    empty = tmp_path / "empty-config"
+    empty.mkdir()
+    common = ["--env", "test", "--config-dir", str(empty)]
+    codes = [cli_main([*common, "env"]), cli_main([*common, "--json", "env"]), cli_main([*common, "check"])]
+    assert codes == [0, 0, 0], codes
+
+    printed = capfd.readouterr()
+    audit_text = audit_log.read_text(encoding="utf-8") if audit_log.exists() else ""
+    kinds = {type(e).__name__ for e in cap.raised}
+    assert {"DatabaseUnavailableError", "ConfigurationError", "PoolExhaustedError"} <= kinds, kinds
+    assert "password authentication failed" in " ".join(str(e) for e in cap.raised)
+    for secret in (FILE_SENTINEL, PROVIDER_SENTINEL):
+        assert_nowhere(secret, cap, printed, caplog.records, audit_text, metrics_text, repr(args))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import Server, start_throwaway_cluster
 from psycopg import sql
 from structlog.testing import capture_logs
 
@@ -27,10 +26,11 @@ from precog_db import (
     read_stamp,
     stamp_database,
 )
-from precog_db.guard import current_os_user
-from precog_db.local_cluster import find_postgres_bindir
+from precog_db._secrets import current_os_user
+from precog_db.local.binaries import find_postgres_bindir
 from precog_db.pool import active_pool, close_pool
 from precog_db.stamp import TABLE, stamp_command
+from tests._helpers.server import Server, start_throwaway_cluster
 
 # Role and database names per outer xdist worker, in case they share a server (PRECOG_TEST_DSN).
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
@@ -51,7 +51,7 @@ def admin(pg_server: Server, dbname: str, query: str) -> list[tuple[object, ...]
 
 
 def system_identifier(pg_server: Server) -> int:
-    return int(admin(pg_server, pg_server.admin_db, "SELECT system_identifier FROM pg_control_system()")[0][0])
+    return int(str(admin(pg_server, pg_server.admin_db, "SELECT system_identifier FROM pg_control_system()")[0][0]))
 
 
 def has_meta_schema(pg_server: Server, dbname: str) -> bool:

@@ -3,7 +3,7 @@
 This is the only module that knows about the ``pgserver`` package, so it can be
 replaced without touching anything else (see docs/EMBEDDED.md). It supplies one
 thing: a directory holding ``initdb``, ``pg_ctl`` and ``postgres``, which
-:class:`precog_db.local_cluster.LocalCluster` then drives exactly like binaries
+:class:`precog_db.local.cluster.LocalCluster` then drives exactly like binaries
 installed on the machine.
 
 pgserver is located with ``importlib`` and never imported. Its own start-up
@@ -28,19 +28,18 @@ import importlib.util
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 from pathlib import Path
 
-from precog_db.errors import PrecogDBError
+from precog_db.errors import EmbeddedPostgresError
 
 __all__ = [
     "EXTRA",
     "INSTALL_HINT",
-    "EmbeddedPostgresError",
+    "PACKAGE",
     "embedded_bindir",
-    "embedded_description",
     "embedded_package_dir",
+    "package_version",
 ]
 
 PACKAGE = "pgserver"
@@ -51,10 +50,6 @@ INSTALL_HINT = (
 )
 _EXECUTABLES = ("initdb", "pg_ctl", "postgres")
 _COMPLETE = ".precog-complete"
-
-
-class EmbeddedPostgresError(PrecogDBError, RuntimeError):
-    """The embedded PostgreSQL is installed but cannot be made usable."""
 
 
 def embedded_package_dir() -> Path | None:
@@ -72,31 +67,12 @@ def _has_server(bindir: Path) -> bool:
     return all((bindir / name).is_file() for name in _EXECUTABLES)
 
 
-def _package_version() -> str:
+def package_version() -> str:
+    """The installed pgserver version, ``unknown`` when it is not installed."""
     try:
         return importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _server_version(bindir: Path) -> str:
-    """``16.2`` from ``pg_ctl (PostgreSQL) 16.2``; ``unknown`` when it cannot be run."""
-    try:
-        out = subprocess.run(
-            [str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    words = out.stdout.split()
-    return words[-1] if out.returncode == 0 and words else "unknown"
-
-
-def embedded_description(bindir: Path) -> str:
-    """A one-line description of the embedded server, for messages."""
-    return (
-        f"PostgreSQL binaries in {bindir} (PostgreSQL {_server_version(bindir)}, embedded: "
-        f"the {PACKAGE} {_package_version()} package of the {EXTRA} extra)"
-    )
 
 
 def _parts(package_dir: Path) -> list[tuple[Path, Path]]:
@@ -156,7 +132,7 @@ def _shared_copy(package_dir: Path, cache_parent: Path) -> Path:
     """Copy the bundled installation to a world-readable cache (once); return the copy's bin directory."""
     fingerprint = f"{package_dir}:{(package_dir / 'pginstall' / 'bin' / 'postgres').stat().st_mtime_ns}"
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:12]
-    target = cache_parent / f"precog-embedded-pg-{_package_version()}-{digest}"
+    target = cache_parent / f"precog-embedded-pg-{package_version()}-{digest}"
     bindir = target / package_dir.name / "pginstall" / "bin"
     if target.exists() or target.is_symlink():
         if not _safe_cache(target):

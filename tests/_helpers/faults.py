@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from conftest import Server, start_throwaway_cluster
-
 from precog_db import get_pool
+from tests._helpers.server import Server, start_throwaway_cluster
 
 APP = "precog-test"
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Server
 
 from precog_db.cli import main
 from precog_db.environment import Environment
 from precog_db.settings import DatabaseSettings
 from precog_db.stamp import stamp_database
+from tests._helpers.server import REPO, Server
 
 #: Every database of these tests is configured with this password; it must never show up anywhere.
 SENTINEL = "s3ntinel-Pa55word-zq81"

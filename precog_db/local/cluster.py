@@ -1,10 +1,9 @@
 """A throwaway local PostgreSQL cluster, started with ``initdb`` and ``pg_ctl``.
 
 Used by ``precog-db local up``, the README's demo and the test harness.
-:func:`find_server_binaries` is the one place that picks the binaries:
-``PRECOG_PG_BINDIR``, else PostgreSQL installed on the machine, else the
-embedded server of the ``local`` extra (:mod:`precog_db.embedded`);
-``PRECOG_PG_SEARCH=system|embedded`` limits the search.
+:func:`precog_db.local.binaries.find_server_binaries` picks the binaries
+(``PRECOG_PG_BINDIR``, else PostgreSQL installed on the machine, else the
+embedded server of the ``local`` extra).
 PostgreSQL refuses to run as root, so when this process is root the server
 runs as the unprivileged ``postgres`` user (via ``runuser``), in a directory
 that user owns: ``<root>/pg`` when that user can reach it, else a directory
@@ -17,7 +16,6 @@ why). State lives in ``<root>/cluster.json``; the data survives
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import os
@@ -35,29 +33,17 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from precog_db import embedded
-from precog_db.errors import ConfigurationError, PrecogDBError
+from precog_db.errors import LocalClusterError
+from precog_db.local.binaries import find_server_binaries, has_server, is_root
 
 __all__ = [
     "LocalCluster",
-    "LocalClusterError",
-    "ServerBinaries",
-    "find_postgres_bindir",
-    "find_server_binaries",
     "free_port",
     "local_up",
-    "search_mode",
 ]
 
 SUPERUSER = "postgres"
-BINDIR_ENV = "PRECOG_PG_BINDIR"
-SEARCH_ENV = "PRECOG_PG_SEARCH"
-SEARCH_MODES = ("auto", "system", "embedded")
 _MARKER = "# written by precog-db local up"
-
-
-class LocalClusterError(PrecogDBError, RuntimeError):
-    """The local throwaway cluster could not be found, created, started or stopped."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -65,157 +51,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _version_key(path: str) -> tuple[int, ...]:
-    digits = [int(p) for p in Path(path).parent.name.split(".") if p.isdigit()]
-    return tuple(digits) or (0,)
-
-
-def _system_candidates() -> list[tuple[Path, str]]:
-    """Directories that may hold PostgreSQL binaries installed on the machine, best first."""
-    found: list[tuple[Path, str]] = []
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=False)
-            if out.returncode == 0 and out.stdout.strip():
-                found.append((Path(out.stdout.strip()), "pg_config --bindir"))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    patterns = [
-        "/usr/lib/postgresql/*/bin",  # Debian, Ubuntu
-        "/usr/pgsql-*/bin",  # RHEL, Fedora (PGDG)
-        "/opt/homebrew/opt/postgresql@*/bin",  # Homebrew, Apple silicon
-        "/usr/local/opt/postgresql@*/bin",  # Homebrew, Intel
-        "/Applications/Postgres.app/Contents/Versions/*/bin",
-    ]
-    for pattern in patterns:
-        for path in sorted(glob.glob(pattern), key=_version_key, reverse=True):
-            found.append((Path(path), "standard location"))
-    for path in ("/opt/homebrew/bin", "/usr/local/pgsql/bin", "/usr/local/bin"):
-        found.append((Path(path), "standard location"))
-    initdb = shutil.which("initdb")
-    if initdb:
-        found.append((Path(initdb).resolve().parent, "PATH"))
-    return found
-
-
-def _has_server(bindir: Path) -> bool:
-    return all((bindir / name).is_file() for name in ("initdb", "pg_ctl", "postgres"))
-
-
-def _major_version(bindir: Path) -> int | None:
-    """The major version of the binaries in ``bindir`` (``pg_ctl --version``), None if unknown."""
-    try:
-        out = subprocess.run(
-            [str(bindir / "pg_ctl"), "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    words = out.stdout.split()
-    if out.returncode != 0 or not words:
-        return None
-    head = words[-1].split(".")[0]
-    return int(head) if head.isdigit() else None
-
-
-@dataclass(frozen=True)
-class ServerBinaries:
-    """The PostgreSQL binaries a local cluster runs, and how they were found."""
-
-    bindir: Path
-    kind: str  # "configured" (PRECOG_PG_BINDIR), "system" (installed on the machine) or "embedded" (the extra)
-    found_by: str
-
-    def describe(self) -> str:
-        """One line for messages: which server, where, found how."""
-        if self.kind == "embedded":
-            return embedded.embedded_description(self.bindir)
-        major = _major_version(self.bindir)
-        where = "set by" if self.kind == "configured" else "installed on this machine, found by"
-        return f"PostgreSQL binaries in {self.bindir} (PostgreSQL {major or '?'}, {where} {self.found_by})"
-
-
-def search_mode(value: str | None = None) -> str:
-    """The lookup mode: ``value``, else ``PRECOG_PG_SEARCH``, else ``auto``; validated."""
-    raw = os.environ.get(SEARCH_ENV, "") if value is None else value
-    mode = raw.strip().lower() or "auto"
-    if mode not in SEARCH_MODES:
-        raise ConfigurationError(
-            f"{SEARCH_ENV} must be one of {', '.join(SEARCH_MODES)} (auto: installed binaries, then the embedded "
-            "server; system: installed binaries only; embedded: the embedded server only)"
-        )
-    return mode
-
-
-def find_server_binaries(search: str | None = None, *, major: int | None = None) -> ServerBinaries:
-    """The one place that decides which PostgreSQL a local cluster starts.
-
-    Order: (1) ``PRECOG_PG_BINDIR``, when set, and nothing else; (2) binaries
-    installed on the machine (``pg_config --bindir``, the usual Debian, RHEL and
-    Homebrew locations, ``PATH``); (3) the embedded server of the ``local``
-    extra. ``search`` (default ``PRECOG_PG_SEARCH``) limits steps 2 and 3 to
-    ``system`` or ``embedded``. ``major`` keeps only binaries of that major
-    version (an existing data directory needs the version that created it).
-    Servers that need no starting (``PRECOG_TEST_DSN``, the settings) are the
-    callers' first choice and never reach this function.
-    """
-    mode = search_mode(search)
-    wanted = f"PostgreSQL {major} " if major else "PostgreSQL "
-    explicit = os.environ.get(BINDIR_ENV, "").strip()
-    if explicit:
-        path = Path(explicit)
-        if not _has_server(path):
-            raise LocalClusterError(
-                f"{BINDIR_ENV}={explicit} does not hold initdb, pg_ctl and postgres; "
-                "point it at PostgreSQL's bin directory or unset it"
-            )
-        if major and _major_version(path) != major:
-            raise LocalClusterError(
-                f"{BINDIR_ENV}={explicit} holds PostgreSQL {_major_version(path)}, but the data directory was "
-                f"created by PostgreSQL {major}; point it at {wanted}binaries or unset it"
-            )
-        return ServerBinaries(path, "configured", BINDIR_ENV)
-    looked: list[str] = []
-    if mode in ("auto", "system"):
-        for path, how in _system_candidates():
-            if _has_server(path) and (major is None or _major_version(path) == major):
-                return ServerBinaries(path, "system", how)
-            looked.append(str(path))
-    else:
-        looked.append(f"no installed binaries ({SEARCH_ENV}=embedded)")
-    if mode in ("auto", "embedded"):
-        try:
-            bindir = embedded.embedded_bindir(shared=_is_root())
-        except embedded.EmbeddedPostgresError as exc:
-            raise LocalClusterError(str(exc)) from None
-        if bindir is not None and (major is None or _major_version(bindir) == major):
-            return ServerBinaries(bindir, "embedded", f"the {embedded.EXTRA} extra")
-        looked.append("the embedded server (not installed)" if bindir is None else f"the embedded server in {bindir}")
-    else:
-        looked.append(f"not the embedded server ({SEARCH_ENV}=system)")
-    raise LocalClusterError(
-        f"no {wanted}server binaries (initdb, pg_ctl, postgres) to start a local cluster; looked in: "
-        + ", ".join(dict.fromkeys(looked))
-        + ". Fix it one of three ways: (1) install PostgreSQL (`apt-get install postgresql`, "
-        f"`brew install postgresql`) or set {BINDIR_ENV} to the directory holding initdb; (2) "
-        + embedded.INSTALL_HINT
-        + "; (3) point PRECOG_TEST_DSN (tests) or the settings (config/.env.dev) at a server you already have"
-    )
-
-
-def find_postgres_bindir() -> tuple[Path, str]:
-    """Find a directory holding ``initdb`` and ``pg_ctl``; return it and how it was found.
-
-    Same lookup as :func:`find_server_binaries`.
-    """
-    found = find_server_binaries()
-    return found.bindir, found.found_by
-
-
-def _is_root() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
 def _reachable_by(path: Path, uid: int, gid: int) -> bool:
@@ -296,7 +131,7 @@ class LocalCluster:
         uninstalled package) the lookup is limited to that version.
         """
         saved = self._state.get("bindir")
-        if saved and _has_server(Path(saved)):
+        if saved and has_server(Path(saved)):
             return Path(saved)
         found = find_server_binaries(major=self._data_major())
         self._state.update(bindir=str(found.bindir), kind=found.kind, found_by=found.found_by, server=found.describe())
@@ -329,7 +164,7 @@ class LocalCluster:
     def where(self) -> str:
         """One sentence for people: where the data is, why there, and what keeps it."""
         data = self.data_dir
-        if not _is_root():
+        if not is_root():
             return f"its data is in {data}"
         why = "PostgreSQL refuses to run as root, so the server runs as the postgres user"
         if self.home == self.root / "pg":
@@ -350,7 +185,7 @@ class LocalCluster:
     # -- running commands ------------------------------------------------------
 
     def _as_server_user(self, argv: Sequence[str]) -> list[str]:
-        if not _is_root():
+        if not is_root():
             return list(argv)
         runuser = shutil.which("runuser")
         if runuser:
@@ -383,7 +218,7 @@ class LocalCluster:
         return result
 
     def _server_ids(self) -> tuple[int, int] | None:
-        if not _is_root():
+        if not is_root():
             return None
         import pwd
 

@@ -1,0 +1,249 @@
+"""Migrations outside a transaction (``-- precog:no-transaction``) and down migrations (``migrate down``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from precog_db.migrations import sections
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.server import Server
+
+MARKETS = """CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);
+-- precog:down
+DROP TABLE markets;
+"""
+TRADES = """CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets);
+-- precog:down
+DROP TABLE trades;
+"""
+CONCURRENT = """-- precog:no-transaction
+CREATE INDEX CONCURRENTLY markets_symbol ON markets (symbol);
+-- precog:down
+DROP INDEX CONCURRENTLY markets_symbol;
+"""
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w
+
+
+def index_valid(ws: Workspace, name: str) -> bool | None:
+    rows = ws.query("test", f"SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass('{name}')")
+    return bool(rows[0][0]) if rows else None
+
+
+class TestNoTransaction:
+    def test_create_index_concurrently_is_applied_and_recorded(self, ws: Workspace) -> None:
+        """A no-transaction file runs CREATE INDEX CONCURRENTLY in autocommit and is then recorded."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_index.sql", CONCURRENT)
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 0, result.err
+        assert index_valid(ws, "markets_symbol") is True
+        assert [v for v, _ in ws.ledger("test")] == [1, 2]
+
+    def test_part_way_failure_lists_what_ran_and_the_invalid_index(self, ws: Workspace) -> None:
+        """A failed CONCURRENTLY build: the statements that ran, the one that failed, the INVALID index's DROP."""
+        ws.add("test")
+        ws.write_migration(
+            "0001_dupes.sql",
+            "-- precog:no-transaction\n"
+            "CREATE TABLE dupes (x int);\n"
+            "INSERT INTO dupes VALUES (1), (1);\n"
+            "CREATE UNIQUE INDEX CONCURRENTLY dupes_x ON dupes (x);\n"
+            "CREATE TABLE after_it (y int);\n",
+        )
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        err = " ".join(result.err.split())
+        assert "statement 3 of 4 (line 4: CREATE UNIQUE INDEX CONCURRENTLY dupes_x ON dupes (x);) failed" in err
+        assert "line 2: CREATE TABLE dupes (x int);; line 3: INSERT INTO dupes VALUES (1), (1);" in err
+        assert "not run: 1 statement(s) from line 5: CREATE TABLE after_it" in err
+        assert "DROP INDEX CONCURRENTLY IF EXISTS public.dupes_x;" in err
+        assert "stays pending" in err
+        assert index_valid(ws, "dupes_x") is False
+        assert ws.has_table("test", "dupes") and not ws.has_table("test", "after_it")
+        assert ws.ledger("test") == []
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"], entry["applied"]) == ("migrate up", "failed", [])
+
+    def test_session_settings_do_not_leak_into_the_next_file(self, ws: Workspace) -> None:
+        """A SET in a no-transaction file is undone before the next file runs."""
+        ws.add("test")
+        ws.write_migration("0001_set.sql", "-- precog:no-transaction\nSET search_path = nowhere;\nSELECT 1;\n")
+        ws.write_migration("0002_table.sql", "CREATE TABLE leak_check (id int);\n")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 0, result.err
+        assert ws.has_table("test", "public.leak_check")
+
+    def test_checksum_rules_apply_unchanged(self, ws: Workspace) -> None:
+        """Editing an applied no-transaction file is reported as an edit, as for any other file."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_index.sql", CONCURRENT)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        ws.write_migration("0002_index.sql", CONCURRENT + "-- edited\n")
+        result = ws.run("--env", "test", "migrate", "validate")
+        assert result.code == 1
+        assert "0002_index.sql was edited after it was applied" in result.out
+
+
+class TestSections:
+    def test_markers_split_the_file(self) -> None:
+        """The down marker splits up from down; the first-line marker flags no-transaction."""
+        parts = sections(CONCURRENT)
+        assert parts.no_transaction
+        assert "CREATE INDEX" in parts.up and "DROP INDEX" not in parts.up
+        assert parts.down == "DROP INDEX CONCURRENTLY markets_symbol;\n"
+        assert sections("SELECT 1;\n").down is None
+
+
+class TestDown:
+    def test_up_runs_only_the_up_section_and_down_reverts_newest_first(self, ws: Workspace) -> None:
+        """up ignores the down sections; down reverts the newest file; --target 0 reverts the rest."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_trades.sql", TRADES)
+        ws.write_migration("0003_index.sql", CONCURRENT)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert ws.has_table("test", "trades") and index_valid(ws, "markets_symbol") is True
+        result = ws.run("--env", "test", "migrate", "down")
+        assert result.code == 0, result.err
+        assert "reverted 0003_index.sql" in result.out
+        assert index_valid(ws, "markets_symbol") is None
+        assert [v for v, _ in ws.ledger("test")] == [1, 2]
+        result = ws.run("--env", "test", "migrate", "down", "--target", "0")
+        assert result.code == 0, result.err
+        assert result.out.index("0002_trades.sql") < result.out.index("0001_markets.sql")
+        assert ws.ledger("test") == []
+        assert not ws.has_table("test", "markets")
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert [v for v, _ in ws.ledger("test")] == [1, 2, 3]
+        entry = ws.audit_entries()[-2]
+        assert (entry["operation"], [r["version"] for r in entry["reverted"]]) == ("migrate down", [2, 1])
+
+    def test_a_file_without_down_section_stops_before_anything_runs(self, ws: Workspace) -> None:
+        """--target 0 over a file without a down section reverts nothing, not even the newest file."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", "CREATE TABLE markets (id int PRIMARY KEY);\n")
+        ws.write_migration("0002_trades.sql", TRADES)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        result = ws.run("--env", "test", "migrate", "down", "--target", "0")
+        assert result.code == 1
+        assert "cannot revert 0001_markets.sql: no '-- precog:down' section" in result.err
+        assert ws.has_table("test", "trades")
+        assert [v for v, _ in ws.ledger("test")] == [1, 2]
+
+    def test_failing_down_section_is_rolled_back_and_stays_applied(self, ws: Workspace) -> None:
+        """A down section that fails leaves its file applied and its changes rolled back."""
+        ws.add("test")
+        ws.write_migration(
+            "0001_markets.sql",
+            "CREATE TABLE markets (id int);\n-- precog:down\nDROP TABLE markets;\nSELECT * FROM no_such;\n",
+        )
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        result = ws.run("--env", "test", "migrate", "down")
+        assert result.code == 1
+        assert "0001_markets.sql failed and was rolled back" in result.err
+        assert "no_such" in result.err and "line 4" in result.err
+        assert ws.has_table("test", "markets")
+        assert [v for v, _ in ws.ledger("test")] == [1]
+
+    def test_dry_run_lists_the_plan_and_changes_nothing(self, ws: Workspace) -> None:
+        """down --dry-run --target 0 lists the files newest first and reverts none."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_trades.sql", TRADES)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        result = ws.run("--env", "test", "migrate", "down", "--target", "0", "--dry-run")
+        assert result.code == 0, result.err
+        assert "would revert 2 migration(s)" in result.out
+        assert result.out.index("0002_trades.sql") < result.out.index("0001_markets.sql")
+        assert [v for v, _ in ws.ledger("test")] == [1, 2] and ws.has_table("test", "trades")
+
+    def test_target_must_be_an_applied_version(self, ws: Workspace) -> None:
+        """--target naming no applied version is refused."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        result = ws.run("--env", "test", "migrate", "down", "--target", "7")
+        assert result.code == 1
+        assert "--target 7 is not an applied version" in result.err
+        assert ws.has_table("test", "markets")
+
+
+class TestDownOnProd:
+    @pytest.fixture
+    def prod(self, ws: Workspace) -> Workspace:
+        """test, staging and prod, with two migrations promoted all the way to prod."""
+        for env in ("test", "staging", "prod"):
+            ws.add(env)
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_trades.sql", TRADES)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert ws.run("--env", "staging", "--yes", "migrate", "up").code == 0
+        name = ws.databases["prod"].dbname
+        args = ("--no-backup", "--reason", "setup")
+        assert ws.run("--env", "prod", "--confirm-database", name, "migrate", "up", *args).code == 0
+        return ws
+
+    def test_wrong_typed_name_reverts_nothing(self, prod: Workspace) -> None:
+        """On prod a wrong name at the terminal aborts migrate down before any backup or revert."""
+        with tty_stdin("precog_prod\n") as stdin:
+            result = prod.run("--env", "prod", "migrate", "down", stdin=stdin)
+        assert result.code == 1
+        assert "does not match" in result.err
+        assert prod.has_table("prod", "trades")
+        assert not (prod.root / "backups").exists()
+
+    def test_yes_is_not_enough_and_the_guard_holds(self, prod: Workspace) -> None:
+        """--yes never confirms prod; without PRECOG_PROD_CONFIRMED even the right name is refused."""
+        assert "--yes is not enough" in prod.run("--env", "prod", "--yes", "migrate", "down").err
+        prod.monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        name = prod.databases["prod"].dbname
+        result = prod.run("--env", "prod", "--confirm-database", name, "migrate", "down")
+        assert result.code == 1 and "PRECOG_PROD_CONFIRMED=yes" in result.err
+        assert [v for v, _ in prod.ledger("prod")] == [1, 2]
+
+    def test_typed_name_reverts_after_a_verified_backup(self, prod: Workspace) -> None:
+        """The right name: a verified dump first, then the newest file reverted, both audited in order."""
+        name = prod.databases["prod"].dbname
+        with tty_stdin(name + "\n") as stdin:
+            result = prod.run("--env", "prod", "migrate", "down", stdin=stdin)
+        assert result.code == 0, result.err
+        assert "PRODUCTION" in result.err
+        assert len(list((prod.root / "backups" / "prod").glob(f"{name}@*.dump"))) == 1
+        assert not prod.has_table("prod", "trades")
+        assert [v for v, _ in prod.ledger("prod")] == [1]
+        ops = [(e["operation"], e["outcome"]) for e in prod.audit_entries()[-2:]]
+        assert ops == [("backup", "ok"), ("migrate down", "ok")]
+        assert SENTINEL not in result.out + result.err + prod.audit_log.read_text()
+
+
+class TestMisplacedMarkers:
+    @pytest.mark.parametrize(
+        ("body", "needle"),
+        [
+            ("-- header\n-- precog:no-transaction\nSELECT 1;\n", "only counts as the first line"),
+            ("SELECT 1;\n-- precog:down\nSELECT 2;\n-- precog:down\nSELECT 3;\n", "several '-- precog:down' lines"),
+            ("CREATE TABLE m (id int)\n-- precog:down\nDROP TABLE m;\n", "inside the statement that starts on line 1"),
+        ],
+    )
+    def test_pending_file_with_a_misplaced_marker_is_refused(self, ws: Workspace, body: str, needle: str) -> None:
+        """A marker that would be ignored or is ambiguous stops up before anything runs, naming the line."""
+        ws.add("test")
+        ws.write_migration("0001_markets.sql", MARKETS)
+        ws.write_migration("0002_bad.sql", body)
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert needle in result.err
+        assert ws.ledger("test") == [] and not ws.has_table("test", "markets")
+        status = ws.run("--env", "test", "migrate", "status")
+        assert "MISPLACED MARKER" in status.out
