@@ -32,7 +32,9 @@ psycopg internals used here (checked by tests/test_isolation.py):
 ``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
 ``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
 ``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
-``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``),
+``_num_transactions``, ``_pipeline``, ``_prepared`` (replaced by a `PrepareManager` subclass; ``_counts``,
+``_names``, ``_to_flush``), ``_adapters`` (``AdaptersMap._loaders``, ``_dumpers``, ``_dumpers_by_oid``,
+``types._registry``),
 and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_set_read_only_gen``,
 ``_set_isolation_level_gen``, ``_set_deferrable_gen``, ``_exec_command``, which `restore` (sync) and
 `arestore` (asyncio) run through the connection's own ``wait``: one implementation for both layers.
@@ -356,7 +358,7 @@ def baseline(conn: AnyConnection) -> None:
     c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
     c._prepared.dirty = False
     # Client-side adapters: the borrower gets a child map of the configured one, so a loader or
-    # dumper it registers (copy-on-write in psycopg) flips an ownership flag and is undone on return.
+    # dumper it registers (copy-on-write in psycopg) replaces a table, which is noticed and undone on return.
     c._precog_adapters_template = conn.adapters
     c._adapters = AdaptersMap(conn.adapters)
     c._precog_adapters_owned = _adapters_owned(c._adapters)

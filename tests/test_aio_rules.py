@@ -28,6 +28,7 @@ from precog_db import (
 from precog_db.apool import AsyncPrecogPool
 from precog_db.environment import Environment
 from precog_db.settings import DatabaseSettings
+from tests._helpers.faults import wait_until
 from tests._helpers.server import Server
 from tests.test_chokepoint import drop_database, make_database, sessions_on
 
@@ -48,6 +49,9 @@ def staging_db(pg_server: Server) -> Iterator[tuple[str, DatabaseSettings]]:
     name = make_database(pg_server, f"aio_staging_{UNIQUE}", rows=4)
     settings = pg_server.settings(name, env=Environment.STAGING)
     stamp_database(settings=settings)
+    # The setup's own sessions are closed, but their backends may still be listed for a moment
+    # under load: start from none, so that a session counted by the test is one the test opened.
+    assert wait_until(lambda: sessions_on(pg_server, name) == 0, timeout=10), "setup sessions did not end"
     yield name, settings
     drop_database(pg_server, name)
 
@@ -64,6 +68,7 @@ class TestChokepoint:
     async def test_production_needs_confirmation_before_any_connection(self, pg_server: Server, closing: None) -> None:
         """aio.initialize_pool on prod without PRECOG_PROD_CONFIRMED=yes is refused and opens no session."""
         name = make_database(pg_server, f"aio_prod_{UNIQUE}")
+        assert wait_until(lambda: sessions_on(pg_server, name) == 0, timeout=10), "setup sessions did not end"
         try:
             settings = pg_server.settings(name, env=Environment.PROD, sslmode="disable")
             with pytest.raises(ProductionAccessError):
