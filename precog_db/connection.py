@@ -23,7 +23,9 @@ enforces every invariant on the settings it is given, however they were built
 
 `check_target` runs 1 to 3 (no I/O); `prepare` runs 4 and 5 on a fresh connection;
 `connect` does both around ``psycopg.connect``. The pool calls `check_target`
-before each physical connection and `prepare` on it.
+before each physical connection and `prepare` on it. The asyncio twins
+(`aconnect`, `aprepare`, `PrecogAsyncConnection`) live next door in
+`precog_db._aconnection` and share every check, bound and message defined here.
 
 `connection_kwargs` is what reaches libpq for every connection, the pool's
 included: the settings' parameters with the password resolved now
@@ -58,7 +60,9 @@ from precog_db.settings import DatabaseSettings, check_name_matches
 from precog_db.stamp import verify_stamp
 
 __all__ = [
+    "BoundedConnection",
     "PrecogConnection",
+    "arm",
     "check_gate",
     "check_target",
     "connect",
@@ -67,7 +71,9 @@ __all__ = [
     "gate_allows",
     "prepare",
     "reply_timeout",
+    "silent_error",
     "tool_connection_args",
+    "unavailable_error",
 ]
 
 #: Grace added to the statement timeout when DB_TCP_USER_TIMEOUT is 0 (the OS default).
@@ -215,7 +221,14 @@ def _bounded(gen: Generator[Any, Any, _RV], pgconn: PGconn, limit: float) -> Gen
         return result
 
 
-class PrecogConnection(Connection[Any]):
+class BoundedConnection:
+    """What `arm` sets on a connection of either layer: the reply bound and how to name the database."""
+
+    reply_timeout: float | None = None
+    description: str = "database"
+
+
+class PrecogConnection(BoundedConnection, Connection[Any]):
     """A psycopg connection that does not wait forever for a server that went silent.
 
     `reply_timeout` (set by `prepare` from the settings, see `reply_timeout()`)
@@ -225,9 +238,6 @@ class PrecogConnection(Connection[Any]):
     on a connection from `get_connection` before lifting ``statement_timeout``
     for a deliberately long statement.
     """
-
-    reply_timeout: float | None = None
-    description: str = "database"
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         limit = self.reply_timeout
@@ -240,12 +250,17 @@ class PrecogConnection(Connection[Any]):
         # Outside the except block: the half-finished statement leaves the
         # protocol out of step, so the connection cannot be reused.
         self.close()
-        raise ConnectionLostError(
-            f"no reply from the {self.description} for {waited:.1f}s while a statement was running "
-            f"(DB_STATEMENT_TIMEOUT plus DB_TCP_USER_TIMEOUT): the server or the network path to it is "
-            "stalled. The connection was closed and the pool replaces it; retry the operation. "
-            "If this was the COMMIT of commit=True, the transaction may or may not have been committed"
-        )
+        raise silent_error(self.description, waited)
+
+
+def silent_error(description: str, waited: float) -> ConnectionLostError:
+    """The error for a statement whose reply never came (both layers raise it)."""
+    return ConnectionLostError(
+        f"no reply from the {description} for {waited:.1f}s while a statement was running "
+        f"(DB_STATEMENT_TIMEOUT plus DB_TCP_USER_TIMEOUT): the server or the network path to it is "
+        "stalled. The connection was closed and the pool replaces it; retry the operation. "
+        "If this was the COMMIT of commit=True, the transaction may or may not have been committed"
+    )
 
 
 # --- after connecting ----------------------------------------------------------------------------
@@ -260,9 +275,7 @@ def prepare(conn: Connection[Any], settings: DatabaseSettings, *, verify: bool =
     same-environment copy log (the pool logs them once, at open). Closes the
     connection and re-raises if a check fails.
     """
-    if isinstance(conn, PrecogConnection):
-        conn.reply_timeout = reply_timeout(settings)
-        conn.description = settings.describe()
+    arm(conn, settings)
     if not verify:
         return
     try:
@@ -270,6 +283,13 @@ def prepare(conn: Connection[Any], settings: DatabaseSettings, *, verify: bool =
     except BaseException:
         conn.close()
         raise
+
+
+def arm(conn: Any, settings: DatabaseSettings) -> None:
+    """Set the reply bound and the description on a connection of either layer (no I/O)."""
+    if isinstance(conn, BoundedConnection):
+        conn.reply_timeout = reply_timeout(settings)
+        conn.description = settings.describe()
 
 
 def connect(
@@ -306,10 +326,15 @@ def connect(
     # Raised outside the except block on purpose: the psycopg error (and the
     # frames of psycopg.connect, whose locals hold the full conninfo with the
     # password) must not stay reachable as __context__ of what we raise.
+    raise unavailable_error(settings, detail)
+
+
+def unavailable_error(settings: DatabaseSettings, detail: str) -> DatabaseUnavailableError:
+    """The error for a server that cannot be reached (``detail``: `failure_reason`)."""
     hint = ""
     if settings.sslmode in ("require", "verify-ca", "verify-full") and "SSL" in detail:
         hint = f" DB_SSLMODE is {settings.sslmode} (from {settings.origins.get('sslmode', 'the arguments')}),"
-    raise DatabaseUnavailableError(
+    return DatabaseUnavailableError(
         f"cannot connect to the {settings.describe()}: {detail}.{hint} "
         "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD "
         "and DB_SSLMODE are right (`precog-db env` shows where each value came from)"

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import psycopg
-from psycopg import Connection, Cursor
+from psycopg import AsyncConnection, Connection, Cursor
 from psycopg.rows import Row, RowFactory, dict_row
 from psycopg.transaction import Transaction
 
@@ -31,7 +31,7 @@ from precog_db import replicas
 from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
 from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
 from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
-from precog_db.pool import PrecogPool, get_pool
+from precog_db.pool import PoolFaults, PrecogPool, get_pool
 from precog_db.session import mark_raw
 
 __all__ = ["CommitOutcomeUnknownError", "ConnectionLostError", "get_connection", "get_cursor"]
@@ -45,7 +45,7 @@ def _detail(exc: BaseException) -> str:
     return lines[0] if lines else "no detail"
 
 
-def _lost(pool: PrecogPool, exc: psycopg.OperationalError) -> ConnectionLostError:
+def _lost(pool: PoolFaults, exc: psycopg.OperationalError) -> ConnectionLostError:
     return ConnectionLostError(
         f"lost the connection to the {pool.settings.describe()} during the operation "
         f"({_detail(exc)}). "
@@ -54,11 +54,20 @@ def _lost(pool: PrecogPool, exc: psycopg.OperationalError) -> ConnectionLostErro
     )
 
 
-def _commit_unknown(pool: PrecogPool, exc: psycopg.OperationalError) -> CommitOutcomeUnknownError:
+def _commit_unknown(pool: PoolFaults, exc: psycopg.OperationalError) -> CommitOutcomeUnknownError:
     return CommitOutcomeUnknownError(
         f"lost the connection to the {pool.settings.describe()} while COMMIT was in flight ({_detail(exc)}). "
         "The server may have committed the transaction before the reply was lost, or not: check whether "
         "its effects are there (or make the write idempotent) before retrying"
+    )
+
+
+def _commit_cancelled(pool: PoolFaults) -> CommitOutcomeUnknownError:
+    """A task cancelled while its COMMIT was in flight (`precog_db.aio`): connection closed, outcome unknown."""
+    return CommitOutcomeUnknownError(
+        f"the task was cancelled while COMMIT was in flight on the {pool.settings.describe()}. The server "
+        "may have committed the transaction or not: check whether its effects are there (or make the write "
+        "idempotent) before retrying. The connection was closed; the pool replaces it"
     )
 
 
@@ -299,7 +308,7 @@ def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
 
 
 def _translate(
-    pool: PrecogPool, conn: Connection[Any], exc: psycopg.OperationalError, committing: bool
+    pool: PoolFaults, conn: Connection[Any] | AsyncConnection[Any], exc: psycopg.OperationalError, committing: bool
 ) -> ConnectionLostError | None:
     """The error to raise instead of ``exc`` when the connection is gone, else None (raise ``exc``)."""
     if not (conn.broken or conn.closed):

@@ -16,11 +16,11 @@ import functools
 import inspect
 from collections.abc import Callable, Iterable
 from time import monotonic
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 from psycopg import sql
 
-from precog_db import audit
+from precog_db import apool, audit
 from precog_db.connection import gate_allows
 from precog_db.cursors import get_cursor
 from precog_db.environment import STRICTNESS, Environment, get_environment, parse_environment
@@ -40,12 +40,12 @@ def current_environments() -> tuple[Environment, ...]:
     """The environments in play, least strict first: the resolved one, the open pool's, and in a
     forked child the parent pool's (which `get_cursor` would reopen), if different."""
     envs = {get_environment()}
-    pool = active_pool()
-    if pool is not None:
-        envs.add(pool.env)
-    inherited = inherited_settings()
-    if inherited is not None:
-        envs.add(inherited.env)
+    for pool in (active_pool(), apool.active_pool()):
+        if pool is not None:
+            envs.add(pool.env)
+    for inherited in (inherited_settings(), apool.inherited_settings()):
+        if inherited is not None:
+            envs.add(inherited.env)
     return tuple(sorted(envs, key=STRICTNESS.index))
 
 
@@ -63,30 +63,38 @@ def dangerous_operation(
                 f"dangerous_operation cannot guard the generator function {func.__name__}: its body runs "
                 "after the call returns, outside the gate. Make it a plain function (return a list)"
             )
+        name = func.__name__
+        if inspect.iscoroutinefunction(func):
+            # An ``async def``: the same check when the coroutine starts, before the
+            # body runs; the gate covers the awaited body (the context variable is
+            # set inside this coroutine, so it is the body's context too).
+            @functools.wraps(func)
+            async def agated(*args: Any, **kwargs: Any) -> Any:
+                started, envs = _admit(name, permitted, args)
+                try:
+                    with gate_allows(name, permitted):
+                        result = await func(*args, **kwargs)
+                except Exception as exc:
+                    _audit(name, args, envs, started, exc)
+                    raise
+                _audit(name, args, envs, started, None)
+                return result
+
+            agated.__precog_allowed__ = permitted  # type: ignore[attr-defined]
+            return cast("Callable[P, R]", agated)
 
         @functools.wraps(func)
         def gated(*args: P.args, **kwargs: P.kwargs) -> R:
-            started = monotonic()
-            envs = current_environments()
-            refused = [e for e in envs if e not in permitted]
-            if refused:
-                names = ", ".join(e.value for e in permitted)
-                log.warning("dangerous_operation_refused", operation=func.__name__, env=refused[-1].value)
-                error = EnvironmentNotAllowedError(
-                    f"{func.__name__} is allowed only in {names}, but the current environment is "
-                    f"{refused[-1].value}; it did not run"
-                )
-                _audit(func.__name__, args, envs, started, error)
-                raise error
+            started, envs = _admit(name, permitted, args)
             try:
                 # Checked again wherever a connection is opened or lent while
                 # the body runs: the database actually used must be allowed too.
-                with gate_allows(func.__name__, permitted):
+                with gate_allows(name, permitted):
                     result = func(*args, **kwargs)
             except Exception as exc:
-                _audit(func.__name__, args, envs, started, exc)
+                _audit(name, args, envs, started, exc)
                 raise
-            _audit(func.__name__, args, envs, started, None)
+            _audit(name, args, envs, started, None)
             return result
 
         gated.__precog_allowed__ = permitted  # type: ignore[attr-defined]
@@ -95,11 +103,30 @@ def dangerous_operation(
     return decorate
 
 
+def _admit(
+    operation: str, permitted: tuple[Environment, ...], args: tuple[object, ...]
+) -> tuple[float, tuple[Environment, ...]]:
+    """The check before a gated call of either kind runs: refuse (audited) or return (start time, environments)."""
+    started = monotonic()
+    envs = current_environments()
+    refused = [e for e in envs if e not in permitted]
+    if refused:
+        names = ", ".join(e.value for e in permitted)
+        log.warning("dangerous_operation_refused", operation=operation, env=refused[-1].value)
+        error = EnvironmentNotAllowedError(
+            f"{operation} is allowed only in {names}, but the current environment is "
+            f"{refused[-1].value}; it did not run"
+        )
+        _audit(operation, args, envs, started, error)
+        raise error
+    return started, envs
+
+
 def _audit(
     operation: str, args: tuple[object, ...], envs: tuple[Environment, ...], started: float, error: Exception | None
 ) -> None:
     """One audit entry per gated call: ran (ok/failed) or refused. Text arguments are the targets (tables)."""
-    pool = active_pool()
+    pool = active_pool() or apool.active_pool()
     audit.record_safely(
         operation,
         outcome=audit.OK if error is None else audit.outcome_of(error),
@@ -128,35 +155,56 @@ def table_identifier(name: str) -> sql.Identifier:
     return sql.Identifier(*parts)
 
 
+def truncate_statements(tables: tuple[str, ...], cascade: bool) -> tuple[list[sql.Composed], sql.Composed]:
+    """The SQL of `truncate_tables` (both layers): one row count per table, then one ``TRUNCATE``."""
+    if not tables:
+        raise ConfigurationError("truncate_tables needs at least one table name")
+    idents = [table_identifier(t) for t in tables]
+    counts = [sql.SQL("SELECT count(*) AS n FROM {}").format(ident) for ident in idents]
+    truncate = sql.SQL("TRUNCATE {}{}").format(
+        sql.SQL(", ").join(idents), sql.SQL(" CASCADE") if cascade else sql.SQL("")
+    )
+    return counts, truncate
+
+
+def log_truncated(counts: dict[str, int]) -> None:
+    for name, rows in counts.items():
+        log.info("table_truncated", table=name, rows=rows, env=current_environments()[-1].value)
+
+
+def delete_statement(table: str) -> sql.Composed:
+    """The SQL of `delete_all` (both layers)."""
+    return sql.SQL("DELETE FROM {}").format(table_identifier(table))
+
+
+def log_deleted(table: str, rows: int) -> None:
+    log.info("table_rows_deleted", table=table, rows=rows, env=current_environments()[-1].value)
+
+
 @dangerous_operation()
 def truncate_tables(*tables: str, cascade: bool = False) -> dict[str, int]:
     """Empty ``tables`` in one transaction; return the row count each held.
 
     Only in dev and test. Identifiers are quoted with `psycopg.sql`.
     """
-    if not tables:
-        raise ConfigurationError("truncate_tables needs at least one table name")
-    idents = [table_identifier(t) for t in tables]
+    count_queries, truncate = truncate_statements(tables, cascade)
     counts: dict[str, int] = {}
     with get_cursor(commit=True) as cur:
-        for name, ident in zip(tables, idents, strict=True):
-            cur.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(ident))
+        for name, query in zip(tables, count_queries, strict=True):
+            cur.execute(query)
             row = cur.fetchone()
             counts[name] = int(row["n"]) if row else 0
-        cur.execute(
-            sql.SQL("TRUNCATE {}{}").format(sql.SQL(", ").join(idents), sql.SQL(" CASCADE") if cascade else sql.SQL(""))
-        )
-    for name, rows in counts.items():
-        log.info("table_truncated", table=name, rows=rows, env=current_environments()[-1].value)
+        cur.execute(truncate)
+    log_truncated(counts)
     return counts
 
 
 @dangerous_operation()
 def delete_all(table: str) -> int:
     """Delete every row of ``table``; return how many were deleted. Only in dev and test."""
-    ident = table_identifier(table)
+    statement = delete_statement(table)
     with get_cursor(commit=True) as cur:
-        cur.execute(sql.SQL("DELETE FROM {}").format(ident))
+        cur.execute(statement)
         rows = cur.rowcount
-    log.info("table_rows_deleted", table=table, rows=rows, env=current_environments()[-1].value)
+    log_deleted(table, rows)
     return rows

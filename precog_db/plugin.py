@@ -6,7 +6,9 @@ disables it.
 
 Fixtures: ``db_pool`` (session), ``db_cursor`` (rolled back after each test),
 ``clean_test_data`` (truncates the tables of the ``precog_clean_tables`` ini
-option, children first) and ``unique_test_id``.
+option, children first) and ``unique_test_id``; for asyncio tests ``adb_pool``
+(`precog_db.aio`'s pool, per test loop) and ``adb_cursor`` (rolled back after
+each test), guarded like the others, run by pytest-asyncio or anyio's plugin.
 
 The session guard runs once collection is done, before any test, and only
 when a collected test uses ``db_pool``, ``db_cursor`` or ``clean_test_data``
@@ -29,15 +31,16 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar, cast
 
 import psycopg
 import pytest
-from psycopg import Connection, Cursor, sql
+from psycopg import AsyncCursor, Connection, Cursor, sql
 from psycopg.rows import dict_row, tuple_row
 
+from precog_db.apool import AsyncPrecogPool
 from precog_db.connection import connect
 from precog_db.environment import Environment, environment_named_by
 from precog_db.errors import DatabaseUnavailableError, EnvironmentNotAllowedError, PrecogDBError
@@ -54,7 +57,7 @@ __all__ = ["DB_FIXTURES", "resolve_test_target"]
 log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 
 #: Fixtures that touch the database; a session that uses one of them is guarded.
-DB_FIXTURES = frozenset({"db_pool", "db_cursor", "clean_test_data"})
+DB_FIXTURES = frozenset({"db_pool", "db_cursor", "clean_test_data", "adb_pool", "adb_cursor"})
 
 _MAX_IDENT = 63
 _TARGET = pytest.StashKey[DatabaseSettings]()
@@ -475,6 +478,49 @@ def db_cursor(db_pool: PrecogPool) -> Iterator[Cursor[dict[str, Any]]]:
             yield cur
     finally:
         db_pool.checkin(conn)
+
+
+# --- asyncio fixtures --------------------------------------------------------------------
+# Async generator fixtures run by whichever async plugin the project uses: decorated
+# with pytest_asyncio.fixture when pytest-asyncio is installed (its strict mode needs
+# that; anyio's plugin runs them too, on the test's loop), a plain pytest.fixture
+# otherwise (anyio's plugin). Neither is a dependency of precog_db.
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _async_fixture_decorator() -> Callable[[_F], _F]:
+    try:
+        from pytest_asyncio import fixture
+    except ImportError:  # pragma: no cover - depends on the project's plugins
+        return cast(Callable[[_F], _F], pytest.fixture)
+    return cast(Callable[[_F], _F], fixture)
+
+
+_async_fixture = _async_fixture_decorator()
+
+
+@_async_fixture
+async def adb_pool(db_pool: PrecogPool) -> AsyncIterator[AsyncPrecogPool]:
+    """The asyncio pool (`precog_db.aio`) on the same guarded test database as ``db_pool``, for one test's loop."""
+    from precog_db import aio
+
+    pool = await aio.initialize_pool(settings=db_pool.settings)
+    try:
+        yield pool
+    finally:
+        await aio.close_pool()
+
+
+@_async_fixture
+async def adb_cursor(adb_pool: AsyncPrecogPool) -> AsyncIterator[AsyncCursor[dict[str, Any]]]:
+    """An asyncio dict-row cursor inside a read-write transaction that is rolled back after the test."""
+    conn = await adb_pool.lend()
+    try:
+        async with conn.transaction(force_rollback=True), conn.cursor(row_factory=dict_row) as cur:
+            yield cur
+    finally:
+        await adb_pool.give_back(conn)
 
 
 def _refuse_outside_test(pool: PrecogPool) -> None:

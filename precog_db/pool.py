@@ -32,12 +32,11 @@ import queue
 import select
 import threading
 import weakref
-from collections.abc import Callable
 from time import monotonic
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import psycopg
-from psycopg import Connection
+from psycopg import AsyncConnection, Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
@@ -95,7 +94,7 @@ _ON = b"on"
 _IDLE = TransactionStatus.IDLE
 
 
-def connection_is_usable(conn: Connection[Any]) -> bool:
+def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
     """Cheap check, no round trip: open, idle, on a server that can write, nothing unsolicited on the socket.
 
     A server that reports ``in_hot_standby=on`` (a standby, or a node demoted
@@ -122,10 +121,55 @@ def connection_is_usable(conn: Connection[Any]) -> bool:
             poller = (fd, select.poll())
             poller[1].register(fd, _POLL_MASK)
             with contextlib.suppress(AttributeError):
-                conn._precog_poller = poller  # type: ignore[attr-defined]
+                conn._precog_poller = poller  # type: ignore[union-attr]
         return not poller[1].poll(0)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
+
+
+def check_pool_kwargs(pool_kwargs: dict[str, Any]) -> None:
+    """Refuse pool arguments that would replace the connection settings (either layer)."""
+    for key in _REFUSED_POOL_KWARGS:
+        if key in pool_kwargs:
+            raise ConfigurationError(
+                f"{key}= cannot be passed to the pool: connection settings come from DatabaseSettings "
+                "(DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_SSLMODE, DB_STATEMENT_TIMEOUT, ...), "
+                "so that every pooled connection keeps the library's read-only default and timeouts. "
+                "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
+            )
+
+
+def pooled_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
+    """The connection arguments of a pooled connection (either layer): autocommit, read-only by default.
+
+    The credentials are resolved now (`precog_db.connection.connection_kwargs`):
+    the pools call this for every new physical connection.
+    """
+    kwargs = connection_kwargs(settings)
+    kwargs["autocommit"] = True
+    if settings.pooler == "none":
+        options = kwargs.get("options")
+        kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
+    elif settings.pooler == "transaction":
+        kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
+    return kwargs
+
+
+def check_still_read_only(conn: Connection[Any] | AsyncConnection[Any]) -> None:
+    """After the caller's ``configure=``: refuse a connection whose read-only default was turned off."""
+    if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
+        raise ConfigurationError(
+            "the pool's configure= callback turned default_transaction_read_only off; pooled "
+            "connections must stay read-only outside transactions (use get_cursor(commit=True) to write)"
+        )
+
+
+def already_open(current: DatabaseSettings, wanted: DatabaseSettings) -> PoolStateError:
+    """`initialize_pool` (either layer) for another target while a pool is open."""
+    return PoolStateError(
+        f"the pool is already open for the {current.describe()}; "
+        f"call close_pool() before initializing it for the {wanted.describe()}"
+    )
 
 
 class _Holder(Protocol):
@@ -204,6 +248,171 @@ class _Bury(MaintenanceTask):
         pool._bury()
 
 
+class PoolFaults:
+    """What both pool classes (sync `PrecogPool`, asyncio `precog_db.apool.AsyncPrecogPool`) share, no I/O:
+    remembering why connection attempts fail, the capped back-off, and the timeout errors."""
+
+    settings: DatabaseSettings
+    #: The arguments the pool was created with beyond the settings (a forked child reopens with them).
+    pool_kwargs: dict[str, Any]
+    prod_confirmed: bool | None
+    pid: int
+    _reply_timeout: float | None
+    _user_configure: Any
+    _configure_connection: Any
+    name: str
+    max_size: int
+    _last_connect_failure: tuple[float, str] | None
+    _last_connect_ok: float
+    _retries_pending: int
+    _max_reconnect_delay: float
+    _writer: bool
+
+    @property
+    def env(self) -> Environment:
+        """The environment this pool serves."""
+        return self.settings.env
+
+    if TYPE_CHECKING:
+
+        def get_stats(self) -> dict[str, int]: ...  # psycopg_pool's
+
+    def _setup(
+        self,
+        settings: DatabaseSettings,
+        prod_confirmed: bool | None,
+        pool_kwargs: dict[str, Any],
+        classes: tuple[type[Any], type[Any]],
+    ) -> dict[str, Any]:
+        """What both pool classes do before psycopg_pool's constructor; return its keyword arguments.
+
+        ``classes``: the connection class with the reply bound, and the plain one.
+        """
+        self.settings = settings
+        #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
+        self.prod_confirmed = prod_confirmed
+        self.pid = os.getpid()
+        self._reply_timeout = reply_timeout(settings)
+        self._init_faults()
+        check_pool_kwargs(pool_kwargs)
+        wanted_class = pool_kwargs.get("connection_class")
+        if (
+            wanted_class is not None
+            and self._reply_timeout is not None
+            and not (isinstance(wanted_class, type) and issubclass(wanted_class, classes[0]))
+        ):
+            raise ConfigurationError(
+                f"connection_class= must be a subclass of precog_db.{classes[0].__module__.rsplit('.', 1)[-1]}."
+                f"{classes[0].__name__} while DB_STATEMENT_TIMEOUT is set: a plain psycopg connection class would "
+                f"drop the bound on a server that stops answering. Subclass {classes[0].__name__} instead"
+            )
+        #: A writer pool discards connections to a hot standby (`connection_is_usable`).
+        self._writer = settings.target_session_attrs in ("read-write", "primary")
+        #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
+        self._max_reconnect_delay = MAX_RECONNECT_DELAY if len(settings.endpoints()) == 1 else FAILOVER_RECONNECT_DELAY
+        #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
+        self._user_configure = pool_kwargs.pop("configure", None)
+        self.pool_kwargs = (
+            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
+        )
+        params: dict[str, Any] = {
+            "min_size": settings.pool_min,
+            "max_size": settings.pool_max,
+            "timeout": settings.pool_timeout,
+            "name": settings.pool_name,
+            "configure": self._configure_connection,
+            # Only a bounded reply wait needs the overriding `wait`; without a
+            # statement timeout every statement goes straight to psycopg's.
+            "connection_class": classes[0] if self._reply_timeout is not None else classes[1],
+            "open": False,
+        }
+        params.update(pool_kwargs)
+        return params
+
+    def _init_faults(self) -> None:
+        #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
+        self._last_connect_failure = None
+        self._last_connect_ok = 0.0
+        #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
+        #: they succeed the pool has fewer open connections than it counts (its pool_size).
+        self._retries_pending = 0
+
+    def _check_target(self, prod_confirmed: bool | None) -> None:
+        # Every physical connection passes the chokepoint's checks first
+        # (naming rule, gate, production guard), however this pool was built.
+        check_target(self.settings, operation="open a pooled connection", prod_confirmed=prod_confirmed, quiet=True)
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        # Remember why the server could not be reached, so that a caller who
+        # times out meanwhile is told the real reason (psycopg_pool itself
+        # only logs it from its background worker).
+        self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+
+    def _cap(self, attempt: AttemptWithBackoff) -> None:
+        # psycopg_pool doubles the delay after each failure before scheduling the next
+        # attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY (FAILOVER_RECONNECT_DELAY
+        # with several hosts).
+        attempt.delay = min(attempt.delay, self._max_reconnect_delay / attempt.DELAY_BACKOFF)
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        """libpq's arguments for one new pooled connection, with the credentials resolved now.
+
+        A callable given to psycopg_pool as ``kwargs=``: it is called for every
+        new connection, so the password is resolved each time (``DB_PASSWORD_FILE``
+        re-read, the provider called; see `PrecogPool.drain`).
+        """
+        return pooled_connect_kwargs(self.settings)
+
+    def _refuse_standby(self, conn: Connection[Any] | AsyncConnection[Any]) -> None:
+        """A writer pool never keeps a connection to a hot standby (no I/O): mark the connection, or raise."""
+        # libpq already refuses one on PostgreSQL 14+ for read-write/primary; this also covers a node
+        # that reports it later (`connection_is_usable` reads the mark on every checkout).
+        conn._precog_writer = self._writer  # type: ignore[union-attr]
+        if self._writer and cannot_write(conn.pgconn):
+            raise DatabaseUnavailableError(
+                f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
+                "list the primary in DB_HOST (or several hosts for failover), or set DB_TARGET_SESSION_ATTRS=any "
+                "for a pool that only reads"
+            )
+
+    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
+        # "Exhausted" only if every connection the pool counts is open: after an outage the pool
+        # comes back one connection at a time while the others wait out their reconnect back-off,
+        # and a caller timing out then must not be told that all max_size connections are busy.
+        failure = self._last_connect_failure
+        if failure is None:
+            return self._exhausted(waited)
+        when, reason = failure
+        latest_failed = when >= self._last_connect_ok
+        retrying = self._retries_pending
+        if not latest_failed and retrying <= 0:
+            return self._exhausted(waited)
+        ago = max(monotonic() - when, 0.0)
+        if latest_failed:
+            state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
+        else:
+            state = (
+                f"could not be reached ({reason}, {ago:.1f}s ago) and the pool is still re-opening "
+                f"{retrying} of its connections"
+            )
+        return DatabaseUnavailableError(
+            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
+            f"{self.settings.describe()} {state}. The pool keeps reconnecting by itself, at least every "
+            f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
+            "and DB_HOST / DB_PORT"
+        )
+
+    def _exhausted(self, waited: float) -> PoolExhaustedError:
+        stats = self.get_stats()
+        return PoolExhaustedError(
+            f"pool {self.name!r} ({self.env.value}) had no free connection after {waited:.1f}s: "
+            f"{stats.get('pool_size', self.max_size)} of at most {self.max_size} connections are busy "
+            f"and {stats.get('requests_waiting', 0)} callers are waiting. Raise DB_POOL_MAX_CONN, "
+            "raise DB_POOL_TIMEOUT to wait longer, or hold connections for less time "
+            "(a get_cursor block that waits on something else keeps its connection)"
+        )
+
+
 class _FoldMetrics(MaintenanceTask):
     """Fold the returned-connection samples into the metrics histograms (in a pool worker, off the read path)."""
 
@@ -212,7 +421,7 @@ class _FoldMetrics(MaintenanceTask):
         pool.metrics.fold()
 
 
-class PrecogPool(ConnectionPool[Connection[Any]]):
+class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     """A `psycopg_pool.ConnectionPool` that knows its environment and settings.
 
     `lend` / `give_back` are what `get_cursor` and `get_connection` use
@@ -226,42 +435,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
     settings: DatabaseSettings
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        self.settings = settings
-        #: Production confirmation as given to `create_pool`; None: read PRECOG_PROD_CONFIRMED at each connect.
-        self.prod_confirmed = prod_confirmed
-        self.pid = os.getpid()
-        self._reply_timeout = reply_timeout(settings)
-        #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
-        self._last_connect_failure: tuple[float, str] | None = None
-        self._last_connect_ok = 0.0
-        #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
-        #: they succeed the pool has fewer open connections than it counts (its pool_size).
-        self._retries_pending = 0
         self._retries_lock = threading.Lock()
-        for key in _REFUSED_POOL_KWARGS:
-            if key in pool_kwargs:
-                raise ConfigurationError(
-                    f"{key}= cannot be passed to the pool: connection settings come from DatabaseSettings "
-                    "(DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD, DB_SSLMODE, DB_STATEMENT_TIMEOUT, ...), "
-                    "so that every pooled connection keeps the library's read-only default and timeouts. "
-                    "Put the value in the settings (load_settings(...) or settings.replace(...)) instead"
-                )
-        wanted_class = pool_kwargs.get("connection_class")
-        if (
-            wanted_class is not None
-            and self._reply_timeout is not None
-            and not (isinstance(wanted_class, type) and issubclass(wanted_class, PrecogConnection))
-        ):
-            raise ConfigurationError(
-                "connection_class= must be a subclass of precog_db.connection.PrecogConnection while "
-                "DB_STATEMENT_TIMEOUT is set: a plain psycopg connection class would drop the bound on a "
-                "server that stops answering. Subclass PrecogConnection instead"
-            )
-        #: The caller's own ``configure=`` callback, run after the library's setup (and again after a reset).
-        self._user_configure: Callable[[Connection[Any]], None] | None = pool_kwargs.pop("configure", None)
-        self.pool_kwargs = (
-            dict(pool_kwargs, configure=self._user_configure) if self._user_configure else dict(pool_kwargs)
-        )
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
         #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
@@ -270,24 +444,9 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
         self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
         self._janitor: threading.Thread | None = None
-        #: A writer pool discards connections to a hot standby (`connection_is_usable`).
-        self._writer = settings.target_session_attrs in ("read-write", "primary")
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_setup = session_setup(settings)
-        #: Longest pause between reconnection attempts: short with several hosts, where a failover is expected.
-        self._max_reconnect_delay = MAX_RECONNECT_DELAY if len(settings.endpoints()) == 1 else FAILOVER_RECONNECT_DELAY
-        params: dict[str, Any] = {
-            "min_size": settings.pool_min,
-            "max_size": settings.pool_max,
-            "timeout": settings.pool_timeout,
-            "name": settings.pool_name,
-            "configure": self._configure_connection,
-            # Only a bounded reply wait needs the overriding `wait`; without a
-            # statement timeout every statement goes straight to psycopg's.
-            "connection_class": PrecogConnection if self._reply_timeout is not None else Connection,
-            "open": False,
-        }
-        params.update(pool_kwargs)
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogConnection, Connection))
         #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
         self.metrics = PoolRecorder(
             str(params["name"]), settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon
@@ -298,24 +457,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
         super().__init__("", kwargs=self._connection_kwargs, **params)
 
-    @property
-    def env(self) -> Environment:
-        """The environment this pool serves."""
-        return self.settings.env
-
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
-
-    def _connection_kwargs(self) -> dict[str, Any]:
-        """libpq's arguments for one new pooled connection, with the credentials resolved now."""
-        kwargs = connection_kwargs(self.settings)
-        kwargs["autocommit"] = True
-        if self.settings.pooler == "none":
-            options = kwargs.get("options")
-            kwargs["options"] = f"{options} {_READ_ONLY_OPTION}" if options else _READ_ONLY_OPTION
-        elif self.settings.pooler == "transaction":
-            kwargs["prepare_threshold"] = None  # no server-side prepared statement behind the pooler
-        return kwargs
 
     def drain(self) -> None:
         """Replace every connection, gracefully: after a credential rotation, or a failover.
@@ -347,15 +490,8 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         # Explicit transactions are read-write; everything else inherits the
         # read-only default set through the startup options.
         conn.read_only = False
-        # A writer pool (DB_TARGET_SESSION_ATTRS read-write or primary) never keeps a connection to a hot
-        # standby: libpq already refuses one on PostgreSQL 14+, this also covers a node that reports it later.
-        conn._precog_writer = self._writer  # type: ignore[attr-defined]
-        if self._writer and cannot_write(conn.pgconn):
-            raise DatabaseUnavailableError(
-                f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
-                "list the primary in DB_HOST (or several hosts for failover), or set DB_TARGET_SESSION_ATTRS=any "
-                "for a pool that only reads"
-            )
+        # A writer pool (DB_TARGET_SESSION_ATTRS read-write or primary) never keeps a connection to a hot standby.
+        self._refuse_standby(conn)
         if self._session_setup is not None:
             self._session_setup(conn)
         # The chokepoint's post-connect checks: reply bound and identity stamp
@@ -370,11 +506,7 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             self._user_configure(conn)
             if conn.pgconn.transaction_status != _IDLE:
                 conn.rollback()
-            if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
-                raise ConfigurationError(
-                    "the pool's configure= callback turned default_transaction_read_only off; pooled "
-                    "connections must stay read-only outside transactions (use get_cursor(commit=True) to write)"
-                )
+            check_still_read_only(conn)
             conn.autocommit = True
             conn.read_only = False
         baseline(conn)
@@ -387,19 +519,12 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             self._user_configure(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
-        # Every physical connection passes the chokepoint's checks first
-        # (naming rule, gate, production guard), however this pool was built.
-        # Remember why the server could not be reached, so that a caller who
-        # times out meanwhile is told the real reason (psycopg_pool itself
-        # only logs it from its background worker).
         started = monotonic()
         try:
-            check_target(
-                self.settings, operation="open a pooled connection", prod_confirmed=self.prod_confirmed, quiet=True
-            )
+            self._check_target(self.prod_confirmed)
             conn = super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
-            self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+            self._connect_failed(exc)
             self.metrics.connection_failed()
             raise
         self._last_connect_ok = now = monotonic()
@@ -469,12 +594,10 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
         super().schedule_task(task, delay)
 
     def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        # psycopg_pool doubles the delay after each failure before scheduling
-        # the next attempt: cap it so that it never exceeds MAX_RECONNECT_DELAY.
         if attempt is not None:  # a retry scheduled by schedule_task is running
             with self._retries_lock:
                 self._retries_pending -= 1
-            attempt.delay = min(attempt.delay, self._max_reconnect_delay / attempt.DELAY_BACKOFF)
+            self._cap(attempt)
         super()._add_connection(attempt, growing=growing)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
@@ -786,43 +909,6 @@ class PrecogPool(ConnectionPool[Connection[Any]]):
             idle.rotate(1)
         return super()._get_ready_connection(timeout)
 
-    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
-        # "Exhausted" only if every connection the pool counts is open: after an outage the pool
-        # comes back one connection at a time while the others wait out their reconnect back-off,
-        # and a caller timing out then must not be told that all max_size connections are busy.
-        failure = self._last_connect_failure
-        if failure is None:
-            return self._exhausted(waited)
-        when, reason = failure
-        latest_failed = when >= self._last_connect_ok
-        retrying = self._retries_pending
-        if not latest_failed and retrying <= 0:
-            return self._exhausted(waited)
-        ago = max(monotonic() - when, 0.0)
-        if latest_failed:
-            state = f"cannot be reached: {reason} (last attempt {ago:.1f}s ago)"
-        else:
-            state = (
-                f"could not be reached ({reason}, {ago:.1f}s ago) and the pool is still re-opening "
-                f"{retrying} of its connections"
-            )
-        return DatabaseUnavailableError(
-            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s because the "
-            f"{self.settings.describe()} {state}. The pool keeps reconnecting by itself, at least every "
-            f"{MAX_RECONNECT_DELAY:g}s, and calls succeed again once the server is back; check the server "
-            "and DB_HOST / DB_PORT"
-        )
-
-    def _exhausted(self, waited: float) -> PoolExhaustedError:
-        stats = self.get_stats()
-        return PoolExhaustedError(
-            f"pool {self.name!r} ({self.env.value}) had no free connection after {waited:.1f}s: "
-            f"{stats.get('pool_size', self.max_size)} of at most {self.max_size} connections are busy "
-            f"and {stats.get('requests_waiting', 0)} callers are waiting. Raise DB_POOL_MAX_CONN, "
-            "raise DB_POOL_TIMEOUT to wait longer, or hold connections for less time "
-            "(a get_cursor block that waits on something else keeps its connection)"
-        )
-
 
 def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> PrecogPool:
     """Check, then open a pool for ``settings``.
@@ -866,26 +952,55 @@ def _audit_open(settings: DatabaseSettings, started: float, error: Exception | N
 # --- the process-wide pool ---------------------------------------------------------
 
 
+_P = TypeVar("_P", bound=PoolFaults)
+
+
+class Registry(Generic[_P]):
+    """The process-wide pool of one layer (sync here, asyncio in `precog_db.apool`), no I/O.
+
+    Holds the open pool; in a forked child, the settings and arguments of the
+    pool the parent had open (the child reopens it with them on first use), and
+    the inherited pool objects, kept referenced so that their finalizers never
+    run in the child (they would talk to the parent's workers).
+    """
+
+    def __init__(self) -> None:
+        self.pool: _P | None = None
+        self.inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
+        self.orphans: list[_P] = []
+
+    def forget_in_child(self) -> None:
+        # After fork the child shares the parent's sockets. Closing them would
+        # send Terminate on the parent's connections, so the child just drops the
+        # inherited pool (psycopg does not PQfinish in a forked child) and opens
+        # its own on first use, with the same settings as the parent's pool.
+        pool = self.pool
+        if pool is not None:
+            self.inherited = (pool.settings, pool.pool_kwargs)
+            self.orphans.append(pool)
+        self.pool = None
+
+    def reuse(self, settings: DatabaseSettings) -> _P | None:
+        """The open pool if it serves ``settings``' target (gate checked), None if none is open; else raise."""
+        current = self.pool
+        if current is None:
+            return None
+        if _same_target(current.settings, settings):
+            check_gate(current.env)
+            return current
+        raise already_open(current.settings, settings)
+
+    def inherited_settings(self) -> DatabaseSettings | None:
+        return None if self.inherited is None else self.inherited[0]
+
+
 class _State:
-    pool: PrecogPool | None = None
+    registry: Registry[PrecogPool] = Registry()
     lock = threading.Lock()
-    #: In a forked child: the settings and arguments of the pool the parent had open.
-    inherited: tuple[DatabaseSettings, dict[str, Any]] | None = None
-    #: Pools inherited through fork, kept referenced so that their finalizer
-    #: never runs in the child (it would talk to the parent's worker threads).
-    orphans: ClassVar[list[PrecogPool]] = []
 
 
 def _forget_pool_in_child() -> None:
-    # After fork the child shares the parent's sockets. Closing them would
-    # send Terminate on the parent's connections, so the child just drops the
-    # inherited pool (psycopg does not PQfinish in a forked child) and opens
-    # its own on first use, with the same settings as the parent's pool.
-    pool = _State.pool
-    if pool is not None:
-        _State.inherited = (pool.settings, pool.pool_kwargs)
-        _State.orphans.append(pool)
-    _State.pool = None
+    _State.registry.forget_in_child()
     _State.lock = threading.Lock()
 
 
@@ -906,17 +1021,10 @@ def initialize_pool(
     """
     with _State.lock:
         settings = settings_for(env, settings, caller="initialize_pool")
-        current = _State.pool
-        if current is not None:
-            if _same_target(current.settings, settings):
-                check_gate(current.env)
-                return current
-            raise PoolStateError(
-                f"the pool is already open for the {current.settings.describe()}; "
-                f"call close_pool() before initializing it for the {settings.describe()}"
-            )
+        if (current := _State.registry.reuse(settings)) is not None:
+            return current
         pool = create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
-        _State.pool = pool
+        _State.registry.pool = pool
         return pool
 
 
@@ -938,11 +1046,11 @@ def get_pool() -> PrecogPool:
     In a child forked while the parent had a pool open, the child's own pool
     is opened with the parent pool's settings.
     """
-    pool = _State.pool
+    pool = _State.registry.pool
     if pool is not None:
         check_gate(pool.env)
         return pool
-    inherited = _State.inherited
+    inherited = _State.registry.inherited
     if inherited is not None:
         settings, pool_kwargs = inherited
         return initialize_pool(settings=settings, **pool_kwargs)
@@ -951,19 +1059,18 @@ def get_pool() -> PrecogPool:
 
 def inherited_settings() -> DatabaseSettings | None:
     """In a forked child, the settings of the pool the parent had open (the child reopens it on first use)."""
-    inherited = _State.inherited
-    return None if inherited is None else inherited[0]
+    return _State.registry.inherited_settings()
 
 
 def active_pool() -> PrecogPool | None:
     """The process-wide pool if one is open, without opening one."""
-    return _State.pool
+    return _State.registry.pool
 
 
 def close_pool(timeout: float = 5.0) -> None:
     """Close the process-wide pool, if any. Idempotent."""
     with _State.lock:
-        pool, _State.pool = _State.pool, None
+        pool, _State.registry.pool = _State.registry.pool, None
     if pool is not None:
         pool.close(timeout=timeout)
         log.info("pool_closed", pool=pool.name, env=pool.env.value)

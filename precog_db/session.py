@@ -32,28 +32,40 @@ psycopg internals used here (checked by tests/test_isolation.py):
 ``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
 ``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
 ``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
-``_num_transactions``, ``_pipeline``, ``_prepared`` (``_counts``, ``_names``, ``_to_flush``).
+``_num_transactions``, ``_pipeline``, ``_prepared`` (replaced by a `PrepareManager` subclass; ``_counts``,
+``_names``, ``_to_flush``), ``_adapters`` (``AdaptersMap._loaders``, ``_dumpers``, ``_dumpers_by_oid``,
+``types._registry``),
+and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_set_read_only_gen``,
+``_set_isolation_level_gen``, ``_set_deferrable_gen``, ``_exec_command``, which `restore` (sync) and
+`arestore` (asyncio) run through the connection's own ``wait``: one implementation for both layers.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from psycopg import Connection
+from psycopg import AsyncConnection, Connection
 from psycopg._preparing import PrepareManager
+from psycopg.abc import PQGen
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db.errors import ReadOnlyWriteError, SessionStateError
 
+#: A connection of either layer.
+AnyConnection = Connection[Any] | AsyncConnection[Any]
+
 __all__ = [
+    "AsyncPrecogCursor",
+    "AsyncPrecogServerCursor",
     "PrecogCursor",
     "PrecogServerCursor",
     "adopt",
+    "arestore",
     "changes_session",
     "mark_raw",
     "needs_restore",
@@ -149,20 +161,35 @@ def _forgot_commit(conn: Any, exc: psycopg.errors.ReadOnlySqlTransaction) -> Bas
     )
 
 
-class PrecogCursor(psycopg.Cursor[Any]):
+class _Marking:
+    """The classifier hook shared by the sync and the asyncio client cursors (no I/O)."""
+
+    __slots__ = ()
+    _conn: Any
+
+    def _convert_query(self, query: Any, params: Any = None) -> Any:
+        pgq = super()._convert_query(query, params)  # type: ignore[misc]
+        _mark(self._conn, pgq.query)
+        return pgq
+
+
+def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:
+    """After a server error: the statement ended cleanly; the error to raise (``exc`` or a `ReadOnlyWriteError`)."""
+    conn._precog_busy = False
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+        return _forgot_commit(conn, exc)
+    return exc
+
+
+class PrecogCursor(_Marking, psycopg.Cursor[Any]):
     """The pool's client-side cursor: marks the connection dirty before a session-changing statement is sent."""
 
     __slots__ = ()
 
-    def _convert_query(self, query: Any, params: Any = None) -> Any:
-        pgq = super()._convert_query(query, params)
-        _mark(self._conn, pgq.query)
-        return pgq
-
     # ``_precog_busy`` stays set if something other than a server error (an
-    # interrupt raised by a signal handler) ends a statement half-way: psycopg's
-    # own bookkeeping (its prepared-statement cache) may then disagree with the
-    # server, so checkin closes that connection instead of lending it again.
+    # interrupt raised by a signal handler, a cancelled task) ends a statement
+    # half-way: psycopg's own bookkeeping (its prepared-statement cache) may then
+    # disagree with the server, so checkin closes that connection instead of lending it again.
 
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
@@ -171,14 +198,9 @@ class PrecogCursor(psycopg.Cursor[Any]):
         conn._precog_busy = True
         try:
             rv = super().execute(query, params, prepare=prepare, binary=binary)
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            conn._precog_busy = False
-            error = _forgot_commit(conn, exc)
-            if error is exc:
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
                 raise
-        except psycopg.Error:
-            conn._precog_busy = False
-            raise
         else:
             conn._precog_busy = False
             return rv
@@ -189,24 +211,55 @@ class PrecogCursor(psycopg.Cursor[Any]):
         conn._precog_busy = True
         try:
             super().executemany(query, params_seq, returning=returning)
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            conn._precog_busy = False
-            error = _forgot_commit(conn, exc)
-            if error is exc:
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
                 raise
-        except psycopg.Error:
-            conn._precog_busy = False
-            raise
         else:
             conn._precog_busy = False
             return
         raise error.with_traceback(None)
 
 
-class PrecogServerCursor(psycopg.ServerCursor[Any]):
-    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+class AsyncPrecogCursor(_Marking, psycopg.AsyncCursor[Any]):
+    """`PrecogCursor` for `precog_db.aio`: the same classifier and the same error translation."""
 
     __slots__ = ()
+
+    async def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            rv = await super().execute(query, params, prepare=prepare, binary=binary)
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
+                raise
+        else:
+            conn._precog_busy = False
+            return rv
+        raise error.with_traceback(None)
+
+    async def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+        conn: Any = self._conn
+        conn._precog_busy = True
+        try:
+            await super().executemany(query, params_seq, returning=returning)
+        except psycopg.Error as exc:
+            if (error := _statement_failed(conn, exc)) is exc:
+                raise
+        else:
+            conn._precog_busy = False
+            return
+        raise error.with_traceback(None)
+
+
+class _DeclareMarking:
+    """The named-cursor hook shared by both layers: a ``WITH HOLD`` cursor outlives its transaction (no I/O)."""
+
+    __slots__ = ()
+    _conn: Any
+    _withhold: bool
 
     def _make_declare_statement(self, query: Any) -> Any:
         if self._withhold:
@@ -216,7 +269,7 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
                     "pooler (DB_POOLER=transaction) shares with other clients; nothing was sent. Fetch the rows "
                     "inside the transaction, or use DB_POOLER=session"
                 )
-            self._conn._precog_dirty = True  # type: ignore[attr-defined]
+            self._conn._precog_dirty = True
         elif isinstance(query, str):
             _mark(self._conn, query.encode())
         elif isinstance(query, bytes):
@@ -224,8 +277,20 @@ class PrecogServerCursor(psycopg.ServerCursor[Any]):
         elif isinstance(query, psycopg.sql.Composable):
             _mark(self._conn, query.as_bytes(self._conn))
         else:
-            self._conn._precog_dirty = True  # type: ignore[attr-defined]
-        return super()._make_declare_statement(query)
+            self._conn._precog_dirty = True
+        return super()._make_declare_statement(query)  # type: ignore[misc]
+
+
+class PrecogServerCursor(_DeclareMarking, psycopg.ServerCursor[Any]):
+    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+
+    __slots__ = ()
+
+
+class AsyncPrecogServerCursor(_DeclareMarking, psycopg.AsyncServerCursor[Any]):
+    """`PrecogServerCursor` for `precog_db.aio`."""
+
+    __slots__ = ()
 
 
 _DTRO = b"default_transaction_read_only"
@@ -256,28 +321,34 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
     )
 
 
-def adopt(conn: Connection[Any], cursor_factory: type[PrecogCursor] = PrecogCursor, *, shared: bool = False) -> None:
-    """Install the tracking cursors on a new pooled connection (before any user setup runs).
+def adopt(conn: AnyConnection, cursor_factory: type[Any] | None = None, *, shared: bool = False) -> None:
+    """Install the tracking cursors on a new pooled connection of either layer (before any user setup runs).
 
-    ``shared``: the server session is not this connection's own (a
-    transaction-mode pooler hands each transaction to any server connection),
-    so `restore` never sends ``DISCARD ALL``: it would reset a server
-    connection another client uses next, and nothing of this client's lives there.
+    ``cursor_factory``: a `PrecogCursor` subclass (sync) or `AsyncPrecogCursor`
+    subclass (asyncio) instead of the plain one. ``shared``: the server session
+    is not this connection's own (a transaction-mode pooler hands each
+    transaction to any server connection), so `restore` never sends
+    ``DISCARD ALL``: it would reset a server connection another client uses
+    next, and nothing of this client's lives there. The prepared-statement
+    manager is replaced by `_TrackingPrepareManager`, which sees the statements
+    of every cursor, hand-built ones included.
     """
     c: Any = conn
+    if isinstance(conn, psycopg.AsyncConnection):
+        c._precog_factories = (cursor_factory or AsyncPrecogCursor, AsyncPrecogServerCursor)
+    else:
+        c._precog_factories = (cursor_factory or PrecogCursor, PrecogServerCursor)
     tracker = _TrackingPrepareManager()
     tracker.prepare_threshold = c._prepared.prepare_threshold
     tracker.prepared_max = c._prepared.prepared_max
     c._prepared = tracker
-    conn.cursor_factory = cursor_factory
-    conn.server_cursor_factory = PrecogServerCursor
-    conn._precog_cursor_factory = cursor_factory  # type: ignore[attr-defined]
-    conn._precog_shared = shared  # type: ignore[attr-defined]
-    conn._precog_dirty = False  # type: ignore[attr-defined]
-    conn._precog_busy = False  # type: ignore[attr-defined]
+    c.cursor_factory, c.server_cursor_factory = c._precog_factories
+    c._precog_shared = shared
+    c._precog_dirty = False
+    c._precog_busy = False
 
 
-def baseline(conn: Connection[Any]) -> None:
+def baseline(conn: AnyConnection) -> None:
     """Record the connection's state once its setup is complete: what every later borrower must find."""
     c: Any = conn
     c._precog_dirty = False
@@ -287,13 +358,13 @@ def baseline(conn: Connection[Any]) -> None:
     c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
     c._prepared.dirty = False
     # Client-side adapters: the borrower gets a child map of the configured one, so a loader or
-    # dumper it registers (copy-on-write in psycopg) flips an ownership flag and is undone on return.
+    # dumper it registers (copy-on-write in psycopg) replaces a table, which is noticed and undone on return.
     c._precog_adapters_template = conn.adapters
     c._adapters = AdaptersMap(conn.adapters)
     c._precog_adapters_owned = _adapters_owned(c._adapters)
 
 
-def mark_raw(conn: Connection[Any]) -> None:
+def mark_raw(conn: AnyConnection) -> None:
     """The connection itself is lent (`get_connection`, `checkout`, psycopg_pool's ``getconn``/``connection()``).
 
     Its borrower can run statements no tracker sees (a ``psycopg.ClientCursor(conn)``
@@ -306,16 +377,23 @@ def mark_raw(conn: Connection[Any]) -> None:
 
 
 def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
-    """psycopg's copy-on-write flags of an `AdaptersMap`: they change when anything is registered on it."""
+    """The identity of the tables of an `AdaptersMap`: psycopg copies a table before the first write to it.
+
+    Identities rather than psycopg's ``_own_*`` flags: every cursor makes a child
+    map of the connection's, which resets those flags on the connection's map
+    (so a loader registered, then a query run, would look untouched), while a
+    table, once copied, stays a different object. The baseline tables are
+    shared with the template map, which keeps them alive: no identity is reused.
+    """
     return (
-        tuple(adapters._own_loaders),
-        tuple(adapters._own_dumpers_by_oid),
-        tuple(adapters._own_dumpers.items()) if isinstance(adapters._own_dumpers, dict) else adapters._own_dumpers,
-        adapters.types is not None and getattr(adapters.types, "_own_state", None),
+        tuple(map(id, adapters._loaders)),
+        tuple(map(id, adapters._dumpers_by_oid)),
+        tuple(id(adapters._dumpers[fmt]) for fmt in sorted(adapters._dumpers, key=str)),
+        id(getattr(adapters.types, "_registry", None)),
     )
 
 
-def needs_restore(conn: Connection[Any]) -> bool:
+def needs_restore(conn: AnyConnection) -> bool:
     """True if the borrower changed anything: no round trip, a few attribute reads."""
     c: Any = conn
     return bool(
@@ -327,8 +405,8 @@ def needs_restore(conn: Connection[Any]) -> bool:
         or c._read_only is not False
         or c._isolation_level is not None
         or c._deferrable is not None
-        or c.cursor_factory is not c._precog_cursor_factory
-        or c.server_cursor_factory is not PrecogServerCursor
+        or c.cursor_factory is not c._precog_factories[0]
+        or c.server_cursor_factory is not c._precog_factories[1]
         or c.row_factory is not c._precog_row_factory
         or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
         or c._precog_busy
@@ -338,7 +416,7 @@ def needs_restore(conn: Connection[Any]) -> bool:
     )
 
 
-def _forget_prepared(conn: Connection[Any]) -> None:
+def _forget_prepared(conn: AnyConnection) -> None:
     """Empty psycopg's prepared-statement cache after ``DISCARD ALL`` dropped the statements on the server.
 
     psycopg clears it by itself only the first time it sees that command on a
@@ -355,34 +433,34 @@ class RestoreFailed(Exception):
     """The session could not be brought back to its baseline: the connection must be closed."""
 
 
-def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None] | None = None) -> None:
-    """Bring a returned connection back to its baseline, or raise (the caller then closes it).
+def _restore_gen(conn: AnyConnection) -> PQGen[bool]:
+    """Everything `restore` decides and sends, as a psycopg generator that either layer runs with its ``wait``.
 
-    Costs a round trip only when needed: a ROLLBACK for an open transaction, one
-    ``DISCARD ALL`` (then ``reconfigure``, the user's own setup) if the session
-    may have changed.
+    Raises `RestoreFailed` when the connection cannot be brought back.
+    Returns True when it ran ``DISCARD ALL`` (the user's setup must then run again).
     """
     c: Any = conn
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
         raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
     if c._precog_busy or c._num_transactions or c._pipeline is not None:
-        # A transaction() or pipeline() block was cut short (an interrupt in its
-        # bookkeeping): psycopg's own state is inconsistent, the connection must go.
+        # A statement, transaction() or pipeline() block was cut short (an
+        # interrupt or a cancelled task in its bookkeeping): psycopg's own state
+        # may be inconsistent, the connection must go.
         raise RestoreFailed("a statement, transaction() or pipeline() block was cut short by an interrupt")
     if status != TransactionStatus.IDLE:
-        conn.rollback()
+        yield from c._rollback_gen()
     if not c._autocommit:
-        conn.autocommit = True
-    conn.read_only = False
-    conn.isolation_level = None
-    conn.deferrable = None
-    if conn.cursor_factory is not c._precog_cursor_factory or conn.server_cursor_factory is not PrecogServerCursor:
+        yield from c._set_autocommit_gen(True)
+    yield from c._set_read_only_gen(False)
+    yield from c._set_isolation_level_gen(None)
+    yield from c._set_deferrable_gen(None)
+    cursor_factory, server_cursor_factory = c._precog_factories
+    if c.cursor_factory is not cursor_factory or c.server_cursor_factory is not server_cursor_factory:
         c._precog_dirty = True  # statements may have run unseen
-        conn.cursor_factory = c._precog_cursor_factory
-        conn.server_cursor_factory = PrecogServerCursor
-    conn.row_factory = c._precog_row_factory
-    conn.prepare_threshold = c._precog_prepare_threshold
+        c.cursor_factory, c.server_cursor_factory = cursor_factory, server_cursor_factory
+    c.row_factory = c._precog_row_factory
+    c.prepare_threshold = c._precog_prepare_threshold
     del c._notice_handlers[c._precog_handlers[0] :]
     del c._notify_handlers[c._precog_handlers[1] :]
     if c._adapters is None or _adapters_owned(c._adapters) != c._precog_adapters_owned:
@@ -395,12 +473,45 @@ def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None
         c._prepared.dirty = False
         if reported(conn.pgconn) != c._precog_reported:
             raise RestoreFailed("session parameters differ from the baseline behind a transaction-mode pooler")
-    elif c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported:
-        conn.execute("DISCARD ALL", prepare=False)
-        _forget_prepared(conn)
+        return False
+    if not (c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported):
+        return False
+    yield from c._exec_command(b"DISCARD ALL")
+    _forget_prepared(conn)
+    return True
+
+
+def _settled(conn: AnyConnection) -> None:
+    """After ``DISCARD ALL`` and the user's setup: the session is back at its baseline, or raise."""
+    c: Any = conn
+    if reported(conn.pgconn) != c._precog_reported:
+        raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
+    c._precog_dirty = False
+    c._prepared.dirty = False
+
+
+def restore(conn: Connection[Any], reconfigure: Callable[[Connection[Any]], None] | None = None) -> None:
+    """Bring a returned connection back to its baseline, or raise (the caller then closes it).
+
+    Costs a round trip only when needed: a ROLLBACK for an open transaction, one
+    ``DISCARD ALL`` (then ``reconfigure``, the user's own setup) if the session
+    may have changed.
+    """
+    with conn.lock:
+        discarded = conn.wait(_restore_gen(conn))
+    if discarded:
         if reconfigure is not None:
             reconfigure(conn)
-        if reported(conn.pgconn) != c._precog_reported:
-            raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
-        c._precog_dirty = False
-        c._prepared.dirty = False
+        _settled(conn)
+
+
+async def arestore(
+    conn: AsyncConnection[Any], reconfigure: Callable[[AsyncConnection[Any]], Awaitable[None]] | None = None
+) -> None:
+    """`restore` for an asyncio connection: the same generator, awaited."""
+    async with conn.lock:
+        discarded = await conn.wait(_restore_gen(conn))
+    if discarded:
+        if reconfigure is not None:
+            await reconfigure(conn)
+        _settled(conn)

@@ -28,11 +28,11 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import Connection, Cursor
-from psycopg.pq import TransactionStatus
+from psycopg import AsyncConnection, Connection
 from psycopg.rows import tuple_row
 
 from precog_db._secrets import current_os_user
+from precog_db._steps import Query, Steps, arun, run
 from precog_db.environment import STRICT, Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
@@ -49,7 +49,10 @@ __all__ = [
     "SCHEMA",
     "TABLE",
     "Stamp",
+    "aread_stamp_on",
+    "averify_stamp",
     "cluster_system_identifier",
+    "judge_stamp",
     "read_stamp",
     "read_stamp_on",
     "stamp_command",
@@ -219,16 +222,23 @@ def _call(env: Environment, *, force: bool = False) -> str:
 # --- reading ---------------------------------------------------------------------------
 
 
-def _run_guarded(conn: Connection[Any], query: str) -> tuple[Any, ...] | None:
-    """Run a one-row query that may fail for lack of privileges, without breaking a transaction."""
-    idle_autocommit = conn.autocommit and conn.pgconn.transaction_status == TransactionStatus.IDLE
-    with conn.cursor(row_factory=tuple_row) as cur:
-        if idle_autocommit:
-            cur.execute(query)
-            return cur.fetchone()
-        with conn.transaction():
-            cur.execute(query)
-            return cur.fetchone()
+_SYSTEM_IDENTIFIER = Query("SELECT system_identifier FROM pg_catalog.pg_control_system()", guarded=True)
+#: What a role that may not read pg_control_system() gets; any other error propagates.
+_NO_SYSTEM_IDENTIFIER = (
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.UndefinedFunction,
+    psycopg.errors.FeatureNotSupported,
+)
+
+
+def _system_identifier_steps() -> Steps[int | None]:
+    """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``."""
+    try:
+        row = yield _SYSTEM_IDENTIFIER
+    except _NO_SYSTEM_IDENTIFIER:
+        log.info("system_identifier_unreadable", reason="pg_control_system() is not available to this role")
+        return None
+    return int(row[0]) if row and row[0] is not None else None
 
 
 def cluster_system_identifier(conn: Connection[Any]) -> int | None:
@@ -237,34 +247,28 @@ def cluster_system_identifier(conn: Connection[Any]) -> int | None:
     PostgreSQL grants ``pg_control_system()`` to PUBLIC by default; an
     administrator can revoke it, and some managed services do not provide it.
     """
-    try:
-        row = _run_guarded(conn, "SELECT system_identifier FROM pg_catalog.pg_control_system()")
-    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction, psycopg.errors.FeatureNotSupported):
-        log.info("system_identifier_unreadable", reason="pg_control_system() is not available to this role")
-        return None
-    return int(row[0]) if row and row[0] is not None else None
+    return run(conn, _system_identifier_steps())
 
 
-def _read(cur: Cursor[Any], conn: Connection[Any], *, for_update: bool = False) -> Stamp | None:
-    cur.execute(
+def _read_steps(*, for_update: bool = False) -> Steps[Stamp | None]:
+    """Read the stamp (sans-I/O, see `precog_db._steps`): the SQL and every decision, for both layers."""
+    row = yield Query(
         f"SELECT current_database(), to_regclass(%s) IS NOT NULL, {_CURRENT_OID}, "
         "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(%s) "
         "AND attname = 'database_oid' AND NOT attisdropped)",
         (TABLE, TABLE),
     )
-    row = cur.fetchone()
     assert row is not None
     current_dbname, exists, current_oid, has_oid = str(row[0]), bool(row[1]), int(row[2]), bool(row[3])
     if not exists:
         return None
     columns = _COLUMNS if has_oid else _COLUMNS.replace(", database_oid", ", NULL")
-    cur.execute(f"SELECT {columns} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
-    found = cur.fetchone()
+    found = yield Query(f"SELECT {columns} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
     if found is None:
         return None
     recorded_id = None if found[2] is None else int(found[2])
     # Read the live identifier only when there is one to compare with.
-    current_id = cluster_system_identifier(conn) if recorded_id is not None else None
+    current_id = (yield from _system_identifier_steps()) if recorded_id is not None else None
     return Stamp(
         env=parse_environment(found[0], source=f"the stamp in {TABLE}"),
         dbname=str(found[1]),
@@ -284,18 +288,29 @@ def _privilege_error(settings: DatabaseSettings, action: str, fix: str) -> Stamp
     return StampError(f"role {settings.user!r} may not {action} in the {settings.describe()}; {fix}")
 
 
+def _unreadable(settings: DatabaseSettings) -> StampError:
+    return _privilege_error(
+        settings,
+        f"read the identity stamp {TABLE}",
+        f"stamping grants it to everyone, so someone revoked it: run `GRANT USAGE ON SCHEMA {SCHEMA} "
+        f"TO {settings.user}; GRANT SELECT ON {TABLE} TO {settings.user};` as the database owner",
+    )
+
+
 def read_stamp_on(conn: Connection[Any], settings: DatabaseSettings) -> Stamp | None:
     """Read the stamp over an open connection; None when the database is unstamped."""
     try:
-        with conn.cursor(row_factory=tuple_row) as cur:
-            return _read(cur, conn)
+        return run(conn, _read_steps())
     except psycopg.errors.InsufficientPrivilege:
-        raise _privilege_error(
-            settings,
-            f"read the identity stamp {TABLE}",
-            f"stamping grants it to everyone, so someone revoked it: run `GRANT USAGE ON SCHEMA {SCHEMA} "
-            f"TO {settings.user}; GRANT SELECT ON {TABLE} TO {settings.user};` as the database owner",
-        ) from None
+        raise _unreadable(settings) from None
+
+
+async def aread_stamp_on(conn: AsyncConnection[Any], settings: DatabaseSettings) -> Stamp | None:
+    """`read_stamp_on` over an asyncio connection."""
+    try:
+        return await arun(conn, _read_steps())
+    except psycopg.errors.InsufficientPrivilege:
+        raise _unreadable(settings) from None
 
 
 def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
@@ -327,8 +342,17 @@ def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bo
     `RestoredCopyError`, `UnstampedDatabaseError` or `StampError`. See the
     module docstring for the rules.
     """
+    return judge_stamp(settings, read_stamp_on(conn, settings), quiet=quiet)
+
+
+async def averify_stamp(settings: DatabaseSettings, conn: AsyncConnection[Any], *, quiet: bool = False) -> Stamp | None:
+    """`verify_stamp` over an asyncio connection: the same reading steps and the same `judge_stamp`."""
+    return judge_stamp(settings, await aread_stamp_on(conn, settings), quiet=quiet)
+
+
+def judge_stamp(settings: DatabaseSettings, stamp: Stamp | None, *, quiet: bool = False) -> Stamp | None:
+    """The decision on a stamp read from the database of ``settings`` (no I/O): return it, warn, or raise."""
     env = settings.env
-    stamp = read_stamp_on(conn, settings)
     where = settings.describe()
     if stamp is None:
         if env in STRICT:
@@ -431,7 +455,7 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
                 cur.execute(_DDL)
             else:
                 cur.execute(_ADD_OID)
-            previous = _read(cur, conn, for_update=True)
+            previous = run(conn, _read_steps(for_update=True))
             if previous is not None and previous.env is not target:
                 _check_restamp(settings, previous, force=force)
             cur.execute(_UPSERT, (target.value, current_id, current_os_user(), _library_version()))

@@ -51,7 +51,7 @@ from precog_db.errors import SessionStateError
 from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["PoolerCursor", "cannot_write", "session_level", "session_setup"]
+__all__ = ["PoolerCursor", "cannot_write", "session_level", "session_setup", "session_setup_sql"]
 
 _IDLE = TransactionStatus.IDLE
 _BEGIN = b"BEGIN READ ONLY"
@@ -86,14 +86,21 @@ def cannot_write(pgconn: PGconn) -> bool:
     return pgconn.parameter_status(_HOT_STANDBY) == _ON
 
 
-def session_setup(settings: DatabaseSettings) -> Callable[[Connection[Any]], None] | None:
-    """Behind a session-mode pooler: what the startup options would have set, as one ``SET`` round trip."""
+def session_setup_sql(settings: DatabaseSettings) -> bytes | None:
+    """Behind a session-mode pooler: the ``SET`` statements that replace the startup options (both layers)."""
     if settings.pooler != "session":
         return None
     statements = ["SET default_transaction_read_only = on"]
     if settings.statement_timeout_ms:
         statements.append(f"SET statement_timeout = {int(settings.statement_timeout_ms)}")
-    text = "; ".join(statements).encode()
+    return "; ".join(statements).encode()
+
+
+def session_setup(settings: DatabaseSettings) -> Callable[[Connection[Any]], None] | None:
+    """Behind a session-mode pooler: what the startup options would have set, as one ``SET`` round trip."""
+    text = session_setup_sql(settings)
+    if text is None:
+        return None
 
     def setup(conn: Connection[Any]) -> None:
         conn.execute(text, prepare=False)  # simple query protocol (no parameters): one round trip

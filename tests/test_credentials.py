@@ -331,3 +331,35 @@ def test_a_fixed_password_works_as_before(role: Server) -> None:
     with get_cursor() as cur:
         cur.execute("SELECT current_user AS u")
         assert cur.fetchone() == {"u": ROLE}
+
+
+@pytest.mark.asyncio
+class TestAsyncPool:
+    async def test_asyncio_pool_resolves_the_provider_for_every_connection(self, role: Server) -> None:
+        """The asyncio pool asks the provider for each new connection: after a rotation its new connections log in."""
+        from precog_db import aio
+
+        current = {"password": OLD}
+        calls: list[float] = []
+
+        def provider() -> str:
+            calls.append(time.monotonic())
+            return current["password"]
+
+        pool = await aio.initialize_pool(
+            settings=app_settings(role, password_provider=provider, pool_min=1, pool_max=2)
+        )
+        try:
+            await pool.wait(timeout=10)
+            opened = len(calls)
+            assert opened >= 2, "the probe and the pooled connection asked the provider"
+            rotate(role)
+            current["password"] = NEW
+            await pool.drain()
+            await pool.wait(timeout=10)
+            async with aio.get_cursor() as cur:
+                await cur.execute("SELECT current_user AS who")
+                assert await cur.fetchone() == {"who": ROLE}
+            assert len(calls) > opened, "the replacement connection asked the provider again"
+        finally:
+            await aio.close_pool()

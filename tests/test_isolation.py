@@ -372,6 +372,19 @@ class TestPsycopgInternals:
         """Every psycopg internal listed in precog_db/session.py exists: an upgrade that renames one fails here."""
         assert callable(getattr(psycopg.Cursor, "_convert_query", None))
         assert callable(getattr(psycopg.ServerCursor, "_make_declare_statement", None))
+        assert callable(getattr(psycopg.AsyncCursor, "_convert_query", None))
+        assert callable(getattr(psycopg.AsyncServerCursor, "_make_declare_statement", None))
+        # The reset generator both layers run (session._restore_gen), on the connections' common base.
+        for cls in (psycopg.Connection, psycopg.AsyncConnection):
+            for gen in (
+                "_rollback_gen",
+                "_set_autocommit_gen",
+                "_set_read_only_gen",
+                "_set_isolation_level_gen",
+                "_set_deferrable_gen",
+                "_exec_command",
+            ):
+                assert callable(getattr(cls, gen, None)), (cls.__name__, gen)
         with get_connection() as conn:
             for name in (
                 "_autocommit",

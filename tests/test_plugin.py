@@ -384,3 +384,51 @@ class TestXdist:
             assert databases(pg_server, DB + "_") == kept
         finally:
             drop(pg_server, *kept)
+
+
+ASYNC_MODULE = """
+    import pathlib
+    import pytest
+
+    @pytest.fixture
+    def anyio_backend():
+        return "asyncio"
+
+    def test_runs_first():
+        pathlib.Path("ran_first").write_text("yes")
+
+    @pytest.mark.asyncio
+    async def test_under_pytest_asyncio(adb_cursor, unique_test_id):
+        await adb_cursor.execute("INSERT INTO items (name) VALUES (%s)", (unique_test_id,))
+        await adb_cursor.execute("SELECT count(*) AS n FROM items")
+        assert await adb_cursor.fetchone() == {"n": 1}
+
+    @pytest.mark.anyio
+    async def test_under_anyio(adb_cursor, adb_pool):
+        await adb_cursor.execute("SELECT current_database() AS db")
+        assert (await adb_cursor.fetchone())["db"] == adb_pool.settings.dbname
+
+    @pytest.mark.asyncio
+    async def test_nothing_survived(adb_cursor):
+        await adb_cursor.execute("SELECT count(*) AS n FROM items")
+        assert await adb_cursor.fetchone() == {"n": 0}
+"""
+
+
+class TestAsyncFixtures:
+    def test_run_under_both_plugins_and_roll_back(self, pytester: pytest.Pytester, run: Run) -> None:
+        """adb_cursor works under pytest-asyncio and anyio and rolls back each test's writes."""
+        pytester.makepyfile(test_async=ASYNC_MODULE)
+        pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+        result = run("-p", "no:randomly")
+        result.assert_outcomes(passed=4)
+
+    def test_refused_outside_test(self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+        """A session whose async tests use adb_cursor is refused in staging before any test runs."""
+        monkeypatch.setenv("PRECOG_ENV", "staging")
+        pytester.makepyfile(test_async=ASYNC_MODULE)
+        pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+        result = run()
+        assert result.ret == pytest.ExitCode.USAGE_ERROR
+        refusal_printed_once(result)
+        assert not (pytester.path / "ran_first").exists(), "a test ran before the guard"

@@ -144,6 +144,21 @@ class TestBorrowerIsolation:
             row = cur.fetchone()
         assert row is not None and row["balance"] == Decimal("12345678901234567.89")
 
+    def test_adapter_used_before_the_block_ends_does_not_reach_next_borrower(self, one_conn: None) -> None:
+        """A loader registered and then used (each cursor resets psycopg's copy-on-write flags) is still undone."""
+        from decimal import Decimal
+
+        from psycopg.types.numeric import FloatLoader
+
+        with get_connection() as conn:
+            conn.adapters.register_loader("numeric", FloatLoader)
+            used = conn.execute("SELECT 1.5::numeric").fetchone()
+            assert used == (1.5,)
+        with get_cursor() as cur:
+            cur.execute("SELECT 12345678901234567.89::numeric AS balance")
+            row = cur.fetchone()
+        assert row is not None and row["balance"] == Decimal("12345678901234567.89")
+
     def test_unicode_escaped_pg_temp_table_does_not_swallow_commits(
         self, one_conn: None, pg_server: Server, test_db: str
     ) -> None:

@@ -1,0 +1,203 @@
+"""precog_db for asyncio: the same API and the same rules, awaited.
+
+::
+
+    from precog_db import aio
+
+    async with aio.get_cursor() as cur:            # read-only autocommit: one round trip
+        await cur.execute("SELECT * FROM trades WHERE id = %s", (trade_id,))
+        row = await cur.fetchone()                 # a dict
+    async with aio.get_cursor(commit=True) as cur:  # BEGIN READ WRITE ... COMMIT (rolled back if the block raises)
+        await cur.execute("INSERT INTO trades (symbol) VALUES (%s)", ("AAPL",))
+
+Built on `psycopg_pool.AsyncConnectionPool` (`precog_db.apool`). Everything
+that is not I/O is the sync layer's: settings, environment, the production
+guard, the gate, the stamp's SQL and decisions (`precog_db._steps`), the
+session classifier and reset (`precog_db.session`), the error classes and
+messages, the audit log (docs/DESIGN.md, "Sync and async from one source").
+
+Cancellation (``asyncio.wait_for``, ``asyncio.timeout``, ``Task.cancel``) is
+a fault like any other, wherever it lands: waiting for a connection, in a
+statement (the server is told to cancel it), or in the reset. No connection
+is lost and none goes back to the pool inside a transaction. A task
+cancelled while its ``COMMIT`` is in flight gets `CommitOutcomeUnknownError`
+(chained from the ``CancelledError``) instead of ``CancelledError``: the
+server may or may not have committed, and that is what the caller must
+know; the connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
+from psycopg.rows import AsyncRowFactory, dict_row
+
+from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
+from precog_db.cursors import _commit_cancelled, _translate
+from precog_db.errors import PoolStateError
+from precog_db.gates import (
+    dangerous_operation,
+    delete_statement,
+    log_deleted,
+    log_truncated,
+    truncate_statements,
+)
+from precog_db.session import mark_raw
+
+__all__ = [
+    "close_pool",
+    "delete_all",
+    "get_connection",
+    "get_cursor",
+    "get_pool",
+    "initialize_pool",
+    "truncate_tables",
+]
+
+
+def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
+    """Borrow a pooled asyncio connection (autocommit, read-only by default).
+
+    Use ``async with conn.transaction():`` to write. The connection goes back
+    to the pool when the block ends, whatever happened in it.
+    """
+    return _ConnectionBlock()
+
+
+def get_cursor(
+    commit: bool = False, *, row_factory: AsyncRowFactory[Any] = dict_row
+) -> AbstractAsyncContextManager[AsyncCursor[Any]]:
+    """Borrow an asyncio cursor; rows are dicts by default.
+
+    ``commit=False``: statements run read-only in autocommit, a write raises
+    `ReadOnlyWriteError`. ``commit=True``: one read-write transaction,
+    committed when the block exits cleanly and rolled back when it raises.
+    """
+    return _CursorBlock(commit, row_factory)
+
+
+class _ConnectionBlock:
+    __slots__ = ("_conn", "_pool")
+
+    def __init__(self) -> None:
+        self._pool: AsyncPrecogPool | None = None
+        self._conn: AsyncConnection[Any] | None = None
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        if self._conn is not None:
+            raise PoolStateError("a get_connection() block cannot be entered twice; call get_connection() again")
+        pool = self._pool = await get_pool()
+        conn = self._conn = await pool.lend()
+        mark_raw(conn)  # the raw connection is lent: its return always restores the session
+        return conn
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pool is not None:
+            await self._pool.give_back(conn)
+
+
+class _CursorBlock:
+    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_row_factory", "_transaction")
+
+    def __init__(self, commit: bool, row_factory: AsyncRowFactory[Any]) -> None:
+        self._commit = commit
+        self._row_factory = row_factory
+        self._pool: AsyncPrecogPool | None = None
+        self._conn: AsyncConnection[Any] | None = None
+        self._cursor: AsyncCursor[Any] | None = None
+        self._transaction: AsyncTransaction | None = None
+
+    async def __aenter__(self) -> AsyncCursor[Any]:
+        if self._conn is not None:
+            raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
+        pool = self._pool = await get_pool()
+        conn = self._conn = await pool.lend()  # no suspension between lend's return and this store
+        try:
+            cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+            if self._commit:
+                transaction = AsyncTransaction(conn)  # what conn.transaction() wraps, without the generator
+                await transaction.__aenter__()  # BEGIN READ WRITE
+                self._transaction = transaction
+            return cursor
+        except BaseException as exc:
+            try:
+                if isinstance(exc, psycopg.OperationalError) and (wrapped := _translate(pool, conn, exc, False)):
+                    raise wrapped from exc
+                raise
+            finally:
+                await self._release()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        pool, conn = self._pool, self._conn
+        assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
+        transaction = self._transaction
+        committing = et is None and transaction is not None
+        try:
+            try:
+                # psycopg.Rollback raised in the block: rolled back, and the
+                # transaction swallows it; so does this block.
+                if transaction is not None and await transaction.__aexit__(et, ev, tb):
+                    return True
+            except asyncio.CancelledError as exc:
+                if committing:
+                    await conn.close()  # no suspension: psycopg's close only finishes the socket
+                    raise _commit_cancelled(pool) from exc
+                raise
+            except psycopg.OperationalError as exc:
+                if et is not None and not issubclass(et, Exception):
+                    return False  # a cancellation (or an interrupt) ended the block: it propagates, not this
+                # With a clean block, what failed here is the COMMIT.
+                if wrapped := _translate(pool, conn, exc, committing):
+                    raise wrapped from exc
+                raise
+            if isinstance(ev, psycopg.OperationalError) and (wrapped := _translate(pool, conn, ev, False)):
+                raise wrapped from ev
+            return False
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        """Close the cursor (no I/O for a client cursor) and give the connection back."""
+        cursor, conn, pool = self._cursor, self._conn, self._pool
+        self._cursor = self._transaction = None
+        self._conn = None
+        if cursor is not None:
+            await cursor.close()
+        if conn is not None and pool is not None:
+            await pool.give_back(conn)
+
+
+@dangerous_operation()
+async def truncate_tables(*tables: str, cascade: bool = False) -> dict[str, int]:
+    """Empty ``tables`` in one transaction; return the row count each held (the twin of `precog_db.truncate_tables`)."""
+    count_queries, truncate = truncate_statements(tables, cascade)
+    counts: dict[str, int] = {}
+    async with get_cursor(commit=True) as cur:
+        for name, query in zip(tables, count_queries, strict=True):
+            await cur.execute(query)
+            row = await cur.fetchone()
+            counts[name] = int(row["n"]) if row else 0
+        await cur.execute(truncate)
+    log_truncated(counts)
+    return counts
+
+
+@dangerous_operation()
+async def delete_all(table: str) -> int:
+    """Delete every row of ``table``; return how many were deleted (the twin of `precog_db.delete_all`)."""
+    statement = delete_statement(table)
+    async with get_cursor(commit=True) as cur:
+        await cur.execute(statement)
+        rows = cur.rowcount
+    log_deleted(table, rows)
+    return rows

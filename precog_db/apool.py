@@ -1,0 +1,479 @@
+"""The asyncio connection pool: `AsyncPrecogPool`, one per process, for `precog_db.aio`.
+
+The twin of `precog_db.pool` built on `psycopg_pool.AsyncConnectionPool`, with
+the same rules and the same shared, non-I/O pieces (`PoolFaults`,
+`pooled_connect_kwargs`, `check_pool_kwargs`, `check_still_read_only`,
+`connection_is_usable`, `precog_db.session`): connections are autocommit and
+read-only by default, every physical connection passes the chokepoint
+(`check_target` before, `aprepare` after), a checkout checks liveness without a
+round trip, and a checkin costs no round trip unless the borrower changed the
+session.
+
+Cancellation (docs/DESIGN.md, "asyncio and cancellation"): asyncio delivers
+it only where a coroutine suspends, so the pool's bookkeeping has no await in
+it: taking an idle connection, handing one to a waiter (one
+``Future.set_result``), putting one back are plain statements. A caller
+queued for a connection waits on its own future; cancelled or timed out, it
+leaves the queue, and a connection handed to it at that very moment goes
+straight back: the cancellation is never swallowed (psycopg#1401, #1345) and
+no connection is lost. The only awaits on the way back are the reset's
+(ROLLBACK, DISCARD ALL); a cancellation there closes the connection, which a
+worker replaces.
+
+psycopg_pool private names used here, beyond those `precog_db.pool` lists
+(checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
+``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
+``_nconns_min``, ``_nconns``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
+``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
+the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
+interface ``set`` / ``fail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+from time import monotonic
+from typing import Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg_pool import AsyncConnectionPool, TooManyRequests
+from psycopg_pool.base import AttemptWithBackoff
+from psycopg_pool.pool_async import AddConnection, MaintenanceTask
+
+from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
+from precog_db.connection import check_gate
+from precog_db.environment import Environment
+from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
+from precog_db.guard import production_confirmed
+from precog_db.log import get_logger, route_pool_logging
+from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
+from precog_db.pool import (
+    PoolFaults,
+    Registry,
+    _audit_open,
+    check_still_read_only,
+    connection_is_usable,
+)
+from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore
+from precog_db.settings import DatabaseSettings, settings_for
+from precog_db.topology import session_setup_sql
+
+__all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
+
+log = get_logger()
+
+_OK = ConnStatus.OK
+_IDLE = TransactionStatus.IDLE
+#: psycopg_pool hooks that would bypass the zero-round-trip liveness check and the session reset.
+_UNSUPPORTED = ("check", "reset")
+
+AsyncConfigure = Callable[[AsyncConnection[Any]], Awaitable[None]]
+
+
+class _Waiter:
+    """A caller queued for a connection: psycopg_pool's ``WaitingClient`` interface over one future.
+
+    Handing over is ``set_result`` on the future, with no await, so it either
+    happens entirely or not at all; a caller that gave up (its future
+    cancelled or done) is skipped.
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[AsyncConnection[Any]] = asyncio.get_running_loop().create_future()
+
+    async def set(self, conn: AsyncConnection[Any]) -> bool:
+        return self.offer(conn)
+
+    def offer(self, conn: AsyncConnection[Any]) -> bool:
+        """Hand ``conn`` over; False if the caller already gave up or was served."""
+        if self.future.done():
+            return False
+        self.future.set_result(conn)
+        return True
+
+    async def fail(self, error: BaseException) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_exception(error)
+        return True
+
+
+class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
+    """A `psycopg_pool.AsyncConnectionPool` that knows its environment and settings.
+
+    `lend` / `give_back` are what `precog_db.aio` uses (``getconn`` /
+    ``putconn`` and ``connection()`` go through them too). Its `repr` shows only
+    the pool name. ``check=`` and ``reset=`` are refused: liveness is checked
+    without a round trip and the reset is the library's (`precog_db.session`);
+    ``configure=`` takes an ``async def`` run after the library's setup.
+
+    Topology: multi-host failover (several ``DB_HOST`` entries, the writer
+    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
+    work as in the sync pool. A transaction-mode pooler (``DB_POOLER=transaction``)
+    and read replicas (``DB_REPLICA_HOSTS``) are refused with a
+    `ConfigurationError`: use the sync API for those (docs/TOPOLOGY.md).
+    """
+
+    def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
+        for key in _UNSUPPORTED:
+            if pool_kwargs.get(key) is not None:
+                raise ConfigurationError(
+                    f"{key}= is not supported by the asyncio pool: it checks each connection without a round "
+                    "trip when lending it and undoes what a borrower changed when it comes back "
+                    "(docs/DESIGN.md, 'Borrower isolation'). Use configure= for per-connection setup"
+                )
+        refuse_unsupported_topology(settings)
+        #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
+        self._session_sql = session_setup_sql(settings)
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, AsyncConnection))
+        #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
+        self.metrics = PoolRecorder(str(params["name"]), settings.env.value, self._metrics_state)
+        # A callable: psycopg_pool calls it for every new connection, so the password is
+        # resolved each time (DB_PASSWORD_FILE re-read, the provider called).
+        super().__init__("", kwargs=self._connection_kwargs, **params)
+
+    def __repr__(self) -> str:
+        return f"<AsyncPrecogPool {self.name!r} env={self.env.value}>"
+
+    def _metrics_state(self) -> PoolState | None:
+        """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
+        if getattr(self, "_closed", True):  # closed, or still being constructed
+            return None
+        idle = len(self._pool)
+        used = max(self._nconns - idle, 0)
+        pending = sum(1 for w in self._waiting if not (isinstance(w, _Waiter) and w.future.done()))
+        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
+
+    async def _configure_connection(self, conn: AsyncConnection[Any]) -> None:
+        await conn.set_read_only(False)  # explicit transactions are read-write
+        self._refuse_standby(conn)  # a writer pool keeps no connection to a hot standby
+        if self._session_sql is not None:
+            await conn.execute(self._session_sql, prepare=False)
+        await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
+        adopt(conn)
+        if self._user_configure is not None:
+            await self._user_configure(conn)
+            if conn.pgconn.transaction_status != _IDLE:
+                await conn.rollback()
+            check_still_read_only(conn)
+            await conn.set_autocommit(True)
+            await conn.set_read_only(False)
+        baseline(conn)
+
+    async def _reconfigure(self, conn: AsyncConnection[Any]) -> None:
+        """After DISCARD ALL: the session setup behind a session pooler, then the caller's own."""
+        if self._session_sql is not None:
+            await conn.execute(self._session_sql, prepare=False)
+        if self._user_configure is not None:
+            await self._user_configure(conn)
+
+    async def _connect(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        started = monotonic()
+        try:
+            self._check_target(self.prod_confirmed)
+            conn = await super()._connect(timeout)
+        except (psycopg.Error, PrecogDBError) as exc:
+            self._connect_failed(exc)
+            self.metrics.connection_failed()
+            raise
+        self._last_connect_ok = now = monotonic()
+        self.metrics.created(now - started)
+        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
+        return conn
+
+    async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
+        if isinstance(task, AddConnection):  # only a retry of a failed attempt is scheduled
+            self._retries_pending += 1
+        await super().schedule_task(task, delay)
+
+    async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        if attempt is not None:
+            self._retries_pending -= 1
+            self._cap(attempt)
+        await super()._add_connection(attempt, growing=growing)
+
+    # --- lending ---------------------------------------------------------------------------------
+
+    async def getconn(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        """psycopg_pool's checkout, served by `lend`: the raw connection is lent (`mark_raw`)."""
+        conn = await self.lend(timeout)
+        mark_raw(conn)  # statements may run unseen: its return always restores the session
+        return conn
+
+    async def putconn(self, conn: AsyncConnection[Any]) -> None:
+        """psycopg_pool's checkin, served by `give_back`."""
+        await self.give_back(conn)
+
+    def _take_idle(self) -> AsyncConnection[Any] | None:
+        """A live idle connection (the most recently returned), or None; dead ones go to be replaced. No await."""
+        idle = self._pool
+        while idle and not self._closed:
+            conn = idle.pop()
+            if len(idle) < self._nconns_min:  # psycopg_pool's low-water mark for max_idle shrinking
+                self._nconns_min = len(idle)
+            if connection_is_usable(conn):
+                conn._pool = self
+                return conn
+            self._replace(conn, self._CONNECTIONS_LOST)
+        return None
+
+    async def lend(self, timeout: float | None = None) -> AsyncConnection[Any]:
+        """A live, idle, autocommit connection; give it back with `give_back`.
+
+        Bounded by ``timeout`` (default ``DB_POOL_TIMEOUT``) and by any
+        cancellation: a cancelled or timed-out caller leaves the queue at once,
+        and a connection handed to it at that moment goes back to the pool.
+        """
+        if self.pid != os.getpid():
+            raise PoolStateError(
+                f"pool {self.name!r} was opened in process {self.pid} and inherited through fork(); "
+                "its connections belong to the parent. Use precog_db.aio.get_cursor()/get_pool() in the child, "
+                "which open the child's own pool with the same settings"
+            )
+        check_gate(self.settings.env)
+        self._stats[self._REQUESTS_NUM] += 1
+        conn = self._take_idle()
+        if conn is not None:
+            conn._precog_lent = monotonic()  # type: ignore[attr-defined]  # for the metrics (give_back)
+            return conn
+        wait = self.timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        requested = monotonic()
+        while True:
+            self._check_open_getconn()
+            conn = self._take_idle()
+            if conn is not None:
+                return self._lent_after_wait(conn, requested)
+            if self.max_waiting and len(self._waiting) >= self.max_waiting:
+                self._stats[self._REQUESTS_ERRORS] += 1
+                raise TooManyRequests(f"the pool {self.name!r} has already {len(self._waiting)} requests waiting")
+            waiter = _Waiter()
+            self._waiting.append(waiter)  # type: ignore[arg-type]
+            self._stats[self._REQUESTS_QUEUED] += 1
+            self._maybe_grow_pool()
+            started = loop.time()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    conn = await waiter.future
+            except BaseException as exc:
+                self._give_up(waiter)
+                if isinstance(exc, TimeoutError) and loop.time() >= deadline:
+                    self.metrics.timed_out()
+                    raise self._timed_out(wait) from None
+                raise
+            finally:
+                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (loop.time() - started))
+            if connection_is_usable(conn):
+                conn._pool = self
+                return self._lent_after_wait(conn, requested)
+            self._replace(conn, self._CONNECTIONS_LOST)
+
+    def _lent_after_wait(self, conn: AsyncConnection[Any], requested: float) -> AsyncConnection[Any]:
+        """Metrics for a connection obtained after queueing: record the wait now. No await."""
+        now = monotonic()
+        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
+        self.metrics.waited(now - requested)
+        return conn
+
+    def _give_up(self, waiter: _Waiter) -> None:
+        """A queued caller stops waiting (cancelled, timed out): leave the queue, return what it got. No await."""
+        future = waiter.future
+        self._stats[self._REQUESTS_ERRORS] += 1
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled() and future.exception() is None:
+            self._hand_over(future.result())
+        with contextlib.suppress(ValueError):
+            self._waiting.remove(waiter)  # type: ignore[arg-type]
+
+    # --- giving back -----------------------------------------------------------------------------
+
+    async def give_back(self, conn: AsyncConnection[Any]) -> None:
+        """Return a lent connection in the state `lend` promises, or close it and have it replaced.
+
+        A borrower that changed nothing costs no round trip. A cancellation
+        while the reset runs closes the connection (its state is unknown) and
+        propagates; the connection is never lost and never returned inside a
+        transaction.
+        """
+        if getattr(conn, "_pool", None) is not self:
+            raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        lent: float | None = getattr(conn, "_precog_lent", None)
+        conn._precog_lent = None  # type: ignore[attr-defined]
+        if lent is not None:  # an interrupt after this loses a sample, never a connection
+            returns = self.metrics.returns
+            returns.append((lent, monotonic()))
+            if len(returns) >= FOLD_AT:
+                self.metrics.fold_soon()
+        pgconn = conn.pgconn
+        if pgconn.status == _OK and (pgconn.transaction_status != _IDLE or needs_restore(conn)):
+            try:
+                await arestore(conn, self._reconfigure)
+            except BaseException as exc:
+                log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
+                self._replace(conn, None, "unrestorable")
+                if not isinstance(exc, (psycopg.Error, RestoreFailed)):
+                    raise  # a cancellation: the caller must see it
+                return
+        if self._closed:
+            _close_now(conn)
+        elif pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+            self._replace(conn, self._RETURNS_BAD)
+        elif conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
+            self._replace(conn, None)
+        else:
+            self._hand_over(conn)
+
+    def _hand_over(self, conn: AsyncConnection[Any]) -> None:
+        """Give an idle connection to the first waiter, or put it on the idle stack. No await."""
+        conn._pool = None
+        if self._closed:
+            _close_now(conn)
+            return
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if isinstance(waiter, _Waiter) and waiter.offer(conn):
+                return
+        self._pool.append(conn)
+        if self._pool_full_event and len(self._pool) >= self._min_size:
+            self._pool_full_event.set()
+
+    def _replace(self, conn: AsyncConnection[Any], stat: str | None, reason: str = "expired") -> None:
+        """Close ``conn`` now and have a worker open its replacement (``stat``: what to count). No await."""
+        _close_now(conn)
+        if stat is not None:
+            self._stats[stat] += 1
+        if self._closed:
+            return
+        log.info("replacing_connection", pool=self.name, env=self.env.value, reason=stat or reason)
+        self.run_task(AddConnection(self))
+
+
+def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
+    """The asyncio pool's refusals (no I/O): a transaction-mode pooler and read replicas are sync-only."""
+    if settings.pooler == "transaction":
+        raise ConfigurationError(
+            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
+            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
+            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
+        )
+    if settings.replica_hosts:
+        raise ConfigurationError(
+            "the asyncio pool (precog_db.aio) does not support read replicas (DB_REPLICA_HOSTS): unset it for "
+            "the asyncio service, or use the sync API's get_cursor(replica=True); nothing was opened"
+        )
+
+
+def _close_now(conn: AsyncConnection[Any]) -> None:
+    """Close without awaiting (``AsyncConnection.close`` does nothing more for a pool's connection)."""
+    conn._pool = None
+    conn._closed = True
+    conn.pgconn.finish()
+
+
+async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
+    """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
+    started = monotonic()
+    try:
+        refuse_unsupported_topology(settings)
+        probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
+        await probe.close()
+        route_pool_logging()
+        pool = AsyncPrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)
+        await pool.open(wait=False)
+    except Exception as exc:
+        _audit_open(settings, started, exc)
+        raise
+    _audit_open(settings, started, None)
+    log.info("pool_opened", pool=pool.name, env=settings.env.value, min_size=pool.min_size, max_size=pool.max_size)
+    return pool
+
+
+# --- the process-wide asyncio pool ---------------------------------------------------------
+
+
+class _State:
+    registry: Registry[AsyncPrecogPool] = Registry()
+    #: The event loop the pool serves, and the lock that serializes opening it on that loop.
+    loop: asyncio.AbstractEventLoop | None = None
+    lock: asyncio.Lock | None = None
+
+
+def _forget_pool_in_child() -> None:
+    _State.registry.forget_in_child()  # the fork rule of precog_db.pool
+    _State.loop = None
+    _State.lock = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
+def _lock() -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    if _State.lock is None or _State.loop is not loop:
+        pool = _State.registry.pool
+        if pool is not None and _State.loop is not loop:
+            raise PoolStateError(
+                f"the asyncio pool {pool.name!r} was opened on another event loop; an asyncio pool "
+                "serves one loop. Call `await precog_db.aio.close_pool()` on that loop first (a test fixture "
+                "per event loop, or one loop for the whole application)"
+            )
+        _State.lock = asyncio.Lock()
+        _State.loop = loop
+    return _State.lock
+
+
+async def initialize_pool(
+    env: str | Environment | None = None, *, settings: DatabaseSettings | None = None, **pool_kwargs: Any
+) -> AsyncPrecogPool:
+    """Open the process-wide asyncio pool, or return it if it is already open for the same target."""
+    async with _lock():
+        settings = settings_for(env, settings, caller="initialize_pool")
+        if (current := _State.registry.reuse(settings)) is not None:
+            return current
+        pool = await create_pool(settings, prod_confirmed=production_confirmed(), **pool_kwargs)
+        _State.registry.pool = pool
+        return pool
+
+
+async def get_pool() -> AsyncPrecogPool:
+    """The process-wide asyncio pool, opened on first use (in a forked child, with the parent pool's settings)."""
+    pool = _State.registry.pool
+    if pool is not None and _State.loop is asyncio.get_running_loop():
+        check_gate(pool.env)
+        return pool
+    inherited = _State.registry.inherited
+    if inherited is not None:
+        settings, pool_kwargs = inherited
+        return await initialize_pool(settings=settings, **pool_kwargs)
+    return await initialize_pool()
+
+
+def active_pool() -> AsyncPrecogPool | None:
+    """The process-wide asyncio pool if one is open, without opening one."""
+    return _State.registry.pool
+
+
+def inherited_settings() -> DatabaseSettings | None:
+    """In a forked child, the settings of the asyncio pool the parent had open."""
+    return _State.registry.inherited_settings()
+
+
+async def close_pool(timeout: float = 5.0) -> None:
+    """Close the process-wide asyncio pool, if any. Idempotent."""
+    pool, _State.registry.pool = _State.registry.pool, None
+    _State.lock = None
+    _State.loop = None
+    if pool is not None:
+        await pool.close(timeout=timeout)
+        log.info("pool_closed", pool=pool.name, env=pool.env.value)
