@@ -31,7 +31,6 @@ import os
 import queue
 import select
 import threading
-import weakref
 from time import monotonic
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -438,9 +437,6 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         self._retries_lock = threading.Lock()
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
-        #: Every connection this pool opened and that is still referenced (for the "used" count of `pool_metrics`).
-        self._precog_conns: weakref.WeakSet[Connection[Any]] = weakref.WeakSet()
-        self._precog_conns_lock = threading.Lock()
         #: Maintenance work asked for from the main thread, passed on by the janitor thread (see `run_task`).
         self._deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None] = queue.SimpleQueue()
         self._janitor: threading.Thread | None = None
@@ -481,9 +477,10 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         with self._lock:
             idle = len(self._pool)
             pending = sum(1 for w in self._waiting if not getattr(w, "_served", False))
-        with self._precog_conns_lock:
-            conns = list(self._precog_conns)
-        used = sum(1 for c in conns if c._pool is self and not c.closed)
+            # Connections the pool counts that are not idle: lent out (or, briefly, being opened).
+            # No per-connection registry: a WeakSet's removal callback is Python code that runs when
+            # a connection is freed, where an interrupt raised by a signal handler would be lost.
+            used = max(self._nconns - idle, 0)
         return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
 
     def _configure_connection(self, conn: Connection[Any]) -> None:
@@ -529,8 +526,6 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             raise
         self._last_connect_ok = now = monotonic()
         self.metrics.created(now - started)
-        with self._precog_conns_lock:
-            self._precog_conns.add(conn)
         conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
 

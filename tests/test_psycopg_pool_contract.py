@@ -67,6 +67,7 @@ POOL_ATTRIBUTES: dict[str, str] = {
     "_reset": "optional callable",
     "_check": "optional callable",
     "_drained_at": "float",  # connections created before this are discarded on return (3.3+)
+    "_nconns": "int",  # connections the pool counts (the "used" metric: not idle)
     "_min_size": "int",  # how many connections a retired one is replaced up to
     "_pool_full_event": "optional event",  # set when the pool is full (wait()); None once it was
 }
@@ -115,11 +116,9 @@ OWN_NAMES = {
     "_connection_kwargs",
     "_lent_after_wait",
     "_metrics_state",
-    "_precog_conns",
     "_precog_lent",
     "_fold_metrics_soon",
     "_returns",
-    "_precog_conns_lock",
     "_deferred",
     "_deferred_from_main_thread",
     "_janitor",
