@@ -123,6 +123,11 @@ def _assert_every_connection_works(size: int) -> None:
 
 
 class TestRandomInterrupts:
+    # An alarm that lands in a finalizer (psycopg's Connection.__del__ for a retired connection, a gc
+    # callback) cannot be raised there: CPython reports it as "unraisable" instead. That is a lost
+    # interrupt, not a lost connection, and no code can prevent it; what these tests assert is that no
+    # connection is lost or left tainted, so that report alone does not fail them.
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
     @pytest.mark.parametrize("helpers", [0, 2], ids=["alone", "contended"])
     def test_hundreds_of_interrupts_lose_no_connection(
         self, helpers: int, test_settings: DatabaseSettings, pg_server: Server, test_db: str

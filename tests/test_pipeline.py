@@ -378,6 +378,11 @@ class TestSilentPath:
 
 
 class TestInterrupts:
+    # An alarm that lands in a finalizer (psycopg's Connection.__del__ for a retired connection, a gc
+    # callback) cannot be raised there: CPython reports it as "unraisable" instead. That is a lost
+    # interrupt, not a lost connection, and no code can prevent it; what these tests assert is that no
+    # connection is lost or left tainted, so that report alone does not fail them.
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
     def test_random_interrupts_in_pipelined_blocks_lose_nothing(
         self, test_settings: DatabaseSettings, table: str
     ) -> None:
