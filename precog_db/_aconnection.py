@@ -17,6 +17,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
+from precog_db._pipelining import abegin_pending
 from precog_db.connection import (
     BoundedConnection,
     _bounded,
@@ -45,9 +46,21 @@ class PrecogAsyncConnection(BoundedConnection, AsyncConnection[Any]):
     runs sends a cancel request to the server and waits (briefly) for the
     statement to end, as psycopg does from 3.3; if the statement is still
     running afterwards, the connection is closed rather than left busy.
+
+    It is also where a ``commit=True`` block's deferred ``BEGIN`` is sent when
+    the first thing run on the connection is not the cursor's pipelined first
+    statement (``copy``, ``stream``, a statement through ``cur.connection``).
     """
 
+    #: A ``commit=True`` block of `precog_db.aio` whose ``BEGIN`` is not sent yet: it waits for the
+    #: block's first statement (`precog_db._pipelining`); any other I/O first sends it here.
+    _precog_pending_begin: Any = None
+
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        block = self._precog_pending_begin
+        if block is not None:
+            self._precog_pending_begin = None
+            await abegin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
         limit = self.reply_timeout
         try:
             if limit is None:

@@ -1,50 +1,68 @@
 """Fewer round trips for ``get_cursor(commit=True)``: libpq pipeline mode, used inside the block.
 
-Two mechanisms (docs/DESIGN.md "Committed writes in fewer round trips"):
+Two mechanisms (docs/DESIGN.md "Committed writes in fewer round trips"), in
+both layers (`precog_db.cursors`, `precog_db.aio`):
 
 * **BEGIN with the first statement** (every ``commit=True`` block): the block
   sends no ``BEGIN`` when it is entered. The cursor it hands out is a
-  `FirstStatementCursor`; its first ``execute`` / ``executemany`` enters
-  pipeline mode, queues ``BEGIN READ WRITE`` and the statement, and syncs once,
-  so both cost one round trip. The call waits for both replies before it
-  returns: an error is raised by the ``execute`` that caused it, and the results
-  are there for ``fetch*`` exactly as before. Later statements and the
-  ``COMMIT`` run as before. Anything that cannot be pipelined safely (a
-  statement string holding several statements, ``COPY``, ``stream``, a server
-  cursor, anything run through ``cur.connection``) first gets a plain
-  ``BEGIN`` of its own, as before this change.
-* **pipeline=True** (opt-in): `PipelinedBlock` queues ``BEGIN``, every statement
-  and the ``COMMIT`` and syncs once at the end of the block; a ``fetch*`` waits
-  for the results queued so far (a flush, no sync). Errors surface late: see
-  the ``get_cursor`` docstring and docs/DESIGN.md.
+  `FirstStatementCursor` (`AsyncFirstStatementCursor`); its first ``execute`` /
+  ``executemany`` enters pipeline mode, queues ``BEGIN READ WRITE`` and the
+  statement, and syncs once, so both cost one round trip. The call waits for
+  both replies before it returns: an error is raised by the ``execute`` that
+  caused it, and the results are there for ``fetch*`` exactly as before. Later
+  statements and the ``COMMIT`` run as before. Anything that cannot be
+  pipelined safely (a statement string holding several statements, ``COPY``,
+  ``stream``, a server cursor, anything run through ``cur.connection``) first
+  gets a plain ``BEGIN`` of its own, as before this change.
+* **pipeline=True** (opt-in): `PipelinedBlock` (`AsyncPipelinedBlock`) queues
+  ``BEGIN``, every statement and the ``COMMIT`` and syncs once at the end of the
+  block; a ``fetch*`` waits for the results queued so far (a flush, no sync).
+  Errors surface late: see the ``get_cursor`` docstring and docs/DESIGN.md.
+
+The pipeline is psycopg's, with its I/O moved to one place (`QueueingPipeline`):
+psycopg writes and polls once per queued message, this one buffers every
+message in libpq and writes them all at the sync, then waits once. That is
+what makes the saved round trip cheaper than the one it saves
+(docs/PERFORMANCE.md).
 
 Safety: while a pipeline is being synced the connection's ``_precog_busy`` flag
-is set (`precog_db.session`), so an interrupt raised by a signal handler in the
-middle leaves the connection marked and the pool closes it instead of lending
-it again; a connection still in pipeline mode (``_pipeline`` set) is never
-lent either. The waits go through ``Connection.wait``, so the reply bound of
-`precog_db.connection.PrecogConnection` covers them.
+is set (`precog_db.session`), so an interrupt raised by a signal handler (or a
+cancellation) in the middle leaves the connection marked and the pool closes it
+instead of lending it again; a connection still in pipeline mode (``_pipeline``
+set) is never lent either. The waits go through ``Connection.wait``, so the
+reply bound of `precog_db.connection.PrecogConnection` covers them.
 
 psycopg internals used here (checked by tests/test_pipeline.py::TestPsycopgInternals):
-``Pipeline._exit``, ``Pipeline._fetch_gen``, ``Pipeline.result_queue``,
+``BasePipeline._communicate_gen`` / ``_sync_gen`` (overridden), ``_enqueue_sync``,
+``_fetch_gen``, ``_exit``, ``command_queue``, ``result_queue``,
 ``BaseConnection._pipeline``; a ``Transaction`` is entered directly (not
 through ``conn.transaction()``, which would sync the pipeline at ``BEGIN``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import psycopg
-from psycopg import Connection, Pipeline, Transaction
+from psycopg import AsyncConnection, AsyncPipeline, AsyncTransaction, Connection, Pipeline, Transaction
+from psycopg.abc import PQGen
+from psycopg.generators import send
 from psycopg.pq import TransactionStatus
 
 from precog_db.log import get_logger
-from precog_db.session import PrecogCursor
+from precog_db.session import AsyncPrecogCursor, PrecogCursor
 
-__all__ = ["SUPPORTED", "FirstStatementCursor", "PipelinedBlock"]
+__all__ = [
+    "SUPPORTED",
+    "AsyncFirstStatementCursor",
+    "AsyncPipelinedBlock",
+    "AsyncQueueingPipeline",
+    "FirstStatementCursor",
+    "PipelinedBlock",
+    "QueueingPipeline",
+]
 
 log = get_logger()
 
@@ -54,11 +72,13 @@ SUPPORTED = Pipeline.is_supported()
 #: A leading ``COPY`` (after comments, whitespace, parentheses): never pipelined.
 _COPY = re.compile(r"(?:\s+|--[^\n]*|/\*.*?\*/|\()*copy\b", re.I | re.S)
 
+_IDLE = TransactionStatus.IDLE
+
 
 class _Block(Protocol):
     """What the cursor needs from its get_cursor(commit=True) block: where to keep the transaction."""
 
-    _transaction: Transaction | None
+    _transaction: Any  # Transaction | AsyncTransaction | None
 
 
 def _pipelinable(query: Any, params: Any) -> bool:
@@ -78,61 +98,68 @@ def _pipelinable(query: Any, params: Any) -> bool:
     return params is not None or ";" not in query.rstrip(" \t\r\n;")
 
 
-def _enter(conn: Connection[Any]) -> Pipeline:
-    """Put ``conn`` in pipeline mode (no I/O). The caller has set ``_precog_busy``."""
-    pipeline = Pipeline(conn)
-    pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
-    conn._pipeline = pipeline
-    return pipeline
+class _Queueing:
+    """psycopg's pipeline with its I/O in one place: messages are buffered as queued, written and awaited at the sync.
 
-
-def _leave(conn: Connection[Any], pipeline: Pipeline) -> None:
-    """Sync (one round trip), collect every result, leave pipeline mode; raise the first error.
-
-    Not psycopg's ``Pipeline.__exit__``: its wait generator yields in a
-    ``finally`` clause, so an interrupt raised by a signal handler during the
-    wait comes out as ``RuntimeError: generator ignored GeneratorExit`` instead
-    of itself. Here an interrupt propagates unchanged and leaves the
-    connection in pipeline mode, marked busy: the pool closes it.
+    psycopg's own pipeline writes each queued message as it is queued and polls
+    the socket before each one (``_communicate_gen``); here queueing only
+    buffers the message in libpq, and ``_sync_gen`` writes everything in one
+    go, then waits once for the replies. Server errors are therefore raised at
+    the sync (or by a ``fetch*``, which flushes and waits), never by the call
+    that queued the statement.
     """
-    try:
-        pipeline.sync()
-    except psycopg.Error:
-        if not (conn.broken or conn.closed):
-            _drain(conn, pipeline)
-        with contextlib.suppress(psycopg.Error):  # the first error is the one to raise
-            _exit_mode(conn, pipeline)
-        raise
-    _exit_mode(conn, pipeline)
+
+    command_queue: Any
+    pgconn: Any
+
+    def _buffer_all(self) -> None:
+        commands = self.command_queue
+        while commands:
+            commands.popleft()()  # libpq appends the message to its output buffer (no wait)
+
+    def _communicate_gen(self) -> PQGen[None]:
+        self._buffer_all()
+        return
+        yield  # a generator, as psycopg expects
+
+    def _sync_gen(self) -> PQGen[None]:
+        self._enqueue_sync()  # type: ignore[attr-defined]
+        self._buffer_all()
+        yield from send(self.pgconn)  # write everything (reading meanwhile if the server pushes back)
+        yield from self._fetch_gen(flush=False)  # type: ignore[attr-defined]
 
 
-def _drain(conn: Connection[Any], pipeline: Pipeline) -> None:
-    """After a sync raised the first error: collect the results still queued behind it (secondary errors)."""
-    for _ in range(len(pipeline.result_queue) + 1):
-        if not pipeline.result_queue or conn.broken or conn.closed:
-            return
-        try:
-            conn.wait(pipeline._fetch_gen(flush=True))
-        except psycopg.Error as exc:
-            log.debug("pipeline_result_after_error", reason=type(exc).__name__)
+class QueueingPipeline(_Queueing, Pipeline):
+    """`_Queueing` on a sync connection."""
 
 
-def _exit_mode(conn: Connection[Any], pipeline: Pipeline) -> None:
-    """Leave pipeline mode (no I/O); a connection that cannot (results left uncollected) is closed."""
+class AsyncQueueingPipeline(_Queueing, AsyncPipeline):
+    """`_Queueing` on an asyncio connection."""
+
+
+def _exit_mode(conn: Any, pipeline: Pipeline | AsyncPipeline) -> bool:
+    """Leave pipeline mode (no I/O). False if libpq refused (results left uncollected): the connection must go."""
     try:
         pipeline._exit(None)
-    except psycopg.Error:
-        conn.close()
-        raise
+    except psycopg.Error as exc:
+        log.info("pipeline_exit_failed", reason=type(exc).__name__)
+        return False
     finally:
         conn._pipeline = None
+    return True
 
 
-def _begin(conn: Connection[Any], block: _Block) -> None:
-    """Send ``BEGIN READ WRITE`` on its own (one round trip), as get_cursor(commit=True) always did."""
-    transaction = Transaction(conn)
-    transaction.__enter__()
-    block._transaction = transaction
+def _outcome(conn: Any, refused: psycopg.Error | None, synced: psycopg.Error | None, left: bool) -> None:
+    """After a first statement's sync: clear the busy flag when the connection is consistent; raise the error."""
+    if left and not synced and not refused:
+        conn._precog_busy = False
+        return
+    if left:
+        conn._precog_busy = False  # a server error (or a refusal) ended it cleanly
+    error = synced or refused
+    if error is not None:
+        raise error
+    raise _unleavable()
 
 
 class FirstStatementCursor(PrecogCursor):
@@ -152,27 +179,41 @@ class FirstStatementCursor(PrecogCursor):
     def _begin_alone(self) -> None:
         block = self._take_block()
         if block is not None:
-            _begin(self._conn, block)
+            transaction = Transaction(self._conn)
+            transaction.__enter__()  # BEGIN READ WRITE, one round trip, as before pipelining
+            block._transaction = transaction
 
-    def _first(self, block: _Block, send: Any) -> None:
-        """Queue BEGIN and the statement ``send`` sends, then wait for both (one sync)."""
+    def _first(self, block: _Block, queue: Callable[[], object]) -> None:
+        """Queue BEGIN and the statement ``queue`` queues, then send both and wait once."""
         conn: Any = self._conn
         conn._precog_busy = True  # cleared only when the pipeline is done or failed with a server error
+        pipeline = QueueingPipeline(conn)
+        pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
+        conn._pipeline = pipeline
+        refused: psycopg.Error | None = None
         try:
-            pipeline = _enter(conn)
-            try:
-                transaction = Transaction(conn)
-                transaction.__enter__()  # BEGIN READ WRITE, queued: no I/O
-                block._transaction = transaction
-                send()
-            except psycopg.Error:  # refused before it was queued (a wrong parameter): BEGIN still runs
-                _leave(conn, pipeline)
-                raise
-            _leave(conn, pipeline)
-        except psycopg.Error:
-            conn._precog_busy = False
-            raise
-        conn._precog_busy = False
+            transaction = Transaction(conn)
+            transaction.__enter__()  # BEGIN READ WRITE, buffered
+            block._transaction = transaction
+            queue()  # the statement, buffered
+        except psycopg.Error as exc:  # refused before it was queued (a wrong parameter): BEGIN still runs
+            refused = exc
+        conn._precog_busy = True  # the statement's own wrapper cleared it: the sync is still to come
+        synced: psycopg.Error | None = None
+        try:
+            pipeline.sync()  # one write, one wait: BEGIN and the statement
+        except psycopg.Error as exc:
+            synced = exc
+        left = _exit_mode(conn, pipeline)
+        if not left:
+            conn.close()
+        _outcome(conn, refused, synced, left)
+
+    def _plain_execute(self, query: Any, params: Any, prepare: bool | None, binary: bool | None) -> None:
+        super().execute(query, params, prepare=prepare, binary=binary)
+
+    def _plain_executemany(self, query: Any, params_seq: Any, returning: bool) -> None:
+        super().executemany(query, params_seq, returning=returning)
 
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
@@ -180,9 +221,10 @@ class FirstStatementCursor(PrecogCursor):
         block = self._take_block()
         if block is not None:
             if SUPPORTED and _pipelinable(query, params):
-                self._first(block, lambda: PrecogCursor.execute(self, query, params, prepare=prepare, binary=binary))
+                self._first(block, lambda: self._plain_execute(query, params, prepare, binary))
                 return self
-            _begin(self._conn, block)
+            self._precog_block = block
+            self._begin_alone()
         return super().execute(query, params, prepare=prepare, binary=binary)
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
@@ -190,9 +232,10 @@ class FirstStatementCursor(PrecogCursor):
         if block is not None:
             if SUPPORTED and _pipelinable(query, ()):
                 # psycopg runs executemany in a pipeline of its own; here it rides ours.
-                self._first(block, lambda: PrecogCursor.executemany(self, query, params_seq, returning=returning))
+                self._first(block, lambda: self._plain_executemany(query, params_seq, returning))
                 return
-            _begin(self._conn, block)
+            self._precog_block = block
+            self._begin_alone()
         super().executemany(query, params_seq, returning=returning)
 
     def copy(self, *args: Any, **kwargs: Any) -> Any:
@@ -225,9 +268,11 @@ class PipelinedBlock:
         self.transaction: Transaction | None = None
         c: Any = conn
         c._precog_busy = True  # until the block's end collected every result
-        self._pipeline = _enter(conn)
+        pipeline = self._pipeline = QueueingPipeline(conn)
+        pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
+        c._pipeline = pipeline
         transaction = Transaction(conn)
-        transaction.__enter__()  # BEGIN READ WRITE, queued: no I/O
+        transaction.__enter__()  # BEGIN READ WRITE, buffered
         self.transaction = transaction
 
     def finish(self, et: type[BaseException] | None, ev: BaseException | None, tb: Any) -> bool:
@@ -240,38 +285,186 @@ class PipelinedBlock:
         transaction, self.transaction = self.transaction, None
         conn._precog_busy = True  # cleared only once every result is collected (or a server error ended it)
         if et is None and transaction is not None:
+            error: psycopg.Error | None = None
             try:
-                try:
-                    transaction.__exit__(None, None, None)  # COMMIT, queued behind the statements
-                finally:
-                    _leave(conn, self._pipeline)  # sync: one round trip for the whole block
-            except psycopg.Error:
-                if conn.broken or conn.closed:
-                    conn._precog_busy = False
-                    raise  # the caller tells a lost COMMIT apart
-                self._roll_back_failed(conn)
-                conn._precog_busy = False
-                raise
+                transaction.__exit__(None, None, None)  # COMMIT, buffered behind the statements
+                self._pipeline.sync()  # one write, one wait for the whole block
+            except psycopg.Error as exc:
+                error = exc
+            if not _exit_mode(conn, self._pipeline):
+                conn.close()
+                error = error or _unleavable()
+            if error is not None and not (conn.broken or conn.closed):
+                _roll_back_failed(conn)
             conn._precog_busy = False
+            if error is not None:
+                raise error  # the caller tells a lost COMMIT apart
             return False
         # The block raised: sync what was queued, then roll back outside pipeline mode. The
         # block's own exception propagates; what the sync reports (typically "pipeline
         # aborted" behind the error that ended the block) is secondary.
         try:
-            _leave(conn, self._pipeline)
+            self._pipeline.sync()
         except psycopg.Error as exc:
             log.debug("pipeline_sync_failed_after_error", reason=type(exc).__name__)
+        if not _exit_mode(conn, self._pipeline):
+            conn.close()
         swallow = False
         if transaction is not None:
             swallow = bool(transaction.__exit__(et, ev, tb))
         conn._precog_busy = False
         return swallow
 
-    @staticmethod
-    def _roll_back_failed(conn: Any) -> None:
-        """After a failed sync: the transaction is aborted (or ended by a failed COMMIT); make it end."""
-        if conn.pgconn.transaction_status != TransactionStatus.IDLE:
+
+def _unleavable() -> psycopg.OperationalError:
+    return psycopg.OperationalError("the pipeline could not be left: the connection was closed; the pool replaces it")
+
+
+def _roll_back_failed(conn: Any) -> None:
+    """After a failed sync: the transaction is aborted (or ended by a failed COMMIT); make it end."""
+    if conn.pgconn.transaction_status != _IDLE:
+        try:
+            conn.rollback()
+        except psycopg.Error as exc:
+            log.info("pipeline_rollback_failed", reason=type(exc).__name__)
+
+
+# --- asyncio ------------------------------------------------------------------------------------
+# The same two mechanisms, awaited. A ``commit=True`` block of `precog_db.aio` marks its connection
+# with the block (``_precog_pending_begin``) instead of handing the cursor a reference: any I/O on
+# the connection other than a pipelinable first statement (``copy``, ``stream``, a server cursor,
+# ``cur.connection``'s own statements, ``transaction()``) goes through
+# `precog_db._aconnection.PrecogAsyncConnection.wait`, which sends the block's BEGIN first.
+
+
+class AsyncFirstStatementCursor(AsyncPrecogCursor):
+    """The asyncio cursor of a ``commit=True`` block: its first statement carries the block's ``BEGIN``."""
+
+    __slots__ = ()
+
+    def _take_block(self) -> _Block | None:
+        conn: Any = self._conn
+        block: _Block | None = conn._precog_pending_begin
+        conn._precog_pending_begin = None
+        return block
+
+    async def _first(self, block: _Block, queue: Callable[[], Awaitable[object]]) -> None:
+        """Queue BEGIN and the statement ``queue`` queues, then send both and wait once."""
+        conn: Any = self._conn
+        conn._precog_busy = True  # cleared only when the pipeline is done or failed with a server error
+        pipeline = AsyncQueueingPipeline(conn)
+        await pipeline.__aenter__()  # libpq enters pipeline mode: nothing is sent, nothing awaited
+        conn._pipeline = pipeline
+        refused: psycopg.Error | None = None
+        try:
+            transaction = AsyncTransaction(conn)
+            await transaction.__aenter__()  # BEGIN READ WRITE, buffered
+            block._transaction = transaction
+            await queue()  # the statement, buffered
+        except psycopg.Error as exc:
+            refused = exc
+        conn._precog_busy = True
+        synced: psycopg.Error | None = None
+        try:
+            await pipeline.sync()  # one write, one wait: BEGIN and the statement
+        except psycopg.Error as exc:
+            synced = exc
+        left = _exit_mode(conn, pipeline)
+        if not left:
+            await conn.close()
+        _outcome(conn, refused, synced, left)
+
+    async def _plain_execute(self, query: Any, params: Any, prepare: bool | None, binary: bool | None) -> None:
+        await super().execute(query, params, prepare=prepare, binary=binary)
+
+    async def _plain_executemany(self, query: Any, params_seq: Any, returning: bool) -> None:
+        await super().executemany(query, params_seq, returning=returning)
+
+    async def execute(
+        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
+    ) -> Any:
+        block = self._take_block()
+        if block is not None:
+            if SUPPORTED and _pipelinable(query, params):
+                await self._first(block, lambda: self._plain_execute(query, params, prepare, binary))
+                return self
+            self._conn._precog_pending_begin = block  # sent before the statement
+        return await super().execute(query, params, prepare=prepare, binary=binary)
+
+    async def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+        block = self._take_block()
+        if block is not None:
+            if SUPPORTED and _pipelinable(query, ()):
+                await self._first(block, lambda: self._plain_executemany(query, params_seq, returning))
+                return
+            self._conn._precog_pending_begin = block
+        await super().executemany(query, params_seq, returning=returning)
+
+
+async def abegin_pending(conn: AsyncConnection[Any], block: _Block) -> None:
+    """Send ``block``'s ``BEGIN READ WRITE`` on its own (one round trip); the caller holds ``conn.lock``."""
+    transaction = AsyncTransaction(conn)
+    await conn.wait(transaction._enter_gen())  # what __aenter__ does, without taking the lock again
+    block._transaction = transaction
+
+
+class AsyncPipelinedBlock:
+    """`PipelinedBlock` for `precog_db.aio`: BEGIN, statements and COMMIT, one sync, awaited."""
+
+    __slots__ = ("_conn", "_pipeline", "transaction")
+
+    def __init__(self, conn: AsyncConnection[Any]) -> None:
+        self._conn = conn
+        self._pipeline = AsyncQueueingPipeline(conn)
+        self.transaction: AsyncTransaction | None = None
+
+    async def start(self) -> None:
+        """Enter pipeline mode and queue ``BEGIN READ WRITE`` (nothing is sent)."""
+        conn: Any = self._conn
+        conn._precog_busy = True  # until the block's end collected every result
+        await self._pipeline.__aenter__()
+        conn._pipeline = self._pipeline
+        transaction = AsyncTransaction(conn)
+        await transaction.__aenter__()  # buffered
+        self.transaction = transaction
+
+    async def finish(self, et: type[BaseException] | None, ev: BaseException | None, tb: Any) -> bool:
+        """As `PipelinedBlock.finish`: commit in the same sync, or roll everything back."""
+        conn: Any = self._conn
+        transaction, self.transaction = self.transaction, None
+        conn._precog_busy = True
+        if et is None and transaction is not None:
+            error: psycopg.Error | None = None
             try:
-                conn.rollback()
+                await transaction.__aexit__(None, None, None)  # COMMIT, buffered behind the statements
+                await self._pipeline.sync()
             except psycopg.Error as exc:
-                log.info("pipeline_rollback_failed", reason=type(exc).__name__)
+                error = exc
+            if not _exit_mode(conn, self._pipeline):
+                await conn.close()
+                error = error or _unleavable()
+            if error is not None and not (conn.broken or conn.closed):
+                await _aroll_back_failed(conn)
+            conn._precog_busy = False
+            if error is not None:
+                raise error
+            return False
+        try:
+            await self._pipeline.sync()
+        except psycopg.Error as exc:
+            log.debug("pipeline_sync_failed_after_error", reason=type(exc).__name__)
+        if not _exit_mode(conn, self._pipeline):
+            await conn.close()
+        swallow = False
+        if transaction is not None:
+            swallow = bool(await transaction.__aexit__(et, ev, tb))
+        conn._precog_busy = False
+        return swallow
+
+
+async def _aroll_back_failed(conn: Any) -> None:
+    if conn.pgconn.transaction_status != _IDLE:
+        try:
+            await conn.rollback()
+        except psycopg.Error as exc:
+            log.info("pipeline_rollback_failed", reason=type(exc).__name__)

@@ -37,6 +37,8 @@ import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, dict_row
 
+from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
+from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
 from precog_db.cursors import _commit_cancelled, _translate
 from precog_db.errors import PoolStateError
@@ -70,15 +72,24 @@ def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
 
 
 def get_cursor(
-    commit: bool = False, *, row_factory: AsyncRowFactory[Any] = dict_row
+    commit: bool = False, *, pipeline: bool = False, row_factory: AsyncRowFactory[Any] = dict_row
 ) -> AbstractAsyncContextManager[AsyncCursor[Any]]:
     """Borrow an asyncio cursor; rows are dicts by default.
 
     ``commit=False``: statements run read-only in autocommit, a write raises
     `ReadOnlyWriteError`. ``commit=True``: one read-write transaction,
-    committed when the block exits cleanly and rolled back when it raises.
+    committed when the block exits cleanly and rolled back when it raises; its
+    ``BEGIN`` travels with the first statement (two round trips for a
+    one-statement block). ``commit=True, pipeline=True``: the whole block in
+    one round trip, errors surfacing late, exactly as `precog_db.get_cursor`
+    documents it.
     """
-    return _CursorBlock(commit, row_factory)
+    if pipeline and not commit:
+        raise ValueError(
+            "aio.get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
+            "BEGIN, statements and COMMIT together; a read-only block already costs one round trip per statement"
+        )
+    return _CursorBlock(commit, row_factory, pipeline)
 
 
 class _ConnectionBlock:
@@ -105,11 +116,13 @@ class _ConnectionBlock:
 
 
 class _CursorBlock:
-    __slots__ = ("_commit", "_conn", "_cursor", "_pool", "_row_factory", "_transaction")
+    __slots__ = ("_commit", "_conn", "_cursor", "_pipeline", "_pool", "_row_factory", "_transaction")
 
-    def __init__(self, commit: bool, row_factory: AsyncRowFactory[Any]) -> None:
+    def __init__(self, commit: bool, row_factory: AsyncRowFactory[Any], pipeline: bool = False) -> None:
         self._commit = commit
         self._row_factory = row_factory
+        #: pipeline=True: the block's pipeline once entered; False before; None for other blocks.
+        self._pipeline: AsyncPipelinedBlock | bool | None = True if pipeline else None
         self._pool: AsyncPrecogPool | None = None
         self._conn: AsyncConnection[Any] | None = None
         self._cursor: AsyncCursor[Any] | None = None
@@ -121,8 +134,19 @@ class _CursorBlock:
         pool = self._pool = await get_pool()
         conn = self._conn = await pool.lend()  # no suspension between lend's return and this store
         try:
-            cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
-            if self._commit:
+            if not self._commit:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+            elif self._pipeline is not None:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
+                block = self._pipeline = AsyncPipelinedBlock(conn)
+                await block.start()  # BEGIN READ WRITE queued, nothing sent yet
+            elif PIPELINE_SUPPORTED:
+                # No BEGIN now: the cursor's first statement carries it; any other I/O on the
+                # connection sends it first (PrecogAsyncConnection.wait).
+                cursor = self._cursor = AsyncFirstStatementCursor(conn, row_factory=self._row_factory)
+                conn._precog_pending_begin = self  # type: ignore[attr-defined]
+            else:
+                cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = AsyncTransaction(conn)  # what conn.transaction() wraps, without the generator
                 await transaction.__aenter__()  # BEGIN READ WRITE
                 self._transaction = transaction
@@ -140,14 +164,23 @@ class _CursorBlock:
     ) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
+        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # before any await: never outlives the block
+        pipelined = self._pipeline
         transaction = self._transaction
-        committing = et is None and transaction is not None
+        committing = et is None and (transaction is not None or isinstance(pipelined, AsyncPipelinedBlock))
         try:
             try:
+                if isinstance(pipelined, AsyncPipelinedBlock):
+                    self._pipeline = True
+                    if await pipelined.finish(et, ev, tb):
+                        return True
                 # psycopg.Rollback raised in the block: rolled back, and the
                 # transaction swallows it; so does this block.
-                if transaction is not None and await transaction.__aexit__(et, ev, tb):
-                    return True
+                elif transaction is not None:
+                    if await transaction.__aexit__(et, ev, tb):
+                        return True
+                elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
+                    return True  # raised before the first statement: nothing to roll back, swallowed as ever
             except asyncio.CancelledError as exc:
                 if committing:
                     await conn.close()  # no suspension: psycopg's close only finishes the socket
@@ -156,7 +189,7 @@ class _CursorBlock:
             except psycopg.OperationalError as exc:
                 if et is not None and not issubclass(et, Exception):
                     return False  # a cancellation (or an interrupt) ended the block: it propagates, not this
-                # With a clean block, what failed here is the COMMIT.
+                # With a clean block, what failed here is the COMMIT (with pipeline=True, the whole block).
                 if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
                 raise
@@ -170,6 +203,8 @@ class _CursorBlock:
         """Close the cursor (no I/O for a client cursor) and give the connection back."""
         cursor, conn, pool = self._cursor, self._conn, self._pool
         self._cursor = self._transaction = None
+        if conn is not None:
+            conn._precog_pending_begin = None  # type: ignore[attr-defined]
         self._conn = None
         if cursor is not None:
             await cursor.close()

@@ -132,7 +132,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         refuse_unsupported_topology(settings)
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_sql = session_setup_sql(settings)
-        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, AsyncConnection))
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, PrecogAsyncConnection))
         #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
         self.metrics = PoolRecorder(str(params["name"]), settings.env.value, self._metrics_state)
         # A callable: psycopg_pool calls it for every new connection, so the password is

@@ -33,6 +33,7 @@ from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
 from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
 from precog_db.pool import PoolFaults, PrecogPool, get_pool
 from precog_db.session import mark_raw
+from precog_db.topology import PoolerFirstStatementCursor
 
 __all__ = ["CommitOutcomeUnknownError", "ConnectionLostError", "get_connection", "get_cursor"]
 
@@ -203,11 +204,11 @@ class _CursorBlock:
             elif self._pipeline is not None:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 self._pipeline = PipelinedBlock(conn)  # BEGIN READ WRITE queued, nothing sent yet
-            elif _PIPELINE_SUPPORTED and pool.settings.pooler != "transaction":
-                # (Behind a transaction-mode pooler the connection's own cursor class refuses
-                # session state before anything is sent: it keeps the separate BEGIN.)
+            elif _PIPELINE_SUPPORTED:
                 # No BEGIN now: the cursor's first statement carries it (precog_db._pipelining).
-                first = FirstStatementCursor(conn, row_factory=self._row_factory)
+                # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
+                cls = PoolerFirstStatementCursor if pool.settings.pooler == "transaction" else FirstStatementCursor
+                first = cls(conn, row_factory=self._row_factory)
                 self._cursor = cursor = first
                 first._precog_block = self
             else:

@@ -295,15 +295,23 @@ class PoolFaults:
         self._init_faults()
         check_pool_kwargs(pool_kwargs)
         wanted_class = pool_kwargs.get("connection_class")
+        # The asyncio pool always needs its class (``classes`` names one): its ``wait`` also sends a
+        # commit=True block's deferred BEGIN (precog_db._pipelining).
+        always = classes[0] is classes[1]
         if (
             wanted_class is not None
-            and self._reply_timeout is not None
+            and (always or self._reply_timeout is not None)
             and not (isinstance(wanted_class, type) and issubclass(wanted_class, classes[0]))
         ):
+            why = (
+                "it sends a commit=True block's BEGIN before any other statement and bounds the wait for replies"
+                if always
+                else "while DB_STATEMENT_TIMEOUT is set, a plain psycopg connection class would drop the bound on a "
+                "server that stops answering"
+            )
             raise ConfigurationError(
                 f"connection_class= must be a subclass of precog_db.{classes[0].__module__.rsplit('.', 1)[-1]}."
-                f"{classes[0].__name__} while DB_STATEMENT_TIMEOUT is set: a plain psycopg connection class would "
-                f"drop the bound on a server that stops answering. Subclass {classes[0].__name__} instead"
+                f"{classes[0].__name__}: {why}. Subclass {classes[0].__name__} instead"
             )
         #: A writer pool discards connections to a hot standby (`connection_is_usable`).
         self._writer = settings.target_session_attrs in ("read-write", "primary")

@@ -47,11 +47,19 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._pipelining import FirstStatementCursor
 from precog_db.errors import SessionStateError
 from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["PoolerCursor", "cannot_write", "session_level", "session_setup", "session_setup_sql"]
+__all__ = [
+    "PoolerCursor",
+    "PoolerFirstStatementCursor",
+    "cannot_write",
+    "session_level",
+    "session_setup",
+    "session_setup_sql",
+]
 
 _IDLE = TransactionStatus.IDLE
 _BEGIN = b"BEGIN READ ONLY"
@@ -127,7 +135,8 @@ class PoolerCursor(PrecogCursor):
 
     def _outside_transaction(self) -> bool:
         conn: Any = self._conn
-        return bool(conn._autocommit) and conn.pgconn.transaction_status == _IDLE
+        # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
+        return bool(conn._autocommit) and conn.pgconn.transaction_status == _IDLE and not conn._num_transactions
 
     def _plain(self, command: bytes) -> None:
         psycopg.Cursor(self._conn).execute(command, prepare=False)
@@ -207,3 +216,13 @@ class PoolerCursor(PrecogCursor):
             yield from super().stream(query, params, binary=binary, size=size)
         finally:
             self._end()
+
+
+class PoolerFirstStatementCursor(FirstStatementCursor, PoolerCursor):
+    """A ``commit=True`` block's cursor behind a transaction-mode pooler: BEGIN with the first statement.
+
+    The first statement is queued through `PoolerCursor` (inside the block's transaction, so
+    unprepared and checked for session state before anything is sent), behind the block's BEGIN.
+    """
+
+    __slots__ = ()

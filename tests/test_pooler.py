@@ -118,7 +118,7 @@ class TestTransactionMode:
         assert "options" not in tx_settings.connect_kwargs()
 
     def test_one_round_trip_per_read(self, tx_settings: DatabaseSettings, tmp_path: Path) -> None:
-        """The wire shows BEGIN READ ONLY, the SELECT and ROLLBACK in one round trip; a write is BEGIN/INSERT/COMMIT."""
+        """The wire shows BEGIN READ ONLY, the SELECT and ROLLBACK in one round trip; a write is BEGIN+INSERT, COMMIT."""
         initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
         with get_cursor(commit=True) as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS pooler_rt (x int)")
@@ -135,7 +135,7 @@ class TestTransactionMode:
             with get_connection() as conn:
                 conn.pgconn.untrace()
         trips, sent = _trace(trace)
-        assert trips == 1 + 3, trace.read_text()
+        assert trips == 1 + 2, trace.read_text()  # issue 16: the BEGIN travels with the INSERT here too
         assert sent == [
             "BEGIN READ ONLY",
             "SELECT $1::int AS one",
