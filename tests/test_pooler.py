@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +13,12 @@ import psycopg
 import pytest
 from psycopg.pq import Trace
 
+from bench.wire import RoundTripCounter
 from precog_db import (
     ConfigurationError,
     ReadOnlyWriteError,
     SessionStateError,
+    close_pool,
     get_connection,
     get_cursor,
     initialize_pool,
@@ -118,7 +120,7 @@ class TestTransactionMode:
         assert "options" not in tx_settings.connect_kwargs()
 
     def test_one_round_trip_per_read(self, tx_settings: DatabaseSettings, tmp_path: Path) -> None:
-        """The wire shows BEGIN READ ONLY, the SELECT and ROLLBACK in one round trip; a write is BEGIN+INSERT, COMMIT."""
+        """The wire: BEGIN READ ONLY, the SELECT and ROLLBACK in one round trip; a write BEGIN+INSERT, then COMMIT."""
         initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
         with get_cursor(commit=True) as cur:
             cur.execute("CREATE TABLE IF NOT EXISTS pooler_rt (x int)")
@@ -144,6 +146,67 @@ class TestTransactionMode:
             "INSERT INTO pooler_rt VALUES (1)",
             "COMMIT",
         ], sent
+
+    def test_committed_writes_round_trips_through_the_pooler(
+        self, tx_settings: DatabaseSettings, bouncer: int, pg_server: Server, test_db: str
+    ) -> None:
+        """Issue 16 behind PgBouncer, counted between the client and PgBouncer: both modes keep their counts."""
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS pooler_rt16")
+            admin.execute("CREATE TABLE pooler_rt16 (x int PRIMARY KEY)")
+        with RoundTripCounter("127.0.0.1", bouncer) as proxy:
+            initialize_pool(settings=tx_settings.replace(port=proxy.port, pool_min=1, pool_max=1)).wait(timeout=10)
+            try:
+                trips: dict[str, int] = {}
+
+                def count(name: str, block: Callable[[], None]) -> None:
+                    proxy.reset()
+                    block()
+                    trips[name] = proxy.round_trips
+
+                def one() -> None:
+                    with get_cursor(commit=True) as cur:
+                        cur.execute("INSERT INTO pooler_rt16 VALUES (%s)", (1,))
+
+                def txn3() -> None:
+                    with get_cursor(commit=True) as cur:
+                        cur.execute("SELECT count(*) AS n FROM pooler_rt16")
+                        assert cur.fetchone() == {"n": 1}
+                        cur.execute("UPDATE pooler_rt16 SET x = x + 1")
+                        cur.execute("INSERT INTO pooler_rt16 VALUES (%s)", (10,))
+
+                def batch() -> None:
+                    with get_cursor(commit=True, pipeline=True) as cur:
+                        for i in range(10):
+                            cur.execute("INSERT INTO pooler_rt16 VALUES (%s)", (100 + i,))
+
+                def empty() -> None:
+                    with get_cursor(commit=True):
+                        pass
+
+                for name, block in (("one", one), ("txn3", txn3), ("batch", batch), ("empty", empty)):
+                    count(name, block)
+            finally:
+                close_pool()
+        assert trips == {"one": 2, "txn3": 4, "batch": 1, "empty": 0}
+        with pg_server.connect(test_db) as admin:
+            rows = [r[0] for r in admin.execute("SELECT x FROM pooler_rt16 ORDER BY x")]
+        assert rows == [2, 10, *range(100, 110)]
+
+    def test_session_state_refused_in_both_write_modes(self, tx_settings: DatabaseSettings, bouncer: int) -> None:
+        """A session SET as a committed block's first statement, or inside pipeline=True, is refused unsent."""
+        initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
+        for pipeline in (False, True):
+            with (
+                pytest.raises(SessionStateError, match="DB_POOLER=session"),
+                get_cursor(commit=True, pipeline=pipeline) as cur,
+            ):
+                cur.execute("SET search_path TO pg_catalog")
+            with get_cursor(commit=True, pipeline=pipeline) as cur:  # the connection goes on working
+                cur.execute("SELECT current_setting('search_path') AS p")
+                assert cur.fetchone() == {"p": '"$user", public'}
+        with _raw(bouncer) as other:
+            assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
 
     def test_session_state_does_not_leak(self, tx_settings: DatabaseSettings, bouncer: int) -> None:
         """A session SET is refused unsent and a set_config() in a read is rolled back: no other client sees them."""
