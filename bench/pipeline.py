@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from multiprocessing.synchronize import Event
 from typing import Any
 
+from bench import apipeline
 from bench import contenders as C
 from bench.run import RESULTS, _machine, _quiet_logging
 from bench.server import BenchServer, Target
@@ -216,11 +217,64 @@ def render(report: dict[str, Any]) -> str:
                             text += " ERR"
                         row += f" {text:>22}"
             lines.append(row)
+    lines += _render_async(report)
     lines.append("")
     lines.append("targets:")
     for t in report["targets"]:
         lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} (wanted {t['wanted']})")
     return "\n".join(lines)
+
+
+def _render_async(report: dict[str, Any]) -> list[str]:
+    part = report.get("async") or {}
+    if not part.get("conditions"):
+        return []
+    threads = report["settings"]["threads"]
+    lines = ["", "asyncio (threads are tasks on one event loop):"]
+    for workload in apipeline.WORKLOADS:
+        lines.append(f"{workload}: {TITLES[workload]}")
+        header = f"  {'contender':<58} {'RT/op':>5} {'':>7}"
+        for cond in ("loopback", "delay"):
+            for n in threads:
+                header += f" {f'{cond} {n} task':>22}"
+        lines.append(header)
+        for name, label in apipeline.LABELS.items():
+            row = f"  {label:<58} {part['round_trips'].get(name, {}).get(workload, '-'):>5} {'':>7}"
+            for cond in ("loopback", "delay"):
+                for n in threads:
+                    cell = part["conditions"].get(cond, {}).get(workload, {}).get(str(n), {}).get(name)
+                    text = "-"
+                    if cell is not None:
+                        text = f"{cell['qps']:,.0f}"
+                        if n == threads[0]:
+                            text += f" ({cell['op_p50_us'] / 1000:.2f})"
+                        if cell["errors"]:
+                            text += " ERR"
+                    row += f" {text:>22}"
+            lines.append(row)
+    return lines
+
+
+def _async_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    delayed = (report.get("async") or {}).get("conditions", {}).get("delay", {})
+    for n in report["settings"]["threads"]:
+        for workload, ours, wanted, what in (
+            ("insert", "aio_commit", 1.4, "committed single-row insert: aio.get_cursor(commit=True)"),
+            ("insert10", "aio_pipeline", 3.0, "batches of 10 inserts: aio.get_cursor(commit=True, pipeline=True)"),
+        ):
+            cells = delayed.get(workload, {}).get(str(n), {})
+            if ours in cells and "asyncpg_tx" in cells:
+                value = _paired(cells[ours]["qps_rounds"], cells["asyncpg_tx"]["qps_rounds"])
+                out.append(
+                    {
+                        "target": f"behind the delay, asyncio, {what} / asyncpg explicit transaction, {n} task(s)",
+                        "value": value,
+                        "wanted": f">= {wanted:g}",
+                        "met": value is not None and value >= wanted,
+                    }
+                )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--delay-ms", type=float, default=0.5, help="added in each direction by the delay proxy")
     p.add_argument("--dsn", default=os.environ.get("PRECOG_BENCH_DSN"))
+    p.add_argument("--no-async", action="store_true", help="skip the asyncio table (precog_db.aio against asyncpg)")
     args = p.parse_args(argv)
     args.duration = min(args.duration, 10.0)
     args.rounds = max(1, min(args.rounds, 10))
@@ -256,14 +311,22 @@ def main(argv: list[str] | None = None) -> int:
         report["round_trips"] = count_round_trips(server.bench, warm=50, count=50)
         _log("loopback")
         report["conditions"]["loopback"] = measure(server.bench, threads, args)
+        report["async"] = {"round_trips": {}, "conditions": {}}
+        if not args.no_async:
+            _log("asyncio: counting round trips, then loopback")
+            report["async"]["round_trips"] = apipeline.run_count(server.bench)
+            report["async"]["conditions"]["loopback"] = apipeline.run(server.bench, threads, args)
         _log(f"behind a proxy adding {args.delay_ms} ms each way")
         proxy = DelayProxy(server.bench, args.delay_ms / 1000)
         try:
             report["conditions"]["delay"] = measure(proxy.target, threads, args)
+            if not args.no_async:
+                _log("asyncio: behind the delay")
+                report["async"]["conditions"]["delay"] = apipeline.run(proxy.target, threads, args)
         finally:
             proxy.close()
     report["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
-    report["targets"] = targets(report)
+    report["targets"] = targets(report) + _async_targets(report)
     text = render(report)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"pipeline-{started.replace(':', '').replace('-', '')}.json"

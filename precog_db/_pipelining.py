@@ -149,7 +149,7 @@ def _exit_mode(conn: Any, pipeline: Pipeline | AsyncPipeline) -> bool:
     return True
 
 
-def _outcome(conn: Any, refused: psycopg.Error | None, synced: psycopg.Error | None, left: bool) -> None:
+def _outcome(conn: Any, refused: Exception | None, synced: psycopg.Error | None, left: bool) -> None:
     """After a first statement's sync: clear the busy flag when the connection is consistent; raise the error."""
     if left and not synced and not refused:
         conn._precog_busy = False
@@ -190,13 +190,13 @@ class FirstStatementCursor(PrecogCursor):
         pipeline = QueueingPipeline(conn)
         pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
         conn._pipeline = pipeline
-        refused: psycopg.Error | None = None
+        refused: Exception | None = None
         try:
             transaction = Transaction(conn)
             transaction.__enter__()  # BEGIN READ WRITE, buffered
             block._transaction = transaction
             queue()  # the statement, buffered
-        except psycopg.Error as exc:  # refused before it was queued (a wrong parameter): BEGIN still runs
+        except Exception as exc:  # refused before it was queued (a wrong parameter): BEGIN still runs
             refused = exc
         conn._precog_busy = True  # the statement's own wrapper cleared it: the sync is still to come
         synced: psycopg.Error | None = None
@@ -355,13 +355,13 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
         pipeline = AsyncQueueingPipeline(conn)
         await pipeline.__aenter__()  # libpq enters pipeline mode: nothing is sent, nothing awaited
         conn._pipeline = pipeline
-        refused: psycopg.Error | None = None
+        refused: Exception | None = None
         try:
             transaction = AsyncTransaction(conn)
             await transaction.__aenter__()  # BEGIN READ WRITE, buffered
             block._transaction = transaction
             await queue()  # the statement, buffered
-        except psycopg.Error as exc:
+        except Exception as exc:  # refused before it was queued: BEGIN still runs
             refused = exc
         conn._precog_busy = True
         synced: psycopg.Error | None = None

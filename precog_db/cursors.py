@@ -107,8 +107,8 @@ def get_cursor(
     ``commit=True, pipeline=True``: the whole block (``BEGIN``, every statement,
     ``COMMIT``) is sent in one round trip. Statements are queued, not waited
     for: a ``fetch*`` waits for the results queued so far, and an error is
-    raised by a later ``execute`` or ``fetch*``, or when the block ends, not by
-    the ``execute`` that caused it. Any error rolls the whole block back. Do not
+    raised by a later ``fetch*``, or when the block ends, not by the
+    ``execute`` that caused it (``execute`` only queues). Any error rolls the whole block back. Do not
     use it when the code decides what to do next from a statement's outcome
     (catching a `psycopg.errors.UniqueViolation` to update instead, reading
     ``rowcount`` before the block ends): see docs/DESIGN.md.

@@ -166,12 +166,17 @@ class TestTransparent:
     async def test_wrong_parameters_refused_block_still_usable(
         self, apool: AsyncPrecogPool, pg_server: Server, test_db: str
     ) -> None:
-        """A statement refused before it is queued (wrong parameter count): raised, BEGIN still ran, rolled back."""
-        with pytest.raises(psycopg.ProgrammingError):
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute(INSERT, (1,))
+        """A statement refused before it is queued (wrong parameters): raised, BEGIN still ran, rolled back."""
+        conn_ids = set()
+        for params in (5, (1,)):
+            with pytest.raises((TypeError, psycopg.ProgrammingError)):
+                async with aio.get_cursor(commit=True) as cur:
+                    conn_ids.add(cur._conn.info.backend_pid)
+                    await cur.execute(INSERT, params)  # type: ignore[arg-type]
         async with aio.get_cursor(commit=True) as cur:
+            conn_ids.add(cur._conn.info.backend_pid)
             await cur.execute(INSERT, (7, 7))
+        assert len(conn_ids) == 1  # never closed and replaced
         assert _rows(pg_server, test_db) == [(7, 7)]
         assert_clean(apool, pg_server, test_db)
 

@@ -12,13 +12,14 @@ import gc
 import random
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Any, assert_type
 
 import psycopg
 import pytest
 from psycopg import Cursor
+from psycopg.generators import send
 
 from bench.wire import RoundTripCounter
 from precog_db import (
@@ -29,6 +30,7 @@ from precog_db import (
     get_pool,
     initialize_pool,
 )
+from precog_db._pipelining import QueueingPipeline
 from precog_db.settings import DatabaseSettings
 from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.server import Server
@@ -228,6 +230,34 @@ class TestTransparent:
         with get_cursor(commit=True) as cur, cur.copy("COPY pipe_items (id, qty) FROM STDIN") as copy:
             copy.write_row((22, 3))
         assert _rows(pg_server, test_db) == [(20, 1), (21, 2), (22, 3)]
+
+    def test_refused_first_statement_keeps_the_connection(self, pg_server: Server, test_db: str) -> None:
+        """Parameters psycopg refuses before sending (TypeError, wrong count): raised as ever, connection kept."""
+        conn_ids = set()
+        for params in (5, (1,)):
+            with pytest.raises((TypeError, psycopg.ProgrammingError)), get_cursor(commit=True) as cur:
+                conn_ids.add(cur._conn.info.backend_pid)
+                cur.execute(INSERT, params)  # type: ignore[arg-type]
+        with get_cursor(commit=True) as cur:
+            conn_ids.add(cur._conn.info.backend_pid)
+            cur.execute(INSERT, (24, 4))
+        assert len(conn_ids) == 1  # the pool's one connection was never closed and replaced
+        assert _rows(pg_server, test_db) == [(24, 4)]
+        _pool_idle(pg_server, test_db)
+
+    def test_executemany_returning_first(self, pg_server: Server, test_db: str) -> None:
+        """executemany(returning=True) as the first statement: every result is there, and committed."""
+        with get_cursor(commit=True) as cur:
+            cur.executemany(INSERT + " RETURNING id", [(25, 1), (26, 2)], returning=True)
+            ids = []
+            while True:
+                row = cur.fetchone()
+                assert row is not None
+                ids.append(row["id"])
+                if not cur.nextset():
+                    break
+        assert ids == [25, 26]
+        assert _rows(pg_server, test_db) == [(25, 1), (26, 2)]
 
     def test_rollback_exception_is_swallowed(self, pg_server: Server, test_db: str) -> None:
         """psycopg.Rollback raised after the first statement, or before any, ends the block quietly."""
@@ -429,11 +459,17 @@ class TestPsycopgInternals:
     def test_the_pipeline_internals_used_exist(self, test_settings: DatabaseSettings) -> None:
         """precog_db._pipelining relies on these psycopg internals: a psycopg upgrade that drops one fails here."""
         assert psycopg.Pipeline.is_supported()
-        for name in ("_exit", "_fetch_gen", "sync", "__enter__"):
-            assert callable(getattr(psycopg.Pipeline, name)), name
+        for cls in (psycopg.Pipeline, psycopg.AsyncPipeline):
+            # overridden by QueueingPipeline (the names psycopg's own methods call) or called directly
+            for name in ("_communicate_gen", "_sync_gen", "_enqueue_sync", "_fetch_gen", "_exit", "sync"):
+                assert callable(getattr(cls, name)), (cls, name)
+        for transaction in (psycopg.Transaction, psycopg.AsyncTransaction):
+            assert callable(transaction._enter_gen), transaction  # abegin_pending: entered under the caller's lock
+        assert callable(send)
         initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
         with get_cursor(commit=True) as cur:
             conn: Any = cur._conn
-            assert conn._pipeline is None
-            pipeline = psycopg.Pipeline(conn)
-            assert hasattr(pipeline, "result_queue") and hasattr(pipeline, "level")
+            assert conn._pipeline is None and conn._num_transactions == 0
+            pipeline = QueueingPipeline(conn)
+            assert isinstance(pipeline.command_queue, deque) and isinstance(pipeline.result_queue, deque)
+            assert pipeline.level == 0
