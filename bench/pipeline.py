@@ -1,17 +1,18 @@
 """Committed writes: round trips and throughput on loopback and behind a delay (issue 16).
 
-    .venv/bin/python -m bench.pipeline                 # about 2 minutes on 2 cores
+    .venv/bin/python -m bench.pipeline                 # about 3 minutes on 2 cores
     .venv/bin/python -m bench.pipeline --rounds 1 --duration 0.3   # smoke run
 
 Workloads ``insert``, ``txn3`` and ``insert10`` (ten INSERTs in one
 transaction) at 1 and 8 threads, for ``get_cursor(commit=True)``,
 ``get_cursor(commit=True, pipeline=True)``, a bare psycopg connection with an
 explicit transaction, psycopg_pool used the default way and psycopg2's pool;
-asyncpg's round trips are counted (it is async: its throughput is not
-comparable cell for cell). Two conditions: straight to the server on
-loopback, and through a proxy process that holds every chunk ``--delay-ms``
-in each direction (0.5 ms: about 1 ms more per round trip). Round trips are
-the server's ``ReadyForQuery`` messages counted by `bench.wire.RoundTripCounter`.
+then, on asyncio, ``precog_db.aio`` against asyncpg (`bench.apipeline`; asyncpg
+is also counted in the synchronous table). Two conditions: straight to the
+server on loopback, and through a proxy process (`bench.delay`) that holds
+every chunk ``--delay-ms`` in each direction (0.5 ms: about 1 ms more per
+round trip). Round trips are the server's ``ReadyForQuery`` messages counted
+by `bench.wire.RoundTripCounter`.
 Each cell reports the median over rounds; ratios are paired per round.
 """
 
@@ -29,6 +30,7 @@ from typing import Any
 
 from bench import apipeline
 from bench import contenders as C
+from bench.delay import serve
 from bench.run import RESULTS, _machine, _quiet_logging
 from bench.server import BenchServer, Target
 from bench.wire import RoundTripCounter
@@ -58,13 +60,11 @@ def _log(message: str) -> None:
 
 
 def _proxy_main(host: str, port: int, delay: float, ports: Any, stop: Event) -> None:
-    with RoundTripCounter(host, port, delay=delay) as proxy:
-        ports.put(proxy.port)
-        stop.wait(3600)
+    serve((host, port), delay, ports.put, stop.is_set)
 
 
 class DelayProxy:
-    """`RoundTripCounter` with a delay, in a process of its own (its threads must not share the client's GIL)."""
+    """`bench.delay.serve` in a process of its own (it must not share the client's GIL)."""
 
     def __init__(self, target: Target, delay: float) -> None:
         ctx = multiprocessing.get_context("spawn")
