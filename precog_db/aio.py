@@ -31,11 +31,11 @@ from __future__ import annotations
 import asyncio
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
-from psycopg.rows import AsyncRowFactory, dict_row
+from psycopg.rows import AsyncRowFactory, Row, dict_row
 
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
@@ -71,10 +71,24 @@ def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
     return _ConnectionBlock()
 
 
+@overload
 def get_cursor(
-    commit: bool = False, *, pipeline: bool = False, row_factory: AsyncRowFactory[Any] = dict_row
+    *, commit: bool = False, pipeline: bool = False
+) -> AbstractAsyncContextManager[AsyncCursor[dict[str, Any]]]: ...
+
+
+@overload
+def get_cursor(
+    *, commit: bool = False, pipeline: bool = False, row_factory: AsyncRowFactory[Row]
+) -> AbstractAsyncContextManager[AsyncCursor[Row]]: ...
+
+
+def get_cursor(
+    *, commit: bool = False, pipeline: bool = False, row_factory: AsyncRowFactory[Any] = dict_row
 ) -> AbstractAsyncContextManager[AsyncCursor[Any]]:
-    """Borrow an asyncio cursor; rows are dicts by default.
+    """Borrow an asyncio cursor; rows are dicts by default (typed ``AsyncCursor[dict[str, Any]]``).
+
+    Keyword-only, like `precog_db.get_cursor`: ``get_cursor(commit=True)`` reads as what it does.
 
     ``commit=False``: statements run read-only in autocommit, a write raises
     `ReadOnlyWriteError`. ``commit=True``: one read-write transaction,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, assert_type
 
 import psycopg
 import pytest
 import pytest_asyncio
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row, tuple_row
 
 from precog_db import ConfigurationError, DatabaseUnavailableError, ReadOnlyWriteError, aio
@@ -76,6 +76,17 @@ class TestCursor:
         async with aio.get_cursor(row_factory=tuple_row) as cur:
             await cur.execute("SELECT 1, 2")
             assert await cur.fetchone() == (1, 2)
+
+    async def test_keyword_only_and_typed(self, apool: AsyncPrecogPool) -> None:
+        """As in the sync API: aio.get_cursor(True) is a TypeError, and the cursor's row type is known."""
+        with pytest.raises(TypeError):
+            aio.get_cursor(True)  # type: ignore[call-overload]
+        async with aio.get_cursor() as cur:
+            assert_type(cur, AsyncCursor[dict[str, Any]])
+        async with aio.get_cursor(commit=True, row_factory=tuple_row) as tcur:
+            assert_type(tcur, AsyncCursor[tuple[Any, ...]])
+            await tcur.execute("SELECT 1, 2")
+            assert await tcur.fetchone() == (1, 2)
 
     async def test_plain_cursor_is_read_only(self, items: str) -> None:
         """A write outside commit=True raises ReadOnlyWriteError and writes nothing."""
