@@ -42,7 +42,6 @@ through ``conn.transaction()``, which would sync the pipeline at ``BEGIN``).
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import psycopg
@@ -162,11 +161,36 @@ def _outcome(conn: Any, refused: Exception | None, synced: psycopg.Error | None,
     raise _unleavable()
 
 
+def _first_gen(conn: Any, block: _Block, pipeline: Any, transaction: Any, statement: PQGen[None]) -> PQGen[Any]:
+    """A block's first statement as one psycopg generator, which either layer runs with its ``wait``.
+
+    Enters pipeline mode, queues ``BEGIN READ WRITE`` and ``statement`` (the
+    cursor's own execute generator: it only queues, see `_Queueing`), writes
+    both with one ``Sync`` and collects every result: one write, one wait.
+    Returns the exception that refused the statement before it was queued (a
+    wrong parameter; the BEGIN was synced alone), or None; raises the first
+    server error.
+    """
+    yield from pipeline._enter_gen()  # libpq enters pipeline mode: nothing is sent
+    conn._pipeline = pipeline
+    yield from transaction._enter_gen()  # BEGIN READ WRITE, buffered
+    block._transaction = transaction
+    refused: Exception | None = None
+    try:
+        yield from statement
+    except Exception as exc:
+        refused = exc
+    yield from pipeline._sync_gen()
+    return refused
+
+
 class FirstStatementCursor(PrecogCursor):
     """The cursor of a ``commit=True`` block: its first statement carries the block's ``BEGIN``."""
 
     __slots__ = ("_precog_block",)
     _precog_block: _Block | None
+    #: False behind a transaction-mode pooler: ``prepare=True`` is ignored there, as `PoolerCursor` does.
+    _PREPARE = True
 
     def _take_block(self) -> _Block | None:
         try:
@@ -183,25 +207,16 @@ class FirstStatementCursor(PrecogCursor):
             transaction.__enter__()  # BEGIN READ WRITE, one round trip, as before pipelining
             block._transaction = transaction
 
-    def _first(self, block: _Block, queue: Callable[[], object]) -> None:
-        """Queue BEGIN and the statement ``queue`` queues, then send both and wait once."""
+    def _first(self, block: _Block, statement: PQGen[None]) -> None:
+        """Run `_first_gen` (one write, one wait), leave pipeline mode, raise what went wrong."""
         conn: Any = self._conn
         conn._precog_busy = True  # cleared only when the pipeline is done or failed with a server error
         pipeline = QueueingPipeline(conn)
-        pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
-        conn._pipeline = pipeline
         refused: Exception | None = None
-        try:
-            transaction = Transaction(conn)
-            transaction.__enter__()  # BEGIN READ WRITE, buffered
-            block._transaction = transaction
-            queue()  # the statement, buffered
-        except Exception as exc:  # refused before it was queued (a wrong parameter): BEGIN still runs
-            refused = exc
-        conn._precog_busy = True  # the statement's own wrapper cleared it: the sync is still to come
         synced: psycopg.Error | None = None
         try:
-            pipeline.sync()  # one write, one wait: BEGIN and the statement
+            with conn.lock:
+                refused = conn.wait(_first_gen(conn, block, pipeline, Transaction(conn), statement))
         except psycopg.Error as exc:
             synced = exc
         left = _exit_mode(conn, pipeline)
@@ -209,19 +224,15 @@ class FirstStatementCursor(PrecogCursor):
             conn.close()
         _outcome(conn, refused, synced, left)
 
-    def _plain_execute(self, query: Any, params: Any, prepare: bool | None, binary: bool | None) -> None:
-        super().execute(query, params, prepare=prepare, binary=binary)
-
-    def _plain_executemany(self, query: Any, params_seq: Any, returning: bool) -> None:
-        super().executemany(query, params_seq, returning=returning)
-
     def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
         block = self._take_block()
         if block is not None:
             if SUPPORTED and _pipelinable(query, params):
-                self._first(block, lambda: self._plain_execute(query, params, prepare, binary))
+                self._first(
+                    block, self._execute_gen(query, params, prepare=prepare if self._PREPARE else False, binary=binary)
+                )
                 return self
             self._precog_block = block
             self._begin_alone()
@@ -232,7 +243,7 @@ class FirstStatementCursor(PrecogCursor):
         if block is not None:
             if SUPPORTED and _pipelinable(query, ()):
                 # psycopg runs executemany in a pipeline of its own; here it rides ours.
-                self._first(block, lambda: self._plain_executemany(query, params_seq, returning))
+                self._first(block, self._executemany_gen_pipeline(query, params_seq, returning))
                 return
             self._precog_block = block
             self._begin_alone()
@@ -249,7 +260,8 @@ class FirstStatementCursor(PrecogCursor):
     @property
     def connection(self) -> Connection[Any]:
         """The cursor's connection; handing it out first sends the block's ``BEGIN`` (what runs on it is inside)."""
-        self._begin_alone()
+        if getattr(self, "_precog_block", None) is not None:  # psycopg reads this property on every new query
+            self._begin_alone()
         conn: Connection[Any] = self._conn
         return conn
 
@@ -348,25 +360,16 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
         conn._precog_pending_begin = None
         return block
 
-    async def _first(self, block: _Block, queue: Callable[[], Awaitable[object]]) -> None:
-        """Queue BEGIN and the statement ``queue`` queues, then send both and wait once."""
+    async def _first(self, block: _Block, statement: PQGen[None]) -> None:
+        """Run `_first_gen` (one write, one wait), leave pipeline mode, raise what went wrong."""
         conn: Any = self._conn
         conn._precog_busy = True  # cleared only when the pipeline is done or failed with a server error
         pipeline = AsyncQueueingPipeline(conn)
-        await pipeline.__aenter__()  # libpq enters pipeline mode: nothing is sent, nothing awaited
-        conn._pipeline = pipeline
         refused: Exception | None = None
-        try:
-            transaction = AsyncTransaction(conn)
-            await transaction.__aenter__()  # BEGIN READ WRITE, buffered
-            block._transaction = transaction
-            await queue()  # the statement, buffered
-        except Exception as exc:  # refused before it was queued: BEGIN still runs
-            refused = exc
-        conn._precog_busy = True
         synced: psycopg.Error | None = None
         try:
-            await pipeline.sync()  # one write, one wait: BEGIN and the statement
+            async with conn.lock:
+                refused = await conn.wait(_first_gen(conn, block, pipeline, AsyncTransaction(conn), statement))
         except psycopg.Error as exc:
             synced = exc
         left = _exit_mode(conn, pipeline)
@@ -374,19 +377,13 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
             await conn.close()
         _outcome(conn, refused, synced, left)
 
-    async def _plain_execute(self, query: Any, params: Any, prepare: bool | None, binary: bool | None) -> None:
-        await super().execute(query, params, prepare=prepare, binary=binary)
-
-    async def _plain_executemany(self, query: Any, params_seq: Any, returning: bool) -> None:
-        await super().executemany(query, params_seq, returning=returning)
-
     async def execute(
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
         block = self._take_block()
         if block is not None:
             if SUPPORTED and _pipelinable(query, params):
-                await self._first(block, lambda: self._plain_execute(query, params, prepare, binary))
+                await self._first(block, self._execute_gen(query, params, prepare=prepare, binary=binary))
                 return self
             self._conn._precog_pending_begin = block  # sent before the statement
         return await super().execute(query, params, prepare=prepare, binary=binary)
@@ -395,7 +392,7 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
         block = self._take_block()
         if block is not None:
             if SUPPORTED and _pipelinable(query, ()):
-                await self._first(block, lambda: self._plain_executemany(query, params_seq, returning))
+                await self._first(block, self._executemany_gen_pipeline(query, params_seq, returning))
                 return
             self._conn._precog_pending_begin = block
         await super().executemany(query, params_seq, returning=returning)

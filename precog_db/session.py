@@ -385,10 +385,13 @@ def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
     table, once copied, stays a different object. The baseline tables are
     shared with the template map, which keeps them alive: no identity is reused.
     """
+    # ``_dumpers`` keeps its keys (the formats) in the order its constructor set them: a table
+    # copied on write replaces its value in place, and a child map copies the dict, order included.
+    # map(id, ...) runs in C: this sits on every connection's return.
     return (
         tuple(map(id, adapters._loaders)),
         tuple(map(id, adapters._dumpers_by_oid)),
-        tuple(id(adapters._dumpers[fmt]) for fmt in sorted(adapters._dumpers, key=str)),
+        tuple(map(id, adapters._dumpers.values())),
         id(getattr(adapters.types, "_registry", None)),
     )
 

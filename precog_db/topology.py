@@ -221,8 +221,9 @@ class PoolerCursor(PrecogCursor):
 class PoolerFirstStatementCursor(FirstStatementCursor, PoolerCursor):
     """A ``commit=True`` block's cursor behind a transaction-mode pooler: BEGIN with the first statement.
 
-    The first statement is queued through `PoolerCursor` (inside the block's transaction, so
-    unprepared and checked for session state before anything is sent), behind the block's BEGIN.
+    The first statement is converted by `PoolerCursor` (a session-state statement is refused
+    before anything is sent) and never prepared, then queued behind the block's BEGIN.
     """
 
     __slots__ = ()
+    _PREPARE = False
