@@ -207,15 +207,8 @@ def render(report: dict[str, Any]) -> str:
             for cond in ("loopback", "delay"):
                 for n in threads:
                     cell = report["conditions"].get(cond, {}).get(workload, {}).get(str(n), {}).get(cls.name)
-                    if cell is None:
-                        row += f" {'count only' if cls is C.AsyncpgPool else '-':>22}"
-                    else:
-                        text = f"{cell['qps']:,.0f}"
-                        if n == threads[0]:
-                            text += f" ({cell['op_p50_us'] / 1000:.2f})"
-                        if cell["errors"]:
-                            text += " ERR"
-                        row += f" {text:>22}"
+                    missing = "count only" if cls is C.AsyncpgPool else "-"
+                    row += f" {_cell_text(cell, n == threads[0], missing):>22}"
             lines.append(row)
     lines += _render_async(report)
     lines.append("")
@@ -223,6 +216,18 @@ def render(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         lines.append(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']} (wanted {t['wanted']})")
     return "\n".join(lines)
+
+
+def _cell_text(cell: dict[str, Any] | None, with_latency: bool, missing: str) -> str:
+    """ops/s, with the p50 latency in ms for the first thread count, ERR if any operation failed."""
+    if cell is None:
+        return missing
+    text = f"{cell['qps']:,.0f}"
+    if with_latency:
+        text += f" ({cell['op_p50_us'] / 1000:.2f})"
+    if cell["errors"]:
+        text += " ERR"
+    return text
 
 
 def _render_async(report: dict[str, Any]) -> list[str]:
@@ -243,14 +248,7 @@ def _render_async(report: dict[str, Any]) -> list[str]:
             for cond in ("loopback", "delay"):
                 for n in threads:
                     cell = part["conditions"].get(cond, {}).get(workload, {}).get(str(n), {}).get(name)
-                    text = "-"
-                    if cell is not None:
-                        text = f"{cell['qps']:,.0f}"
-                        if n == threads[0]:
-                            text += f" ({cell['op_p50_us'] / 1000:.2f})"
-                        if cell["errors"]:
-                            text += " ERR"
-                    row += f" {text:>22}"
+                    row += f" {_cell_text(cell, n == threads[0], '-'):>22}"
             lines.append(row)
     return lines
 
