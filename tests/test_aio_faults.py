@@ -189,7 +189,11 @@ class TestCancellation:
                         await cur.execute("SELECT pg_sleep(0.002), %s AS i", (i,))
                         await cur.fetchone()
                 elif kind == 1:
-                    async with aio.get_cursor(commit=True) as cur:
+                    # Issue 16's three ways in: BEGIN with the first statement, the whole block pipelined,
+                    # and the deferred BEGIN sent by the connection's wait (cur.connection used first).
+                    async with aio.get_cursor(commit=True, pipeline=i % 12 == 5) as cur:
+                        if i % 12 == 9:
+                            await cur.connection.execute("SELECT 1")
                         await cur.execute("INSERT INTO aio_storm (n) VALUES (%s)", (i,))
                         await cur.execute("SELECT pg_sleep(0.001)")
                 elif kind == 2:

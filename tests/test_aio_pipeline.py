@@ -14,10 +14,11 @@ import pytest
 import pytest_asyncio
 
 from bench.wire import RoundTripCounter
-from precog_db import CommitOutcomeUnknownError, ConfigurationError, ReadOnlyWriteError, aio
+from precog_db import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, ReadOnlyWriteError, aio
 from precog_db._aconnection import PrecogAsyncConnection
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
+from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.server import Server
 from tests.test_aio import assert_clean
 
@@ -326,3 +327,50 @@ class TestPipelined:
     async def test_pipeline_needs_commit(self) -> None:
         with pytest.raises(ValueError, match="commit=True"):
             aio.get_cursor(pipeline=True)
+
+
+@pytest.mark.fault
+class TestSilentPath:
+    """The reply bound and CommitOutcomeUnknownError hold when aio statements are pipelined."""
+
+    async def _pool(self, test_settings: DatabaseSettings, port: int) -> None:
+        pool = await aio.initialize_pool(
+            settings=test_settings.replace(
+                port=port, pool_min=1, pool_max=1, statement_timeout_ms=300, tcp_user_timeout_ms=700
+            )
+        )
+        await pool.wait(timeout=10)
+
+    async def test_first_statement_on_a_silent_path_is_bounded(
+        self, test_settings: DatabaseSettings, table: str, pg_server: Server, test_db: str
+    ) -> None:
+        """BEGIN+first statement into a silent path: ConnectionLostError (not committed) after the bound."""
+        with fault_proxy(test_settings.host, int(test_settings.port)) as proxy:
+            await self._pool(test_settings, proxy.port)
+            try:
+                with pytest.raises(ConnectionLostError, match="no reply") as caught:
+                    async with asyncio.timeout(15):
+                        async with aio.get_cursor(commit=True) as cur:
+                            proxy.go_deaf()
+                            await cur.execute(INSERT, (800, 1))
+                assert not isinstance(caught.value, CommitOutcomeUnknownError)
+                proxy.forward()
+            finally:
+                await aio.close_pool()  # before the proxy goes
+        assert _rows(pg_server, test_db) == []
+
+    async def test_pipelined_block_lost_in_flight_is_ambiguous(
+        self, test_settings: DatabaseSettings, table: str
+    ) -> None:
+        """pipeline=True: the block travels with its COMMIT, so a silent path raises CommitOutcomeUnknownError."""
+        with fault_proxy(test_settings.host, int(test_settings.port)) as proxy:
+            await self._pool(test_settings, proxy.port)
+            try:
+                with pytest.raises(CommitOutcomeUnknownError):
+                    async with asyncio.timeout(15):
+                        async with aio.get_cursor(commit=True, pipeline=True) as cur:
+                            proxy.go_deaf()
+                            await cur.execute(INSERT, (801, 1))
+                proxy.forward()
+            finally:
+                await aio.close_pool()
