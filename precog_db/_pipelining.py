@@ -33,10 +33,12 @@ set) is never lent either. The waits go through ``Connection.wait``, so the
 reply bound of `precog_db.connection.PrecogConnection` covers them.
 
 psycopg internals used here (checked by tests/test_pipeline.py::TestPsycopgInternals):
-``BasePipeline._communicate_gen`` / ``_sync_gen`` (overridden), ``_enqueue_sync``,
-``_fetch_gen``, ``_exit``, ``command_queue``, ``result_queue``,
-``BaseConnection._pipeline``; a ``Transaction`` is entered directly (not
-through ``conn.transaction()``, which would sync the pipeline at ``BEGIN``).
+``BasePipeline._communicate_gen`` / ``_sync_gen`` (overridden), ``_enter_gen``,
+``_enqueue_sync``, ``_fetch_gen``, ``_exit``, ``command_queue``, ``result_queue``;
+``BaseCursor._execute_gen`` / ``_executemany_gen_pipeline``;
+``BaseTransaction._enter_gen``; ``BaseConnection._pipeline`` / ``_num_transactions``.
+A ``Transaction`` is entered directly (not through ``conn.transaction()``,
+which would sync the pipeline at ``BEGIN``).
 """
 
 from __future__ import annotations

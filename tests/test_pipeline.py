@@ -461,8 +461,10 @@ class TestPsycopgInternals:
         assert psycopg.Pipeline.is_supported()
         for cls in (psycopg.Pipeline, psycopg.AsyncPipeline):
             # overridden by QueueingPipeline (the names psycopg's own methods call) or called directly
-            for name in ("_communicate_gen", "_sync_gen", "_enqueue_sync", "_fetch_gen", "_exit", "sync"):
+            for name in ("_communicate_gen", "_sync_gen", "_enter_gen", "_enqueue_sync", "_fetch_gen", "_exit", "sync"):
                 assert callable(getattr(cls, name)), (cls, name)
+        for cursor in (psycopg.Cursor, psycopg.AsyncCursor):
+            assert callable(cursor._execute_gen) and callable(cursor._executemany_gen_pipeline), cursor
         for transaction in (psycopg.Transaction, psycopg.AsyncTransaction):
             assert callable(transaction._enter_gen), transaction  # abegin_pending: entered under the caller's lock
         assert callable(send)
