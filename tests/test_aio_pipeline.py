@@ -324,6 +324,17 @@ class TestPipelined:
         assert (601, 1) in _rows(pg_server, test_db)
         assert_clean(apool, pg_server, test_db)
 
+    async def test_long_batch_whose_replies_overflow_the_socket_buffers(
+        self, apool: AsyncPrecogPool, pg_server: Server, test_db: str
+    ) -> None:
+        """Attack: 20,000 queued statements, replies (~5 MB) far past the socket buffers: no deadlock."""
+        async with asyncio.timeout(60), aio.get_cursor(commit=True, pipeline=True) as cur:
+            for i in range(20_000):
+                await cur.execute(INSERT + " RETURNING id, repeat('x', 200) AS pad", (1_000 + i, 1))
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM apipe_items WHERE id >= 1000").fetchone() == (20_000,)
+        assert_clean(apool, pg_server, test_db)
+
     async def test_pipeline_needs_commit(self) -> None:
         with pytest.raises(ValueError, match="commit=True"):
             aio.get_cursor(pipeline=True)

@@ -327,6 +327,15 @@ class TestPipelined:
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
 
+    def test_long_batch_whose_replies_overflow_the_socket_buffers(self, pg_server: Server, test_db: str) -> None:
+        """Attack: 20,000 queued statements, replies (~5 MB) far past the socket buffers: no deadlock, all committed."""
+        with get_cursor(commit=True, pipeline=True) as cur:
+            for i in range(20_000):
+                cur.execute(INSERT + " RETURNING id, repeat('x', 200) AS pad", (1_000 + i, 1))
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM pipe_items WHERE id >= 1000").fetchone() == (20_000,)
+        _pool_idle(pg_server, test_db)
+
     def test_pipeline_needs_commit(self) -> None:
         """pipeline=True on a read-only block is refused with what to do."""
         with pytest.raises(ValueError, match="commit=True"):
