@@ -37,6 +37,7 @@ import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, Row, dict_row
 
+from precog_db._aconnection import PrecogAsyncConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
@@ -52,6 +53,7 @@ from precog_db.gates import (
 from precog_db.session import mark_raw
 
 __all__ = [
+    "PrecogAsyncConnection",
     "close_pool",
     "delete_all",
     "get_connection",

@@ -309,9 +309,11 @@ class PoolFaults:
                 else "while DB_STATEMENT_TIMEOUT is set, a plain psycopg connection class would drop the bound on a "
                 "server that stops answering"
             )
+            # Named where a caller imports it: the asyncio class lives in a private module, exported by aio.
+            home = "precog_db.aio" if always else classes[0].__module__
             raise ConfigurationError(
-                f"connection_class= must be a subclass of precog_db.{classes[0].__module__.rsplit('.', 1)[-1]}."
-                f"{classes[0].__name__}: {why}. Subclass {classes[0].__name__} instead"
+                f"connection_class= must be a subclass of {home}.{classes[0].__name__}: {why}. "
+                f"Subclass {classes[0].__name__} instead"
             )
         #: A writer pool discards connections to a hot standby (`connection_is_usable`).
         self._writer = settings.target_session_attrs in ("read-write", "primary")

@@ -262,7 +262,7 @@ class TestTransparent:
 
     async def test_plain_connection_class_refused(self, test_settings: DatabaseSettings) -> None:
         """The deferred BEGIN lives in PrecogAsyncConnection.wait: a plain class is refused, with what to do."""
-        with pytest.raises(ConfigurationError, match="Subclass PrecogAsyncConnection"):
+        with pytest.raises(ConfigurationError, match=r"subclass of precog_db\.aio\.PrecogAsyncConnection"):
             await aio.initialize_pool(settings=test_settings, connection_class=psycopg.AsyncConnection)
 
 

@@ -185,9 +185,10 @@ class TestShape:
         assert offenders == []
 
     def test_the_module_exports_exactly_the_issue_names(self) -> None:
-        """precog_db.aio's public names are the seven of the issue."""
+        """precog_db.aio's public names are the seven of the issue, and the class a connection_class= subclasses."""
         assert sorted(aio.__all__) == sorted(
             [
+                "PrecogAsyncConnection",
                 "get_cursor",
                 "get_connection",
                 "initialize_pool",
