@@ -60,7 +60,15 @@ class PrecogAsyncConnection(BoundedConnection, AsyncConnection[Any]):
         block = self._precog_pending_begin
         if block is not None:
             self._precog_pending_begin = None
-            await abegin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
+            try:
+                await abegin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
+            except BaseException:
+                # Cut short (a cancellation, a lost server): a transaction psycopg counts may be half
+                # entered. Close, so that the caller's own transaction() sees a dead connection and
+                # re-raises the cancellation itself, and the pool replaces the connection.
+                self._precog_busy = True
+                await self.close()
+                raise
         limit = self.reply_timeout
         try:
             if limit is None:

@@ -139,7 +139,11 @@ class AsyncQueueingPipeline(_Queueing, AsyncPipeline):
 
 
 def _exit_mode(conn: Any, pipeline: Pipeline | AsyncPipeline) -> bool:
-    """Leave pipeline mode (no I/O). False if libpq refused (results left uncollected): the connection must go."""
+    """Leave pipeline mode (no I/O). False when the connection must go instead of back to the pool.
+
+    That is: libpq refused (results left uncollected), or the borrower entered a nested
+    ``conn.pipeline()`` and never left it, so libpq is still in pipeline mode.
+    """
     try:
         pipeline._exit(None)
     except psycopg.Error as exc:
@@ -147,7 +151,8 @@ def _exit_mode(conn: Any, pipeline: Pipeline | AsyncPipeline) -> bool:
         return False
     finally:
         conn._pipeline = None
-    return True
+    # A nested conn.pipeline() the borrower entered and never left keeps libpq in pipeline mode.
+    return pipeline.level == 0 and not conn.pgconn.pipeline_status
 
 
 def _outcome(conn: Any, refused: Exception | None, synced: psycopg.Error | None, left: bool) -> None:
@@ -155,6 +160,10 @@ def _outcome(conn: Any, refused: Exception | None, synced: psycopg.Error | None,
     if left and not synced and not refused:
         conn._precog_busy = False
         return
+    if synced is not None:
+        # psycopg records a statement it prepares in pipeline mode before the reply, and does not
+        # forget it when the Parse failed: the return must reset the session (DISCARD ALL).
+        conn._prepared.dirty = True
     if left:
         conn._precog_busy = False  # a server error (or a refusal) ended it cleanly
     error = synced or refused
@@ -169,18 +178,27 @@ def _first_gen(conn: Any, block: _Block, pipeline: Any, transaction: Any, statem
     Enters pipeline mode, queues ``BEGIN READ WRITE`` and ``statement`` (the
     cursor's own execute generator: it only queues, see `_Queueing`), writes
     both with one ``Sync`` and collects every result: one write, one wait.
-    Returns the exception that refused the statement before it was queued (a
-    wrong parameter; the BEGIN was synced alone), or None; raises the first
-    server error.
+    Returns the psycopg error that refused the statement (a wrong parameter
+    count: the BEGIN is synced alone), or another exception raised before
+    anything of the statement was queued (parameters that are not a sequence);
+    raises the first server error. Anything else (an interrupt raised by a
+    signal handler while psycopg was queueing, even one that is an
+    ``Exception``) propagates as itself, leaving the connection in pipeline
+    mode and marked busy: the pool closes it.
     """
     yield from pipeline._enter_gen()  # libpq enters pipeline mode: nothing is sent
     conn._pipeline = pipeline
     yield from transaction._enter_gen()  # BEGIN READ WRITE, buffered
     block._transaction = transaction
     refused: Exception | None = None
+    queued = (len(pipeline.command_queue), len(pipeline.result_queue))  # the BEGIN's
     try:
         yield from statement
+    except psycopg.Error as exc:
+        refused = exc
     except Exception as exc:
+        if (len(pipeline.command_queue), len(pipeline.result_queue)) != queued:
+            raise  # cut short half-way through psycopg's bookkeeping: never synced, never reused
         refused = exc
     yield from pipeline._sync_gen()
     return refused
@@ -308,6 +326,8 @@ class PipelinedBlock:
             if not _exit_mode(conn, self._pipeline):
                 conn.close()
                 error = error or _unleavable()
+            if error is not None:
+                conn._prepared.dirty = True  # see _outcome: the return resets the session
             if error is not None and not (conn.broken or conn.closed):
                 _roll_back_failed(conn)
             conn._precog_busy = False
@@ -357,6 +377,10 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
     __slots__ = ()
 
     def _take_block(self) -> _Block | None:
+        if self.closed:
+            # A cursor kept from an ended block: refused before its connection's wait (which would
+            # send the pending BEGIN of whoever borrows the connection now).
+            raise psycopg.InterfaceError("the cursor is closed")
         conn: Any = self._conn
         block: _Block | None = conn._precog_pending_begin
         conn._precog_pending_begin = None
@@ -442,6 +466,8 @@ class AsyncPipelinedBlock:
             if not _exit_mode(conn, self._pipeline):
                 await conn.close()
                 error = error or _unleavable()
+            if error is not None:
+                conn._prepared.dirty = True
             if error is not None and not (conn.broken or conn.closed):
                 await _aroll_back_failed(conn)
             conn._precog_busy = False

@@ -266,8 +266,8 @@ class _DeclareMarking:
             if getattr(self._conn, "_precog_shared", False):
                 raise SessionStateError(
                     "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
-                    "pooler (DB_POOLER=transaction) shares with other clients; nothing was sent. Fetch the rows "
-                    "inside the transaction, or use DB_POOLER=session"
+                    "pooler (DB_POOLER=transaction) shares with other clients; the statement was not sent. "
+                    "Fetch the rows inside the transaction, or use DB_POOLER=session"
                 )
             self._conn._precog_dirty = True
         elif isinstance(query, str):

@@ -127,16 +127,21 @@ class PoolerCursor(PrecogCursor):
             raise SessionStateError(
                 "this statement changes the server session (SET without LOCAL, RESET, DISCARD, PREPARE, LISTEN, "
                 "a session advisory lock, a WITH HOLD cursor or a temporary table), and behind a transaction-mode "
-                "pooler (DB_POOLER=transaction) the session is shared with other clients; nothing was sent. Use "
-                "SET LOCAL or pg_advisory_xact_lock inside get_cursor(commit=True), ON COMMIT DROP for temporary "
-                "tables, or DB_POOLER=session"
+                "pooler (DB_POOLER=transaction) the session is shared with other clients; the statement was not "
+                "sent. Use SET LOCAL or pg_advisory_xact_lock inside get_cursor(commit=True), ON COMMIT DROP "
+                "for temporary tables, or DB_POOLER=session"
             )
         return pgq
 
     def _outside_transaction(self) -> bool:
         conn: Any = self._conn
         # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
-        return bool(conn._autocommit) and conn.pgconn.transaction_status == _IDLE and not conn._num_transactions
+        # (Only in pipeline mode: after an explicit COMMIT statement psycopg still counts the transaction.)
+        return (
+            bool(conn._autocommit)
+            and conn.pgconn.transaction_status == _IDLE
+            and not (conn._num_transactions and conn._pipeline is not None)
+        )
 
     def _plain(self, command: bytes) -> None:
         psycopg.Cursor(self._conn).execute(command, prepare=False)
