@@ -36,6 +36,7 @@ from typing import Any, overload
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, Row, dict_row
+from psycopg.transaction import OutOfOrderTransactionNesting
 
 from precog_db._aconnection import PrecogAsyncConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
@@ -193,8 +194,17 @@ class _CursorBlock:
                 # psycopg.Rollback raised in the block: rolled back, and the
                 # transaction swallows it; so does this block.
                 elif transaction is not None:
-                    if await transaction.__aexit__(et, ev, tb):
-                        return True
+                    try:
+                        if await transaction.__aexit__(et, ev, tb):
+                            return True
+                    except OutOfOrderTransactionNesting:
+                        if et is None:
+                            raise  # the caller's own misuse, as psycopg reports it
+                        # An interrupted inner transaction() left psycopg's nesting count behind (psycopg
+                        # before 3.3 does not undo an enter cut short): the session's state is unknown.
+                        # Close it; what ended the block propagates, not this.
+                        await conn.close()
+                        return False
                 elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
                     return True  # raised before the first statement: nothing to roll back, swallowed as ever
             except asyncio.CancelledError as exc:

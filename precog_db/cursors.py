@@ -25,7 +25,7 @@ from typing import Any, TypeVar, overload
 import psycopg
 from psycopg import AsyncConnection, Connection, Cursor
 from psycopg.rows import Row, RowFactory, dict_row
-from psycopg.transaction import Transaction
+from psycopg.transaction import OutOfOrderTransactionNesting, Transaction
 
 from precog_db import replicas
 from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
@@ -251,8 +251,16 @@ class _CursorBlock:
                 # transaction swallows it; so does this block.
                 elif self._transaction is not None:
                     committing = et is None
-                    if self._transaction.__exit__(et, ev, tb):
-                        return True
+                    try:
+                        if self._transaction.__exit__(et, ev, tb):
+                            return True
+                    except OutOfOrderTransactionNesting:
+                        if et is None:
+                            raise  # the caller's own misuse, as psycopg reports it
+                        # An interrupted inner transaction() left psycopg's nesting count behind: the
+                        # session's state is unknown. Close it; what ended the block propagates.
+                        conn.close()
+                        return False
                 elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
                     return True  # raised before the first statement: nothing to roll back, swallowed as ever
                 if committing and pool.settings.replica_hosts:
