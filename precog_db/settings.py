@@ -972,11 +972,13 @@ def _load_settings(
     values: dict[str, Any] = _defaults(resolved)
     origins = dict.fromkeys(values, "default")
     files: list[Path] = []
-    #: Per password source, the precedence of the layer that set it (see `_one_password_source`).
+    #: Per password source, the precedence of the layer that set it (see `_one_password_source`): from
+    #: lowest, each file's DATABASE_URL then its DB_* lines, the process DATABASE_URL then its DB_*, the arguments.
     source_rank: dict[str, int] = {}
 
     own_path = directory / f".env.{resolved.value}"
-    for rank, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path))), 1):
+    for layer, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path)))):
+        url_rank, rank = 2 * layer + 1, 2 * layer + 2
         if content is None:
             continue
         if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
@@ -986,6 +988,7 @@ def _load_settings(
         for name, value in _url_values(content.get(DATABASE_URL), str(path)).items():
             values[name] = value
             origins[name] = f"DATABASE_URL in {path}"
+            source_rank[name] = url_rank
         for var, raw in content.items():
             spec = _BY_VAR.get(var)
             if spec is None or raw is None or raw == "":
@@ -997,24 +1000,25 @@ def _load_settings(
     for name, value in process_url.items():
         values[name] = value
         origins[name] = "DATABASE_URL in the process environment"
+        source_rank[name] = 5
     for spec in _SPECS:
         raw = process_env.get(spec.var)
         if raw is None or raw == "":
             continue
         values[spec.field] = _parse_field(spec.field, raw, "the process environment")
         origins[spec.field] = "environment"
-        source_rank[spec.field] = 3
+        source_rank[spec.field] = 6
 
     for name, raw in overrides.items():
         if raw is None:
             continue
         values[name] = _parse_field(name, raw, "the arguments")
         origins[name] = "argument"
-        source_rank[name] = 4
+        source_rank[name] = 7
     if provider is not None:
         values["password_provider"] = provider
         origins["password_provider"] = "argument"  # noqa: S105  # an origin, not a password
-        source_rank["password_provider"] = 4
+        source_rank["password_provider"] = 7
     _one_password_source(values, origins, source_rank)
 
     if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
@@ -1034,9 +1038,11 @@ def _one_password_source(values: dict[str, Any], origins: dict[str, str], rank: 
     """Keep only the password source(s) set by the highest-precedence layer.
 
     ``DB_PASSWORD_FILE`` exported in the process environment replaces a
-    ``DB_PASSWORD`` from a ``.env`` file, as any higher layer replaces a lower
-    one. Two sources set in the same layer stay, and `DatabaseSettings`
-    refuses them as ambiguous.
+    ``DB_PASSWORD`` from a ``.env`` file, and the password of a process
+    ``DATABASE_URL`` replaces a ``.env`` file's ``DB_PASSWORD_FILE`` or
+    ``DB_PASSFILE``, as any higher layer replaces a lower one (a source's
+    ``DATABASE_URL`` sits just below its ``DB_*``). Two sources set in the same
+    layer stay, and `DatabaseSettings` refuses them as ambiguous.
     """
     present = {name: rank.get(name, 0) for name in _SOURCE_NAMES if values.get(name)}
     if not present:

@@ -363,3 +363,45 @@ class TestAsyncPool:
             assert len(calls) > opened, "the replacement connection asked the provider again"
         finally:
             await aio.close_pool()
+
+
+class TestUrlPasswordPrecedence:
+    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (README)."""
+
+    @pytest.mark.parametrize("variable", ["DB_PASSWORD_FILE", "DB_PASSFILE"])
+    def test_process_url_password_beats_a_files_password_source(
+        self, role: Server, tmp_path: Path, variable: str
+    ) -> None:
+        """The URL's (right) password logs in; the file's source (a wrong password) is dropped, as a lower layer."""
+        wrong = tmp_path / "wrong-password"
+        entry = f"*:*:*:{ROLE}:wrong-{NEW}" if variable == "DB_PASSFILE" else f"wrong-{NEW}"
+        write_secret(wrong, entry)
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / ".env.test").write_text(f"{variable}={wrong}\n")
+        url = f"postgresql://{ROLE}:{OLD}@{role.host}:{role.port}/postgres?sslmode=disable"
+        settings = load_settings("test", config_dir=config, environ={"DATABASE_URL": url})
+        assert settings.password == OLD and (settings.password_file, settings.passfile) == ("", "")
+        assert settings.origins["password"] == "DATABASE_URL in the process environment"
+        conn = connect(settings, operation="test")
+        try:
+            assert conn.execute("SELECT current_user").fetchone() == (ROLE,)
+        finally:
+            conn.close()
+
+    def test_the_layers_around_it_keep_their_order(self, tmp_path: Path) -> None:
+        """A file's DB_PASSWORD_FILE beats that file's URL; a process DB_PASSWORD_FILE beats the process URL."""
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / ".env.test").write_text(
+            f"DATABASE_URL=postgresql://{ROLE}:from-file-url@h/postgres\nDB_PASSWORD_FILE=/run/secrets/file\n"
+        )
+        same_file = load_settings("test", config_dir=config, environ={})
+        assert (same_file.password, same_file.password_file) == ("", "/run/secrets/file")
+        (config / ".env.test").write_text(f"DATABASE_URL=postgresql://{ROLE}:from-shared-url@h/postgres\n")
+        (config / ".env").write_text("DB_PASSFILE=/run/secrets/shared\n")
+        own_url = load_settings("test", config_dir=config, environ={})
+        assert (own_url.password, own_url.passfile) == ("from-shared-url", "")
+        url = f"postgresql://{ROLE}:from-process-url@h/postgres"
+        process = load_settings("test", config_dir=config, environ={"DATABASE_URL": url, "DB_PASSWORD_FILE": "/p"})
+        assert (process.password, process.password_file) == ("", "/p")
