@@ -84,7 +84,11 @@ def _from_provider(settings: DatabaseSettings) -> Secret:
         # it failed to renew, so only its type and its plain-prose words are shown
         # (`scrub_message`), and nothing of it is chained (raised below, outside this block:
         # no __cause__, no __context__, no provider frame for a log to render).
-        reason = f"{type(exc).__name__} ({scrub_message(str(exc)) or 'no message'})"
+        try:
+            message = scrub_message(str(exc))
+        except Exception:  # a __str__ that raises must not chain the provider's error to ours
+            message = ""
+        reason = f"{type(exc).__name__} ({message or 'no message'})"
         failed = True
     else:
         failed = False

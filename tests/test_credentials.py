@@ -480,3 +480,18 @@ class TestProviderErrorsStaySecret:
         captured = capsys.readouterr()
         everything = repr(logs) + caplog.text + repr([r.__dict__ for r in caplog.records]) + captured.out + captured.err
         assert self.LEAK not in everything
+
+    def test_a_provider_error_whose_text_itself_raises_chains_nothing(self, role: Server) -> None:
+        """An exception whose __str__ raises (quoting the secret) gives the type alone, still with no chain."""
+        leak = self.LEAK
+
+        class Opaque(Exception):
+            def __str__(self) -> str:
+                raise ValueError(f"token {leak} in __str__")
+
+        def provider() -> str:
+            raise Opaque
+
+        with pytest.raises(DatabaseUnavailableError, match=r"raised Opaque \(no message\)") as raised:
+            connect(app_settings(role, password_provider=provider), operation="test")
+        assert raised.value.__cause__ is None and raised.value.__context__ is None

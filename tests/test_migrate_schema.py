@@ -262,6 +262,10 @@ MISSPELLED_DOWN = [
     "-- precog down",
     "SELECT 1; -- precog:down",
     "-- precog:up",
+    "--\tprecog:down",
+    "/*\nprecog:down\n*/",
+    "-- precog\uff1adown",
+    "-- TODO precog:down later",
 ]
 MISSPELLED_FIRST_LINE = ["--precog:no-transaction", "-- precog:no transaction", "/* precog:no-transaction */"]
 
