@@ -525,6 +525,22 @@ class TestDirectAddressIsNamed:
         again = backup(behind, server_major=server_major(ws), root=tmp_path / "b", keep=1)
         assert again.pruned == (made.path,)
 
+    def test_behind_a_real_pgbouncer(self, ws: Workspace, tmp_path: Path) -> None:
+        """Through Debian's PgBouncer: a prod-stamped target is refused naming the server; a dump is named by it."""
+        from tests._helpers.topology import pgbouncer
+
+        dev = ws.add("dev")
+        prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
+        with pgbouncer(ws.server, pool_mode="transaction") as port:
+            where = {"host": "127.0.0.1", "port": port, "pooler": "transaction"}
+            direct = {"direct_host": ws.server.host, "direct_port": ws.server.port}
+            with pytest.raises(EnvironmentMismatchError, match="is stamped prod") as refused:
+                backup(prod.replace(env="dev", **where, **direct), server_major=server_major(ws), root=tmp_path / "b")
+            assert f"{ws.server.host}:{ws.server.port}" in str(refused.value)
+            assert "PgBouncer" not in str(refused.value) and not (tmp_path / "b").exists()
+            made = backup(dev.replace(**where, **direct), server_major=server_major(ws), root=tmp_path / "b")
+        assert made.path.name.startswith(archive_prefix(dev)) and f"-{port}-" not in made.path.name
+
     def test_stamp_errors_name_the_direct_address(self, ws: Workspace) -> None:
         """stamp_database / read_stamp behind a pooler describe the server they wrote to or read."""
         from precog_db.stamp import stamp_database
