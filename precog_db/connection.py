@@ -22,7 +22,8 @@ enforces every invariant on the settings it is given, however they were built
    failover or DNS change to another environment's database is caught too.
 
 `check_target` runs 1 to 3 (no I/O); `prepare` runs 4 and 5 on a fresh connection;
-`connect` does both around ``psycopg.connect``. The pool calls `check_target`
+`connect` does both around ``psycopg.connect``; `tool_connection_args` runs `connect`
+on a tool's target (so 1 to 5 hold for it too) before handing the tool its arguments. The pool calls `check_target`
 before each physical connection and `prepare` on it. The asyncio twins
 (`aconnect`, `aprepare`, `PrecogAsyncConnection`) live next door in
 `precog_db._aconnection` and share every check, bound and message defined here.
