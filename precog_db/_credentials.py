@@ -29,7 +29,7 @@ import os
 import stat
 from typing import Any
 
-from precog_db._secrets import redact
+from precog_db._secrets import scrub_message
 from precog_db.errors import ConfigurationError, DatabaseUnavailableError
 from precog_db.settings import DatabaseSettings, Secret, check_secret_file_mode, secret_file_rule_applies
 
@@ -80,9 +80,15 @@ def _from_provider(settings: DatabaseSettings) -> Secret:
     try:
         value: object = provider()
     except Exception as exc:
-        # Name the failure, not its chain: the provider's frames are dropped (``from None``)
-        # and the message is redacted in case it quotes a credential.
-        reason = f"{type(exc).__name__}: {redact(str(exc))}"[:300]
+        # Name the failure, not its text: the provider's message may quote the very credential
+        # it failed to renew, so only its type and its plain-prose words are shown
+        # (`scrub_message`), and nothing of it is chained (raised below, outside this block:
+        # no __cause__, no __context__, no provider frame for a log to render).
+        try:
+            message = scrub_message(str(exc))
+        except Exception:  # a __str__ that raises must not chain the provider's error to ours
+            message = ""
+        reason = f"{type(exc).__name__} ({message or 'no message'})"
         failed = True
     else:
         failed = False

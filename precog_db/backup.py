@@ -12,6 +12,13 @@
   the same way, and restores it with ``--clean --if-exists --no-owner
   --no-privileges --single-transaction --exit-on-error``: it applies
   completely or not at all.
+* Before any tool runs, and before any directory or file is made, the
+  target is checked exactly like a connection (`tool_connection_args`: one
+  connection through the chokepoint, the naming rule, the gate, the
+  production guard and the identity stamp), inside `backup` and `restore`
+  themselves, so no caller can skip it. Behind a transaction-mode pooler the
+  work goes to ``DB_DIRECT_HOST`` / ``DB_DIRECT_PORT``, and that is the
+  server archive names, messages and retention name.
 * The tools connect through `tool_connection_args`: one ``--dbname``
   conninfo string in which every value, the database name included, is
   quoted (so a name like ``dbname=x`` is never expanded into connection
@@ -25,8 +32,10 @@
 * `backup_database` and `restore_database` are the audited workflows that
   ``precog-db backup`` / ``restore`` run (and a Python caller can): one
   audit entry each; the restore asks for its confirmation, connects through
-  the chokepoint for the server version, and re-stamps the restored copy with
-  the target environment.
+  the chokepoint for the server version (the target's own stamp verified),
+  and re-stamps the restored copy with the target environment, which it only
+  does after the target's stamp was verified: the stamp it replaces is the
+  one the archive brought into a dev or test database.
 * `precog_db.local.binaries.tool_dirs` is where the tools are looked up.
 
 Settings come in explicitly; the backup directory and retention are
@@ -175,26 +184,47 @@ def _scrub(text: str, settings: DatabaseSettings) -> str:
     return scrub_text(text, [settings.password])
 
 
+@dataclass(frozen=True)
+class _Target:
+    """A database a tool may connect to, checked like a connection (`_checked_target`)."""
+
+    #: The settings the work goes to: ``DB_DIRECT_HOST`` / ``DB_DIRECT_PORT`` behind a transaction pooler.
+    settings: DatabaseSettings
+    args: list[str]
+    environ: dict[str, str]
+
+
+def _checked_target(settings: DatabaseSettings, operation: str) -> _Target:
+    """Check ``settings``' database as every connection is checked, stamp included; nothing runs before this.
+
+    `precog_db.connection.tool_connection_args` does the checking (one
+    connection through the chokepoint, the identity stamp verified) and pins
+    the tool to the server it checked.
+    """
+    from precog_db.connection import direct_settings, tool_connection_args  # the driver, only when a tool runs
+
+    args, environ = tool_connection_args(settings, operation=operation)
+    return _Target(direct_settings(settings, operation=operation), args, environ)
+
+
 def _run(
     argv: list[str],
     settings: DatabaseSettings,
     *,
     what: str,
-    connect: bool,
+    target: _Target | None,
     progress: Callable[[float], None] | None = None,
     timeout: float | None = None,
 ) -> str:
     """Run a tool; return its stdout. Raises `BackupError` with the tail of its stderr on failure.
 
-    With ``connect`` the tool gets `tool_connection_args` (right after its
-    name) and their environment; without, it gets no connection parameters
-    at all (``pg_restore --list`` reads only the file).
+    With a ``target`` (`_checked_target`) the tool gets its connection
+    arguments (right after its name) and environment; without, it gets no
+    connection parameters at all (``pg_restore --list`` reads only the file).
     """
-    if connect:
-        from precog_db.connection import tool_connection_args  # the driver, only when a tool runs
-
-        args, environ = tool_connection_args(settings, operation=f"run {what}")
-        argv = [argv[0], *args, *argv[1:]]
+    if target is not None:
+        argv = [argv[0], *target.args, *argv[1:]]
+        environ = target.environ
     else:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -274,7 +304,7 @@ def verify(path: Path, settings: DatabaseSettings, *, tool: Path, expect_dbname:
     Raises `BackupError` when it does not read, or names another database
     than ``expect_dbname``.
     """
-    listing = _run([str(tool), "--list", str(path)], settings, what=f"pg_restore --list {path.name}", connect=False)
+    listing = _run([str(tool), "--list", str(path)], settings, what=f"pg_restore --list {path.name}", target=None)
     header = [line for line in listing.splitlines() if line.startswith(";")]
     entries = [line for line in listing.splitlines() if line.strip() and not line.startswith(";")]
     if not any("Archive created at" in line for line in header):
@@ -319,10 +349,13 @@ def backup(
     bytes_so_far)`` is called about twice a second while pg_dump runs.
     """
     keep = retention(keep)
+    # The target first: a database that is not what the settings say gets no directory, no file, no pg_dump.
+    target = _checked_target(settings, "back up")
+    settings = target.settings  # names the server the dump comes from (DB_DIRECT_HOST behind a pooler)
     directory = backup_dir(root) / settings.env.value
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     pg_dump = find_tool("pg_dump", server_major)
     pg_restore = find_tool("pg_restore", server_major)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = _inside(directory, archive_name(settings, datetime.now(UTC)))
     partial = final.with_name(final.name + ".partial")
     started = time.monotonic()
@@ -340,7 +373,7 @@ def backup(
             [str(pg_dump), "--format=custom", f"--file={partial}"],
             settings,
             what=f"pg_dump of {settings.describe()}",
-            connect=True,
+            target=target,
             progress=tick,
         )
         os.chmod(partial, 0o600)
@@ -375,6 +408,9 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
     runs. The restore is one transaction: on any error nothing is changed.
     """
     check_restore_target(settings, path)
+    # The target's own stamp must agree before pg_restore --clean touches it.
+    target = _checked_target(settings, "restore")
+    settings = target.settings
     pg_restore = find_tool("pg_restore", server_major)
     entries = verify(path, settings, tool=pg_restore)
     _run(
@@ -390,7 +426,7 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
         ],
         settings,
         what=f"pg_restore of {path.name} into {settings.describe()}",
-        connect=True,
+        target=target,
     )
     return entries
 
@@ -444,7 +480,7 @@ def restore_database(
     log); by default the typed confirmation of `precog_db.confirm`, given
     here as ``confirm_database`` (or ``yes``), or typed at a terminal.
     """
-    from precog_db.connection import connect
+    from precog_db.connection import connect, direct_settings
     from precog_db.stamp import read_stamp, stamp_database
 
     def ask(action: str) -> str:
@@ -453,8 +489,11 @@ def restore_database(
         return confirmation(settings, action, always=True, yes=yes, confirm_database=confirm_database)
 
     with audit.operation("restore", settings, file=str(path)) as info:
+        settings = direct_settings(settings, operation="restore")  # the server the work goes to, and messages name
         check_restore_target(settings, path)
-        conn = connect(settings, operation="restore", direct=True)
+        # The target's own stamp is verified here (and again by `restore`, right before pg_restore runs),
+        # so the re-stamp below only ever replaces the stamp a restore brought into a verified dev/test database.
+        conn = connect(settings, operation="restore")
         try:
             major = conn.info.server_version // 10000
         finally:

@@ -22,7 +22,8 @@ enforces every invariant on the settings it is given, however they were built
    failover or DNS change to another environment's database is caught too.
 
 `check_target` runs 1 to 3 (no I/O); `prepare` runs 4 and 5 on a fresh connection;
-`connect` does both around ``psycopg.connect``. The pool calls `check_target`
+`connect` does both around ``psycopg.connect``; `tool_connection_args` runs `connect`
+on a tool's target (so 1 to 5 hold for it too) before handing the tool its arguments. The pool calls `check_target`
 before each physical connection and `prepare` on it. The asyncio twins
 (`aconnect`, `aprepare`, `PrecogAsyncConnection`) live next door in
 `precog_db._aconnection` and share every check, bound and message defined here.
@@ -346,26 +347,45 @@ def tool_connection_args(
 ) -> tuple[list[str], dict[str, str]]:
     """The ``--dbname=<conninfo>`` argument and the environment that point ``pg_dump`` / ``pg_restore`` at ``settings``.
 
-    `check_target` runs first. Every connection parameter is a quoted value
-    inside one conninfo string (``psycopg.conninfo.make_conninfo``), so a
-    database name such as ``dbname=x`` or ``postgresql://…`` is a name and never
-    expanded as a connection string by libpq. The password is not in it: it
-    travels only as ``PGPASSWORD`` in the returned environment, from which
-    every other ``PG*`` variable is removed (none of them may redirect the tool).
-    The password is resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE``
-    is read, a provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
-    Behind a transaction-mode pooler the tool goes to ``DB_DIRECT_HOST`` (`direct_settings`).
+    The target is checked exactly like a connection, here, so no caller can
+    skip it: behind a transaction-mode pooler it is ``DB_DIRECT_HOST``
+    (`direct_settings`); then `connect` opens one connection to it (the naming
+    rule, the gate, the production guard, and the identity stamp verified on
+    the server itself) and closes it. The tool is then pinned to the server
+    whose stamp was read: the ``host`` and ``port`` that connection used and,
+    over TCP, the address it resolved to (``hostaddr``), so a multi-host list
+    or a DNS change cannot send the tool elsewhere.
+
+    Every connection parameter is a quoted value inside one conninfo string
+    (``psycopg.conninfo.make_conninfo``), so a database name such as
+    ``dbname=x`` or ``postgresql://…`` is a name and never expanded as a
+    connection string by libpq. The password is not in it: it travels only as
+    ``PGPASSWORD`` in the returned environment, from which every other ``PG*``
+    variable is removed (none of them may redirect the tool). The password is
+    resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE`` is read, a
+    provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
     """
     import os
 
     from psycopg.conninfo import make_conninfo
 
     settings = direct_settings(settings, operation=operation)
-    check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    checked = connect(settings, operation=operation, prod_confirmed=prod_confirmed)
+    try:
+        host, port = checked.info.host, checked.info.port
+        try:
+            hostaddr = checked.info.hostaddr
+        except psycopg.NotSupportedError:  # libpq before 12 cannot say; host and port still pin it
+            hostaddr = ""
+    finally:
+        checked.close()
     # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
     params = connection_kwargs(settings)
     password = params.pop("password", None)
     params.pop("options", None)
+    params.update(host=host, port=port)
+    if hostaddr:
+        params["hostaddr"] = hostaddr
     params["application_name"] = f"{settings.application_name} backup".strip()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     if password:

@@ -24,6 +24,14 @@
   (`sections`): ``up`` never runs it, `downgrade` (``migrate down``) does,
   newest file first, each with the removal of its ledger row. The checksum
   covers the whole file, down section included.
+* A marker counts only as a line of its own spelled exactly so (blanks
+  around it and case ignored). Any other comment that reads like one
+  (``--precog:down``, ``-- precog: down``, ``/* precog:down */``, trailing
+  text, an unknown ``-- precog:up``) is refused wherever files are read
+  (``up``, ``down``, ``validate``, ``status``), naming the line and the
+  accepted spelling (`marker_problem`).
+* A leading UTF-8 byte order mark is dropped from the SQL (`text_of`); the
+  checksum stays that of the file's bytes (BOM included, CRLF as LF).
 * A ``.sql`` entry that is not a regular file (a dangling symbolic link, a
   directory) is an error, not skipped.
 * A session-level advisory lock serializes runs on one database. A second
@@ -82,6 +90,7 @@ from precog_db.stamp import SCHEMA
 __all__ = [
     "DOWN_MARKER",
     "LEDGER",
+    "MARKERS",
     "NO_TRANSACTION_MARKER",
     "PREDECESSOR",
     "AppliedMigration",
@@ -114,6 +123,7 @@ __all__ = [
     "run_without_transaction",
     "sections",
     "split_statements",
+    "text_of",
     "upgrade",
     "validate",
 ]
@@ -163,7 +173,7 @@ class MigrationFile:
         return self.path.name
 
     def sql(self) -> str:
-        return _normalised(self.path.read_bytes()).decode("utf-8")
+        return text_of(self.path.read_bytes())
 
 
 @dataclass(frozen=True)
@@ -197,8 +207,22 @@ def _normalised(raw: bytes) -> bytes:
 
 
 def checksum_of(raw: bytes) -> str:
-    """SHA-256 of a file's bytes with CRLF turned into LF (a checkout on Windows is not an edit)."""
+    """SHA-256 of a file's bytes with CRLF turned into LF (a checkout on Windows is not an edit).
+
+    A leading UTF-8 byte order mark is part of the bytes hashed: every
+    checksum ever recorded stays what it was (a file with a BOM could be
+    baselined before `text_of` learned to drop it), and adding or removing
+    one after the file was applied is reported as an edit.
+    """
     return hashlib.sha256(_normalised(raw)).hexdigest()
+
+
+_BOM = "\ufeff"
+
+
+def text_of(raw: bytes) -> str:
+    """A migration file's SQL: UTF-8, CRLF turned into LF, a leading byte order mark dropped (editors add one)."""
+    return _normalised(raw).decode("utf-8").removeprefix(_BOM)
 
 
 def discover(directory: Path) -> list[MigrationFile]:
@@ -396,11 +420,13 @@ class Statement:
         return f"line {line_and_column(sql, self.start)[0]}: {flat}"
 
 
-def split_statements(sql: str) -> list[Statement]:
+def split_statements(sql: str, *, comments: list[tuple[int, int]] | None = None) -> list[Statement]:
     """The top-level statements of ``sql``, in order (the lexer `find_transaction_control` describes).
 
     Comments between statements belong to none; a statement without a final
-    semicolon runs to the end of the text.
+    semicolon runs to the end of the text. ``comments``, when given, receives
+    the ``(start, end)`` of every comment the lexer skipped (outside literals,
+    quoted identifiers and dollar-quoted bodies).
     """
     out: list[Statement] = []
     words: list[str] = []
@@ -419,10 +445,16 @@ def split_statements(sql: str) -> list[Statement]:
         if sql.startswith("--", i):
             # PostgreSQL ends a line comment at a newline or a bare carriage return.
             ends = [e for e in (sql.find("\n", i), sql.find("\r", i)) if e >= 0]
-            i = min(ends) + 1 if ends else n
+            end = min(ends) if ends else n
+            if comments is not None:
+                comments.append((i, end))
+            i = end + 1
             continue
         if sql.startswith("/*", i):
-            i = _skip_block_comment(sql, i)
+            end = _skip_block_comment(sql, i)
+            if comments is not None:
+                comments.append((i, end))
+            i = end
             continue
         if start < 0:
             start = i
@@ -787,14 +819,70 @@ def sections(body: str) -> Sections:
     return Sections(body, len(body), None, first == NO_TRANSACTION_MARKER)
 
 
+#: Every marker there is; a comment that reads like one of them but is not exactly it is refused.
+MARKERS = (DOWN_MARKER, NO_TRANSACTION_MARKER)
+_MARKER_COLON = re.compile(r"precog\s*:", re.IGNORECASE)
+_NOT_LETTERS = re.compile(r"[^a-z]+")
+#: What a marker reduces to without its spacing and punctuation (``-- precog down``, ``/* PRECOG-DOWN */``).
+_MARKER_LETTERS = frozenset(_NOT_LETTERS.sub("", m) for m in MARKERS)
+
+
+def _reads_like_marker(comment: str) -> bool:
+    """True for a comment a person may have meant as a marker: ``precog:`` anywhere, or a marker's letters alone."""
+    return bool(_MARKER_COLON.search(comment)) or _NOT_LETTERS.sub("", comment.lower()) in _MARKER_LETTERS
+
+
+def _misspelled_marker(migration: MigrationFile, body: str) -> str | None:
+    """The sentence refusing a comment that reads like a marker but is not exactly one, else None.
+
+    A marker counts only as a whole line spelled exactly as in `MARKERS`
+    (surrounding blanks and case ignored); anything else would be a plain
+    comment, and a misspelled ``-- precog:down`` would make ``migrate up`` run
+    the down section. Looked at: every ``--`` and ``/* */`` comment the lexer
+    sees (also after a statement, or inside one), and every line that starts
+    with ``--`` or ``/*`` (also inside a function body).
+    """
+    spans: list[tuple[int, int]] = []
+    split_statements(body, comments=spans)
+    offset = 0
+    for line in body.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith(("--", "/*")):
+            spans.append((offset, offset + len(line)))
+        offset += len(line)
+    for start, end in sorted(spans):
+        comment = body[start:end]
+        if not _reads_like_marker(comment):
+            continue
+        number = line_and_column(body, start)[0]
+        whole_line = body.splitlines()[number - 1].strip()
+        if whole_line.lower() in MARKERS and comment.strip() == whole_line:
+            continue
+        shown = " ".join(comment.split())
+        shown = shown if len(shown) <= 60 else shown[:59] + "…"
+        return (
+            f"{migration.path}, line {number}: the comment {shown!r} reads like a precog marker but is not one, so "
+            f"it would be a plain comment (a misspelled '{DOWN_MARKER}' makes `migrate up` run the down section). "
+            f"A marker is a line of its own spelled exactly '{DOWN_MARKER}' (starts the down section) or "
+            f"'{NO_TRANSACTION_MARKER}' (the first line of the file); write it so, or reword the comment"
+        )
+    return None
+
+
 def marker_problem(migration: MigrationFile, body: str) -> str | None:
     """The sentence refusing ``migration`` when a marker line is where it does nothing or is ambiguous, else None.
 
-    ``-- precog:no-transaction`` anywhere but the first line (it would be a
-    plain comment and the file would run in a transaction); two ``-- precog:down``
-    lines; a ``-- precog:down`` line inside a statement (before its semicolon,
-    or in a function body), where it cannot split the file.
+    A comment that reads like a marker but is not exactly one
+    (`_misspelled_marker`: ``--precog:down``, ``-- precog: down``,
+    ``/* precog:down */``, trailing text …); ``-- precog:no-transaction``
+    anywhere but the first line (it would be a plain comment and the file
+    would run in a transaction); two ``-- precog:down`` lines; a
+    ``-- precog:down`` line inside a statement (before its semicolon, or in a
+    function body), where it cannot split the file.
     """
+    misspelled = _misspelled_marker(migration, body)
+    if misspelled is not None:
+        return misspelled
     downs: list[int] = []
     offset = 0
     for number, line in enumerate(body.splitlines(keepends=True), 1):
@@ -831,7 +919,7 @@ def _read_checked(migration: MigrationFile, verb: str) -> str:
         raise MigrationError(
             f"{migration.path} changed while migrating; nothing of it was {verb}, run the command again"
         )
-    body = _normalised(raw).decode("utf-8")
+    body = text_of(raw)
     refusal = transaction_control_problem(migration, body) or marker_problem(migration, body)
     if refusal is not None:
         raise MigrationValidationError(f"{refusal}; nothing of it was {verb}")

@@ -38,7 +38,7 @@ from psycopg import Connection
 from precog_db.connection import _GATE
 from precog_db.errors import PrecogDBError
 from precog_db.log import get_logger
-from precog_db.settings import DatabaseSettings
+from precog_db.settings import DatabaseSettings, replica_endpoint
 
 __all__ = ["CHECK_INTERVAL", "RETRY_AFTER", "choose", "note_commit", "replica_settings"]
 
@@ -67,12 +67,13 @@ def note_commit() -> None:
 
 
 def replica_settings(settings: DatabaseSettings, entry: str) -> DatabaseSettings:
-    """The settings of the replica ``host[:port]`` (the port defaults to the writer's first DB_PORT)."""
-    host, sep, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+    """The settings of the replica ``entry`` (`precog_db.settings.replica_endpoint`: ``host[:port]``,
+    ``[IPv6]:port``, a bare IPv6 address); the port defaults to the writer's first DB_PORT."""
+    host, port = replica_endpoint(entry)
     default_port = int(str(settings.port).split(",")[0])
     return settings.replace(
         host=host,
-        port=int(port) if sep else default_port,
+        port=port if port is not None else default_port,
         replica_hosts=(),
         target_session_attrs="any",
         pooler="none",

@@ -62,6 +62,7 @@ __all__ = [
     "check_name_matches",
     "environment_resolution",
     "load_settings",
+    "replica_endpoint",
     "resolve_config_dir",
     "settings_for",
 ]
@@ -167,7 +168,7 @@ class DatabaseSettings:
     direct_port: int = _UNSET
     #: libpq ``target_session_attrs`` of the writer pool and its direct connections.
     target_session_attrs: str = _UNSET
-    #: Read replicas, ``host[:port]`` each (the port defaults to the first DB_PORT).
+    #: Read replicas: ``host[:port]``, ``[IPv6]:port`` or a bare IPv6 address (the port defaults to the first DB_PORT).
     replica_hosts: tuple[str, ...] = _UNSET
     #: A replica whose replay lags more than this many ms is skipped.
     replica_max_lag_ms: int = _UNSET
@@ -254,7 +255,7 @@ class DatabaseSettings:
 
     def where(self) -> str:
         """``host:port``, or ``a:5432, b:5433`` for several hosts (libpq multi-host), plus the pooler mode."""
-        place = ", ".join(f"{h}:{p}" for h, p in self.endpoints())
+        place = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.endpoints())
         return place if self.pooler == "none" else f"{place} (PgBouncer, {self.pooler} mode)"
 
     def endpoints(self) -> list[tuple[str, int]]:
@@ -484,13 +485,76 @@ def _replicas(value: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in value.split(",") if p.strip())
 
 
+_REPLICA_FORMS = "host, host:port, an IPv6 address, [IPv6] or [IPv6]:port, the port from 1 to 65535"
+
+
+def _ipv6(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= 65535
+
+
+def _replica_endpoint(entry: str) -> tuple[str, int | None] | str:
+    """``entry`` of DB_REPLICA_HOSTS as (host, port or None), or the sentence saying what is wrong with it.
+
+    ``host``, ``host:port``, ``[IPv6]``, ``[IPv6]:port`` and a bare IPv6
+    address (no port: its colons are the address's). A bare address whose last
+    group could be a port (``::1:5433``: the address ``::1`` and port 5433, or
+    the address ``::1:5433``?) is ambiguous and refused. No message quotes the entry.
+    """
+    if entry.startswith("["):
+        close = entry.find("]")
+        address, rest = (entry[1:close], entry[close + 1 :]) if close > 0 else ("", "")
+        if not _ipv6(address):
+            return "has a [bracketed] entry that is not [IPv6 address] or [IPv6 address]:port"
+        if not rest:
+            return address, None
+        if rest.startswith(":") and _valid_port(rest[1:]):
+            return address, int(rest[1:])
+        return "has a [bracketed] IPv6 entry followed by something other than :port (a port from 1 to 65535)"
+    if "[" in entry or "]" in entry or any(c.isspace() for c in entry) or _no_nul(entry):
+        return f"has an entry that is none of {_REPLICA_FORMS}"
+    if entry.count(":") > 1:
+        if not _ipv6(entry):
+            return f"has an entry with several ':' that is not an IPv6 address; write [IPv6]:port ({_REPLICA_FORMS})"
+        head, _, last = entry.rpartition(":")
+        if _valid_port(last) and _ipv6(head):
+            return (
+                "has a bare IPv6 entry whose last group could be a port (is it an address, or an address and a "
+                "port?); write [address] or [address]:port"
+            )
+        return entry, None
+    host, sep, port = entry.partition(":")
+    if not host:
+        return f"has an entry with no host ({_REPLICA_FORMS})"
+    if sep and not _valid_port(port):
+        return f"has an entry whose port is not a number from 1 to 65535 ({_REPLICA_FORMS})"
+    return host, int(port) if sep else None
+
+
+def replica_endpoint(entry: str) -> tuple[str, int | None]:
+    """One DB_REPLICA_HOSTS entry as (host, port or None); `ConfigurationError` when it is none of the forms."""
+    parsed = _replica_endpoint(entry)
+    if isinstance(parsed, str):
+        raise ConfigurationError(f"setting replica_hosts (DB_REPLICA_HOSTS) {parsed}")
+    return parsed
+
+
 def _replica_list(value: Any) -> str | None:
     if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value):
         return "must be a comma-separated list of host[:port]"
-    for entry in value:
-        host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
-        if not host or " " in host or _no_nul(host) or (port and not (port.isdigit() and 1 <= int(port) <= 65535)):
-            return "has an entry that is not host[:port] with a port from 1 to 65535; fix DB_REPLICA_HOSTS"
+    for number, entry in enumerate(value, 1):
+        parsed = _replica_endpoint(entry)
+        if isinstance(parsed, str):
+            return f"{parsed} (entry {number}); fix DB_REPLICA_HOSTS"
     return None
 
 
@@ -592,7 +656,13 @@ _SPECS: tuple[_Spec, ...] = (
         _one_of(_TARGETS),
         "which of the DB_HOST servers the writer pool accepts (libpq target_session_attrs)",
     ),
-    _Spec("replica_hosts", "DB_REPLICA_HOSTS", _replicas, _replica_list, "read replicas, host[:port] each"),
+    _Spec(
+        "replica_hosts",
+        "DB_REPLICA_HOSTS",
+        _replicas,
+        _replica_list,
+        "read replicas, host[:port] or [IPv6]:port each",
+    ),
     _Spec(
         "replica_max_lag_ms",
         "DB_REPLICA_MAX_LAG_MS",
@@ -972,11 +1042,13 @@ def _load_settings(
     values: dict[str, Any] = _defaults(resolved)
     origins = dict.fromkeys(values, "default")
     files: list[Path] = []
-    #: Per password source, the precedence of the layer that set it (see `_one_password_source`).
+    #: Per password source, the precedence of the layer that set it (see `_one_password_source`): from
+    #: lowest, each file's DATABASE_URL then its DB_* lines, the process DATABASE_URL then its DB_*, the arguments.
     source_rank: dict[str, int] = {}
 
     own_path = directory / f".env.{resolved.value}"
-    for rank, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path))), 1):
+    for layer, (path, content) in enumerate(((shared_path, shared), (own_path, _read_env_file(own_path)))):
+        url_rank, rank = 2 * layer + 1, 2 * layer + 2
         if content is None:
             continue
         if resolved in (Environment.STAGING, Environment.PROD) or path.name in (".env.staging", ".env.prod"):
@@ -986,6 +1058,7 @@ def _load_settings(
         for name, value in _url_values(content.get(DATABASE_URL), str(path)).items():
             values[name] = value
             origins[name] = f"DATABASE_URL in {path}"
+            source_rank[name] = url_rank
         for var, raw in content.items():
             spec = _BY_VAR.get(var)
             if spec is None or raw is None or raw == "":
@@ -997,24 +1070,25 @@ def _load_settings(
     for name, value in process_url.items():
         values[name] = value
         origins[name] = "DATABASE_URL in the process environment"
+        source_rank[name] = 5
     for spec in _SPECS:
         raw = process_env.get(spec.var)
         if raw is None or raw == "":
             continue
         values[spec.field] = _parse_field(spec.field, raw, "the process environment")
         origins[spec.field] = "environment"
-        source_rank[spec.field] = 3
+        source_rank[spec.field] = 6
 
     for name, raw in overrides.items():
         if raw is None:
             continue
         values[name] = _parse_field(name, raw, "the arguments")
         origins[name] = "argument"
-        source_rank[name] = 4
+        source_rank[name] = 7
     if provider is not None:
         values["password_provider"] = provider
         origins["password_provider"] = "argument"  # noqa: S105  # an origin, not a password
-        source_rank["password_provider"] = 4
+        source_rank["password_provider"] = 7
     _one_password_source(values, origins, source_rank)
 
     if resolved is Environment.PROD and values["sslmode"] not in _STRONG_SSL:
@@ -1034,9 +1108,11 @@ def _one_password_source(values: dict[str, Any], origins: dict[str, str], rank: 
     """Keep only the password source(s) set by the highest-precedence layer.
 
     ``DB_PASSWORD_FILE`` exported in the process environment replaces a
-    ``DB_PASSWORD`` from a ``.env`` file, as any higher layer replaces a lower
-    one. Two sources set in the same layer stay, and `DatabaseSettings`
-    refuses them as ambiguous.
+    ``DB_PASSWORD`` from a ``.env`` file, and the password of a process
+    ``DATABASE_URL`` replaces a ``.env`` file's ``DB_PASSWORD_FILE`` or
+    ``DB_PASSFILE``, as any higher layer replaces a lower one (a source's
+    ``DATABASE_URL`` sits just below its ``DB_*``). Two sources set in the same
+    layer stay, and `DatabaseSettings` refuses them as ambiguous.
     """
     present = {name: rank.get(name, 0) for name in _SOURCE_NAMES if values.get(name)}
     if not present:

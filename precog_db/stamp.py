@@ -319,11 +319,13 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
     ``settings`` defaults to `load_settings()`. Reading production needs
     ``PRECOG_PROD_CONFIRMED=yes`` like any other production access.
     """
-    from precog_db.connection import connect  # the chokepoint imports this module
+    from precog_db.connection import connect, direct_settings  # the chokepoint imports this module
 
     if settings is None:
         settings = load_settings()
-    conn = connect(settings, operation="read the identity stamp", verify=False, direct=True)
+    # Behind a transaction pooler the stamp is read on DB_DIRECT_HOST, and messages name that server.
+    settings = direct_settings(settings, operation="read the identity stamp")
+    conn = connect(settings, operation="read the identity stamp", verify=False)
     try:
         return read_stamp_on(conn, settings)
     finally:
@@ -424,10 +426,13 @@ def stamp_database(
     ``PRECOG_PROD_CONFIRMED=yes``, and so does re-stamping a database stamped
     ``prod`` as anything else, unless it is a restored copy.
     """
-    from precog_db.connection import connect  # the chokepoint imports this module
+    from precog_db.connection import connect, direct_settings  # the chokepoint imports this module
 
     settings = settings_for(env, settings, caller="stamp_database")
-    conn = connect(settings, operation=f"write the {settings.env.value} identity stamp", verify=False, direct=True)
+    operation = f"write the {settings.env.value} identity stamp"
+    # Behind a transaction pooler the stamp is written on DB_DIRECT_HOST, and messages and logs name that server.
+    settings = direct_settings(settings, operation=operation)
+    conn = connect(settings, operation=operation, verify=False)
     try:
         return _write(conn, settings, force=force)
     finally:

@@ -6,7 +6,7 @@ import os
 import stat
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from precog_db.backup import (
     archive_name,
     archive_prefix,
     backup,
+    backup_database,
     find_tool,
     prune,
     restore,
@@ -27,7 +28,15 @@ from precog_db.backup import (
 )
 from precog_db.connection import tool_connection_args
 from precog_db.environment import Environment
-from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
+from precog_db.errors import (
+    BackupError,
+    ConfigurationError,
+    DatabaseUnavailableError,
+    EnvironmentMismatchError,
+    EnvironmentNotAllowedError,
+    StampError,
+)
+from precog_db.settings import DatabaseSettings
 from precog_db.stamp import read_stamp
 from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
 from tests._helpers.server import Server, start_throwaway_cluster
@@ -98,12 +107,22 @@ class TestBackup:
         assert len([n for n in remaining if n.startswith(archive_prefix(settings))]) == 2
         assert "pruned 3 old dump(s)" in result.out
 
-    def test_failed_dump_leaves_no_file_and_one_line(self, ws: Workspace) -> None:
-        """pg_dump failing (no such database) is one line, exit 1, and no partial file."""
+    def test_failed_dump_leaves_no_file_and_one_line(self, ws: Workspace, tmp_path: Path) -> None:
+        """pg_dump failing is one line and no partial file; a database that is not there fails before pg_dump."""
         ws.add("dev")
-        settings = ws.databases["dev"].replace(dbname="missing_dev_db")
-        with pytest.raises(BackupError, match=r"pg_dump of .* failed"):
-            backup(settings, server_major=server_major(ws), root=ws.root / "b")
+        missing = ws.databases["dev"].replace(dbname="missing_dev_db")
+        with pytest.raises(DatabaseUnavailableError, match='database "missing_dev_db" does not exist'):
+            backup(missing, server_major=server_major(ws), root=ws.root / "b")
+        assert not (ws.root / "b").exists()
+        fake = tmp_path / "failbin"
+        fake.mkdir()
+        real = find_tool("pg_dump", server_major(ws))
+        (fake / "pg_dump").write_text(f'#!/bin/sh\nexec {real} "$@" --strict-names --table=no_such_table_21\n')
+        (fake / "pg_dump").chmod(0o755)
+        (fake / "pg_restore").symlink_to(real.with_name("pg_restore"))
+        ws.monkeypatch.setenv("PRECOG_PG_BINDIR", str(fake))
+        with pytest.raises(BackupError, match=r"pg_dump of .* failed .*no matching tables"):
+            backup(ws.databases["dev"], server_major=server_major(ws), root=ws.root / "b")
         assert not list((ws.root / "b" / "dev").iterdir())
 
     def test_corrupt_archive_does_not_verify(self, ws: Workspace) -> None:
@@ -325,9 +344,14 @@ class TestDatabaseNames:
     ) -> None:
         """The tools get one --dbname conninfo whose dbname is the literal name; the password only as PGPASSWORD."""
         monkeypatch.setenv("PGHOST", "elsewhere.invalid")
-        monkeypatch.setenv("PGSERVICE", "other")
+        monkeypatch.setenv("PGDATABASE", "other")
         name = "dbname=x host=elsewhere.invalid user=mallory"
-        args, env = tool_connection_args(pg_server.settings(name, password=SENTINEL))
+        pg_server.fresh_database(name)  # the target is checked by connecting to it (21.1)
+        try:
+            args, env = tool_connection_args(pg_server.settings(name, password=SENTINEL))
+        finally:
+            with pg_server.connect() as conn:
+                conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
         assert args[0].startswith("--dbname=") and "--no-password" in args
         params = conninfo_to_dict(args[0].removeprefix("--dbname="))
         assert (params["dbname"], params["host"], params["port"]) == (name, pg_server.host, str(pg_server.port))
@@ -374,3 +398,175 @@ class TestRetentionPerServer:
             for server in (pg_server, second_server):
                 with server.connect() as conn:
                     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+# --- issue 21.1 / 21.13: every tool target is checked like a connection, inside the function -----------------
+
+
+def _tool_spy(ws: Workspace, tmp_path: Path) -> Path:
+    """PRECOG_PG_BINDIR with pg_dump / pg_restore wrappers that log each run; returns the log's path."""
+    fake = tmp_path / "spybin"
+    fake.mkdir(exist_ok=True)
+    log = tmp_path / "tools-ran.log"
+    real = find_tool("pg_dump", server_major(ws))
+    for name in ("pg_dump", "pg_restore"):
+        script = fake / name
+        script.write_text(f'#!/bin/sh\necho "{name} $*" >> {log}\nexec {real.with_name(name)} "$@"\n')
+        script.chmod(0o755)
+    ws.monkeypatch.setenv("PRECOG_PG_BINDIR", str(fake))
+    return log
+
+
+def _dead_port() -> int:
+    """A loopback port nothing listens on (the "PgBouncer" of settings whose work must go to DB_DIRECT_HOST)."""
+    from precog_db.local.cluster import free_port
+
+    return free_port()
+
+
+def _as_dev(ws: Workspace, settings: DatabaseSettings, *, pooler: bool) -> DatabaseSettings:
+    """``settings``' database seen through dev settings; with ``pooler``, behind a transaction pooler that is down."""
+    dev = settings.replace(env="dev")
+    if pooler:
+        dev = dev.replace(
+            host="127.0.0.1",
+            port=_dead_port(),
+            pooler="transaction",
+            direct_host=ws.server.host,
+            direct_port=ws.server.port,
+        )
+    return dev
+
+
+ENTRY_POINTS = ["backup", "backup_database", "restore", "restore_database", "tool_connection_args"]
+
+
+class TestToolTargetsCheckTheStamp:
+    """21.1: a dev-settings object pointing at a prod-stamped database never reaches pg_dump / pg_restore."""
+
+    @pytest.mark.parametrize("pooler", [False, True], ids=["direct", "behind-pooler"])
+    @pytest.mark.parametrize("entry", ENTRY_POINTS)
+    def test_dev_settings_on_a_prod_stamped_database_are_refused_before_any_tool_runs(
+        self, ws: Workspace, tmp_path: Path, entry: str, pooler: bool
+    ) -> None:
+        """Each public primitive and workflow refuses with the stamp error; no tool ran, no file, prod untouched."""
+        ws.add("dev")
+        fill(ws, "dev", rows=1)
+        archive = backup(ws.databases["dev"], server_major=server_major(ws), root=tmp_path / "archives")
+        prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")  # a neutral name: the naming rule passes
+        fill(ws, "prod", rows=4)
+        dev = _as_dev(ws, prod, pooler=pooler)
+        spy = _tool_spy(ws, tmp_path)
+        root = tmp_path / "backups"
+        major = server_major(ws)
+        calls: dict[str, Callable[[], object]] = {
+            "backup": lambda: backup(dev, server_major=major, root=root),
+            "backup_database": lambda: backup_database(dev, server_major=major, purpose="test", root=root),
+            "restore": lambda: restore(dev, archive.path, server_major=major),
+            "restore_database": lambda: restore_database(dev, archive.path, yes=True),
+            "tool_connection_args": lambda: tool_connection_args(dev),
+        }
+        with pytest.raises(EnvironmentMismatchError, match="is stamped prod") as refused:
+            calls[entry]()
+        if pooler:  # 21.13: the error names the server the work went to, not the PgBouncer
+            assert f"{ws.server.host}:{ws.server.port}" in str(refused.value)
+            assert "PgBouncer" not in str(refused.value) and str(dev.port) not in str(refused.value)
+        assert not spy.exists(), spy.read_text()
+        assert not root.exists()
+        assert ws.query("prod", "SELECT count(*) FROM markets") == [(4,)]
+        with ws.monkeypatch.context() as m:
+            m.setenv("PRECOG_PROD_CONFIRMED", "yes")
+            stamp = read_stamp(prod)
+        assert stamp is not None and stamp.env is Environment.PROD and not stamp.is_copy
+
+    def test_restore_into_a_staging_stamped_database_keeps_its_stamp(self, ws: Workspace, tmp_path: Path) -> None:
+        """A prod archive restored through dev settings onto a staging-stamped database: refused, stamp kept."""
+        ws.add("prod")
+        fill(ws, "prod", rows=2)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        archive = backup(ws.databases["prod"], server_major=server_major(ws), root=tmp_path / "archives")
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        staging = ws.add("staging", dbname=f"orders_{uuid.uuid4().hex[:8]}")
+        dev = staging.replace(env="dev")
+        spy = _tool_spy(ws, tmp_path)
+        for attempt in (
+            lambda: restore(dev, archive.path, server_major=server_major(ws)),
+            lambda: restore_database(dev, archive.path, yes=True),
+        ):
+            with pytest.raises(EnvironmentMismatchError, match="is stamped staging"):
+                attempt()
+        assert not spy.exists()
+        assert not ws.has_table("staging", "markets")
+        stamp = read_stamp(staging)
+        assert stamp is not None and stamp.env is Environment.STAGING and not stamp.is_copy
+
+    def test_the_tools_go_to_the_server_whose_stamp_was_checked(self, ws: Workspace, pg_server: Server) -> None:
+        """The conninfo pins the checked server: its host, port and (for TCP) the address it resolved to."""
+        dev = ws.add("dev")
+        args, _ = tool_connection_args(
+            dev.replace(host=f"localhost,{pg_server.host}", port=f"{_dead_port()},{pg_server.port}")
+        )
+        params = conninfo_to_dict(args[0].removeprefix("--dbname="))
+        assert (params["host"], params["port"]) == (pg_server.host, str(pg_server.port))
+        assert params.get("hostaddr") == "127.0.0.1"
+
+
+class TestDirectAddressIsNamed:
+    """21.13: behind a transaction pooler the work goes to DB_DIRECT_HOST, and that is what names it."""
+
+    def test_archive_name_and_pruning_use_the_direct_address(self, ws: Workspace, tmp_path: Path) -> None:
+        """The dump of a database behind a pooler is named by the server it was taken from."""
+        dev = ws.add("dev")
+        behind = _as_dev(ws, dev, pooler=True)
+        made = backup(behind, server_major=server_major(ws), root=tmp_path / "b", keep=1)
+        direct = dev.replace(host=ws.server.host, port=ws.server.port)
+        assert made.path.name.startswith(archive_prefix(direct)), made.path.name
+        assert f"@{_label_host(ws.server.host)}-{ws.server.port}-" in made.path.name
+        again = backup(behind, server_major=server_major(ws), root=tmp_path / "b", keep=1)
+        assert again.pruned == (made.path,)
+
+    def test_behind_a_real_pgbouncer(self, ws: Workspace, tmp_path: Path) -> None:
+        """Through Debian's PgBouncer: a prod-stamped target is refused naming the server; a dump is named by it."""
+        from tests._helpers.topology import pgbouncer
+
+        dev = ws.add("dev")
+        prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
+        with pgbouncer(ws.server, pool_mode="transaction") as port:
+            where = {"host": "127.0.0.1", "port": port, "pooler": "transaction"}
+            direct = {"direct_host": ws.server.host, "direct_port": ws.server.port}
+            with pytest.raises(EnvironmentMismatchError, match="is stamped prod") as refused:
+                backup(prod.replace(env="dev", **where, **direct), server_major=server_major(ws), root=tmp_path / "b")
+            assert f"{ws.server.host}:{ws.server.port}" in str(refused.value)
+            assert "PgBouncer" not in str(refused.value) and not (tmp_path / "b").exists()
+            made = backup(dev.replace(**where, **direct), server_major=server_major(ws), root=tmp_path / "b")
+        assert made.path.name.startswith(archive_prefix(dev)) and f"-{port}-" not in made.path.name
+
+    def test_stamp_errors_name_the_direct_address(self, ws: Workspace) -> None:
+        """stamp_database / read_stamp behind a pooler describe the server they wrote to or read."""
+        from precog_db.stamp import stamp_database
+
+        prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
+        dev = _as_dev(ws, prod, pooler=True)
+        with pytest.raises(EnvironmentMismatchError) as refused:
+            stamp_database("dev", settings=dev)
+        text = str(refused.value)
+        assert f"{ws.server.host}:{ws.server.port}" in text and "PgBouncer" not in text, text
+        with ws.server.connect(prod.dbname) as conn:
+            conn.execute("REVOKE ALL ON SCHEMA precog_meta FROM PUBLIC")
+            conn.execute("DROP ROLE IF EXISTS stamp_reader_21")
+            conn.execute("CREATE ROLE stamp_reader_21 LOGIN")
+        try:
+            with pytest.raises(StampError) as unreadable:
+                read_stamp(dev.replace(user="stamp_reader_21", password=""))
+        finally:
+            ws.drop_all()
+            with ws.server.connect() as conn:
+                conn.execute("DROP ROLE IF EXISTS stamp_reader_21")
+        text = str(unreadable.value)
+        assert f"{ws.server.host}:{ws.server.port}" in text and "PgBouncer" not in text, text
+
+
+def _label_host(host: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", host)

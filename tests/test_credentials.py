@@ -13,7 +13,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -363,3 +363,135 @@ class TestAsyncPool:
             assert len(calls) > opened, "the replacement connection asked the provider again"
         finally:
             await aio.close_pool()
+
+
+class TestUrlPasswordPrecedence:
+    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (README)."""
+
+    @pytest.mark.parametrize("variable", ["DB_PASSWORD_FILE", "DB_PASSFILE"])
+    def test_process_url_password_beats_a_files_password_source(
+        self, role: Server, tmp_path: Path, variable: str
+    ) -> None:
+        """The URL's (right) password logs in; the file's source (a wrong password) is dropped, as a lower layer."""
+        wrong = tmp_path / "wrong-password"
+        entry = f"*:*:*:{ROLE}:wrong-{NEW}" if variable == "DB_PASSFILE" else f"wrong-{NEW}"
+        write_secret(wrong, entry)
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / ".env.test").write_text(f"{variable}={wrong}\n")
+        url = f"postgresql://{ROLE}:{OLD}@{role.host}:{role.port}/postgres?sslmode=disable"
+        settings = load_settings("test", config_dir=config, environ={"DATABASE_URL": url})
+        assert settings.password == OLD and (settings.password_file, settings.passfile) == ("", "")
+        assert settings.origins["password"] == "DATABASE_URL in the process environment"
+        conn = connect(settings, operation="test")
+        try:
+            assert conn.execute("SELECT current_user").fetchone() == (ROLE,)
+        finally:
+            conn.close()
+
+    def test_the_layers_around_it_keep_their_order(self, tmp_path: Path) -> None:
+        """A file's DB_PASSWORD_FILE beats that file's URL; a process DB_PASSWORD_FILE beats the process URL."""
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / ".env.test").write_text(
+            f"DATABASE_URL=postgresql://{ROLE}:from-file-url@h/postgres\nDB_PASSWORD_FILE=/run/secrets/file\n"
+        )
+        same_file = load_settings("test", config_dir=config, environ={})
+        assert (same_file.password, same_file.password_file) == ("", "/run/secrets/file")
+        (config / ".env.test").write_text(f"DATABASE_URL=postgresql://{ROLE}:from-shared-url@h/postgres\n")
+        (config / ".env").write_text("DB_PASSFILE=/run/secrets/shared\n")
+        own_url = load_settings("test", config_dir=config, environ={})
+        assert (own_url.password, own_url.passfile) == ("from-shared-url", "")
+        url = f"postgresql://{ROLE}:from-process-url@h/postgres"
+        process = load_settings("test", config_dir=config, environ={"DATABASE_URL": url, "DB_PASSWORD_FILE": "/p"})
+        assert (process.password, process.password_file) == ("", "/p")
+
+
+class TestProviderErrorsStaySecret:
+    """21.9: a provider's exception text can quote the credential; only its type and plain words are shown."""
+
+    LEAK = "s3cr3t"
+
+    def _settings(self, role: Server) -> DatabaseSettings:
+        def provider() -> str:
+            raise RuntimeError(f"token {self.LEAK} expired")
+
+        return app_settings(role, password_provider=provider, pool_min=1, pool_max=2, pool_timeout=3.0)
+
+    def _assert_clean(self, error: BaseException) -> None:
+        import traceback
+
+        assert isinstance(error, DatabaseUnavailableError), repr(error)
+        assert "raised RuntimeError (token *** expired)" in str(error)
+        chain: list[BaseException] = []
+        seen: BaseException | None = error
+        while seen is not None and len(chain) < 20:  # bounded walk of the cause/context chain
+            chain.append(seen)
+            seen = seen.__cause__ or seen.__context__
+        texts = [str(e) + repr(e) for e in chain] + ["".join(traceback.format_exception(error))]
+        assert all(self.LEAK not in t for t in texts), texts
+
+    @pytest.mark.parametrize("entry", ["connect", "aconnect", "pool", "aio pool", "tool_connection_args"])
+    def test_the_secret_in_the_message_reaches_no_error_chain_or_log(
+        self, role: Server, entry: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Every entry point that resolves the password: error, repr, chain, traceback, structlog, logging, stderr."""
+        import asyncio
+        import logging
+
+        from structlog.testing import capture_logs
+
+        from precog_db import aio
+        from precog_db._aconnection import aconnect
+
+        settings = self._settings(role)
+
+        async def through_aio_pool() -> None:
+            try:
+                await aio.initialize_pool(settings=settings)
+                async with aio.get_cursor() as cur:
+                    await cur.execute("SELECT 1")
+            finally:
+                await aio.close_pool()
+
+        async def through_aconnect() -> None:
+            conn = await aconnect(settings, operation="test")
+            await conn.close()
+
+        def through_pool() -> None:
+            try:
+                initialize_pool(settings=settings)
+                with get_cursor() as cur:
+                    cur.execute("SELECT 1")
+            finally:
+                close_pool()
+
+        calls: dict[str, Callable[[], object]] = {
+            "connect": lambda: connect(settings, operation="test").close(),
+            "aconnect": lambda: asyncio.run(through_aconnect()),
+            "pool": through_pool,
+            "aio pool": lambda: asyncio.run(through_aio_pool()),
+            "tool_connection_args": lambda: tool_connection_args(settings),
+        }
+        caplog.set_level(logging.DEBUG)
+        with capture_logs() as logs, pytest.raises(DatabaseUnavailableError) as raised:
+            calls[entry]()
+        self._assert_clean(raised.value)
+        captured = capsys.readouterr()
+        everything = repr(logs) + caplog.text + repr([r.__dict__ for r in caplog.records]) + captured.out + captured.err
+        assert self.LEAK not in everything
+
+    def test_a_provider_error_whose_text_itself_raises_chains_nothing(self, role: Server) -> None:
+        """An exception whose __str__ raises (quoting the secret) gives the type alone, still with no chain."""
+        leak = self.LEAK
+
+        class Opaque(Exception):
+            def __str__(self) -> str:
+                raise ValueError(f"token {leak} in __str__")
+
+        def provider() -> str:
+            raise Opaque
+
+        with pytest.raises(DatabaseUnavailableError, match=r"raised Opaque \(no message\)") as raised:
+            connect(app_settings(role, password_provider=provider), operation="test")
+        assert raised.value.__cause__ is None and raised.value.__context__ is None

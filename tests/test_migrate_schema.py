@@ -247,3 +247,123 @@ class TestMisplacedMarkers:
         assert ws.ledger("test") == [] and not ws.has_table("test", "markets")
         status = ws.run("--env", "test", "migrate", "status")
         assert "MISPLACED MARKER" in status.out
+
+
+# --- issue 21.5: a comment that reads like a marker but is not exactly one is refused ------------------------
+
+MISSPELLED_DOWN = [
+    "--precog:down",
+    "-- precog: down",
+    "--  precog:down",
+    "-- precog:down;",
+    "-- precog:down please",
+    "/* precog:down */",
+    "-- PRECOG : DOWN",
+    "-- precog down",
+    "SELECT 1; -- precog:down",
+    "-- precog:up",
+    "--\tprecog:down",
+    "/*\nprecog:down\n*/",
+    "-- precog\uff1adown",
+    "-- TODO precog:down later",
+]
+MISSPELLED_FIRST_LINE = ["--precog:no-transaction", "-- precog:no transaction", "/* precog:no-transaction */"]
+
+
+def _misspelled_body(marker: str) -> tuple[str, int]:
+    """A file whose marker line is ``marker``, and that line's number."""
+    if marker in MISSPELLED_FIRST_LINE:
+        return f"{marker}\nCREATE TABLE m (id int);\n", 1
+    return f"-- the m table\nCREATE TABLE m (id int);\n{marker}\nDROP TABLE m;\n", 3
+
+
+class TestMisspelledMarkers:
+    @pytest.mark.parametrize("marker", MISSPELLED_DOWN + MISSPELLED_FIRST_LINE)
+    def test_up_validate_and_status_refuse_it_naming_line_and_spelling(self, ws: Workspace, marker: str) -> None:
+        """up applies nothing (the down section never runs), validate fails, status flags it; all name the line."""
+        ws.add("test")
+        body, line = _misspelled_body(marker)
+        ws.write_migration("0001_m.sql", body)
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 1, up.out
+        for needle in (f"0001_m.sql, line {line}", "reads like a precog marker", "'-- precog:down'"):
+            assert needle in up.err, up.err
+        assert "'-- precog:no-transaction'" in up.err
+        assert ws.ledger("test") == [] and not ws.has_table("test", "m")
+        validate = ws.run("--env", "test", "migrate", "validate")
+        assert validate.code == 1 and f"line {line}" in validate.out + validate.err
+        status = ws.run("--env", "test", "migrate", "status")
+        assert "MISPLACED MARKER" in status.out
+
+    @pytest.mark.parametrize("marker", ["--precog:down", "-- precog: down", "/* precog:down */"])
+    def test_down_refuses_an_applied_file_whose_marker_is_misspelled(self, ws: Workspace, marker: str) -> None:
+        """A file baselined with a misspelled marker: migrate down says so rather than 'no down section'."""
+        ws.add("test")
+        ws.write_migration("0001_m.sql", f"CREATE TABLE m (id int);\n{marker}\nDROP TABLE m;\n")
+        with ws.server.connect(ws.databases["test"].dbname) as conn:
+            conn.execute("CREATE TABLE m (id int)")
+        assert ws.run("--env", "test", "--yes", "migrate", "baseline", "1").code == 0
+        down = ws.run("--env", "test", "--yes", "migrate", "down")
+        assert down.code == 1
+        assert "0001_m.sql, line 2" in down.err and "reads like a precog marker" in down.err, down.err
+        assert ws.has_table("test", "m") and [v for v, _ in ws.ledger("test")] == [1]
+
+    def test_apply_migration_from_python_refuses_it_too(self, ws: Workspace) -> None:
+        """The building block (apply_migration on a connection) checks the same, before anything runs."""
+        from precog_db.connection import connect
+        from precog_db.errors import MigrationValidationError
+        from precog_db.migrations import apply_migration, discover, ensure_ledger
+
+        settings = ws.add("test")
+        ws.write_migration("0001_m.sql", "CREATE TABLE m (id int);\n-- precog: down\nDROP TABLE m;\n")
+        conn = connect(settings, operation="test")
+        try:
+            ensure_ledger(conn)
+            with pytest.raises(MigrationValidationError, match="line 2: the comment '-- precog: down' reads like"):
+                apply_migration(conn, discover(ws.root / "migrations")[0])
+        finally:
+            conn.close()
+        assert not ws.has_table("test", "m")
+
+    def test_comments_and_strings_that_only_mention_precog_still_run(self, ws: Workspace) -> None:
+        """Prose about precog, a literal holding a marker, and the documented marker in capitals all pass."""
+        ws.add("test")
+        ws.write_migration(
+            "0001_m.sql",
+            "-- Precog schema for markets (see precog_db docs)\n"
+            "/* precog handles the ledger */\n"
+            "CREATE TABLE m (note text);\n"
+            "INSERT INTO m VALUES ('-- precog: down'), ($$/* precog:down */$$);\n"
+            "-- PRECOG:DOWN\n"
+            "DROP TABLE m;\n",
+        )
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 0, up.err
+        assert ws.query("test", "SELECT count(*) FROM m") == [(2,)]
+        down = ws.run("--env", "test", "--yes", "migrate", "down")
+        assert down.code == 0, down.err
+        assert not ws.has_table("test", "m")
+
+
+class TestByteOrderMark:
+    """21.13: a UTF-8 BOM (editors add one) is not part of the SQL; the checksum stays that of the bytes."""
+
+    def test_a_file_with_a_bom_applies_and_reverts(self, ws: Workspace) -> None:
+        """A BOM before a plain file and before the no-transaction marker: both apply, the marker counts."""
+        from precog_db.migrations import checksum_of
+
+        ws.add("test")
+        bom = b"\xef\xbb\xbf"
+        first = ws.root / "migrations" / "0001_markets.sql"
+        ws.write_migration("0001_markets.sql", "")
+        first.write_bytes(bom + MARKETS.encode())
+        second = ws.root / "migrations" / "0002_index.sql"
+        second.write_bytes(bom + CONCURRENT.replace("\n", "\r\n").encode())
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 0, up.err
+        assert index_valid(ws, "markets_symbol") is True  # CONCURRENTLY ran: the marker on the BOM line counted
+        assert ws.ledger("test") == [(1, checksum_of(first.read_bytes())), (2, checksum_of(second.read_bytes()))]
+        assert checksum_of(first.read_bytes()) != checksum_of(MARKETS.encode())  # the bytes, BOM included
+        down = ws.run("--env", "test", "--yes", "migrate", "down", "--target", "0")
+        assert down.code == 0, down.err
+        assert not ws.has_table("test", "markets")
