@@ -109,9 +109,13 @@ class TestGuard:
         result.stdout.fnmatch_lines([f"*tests ran on the test database '{DB}'*"])
 
     def test_fresh_project_defaults_to_the_test_database(
-        self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch, test_db: str
+        self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """With neither PRECOG_ENV nor DB_NAME set, db_cursor uses precog_test and code under test sees test."""
+        """With neither PRECOG_ENV nor DB_NAME set, db_cursor uses precog_test and code under test sees test.
+
+        The suite's own database has a per-run name (tests/conftest.py ``test_db``); the plugin creates
+        ``precog_test`` itself when it is missing (tests/test_plugin_testdb.py).
+        """
         monkeypatch.delenv("PRECOG_ENV")
         monkeypatch.delenv("DB_NAME")
         pytester.makepyfile(
