@@ -215,12 +215,14 @@ class TestTransparent:
         self, pg_server: Server, test_db: str
     ) -> None:
         """Statements run through cur.connection before the first execute are part of the block's transaction."""
-        with pytest.raises(RuntimeError), get_cursor(commit=True) as cur:
+        undo = RuntimeError("undo")
+        with pytest.raises(RuntimeError, match="^undo$") as raised, get_cursor(commit=True) as cur:
             cur.connection.execute(INSERT, (11, 1))
             with cur.connection.cursor("named") as named:
                 named.execute("SELECT id FROM pipe_items ORDER BY id")
                 assert [r[0] for r in named.fetchall()] == [0, 11]
-            raise RuntimeError("undo")
+            raise undo
+        assert raised.value is undo  # the test's own exception, not one the library raised on the way
         assert _rows(pg_server, test_db) == []
 
     def test_executemany_and_copy(self, pg_server: Server, test_db: str) -> None:
