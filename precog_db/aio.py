@@ -28,7 +28,6 @@ know; the connection is closed.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, overload

@@ -189,7 +189,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         return conn
 
     @classmethod
-    async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:  # type: ignore[override]
+    async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:
         """psycopg_pool's maintenance worker, which ends when its task is cancelled.
 
         psycopg_pool's own catches ``CancelledError`` around each maintenance

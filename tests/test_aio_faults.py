@@ -225,7 +225,10 @@ class TestCancellation:
             assert sum(outcomes.values()) == _STORM_TASKS, outcomes
             # What it checks: many cancellations landed mid-operation (not after the task ended), and each
             # one came out as a cancellation, or as an unknown outcome when it hit a COMMIT; nothing else.
-            assert outcomes["CancelledError"] + outcomes["CommitOutcomeUnknownError"] >= cancels // 3, (cancels, outcomes)
+            assert outcomes["CancelledError"] + outcomes["CommitOutcomeUnknownError"] >= cancels // 3, (
+                cancels,
+                outcomes,
+            )
             assert outcomes["ok"] > 0, outcomes
             assert set(outcomes) <= {"ok", "CancelledError", "CommitOutcomeUnknownError"}, outcomes
             stats = await settled(pool)

@@ -186,7 +186,7 @@ class TestTransparent:
     ) -> None:
         """cur.connection statements, a nested transaction(), COPY and a server cursor: all inside, all rolled back."""
         undo = RuntimeError("undo")
-        with pytest.raises(RuntimeError, match="^undo$") as raised:
+        with pytest.raises(RuntimeError, match=r"^undo$") as raised:
             async with aio.get_cursor(commit=True) as cur:
                 conn = cur.connection
                 async with conn.transaction():  # a savepoint inside the block's transaction, not its own

@@ -64,7 +64,9 @@ class TestReadOnlyCursor:
             cur.execute("SELECT 1, 2")
             assert cur.fetchone() == (1, 2)
 
-    def test_write_without_commit_fails_loudly_and_persists_nothing(self, table: str, pg_server: Server, test_db: str) -> None:
+    def test_write_without_commit_fails_loudly_and_persists_nothing(
+        self, table: str, pg_server: Server, test_db: str
+    ) -> None:
         """A write in get_cursor() raises ReadOnlySqlTransaction; nothing is stored."""
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), get_cursor() as cur:
             cur.execute("INSERT INTO cursor_items (name) VALUES ('lost')")

@@ -39,7 +39,9 @@ def test_a_second_run_on_the_same_server_leaves_this_run_alone(pg_server: Server
     """
     before = _test_databases(pg_server)
     assert test_db in before
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_", "PYTEST_")) and k != "DATABASE_URL"}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_", "PYTEST_")) and k != "DATABASE_URL"
+    }
     env["PRECOG_TEST_DSN"] = pg_server.conninfo()
     env["PYTHONPATH"] = str(REPO)
     with pg_server.connect(test_db) as mine:

@@ -251,7 +251,7 @@ def _sync_interrupted_commit(kind: type[BaseException], pipelined: bool, proxy: 
     pid = 0
     try:
         with get_cursor(commit=True, pipeline=pipelined) as cur:
-            pid = cur._conn.info.backend_pid  # type: ignore[attr-defined]  # no I/O (cur.connection sends BEGIN)
+            pid = cur._conn.info.backend_pid  # no I/O (cur.connection would send the BEGIN)
             cur.execute("INSERT INTO irq_commit VALUES (1)")
             proxy.hold_replies(_HOLD)
             signal.setitimer(signal.ITIMER_REAL, 0.02)
@@ -271,7 +271,7 @@ async def _aio_cancelled_commit(pipelined: bool, proxy: FaultProxy, settings: Da
 
         async def writer() -> None:
             async with aio.get_cursor(commit=True, pipeline=pipelined) as cur:
-                pid["pid"] = cur._conn.info.backend_pid  # type: ignore[attr-defined]
+                pid["pid"] = cur._conn.info.backend_pid
                 await cur.execute("INSERT INTO irq_commit VALUES (1)")
                 proxy.hold_replies(_HOLD)
 
@@ -342,7 +342,8 @@ class TestInterruptWhileCommitIsInFlight:
             assert admin.execute("SELECT count(*) FROM irq_commit").fetchone() == (1,)  # it WAS committed
             gone = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
             assert wait_until(
-                lambda: admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-                == (0,),
+                lambda: (
+                    admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,)
+                ),
                 timeout=10,
             ), gone  # the interrupted connection was closed, not kept

@@ -216,7 +216,7 @@ class TestTransparent:
     ) -> None:
         """Statements run through cur.connection before the first execute are part of the block's transaction."""
         undo = RuntimeError("undo")
-        with pytest.raises(RuntimeError, match="^undo$") as raised, get_cursor(commit=True) as cur:
+        with pytest.raises(RuntimeError, match=r"^undo$") as raised, get_cursor(commit=True) as cur:
             cur.connection.execute(INSERT, (11, 1))
             with cur.connection.cursor("named") as named:
                 named.execute("SELECT id FROM pipe_items ORDER BY id")
@@ -427,7 +427,7 @@ class TestInterrupts:
     def test_random_interrupts_in_pipelined_blocks_lose_nothing(
         self, test_settings: DatabaseSettings, table: str
     ) -> None:
-        """Random SIGALRM interrupts in pipelined blocks surface as themselves (or, in the COMMIT, as an unknown outcome) and lose or taint no connection."""
+        """Random SIGALRM interrupts in pipelined blocks surface as themselves (or an unknown COMMIT), lose nothing."""
         initialize_pool(settings=test_settings.replace(pool_min=2, pool_max=2, pool_timeout=2.0)).wait(timeout=10)
         rng = random.Random(16)
         outcomes: Counter[str] = Counter()

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
-from precog_db._pipelining import _Queueing
+from precog_db._pipelining import _Queueing, abegin_pending
 from precog_db.errors import CommitOutcomeUnknownError, ReadOnlyWriteError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -101,11 +101,10 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
     # The window: the cancellation lands in the deferred BEGIN that the connection's wait sends for the
     # nested transaction(). The real function runs; this only counts the tries cut short inside it.
     in_window = {"tries": 0}
-    deferred_begin = _aconnection.abegin_pending
 
     async def counted(conn: Any, block: Any) -> None:
         try:
-            await deferred_begin(conn, block)
+            await abegin_pending(conn, block)
         except asyncio.CancelledError:
             in_window["tries"] += 1
             raise

@@ -41,7 +41,7 @@ def bouncer(pg_server: Server, test_db: str) -> Iterator[int]:
 
 @pytest.fixture
 def tx_settings(pg_server: Server, bouncer: int) -> DatabaseSettings:
-    """Settings that reach the session's test database through the transaction-mode PgBouncer, with the direct server set."""
+    """Settings that reach the session's test database through the transaction-mode PgBouncer, direct server set."""
     return pg_server.settings(
         port=bouncer, pooler="transaction", direct_host=pg_server.host, direct_port=pg_server.port
     )

@@ -76,7 +76,12 @@ class Server:
 
     def env_vars(self, dbname: str | None = None) -> dict[str, str]:
         """The DB_* variables that point at this server."""
-        out = {"DB_HOST": self.host, "DB_PORT": str(self.port), "DB_USER": self.user, "DB_NAME": dbname or self.default_db}
+        out = {
+            "DB_HOST": self.host,
+            "DB_PORT": str(self.port),
+            "DB_USER": self.user,
+            "DB_NAME": dbname or self.default_db,
+        }
         if self.password:
             out["DB_PASSWORD"] = self.password
         return out
