@@ -26,14 +26,23 @@ _NEVER_CLOSED = textwrap.dedent(
     """
     import asyncio
     from precog_db import aio
+    from precog_db.apool import create_pool
 
     async def main(n):
         async with aio.get_cursor() as cur:  # opens the module-level pool; close_pool() is never called
             await cur.execute("SELECT %s::int AS n", (n,))
             print("read", (await cur.fetchone())["n"], flush=True)
 
+    async def own_pool():
+        settings = (await aio.get_pool()).settings
+        pool = await create_pool(settings, prod_confirmed=False)  # a pool of the caller's own, never closed
+        async with pool.connection() as conn:
+            print("own", (await (await conn.execute("SELECT 3")).fetchone())[0], flush=True)
+
     asyncio.run(main(1))
     asyncio.run(main(2))  # a new loop: the pool of the closed one is dropped, a new one opened
+    asyncio.run(own_pool())
+    asyncio.run(aio.close_pool())  # on yet another loop: the pool of a closed loop is dropped, not awaited
     print("exited", flush=True)
     """
 )
@@ -70,14 +79,18 @@ def _run(args: list[str], env: dict[str, str], cwd: Path) -> tuple[int | str, st
 
 
 def test_asyncio_run_without_close_pool_exits(pg_server: Server, test_db: str, tmp_path: Path) -> None:
-    """20 interpreters run ``asyncio.run(main())`` twice with ``aio.get_cursor()`` and no close_pool: all exit 0."""
+    """20 interpreters run ``asyncio.run(main())`` with ``aio.get_cursor()`` and no close_pool (and more): all exit 0.
+
+    Each also runs a second loop (the first loop's pool is dropped, a new one opened), a loop with a
+    pool of its own it never closes, and ``close_pool()`` on a fourth loop.
+    """
     env = _env(pg_server, test_db)
     with ThreadPoolExecutor(max_workers=4) as runner:
         results = list(runner.map(lambda _: _run([sys.executable, "-c", _NEVER_CLOSED], env, tmp_path), range(_RUNS)))
     codes = [code for code, _, _ in results]
     assert codes == [0] * _RUNS, [(code, out, err) for code, out, err in results if code != 0][:2]
     for _, out, err in results:
-        assert out.split() == ["read", "1", "read", "2", "exited"], out
+        assert out.split() == ["read", "1", "read", "2", "own", "3", "exited"], out
         assert "pool_loop_closed" in err and "close_pool()" in err  # the dropped pool is reported, with the fix
 
 

@@ -347,3 +347,27 @@ class TestInterruptWhileCommitIsInFlight:
                 ),
                 timeout=10,
             ), gone  # the interrupted connection was closed, not kept
+
+    def test_system_exit_during_commit_stays_an_exit(
+        self, test_settings: DatabaseSettings, pg_server: Server, test_db: str
+    ) -> None:
+        """Attack: a SIGTERM-style handler calling sys.exit() while COMMIT is in flight.
+
+        An exit is not turned into an ``Exception`` (an ``except Exception`` retry loop would swallow it):
+        it propagates as itself. The connection, whose state is unknown, is still closed.
+        """
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS irq_commit")
+            admin.execute("CREATE TABLE irq_commit (i int)")
+        with fault_proxy(pg_server.host, pg_server.port) as proxy:
+            initialize_pool(settings=test_settings.replace(port=proxy.port, pool_min=1, pool_max=1)).wait(timeout=10)
+            caught, cause, pid = _sync_interrupted_commit(SystemExit, False, proxy)
+            assert isinstance(cause, SystemExit) and caught is cause, repr(caught)
+            proxy.hold_replies(0)
+            with get_cursor() as cur:
+                cur.execute("SELECT pg_backend_pid() AS pid")
+                row = cur.fetchone()
+                assert row is not None and row["pid"] != pid  # closed and replaced, not lent again
+            close_pool()
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM irq_commit").fetchone() == (1,)
