@@ -31,6 +31,7 @@ from tests._helpers.server import TEST_DB, Server, start_throwaway_cluster
 _CLEARED_PREFIXES = ("DB_", "PRECOG_")
 _KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR", "PRECOG_PG_SEARCH"}
 _USED: list[str] = []  # what pg_server used, for the final summary
+_DATABASES: list[str] = []  # the database test_db made, for the final summary
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -47,6 +48,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Repeat, after the results, which server the database tests ran against (also under -q)."""
     for line in _USED:
         terminalreporter.write_line(f"precog_db test server: {line}")
+    for name in _DATABASES:
+        terminalreporter.write_line(f"precog_db test database: {name} (this run's own, dropped at its end)")
 
 
 @pytest.fixture(scope="session")
@@ -101,6 +104,7 @@ def test_db(pg_server: Server) -> Iterator[str]:
     """
     name = pg_server.fresh_database(TEST_DB)
     pg_server.default_db = name  # what pg_server.settings() / env_vars() name when not told
+    _DATABASES.append(name)
     yield name
     with pg_server.connect() as admin:
         admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

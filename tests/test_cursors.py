@@ -46,7 +46,7 @@ def assert_pool_clean(pg_server: Server, dbname: str) -> None:
     with pg_server.connect(dbname) as admin:
         stuck = admin.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'precog-test' "
-            "AND state LIKE 'idle in transaction%'"
+            "AND datname = current_database() AND state LIKE 'idle in transaction%'"  # not another run's
         ).fetchone()
     assert stuck == (0,)
 

@@ -8,6 +8,7 @@ CI) killed the first run's connections and dropped its tables mid-test.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from precog_db.plugin import derived_name
 from tests._helpers.server import REPO, Server
 
 _CHILD_TIMEOUT = 240.0  # seconds for the whole second run (a throwaway-free pytest session of one test)
+_CHILD_TEST = "tests/test_cursors.py::TestHarness::test_table_fixture_leaves_a_full_pool_that_never_grew"
 
 
 def _test_databases(pg_server: Server) -> set[str]:
@@ -35,40 +37,33 @@ def test_a_second_run_on_the_same_server_leaves_this_run_alone(pg_server: Server
     """A whole second pytest session against this session's server (PRECOG_TEST_DSN) runs a database test.
 
     Meanwhile this run holds a connection to its own database: the second run must neither drop it
-    nor terminate the connection, and it drops the database it made for itself when it ends.
+    nor terminate the connection, and it drops the database it made for itself when it ends (named
+    after its process id, `tests._helpers.server.RUN_ID`; other runs' databases may come and go).
     """
-    before = _test_databases(pg_server)
-    assert test_db in before
+    assert test_db in _test_databases(pg_server)
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("DB_", "PRECOG_", "PYTEST_")) and k != "DATABASE_URL"
     }
     env["PRECOG_TEST_DSN"] = pg_server.conninfo()
     env["PYTHONPATH"] = str(REPO)
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", _CHILD_TEST]
     with pg_server.connect(test_db) as mine:
         mine.execute("CREATE TABLE IF NOT EXISTS harness_mine (x int)")
-        child = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "tests/test_cursors.py::TestHarness::test_table_fixture_leaves_a_full_pool_that_never_grew",
-            ],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=_CHILD_TIMEOUT,
-            check=False,
-        )
-        assert child.returncode == 0, child.stdout[-3000:] + child.stderr[-2000:]
-        assert "1 passed" in child.stdout, child.stdout[-3000:]
+        with subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ) as child:
+            try:
+                out, err = child.communicate(timeout=_CHILD_TIMEOUT)
+            finally:
+                child.kill()  # a no-op once it ended; a hang is bounded
+        assert child.returncode == 0, out[-3000:] + err[-2000:]
+        assert "1 passed" in out, out[-3000:]
         # This run's connection and database survived the second run's start and end.
         assert mine.execute("SELECT current_database(), to_regclass('harness_mine') IS NOT NULL").fetchone() == (
             test_db,
             True,
         )
         mine.execute("DROP TABLE harness_mine")
-    assert _test_databases(pg_server) == before  # the second run's own database is gone again
+    theirs = re.findall(r"precog_db test database: (\S+) ", out)
+    assert len(theirs) == 1 and theirs[0].startswith(f"precog_test_{child.pid}_"), out[-3000:]
+    assert theirs[0] != test_db and theirs[0] not in _test_databases(pg_server)  # its own, and gone again
