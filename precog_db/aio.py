@@ -28,7 +28,6 @@ know; the connection is closed.
 
 from __future__ import annotations
 
-import asyncio
 from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, overload
@@ -42,7 +41,7 @@ from precog_db._aconnection import PrecogAsyncConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
-from precog_db.cursors import _commit_cancelled, _translate
+from precog_db.cursors import _commit_interrupted, _translate
 from precog_db.errors import PoolStateError
 from precog_db.gates import (
     dangerous_operation,
@@ -207,17 +206,19 @@ class _CursorBlock:
                         return False
                 elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
                     return True  # raised before the first statement: nothing to roll back, swallowed as ever
-            except asyncio.CancelledError as exc:
-                if committing:
-                    await conn.close()  # no suspension: psycopg's close only finishes the socket
-                    raise _commit_cancelled(pool) from exc
-                raise
             except psycopg.OperationalError as exc:
                 if et is not None and not issubclass(et, Exception):
                     return False  # a cancellation (or an interrupt) ended the block: it propagates, not this
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the whole block).
                 if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
+                raise
+            except BaseException as exc:
+                # A cancellation (or an interrupt) while the COMMIT was in flight: the sync layer's decision.
+                if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    await conn.close()  # no suspension: psycopg's close only finishes the socket
+                    if outcome is not exc:
+                        raise outcome from exc
                 raise
             if isinstance(ev, psycopg.OperationalError) and (wrapped := _translate(pool, conn, ev, False)):
                 raise wrapped from ev

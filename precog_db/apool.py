@@ -25,6 +25,7 @@ psycopg_pool private names used here, beyond those `precog_db.pool` lists
 ``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
 ``_nconns_min``, ``_nconns``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
 ``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
+``worker`` (overridden: `AsyncPrecogPool.worker`), ``_start_workers``, ``pool_async.StopWorker``,
 the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
 interface ``set`` / ``fail``.
 """
@@ -43,7 +44,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, TooManyRequests
 from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool_async import AddConnection, MaintenanceTask
+from psycopg_pool.pool_async import AddConnection, MaintenanceTask, StopWorker
 
 from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
 from precog_db.connection import check_gate
@@ -187,6 +188,30 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         self.metrics.created(now - started)
         conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
         return conn
+
+    @classmethod
+    async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:
+        """psycopg_pool's maintenance worker, which ends when its task is cancelled.
+
+        psycopg_pool's own catches ``CancelledError`` around each maintenance
+        task (and ``_add_connection`` retries a connection attempt it cut short),
+        so a worker cancelled while it connects goes back to waiting for the
+        next task: ``asyncio.run`` (and pytest-asyncio's loop teardown), which
+        cancel every task left and wait for them to end, then never return when
+        the pool was not closed (issue 21.14). Here a cancellation ends the
+        worker, whether it propagates or the task swallowed it.
+        """
+        while True:
+            task = await q.get()  # a cancellation here propagates
+            if isinstance(task, StopWorker):
+                return
+            try:
+                await task.run()
+            except Exception as exc:
+                log.warning("pool_task_failed", task=type(task).__name__, reason=type(exc).__name__)
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                return  # cancelled while running the task, which swallowed it
 
     async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
         if isinstance(task, AddConnection):  # only a retry of a failed attempt is scheduled
@@ -418,8 +443,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
+def _forget_pool_of_closed_loop() -> None:
+    """Drop the process-wide pool if the event loop it served is closed (it was never closed itself). No await.
+
+    ``asyncio.run(main())`` without ``close_pool()`` leaves it behind: its tasks ended with that loop
+    (`AsyncPrecogPool.worker`), and nothing can be awaited on a closed loop. Its idle connections are
+    closed (psycopg's close sends no query), and the next use on a new loop opens a new pool.
+    """
+    loop, pool = _State.loop, _State.registry.pool
+    if loop is None or not loop.is_closed() or pool is None:
+        return
+    log.warning(
+        "pool_loop_closed",
+        pool=pool.name,
+        env=pool.env.value,
+        fix="await precog_db.aio.close_pool() before the event loop ends (it closes the connections cleanly)",
+    )
+    _State.registry.pool = None
+    _State.lock = None
+    _State.loop = None
+    pool._closed = True
+    idle = pool._pool
+    while idle:
+        _close_now(idle.pop())
+
+
 def _lock() -> asyncio.Lock:
     loop = asyncio.get_running_loop()
+    _forget_pool_of_closed_loop()
     if _State.lock is None or _State.loop is not loop:
         pool = _State.registry.pool
         if pool is not None and _State.loop is not loop:
@@ -471,6 +522,7 @@ def inherited_settings() -> DatabaseSettings | None:
 
 async def close_pool(timeout: float = 5.0) -> None:
     """Close the process-wide asyncio pool, if any. Idempotent."""
+    _forget_pool_of_closed_loop()  # its loop is gone: nothing of it can be awaited
     pool, _State.registry.pool = _State.registry.pool, None
     _State.lock = None
     _State.loop = None

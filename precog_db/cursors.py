@@ -12,11 +12,14 @@ A connection lost inside the block raises `ConnectionLostError` (the work of
 a ``commit=True`` block was not committed). A connection lost while the
 COMMIT itself was in flight raises `CommitOutcomeUnknownError`: the server may
 have committed before the reply was lost, so the caller must check before
-retrying.
+retrying. So does an interrupt raised while the COMMIT is in flight (a job
+timeout raised by a SIGALRM handler, ``KeyboardInterrupt``), chained from it
+(``__cause__``); the connection is closed (`_commit_interrupted`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -63,10 +66,34 @@ def _commit_unknown(pool: PoolFaults, exc: psycopg.OperationalError) -> CommitOu
     )
 
 
-def _commit_cancelled(pool: PoolFaults) -> CommitOutcomeUnknownError:
-    """A task cancelled while its COMMIT was in flight (`precog_db.aio`): connection closed, outcome unknown."""
+def _commit_interrupted(pool: PoolFaults, exc: BaseException, committing: bool) -> BaseException | None:
+    """What to raise for ``exc``, raised in a block's exit: None if it did not cut a COMMIT short.
+
+    The one decision for both layers (`_CursorBlock.__exit__` here, its twin in
+    `precog_db.aio`). Not None: ``exc`` was raised while the block's ``COMMIT``
+    (with ``pipeline=True``, the whole block) was sent or awaited, and it is
+    not the server's answer (a psycopg error, which `_translate` words): the
+    caller closes the connection, whose state is unknown, and raises the
+    result, chained from ``exc`` when it is not ``exc`` itself.
+
+    A task's cancellation, ``KeyboardInterrupt`` and any ``Exception`` a signal
+    handler raises (a job timeout) become `CommitOutcomeUnknownError`: the
+    server may have committed (it usually has: cancelling a COMMIT whose
+    reply is on its way changes nothing), and that is what the caller must
+    know before retrying. An exit (``SystemExit``, ``GeneratorExit``) stays
+    itself: it stops the program or the generator, and turning it into an
+    ``Exception`` would let an ``except Exception`` (a retry loop) swallow it.
+    """
+    if not committing or isinstance(exc, psycopg.Error):
+        return None
+    if isinstance(exc, asyncio.CancelledError):
+        what = "the task was cancelled"
+    elif isinstance(exc, (Exception, KeyboardInterrupt)):
+        what = f"interrupted by {type(exc).__name__}"
+    else:
+        return exc
     return CommitOutcomeUnknownError(
-        f"the task was cancelled while COMMIT was in flight on the {pool.settings.describe()}. The server "
+        f"{what} while COMMIT was in flight on the {pool.settings.describe()}. The server "
         "may have committed the transaction or not: check whether its effects are there (or make the write "
         "idempotent) before retrying. The connection was closed; the pool replaces it"
     )
@@ -263,13 +290,23 @@ class _CursorBlock:
                         return False
                 elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
                     return True  # raised before the first statement: nothing to roll back, swallowed as ever
-                if committing and pool.settings.replica_hosts:
-                    replicas.note_commit()  # this thread's/task's next replica read must see the write
+                if committing:
+                    committing = False  # committed: what follows is not the COMMIT any more
+                    if pool.settings.replica_hosts:
+                        replicas.note_commit()  # this thread's/task's next replica read must see the write
             except psycopg.OperationalError as exc:
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the
                 # whole block was in flight with it).
                 if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
+                raise
+            except BaseException as exc:
+                # An interrupt (a job timeout raised by a signal handler, KeyboardInterrupt) while the
+                # COMMIT was in flight: the row may be committed. The decision is the asyncio layer's too.
+                if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    conn.close()  # its state is unknown (psycopg may have left it mid-statement)
+                    if outcome is not exc:
+                        raise outcome from exc
                 raise
             if isinstance(ev, psycopg.OperationalError) and (wrapped := _translate(pool, conn, ev, False)):
                 raise wrapped from ev

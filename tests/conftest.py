@@ -19,17 +19,19 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from precog_db import close_pool
 from precog_db.errors import PrecogDBError
 from precog_db.local.binaries import find_server_binaries
 from precog_db.settings import DatabaseSettings
-from tests._helpers.server import Server, start_throwaway_cluster
+from tests._helpers.server import TEST_DB, Server, start_throwaway_cluster
 
 _CLEARED_PREFIXES = ("DB_", "PRECOG_")
 _KEPT = {"PRECOG_TEST_DSN", "PRECOG_PG_BINDIR", "PRECOG_PG_SEARCH"}
 _USED: list[str] = []  # what pg_server used, for the final summary
+_DATABASES: list[str] = []  # the database test_db made, for the final summary
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -46,6 +48,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Repeat, after the results, which server the database tests ran against (also under -q)."""
     for line in _USED:
         terminalreporter.write_line(f"precog_db test server: {line}")
+    for name in _DATABASES:
+        terminalreporter.write_line(f"precog_db test database: {name} (this run's own, dropped at its end)")
 
 
 @pytest.fixture(scope="session")
@@ -91,14 +95,24 @@ def pg_server() -> Iterator[Server]:
 
 
 @pytest.fixture(scope="session")
-def test_db(pg_server: Server) -> str:
-    """A database named precog_test, created once per session."""
-    return pg_server.fresh_database("precog_test")
+def test_db(pg_server: Server) -> Iterator[str]:
+    """This run's own database (``precog_test_<run>``, `TEST_DB`), created once per session and dropped at its end.
+
+    Per run, not a fixed ``precog_test``: two runs against one ``PRECOG_TEST_DSN`` (two CI jobs,
+    two xdist workers of an outer run, a developer's run during CI) would otherwise force-drop each
+    other's database mid-test. The naming rule reads the name as ``test``, like ``precog_test``.
+    """
+    name = pg_server.fresh_database(TEST_DB)
+    pg_server.default_db = name  # what pg_server.settings() / env_vars() name when not told
+    _DATABASES.append(name)
+    yield name
+    with pg_server.connect() as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
 def test_settings(pg_server: Server, test_db: str) -> DatabaseSettings:
-    """Settings for the test environment pointing at the session's precog_test database."""
+    """Settings for the test environment pointing at the session's test database (`test_db`)."""
     return pg_server.settings(test_db)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 from typing import Any, assert_type
 
@@ -303,10 +304,15 @@ class TestContract:
     async def test_the_psycopg_pool_private_names_apool_relies_on_exist(self, apool: AsyncPrecogPool) -> None:
         """Every psycopg_pool internal listed in precog_db/apool.py exists: an upgrade that renames one fails here."""
         from psycopg_pool import AsyncConnectionPool
-        from psycopg_pool.pool_async import AddConnection, MaintenanceTask
+        from psycopg_pool.pool_async import AddConnection, MaintenanceTask, StopWorker
 
         for method in ("_connect", "_add_connection", "schedule_task", "_check_open_getconn", "_maybe_grow_pool"):
             assert callable(getattr(AsyncConnectionPool, method, None)), method
+        # The maintenance worker apool overrides (21.14): what _start_workers spawns, and its stop signal.
+        assert "self.worker" in inspect.getsource(AsyncConnectionPool._start_workers)
+        assert issubclass(StopWorker, MaintenanceTask)
+        spawned = [getattr(t.get_coro(), "__qualname__", None) for t in apool._workers]
+        assert spawned == ["AsyncPrecogPool.worker"] * apool.num_workers, spawned
         for key in ("_REQUESTS_NUM", "_REQUESTS_QUEUED", "_REQUESTS_ERRORS", "_REQUESTS_WAIT_MS"):
             assert isinstance(getattr(AsyncConnectionPool, key, None), str), key
         for key in ("_CONNECTIONS_LOST", "_RETURNS_BAD"):

@@ -185,7 +185,8 @@ class TestTransparent:
         self, apool: AsyncPrecogPool, pg_server: Server, test_db: str
     ) -> None:
         """cur.connection statements, a nested transaction(), COPY and a server cursor: all inside, all rolled back."""
-        with pytest.raises(RuntimeError):
+        undo = RuntimeError("undo")
+        with pytest.raises(RuntimeError, match=r"^undo$") as raised:
             async with aio.get_cursor(commit=True) as cur:
                 conn = cur.connection
                 async with conn.transaction():  # a savepoint inside the block's transaction, not its own
@@ -195,7 +196,8 @@ class TestTransparent:
                 async with conn.cursor("named") as named:
                     await named.execute("SELECT id FROM apipe_items ORDER BY id")
                     assert [r[0] for r in await named.fetchall()] == [0, 11, 12]
-                raise RuntimeError("undo")
+                raise undo
+        assert raised.value is undo  # the test's own exception, not one the library raised on the way
         assert _rows(pg_server, test_db) == []
         assert_clean(apool, pg_server, test_db)
 

@@ -114,7 +114,7 @@ class TestChokepoint:
         with pytest.raises(DatabaseUnavailableError) as info:
             await aio.initialize_pool(settings=test_settings.replace(port=1, password=secret))
         assert secret not in str(info.value)
-        assert "precog_test" in str(info.value)
+        assert test_settings.dbname in str(info.value)
 
 
 @pytest.mark.asyncio

@@ -46,7 +46,7 @@ def assert_pool_clean(pg_server: Server, dbname: str) -> None:
     with pg_server.connect(dbname) as admin:
         stuck = admin.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'precog-test' "
-            "AND state LIKE 'idle in transaction%'"
+            "AND datname = current_database() AND state LIKE 'idle in transaction%'"  # not another run's
         ).fetchone()
     assert stuck == (0,)
 
@@ -64,19 +64,21 @@ class TestReadOnlyCursor:
             cur.execute("SELECT 1, 2")
             assert cur.fetchone() == (1, 2)
 
-    def test_write_without_commit_fails_loudly_and_persists_nothing(self, table: str, pg_server: Server) -> None:
+    def test_write_without_commit_fails_loudly_and_persists_nothing(
+        self, table: str, pg_server: Server, test_db: str
+    ) -> None:
         """A write in get_cursor() raises ReadOnlySqlTransaction; nothing is stored."""
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), get_cursor() as cur:
             cur.execute("INSERT INTO cursor_items (name) VALUES ('lost')")
         assert count(table) == 0
-        assert_pool_clean(pg_server, "precog_test")
+        assert_pool_clean(pg_server, test_db)
 
-    def test_sql_error_leaves_connection_usable(self, table: str, pg_server: Server) -> None:
+    def test_sql_error_leaves_connection_usable(self, table: str, pg_server: Server, test_db: str) -> None:
         """After a SQL error the connection returns to the pool idle and works."""
         with pytest.raises(psycopg.errors.UndefinedTable), get_cursor() as cur:
             cur.execute("SELECT * FROM no_such_table")
         assert count(table) == 0
-        assert_pool_clean(pg_server, "precog_test")
+        assert_pool_clean(pg_server, test_db)
 
 
 class TestCommitCursor:
@@ -86,7 +88,7 @@ class TestCommitCursor:
             cur.execute("INSERT INTO cursor_items (name) VALUES ('a'), ('b')")
         assert count(table) == 2
 
-    def test_exception_rolls_back_and_propagates(self, table: str, pg_server: Server) -> None:
+    def test_exception_rolls_back_and_propagates(self, table: str, pg_server: Server, test_db: str) -> None:
         """commit=True rolls back when the block raises, and the exception propagates."""
 
         class Boom(Exception):
@@ -96,7 +98,7 @@ class TestCommitCursor:
             cur.execute("INSERT INTO cursor_items (name) VALUES ('gone')")
             raise Boom
         assert count(table) == 0
-        assert_pool_clean(pg_server, "precog_test")
+        assert_pool_clean(pg_server, test_db)
 
     def test_sql_error_rolls_back_earlier_statements(self, table: str) -> None:
         """A failing statement rolls back the whole transaction."""
@@ -128,7 +130,7 @@ class TestConnection:
         assert count(table) == 1
 
     def test_state_changes_are_undone_on_return(
-        self, table: str, pg_server: Server, test_settings: DatabaseSettings
+        self, table: str, pg_server: Server, test_settings: DatabaseSettings, test_db: str
     ) -> None:
         """A connection returned with autocommit off and an open transaction is restored."""
         close_pool()
@@ -138,7 +140,7 @@ class TestConnection:
             conn.execute("SELECT 1")
         with get_connection() as conn:
             assert conn.autocommit and conn.read_only is False
-        assert_pool_clean(pg_server, "precog_test")
+        assert_pool_clean(pg_server, test_db)
 
 
 class TestHarness:

@@ -139,6 +139,7 @@ class TestSilentPath:
 
     @pytest.mark.xfail(
         strict=True,
+        raises=AssertionError,  # only the statement that never finished, not a setup or library error
         reason="known limit: with DB_STATEMENT_TIMEOUT=0 (the default) nothing bounds a statement on a path that "
         "keeps TCP alive but delivers nothing; the library cannot tell it from a long query. Set "
         "DB_STATEMENT_TIMEOUT (docs/RELIABILITY.md).",

@@ -8,6 +8,7 @@ checkout, a cursor's creation, the block, the checkin or the reset. A real
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 import signal
@@ -21,8 +22,19 @@ import psycopg
 import pytest
 from psycopg.pq import TransactionStatus
 
-from precog_db import PoolExhaustedError, get_connection, get_cursor, get_pool, initialize_pool
+from precog_db import (
+    CommitOutcomeUnknownError,
+    PoolExhaustedError,
+    aio,
+    close_pool,
+    get_connection,
+    get_cursor,
+    get_pool,
+    initialize_pool,
+)
 from precog_db.settings import DatabaseSettings
+from tests._helpers.fault_proxy import FaultProxy, fault_proxy
+from tests._helpers.faults import wait_until
 from tests._helpers.server import Server
 
 _BLOCKS = 1500
@@ -207,3 +219,155 @@ class TestInterruptInsideTheReset:
             row = cur.fetchone()
         assert row is not None and row["path"] == '"$user", public' and row["pid"] != first
         _assert_every_connection_works(1)
+
+
+# --- An interrupt while the COMMIT is in flight (issue 21, item 4) --------------------------------------------
+
+_HOLD = 2.0  # seconds the proxy holds the server's replies: the COMMIT is done there, its reply not yet here
+_POLLS = 200  # bound on the re-arms / polls (of 0.02 s) waiting for the COMMIT to reach the server
+
+
+def _sync_interrupted_commit(kind: type[BaseException], pipelined: bool, proxy: FaultProxy) -> tuple[Any, Any, int]:
+    """A real SIGALRM whose handler raises ``kind`` once the block's COMMIT is at the server, its reply held.
+
+    Returns (what the caller got, the interrupt the handler raised, the borrowed backend's pid).
+    """
+    raised: list[BaseException] = []
+    polls = {"n": 0}
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if raised:
+            return
+        if proxy.sent_while_held == 0 and polls["n"] < _POLLS:  # the COMMIT has not left the client yet
+            polls["n"] += 1
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+            return
+        exc = kind("job timed out")
+        raised.append(exc)
+        raise exc
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    caught: BaseException | None = None
+    pid = 0
+    try:
+        with get_cursor(commit=True, pipeline=pipelined) as cur:
+            pid = cur._conn.info.backend_pid  # no I/O (cur.connection would send the BEGIN)
+            cur.execute("INSERT INTO irq_commit VALUES (1)")
+            proxy.hold_replies(_HOLD)
+            signal.setitimer(signal.ITIMER_REAL, 0.02)
+    except BaseException as exc:  # KeyboardInterrupt included: it is what is under test
+        caught = exc
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    return caught, raised[0] if raised else None, pid
+
+
+async def _aio_cancelled_commit(pipelined: bool, proxy: FaultProxy, settings: DatabaseSettings) -> tuple[Any, Any, int]:
+    """The asyncio twin: the task is cancelled once the block's COMMIT is at the server, its reply held."""
+    await aio.initialize_pool(settings=settings)
+    pid = {"pid": 0}
+    try:
+
+        async def writer() -> None:
+            async with aio.get_cursor(commit=True, pipeline=pipelined) as cur:
+                pid["pid"] = cur._conn.info.backend_pid
+                await cur.execute("INSERT INTO irq_commit VALUES (1)")
+                proxy.hold_replies(_HOLD)
+
+        task = asyncio.create_task(writer())
+        for _ in range(_POLLS):
+            if proxy.sent_while_held or task.done():
+                break
+            await asyncio.sleep(0.02)
+        task.cancel()
+        try:
+            await task
+        except BaseException as exc:
+            caught: BaseException | None = exc
+        else:
+            caught = None
+        proxy.hold_replies(0)
+        async with aio.get_cursor() as cur:  # the pool replaced the connection it closed
+            await cur.execute("SELECT pg_backend_pid() AS pid")
+            row = await cur.fetchone()
+            assert row is not None and row["pid"] != pid["pid"]
+    finally:
+        await aio.close_pool()
+    return caught, caught.__cause__ if caught is not None else None, pid["pid"]
+
+
+class TestInterruptWhileCommitIsInFlight:
+    """Issue 21.4: an interrupt that lands while COMMIT is in flight is reported as an unknown outcome.
+
+    The proxy delivers the COMMIT (the whole block with ``pipeline=True``) and holds the server's reply,
+    so the server has committed while the client still waits: the interrupt lands in that window (the
+    handler re-arms until the proxy saw the COMMIT's bytes go through, bounded). The caller must get
+    `CommitOutcomeUnknownError` chained from the interrupt, never the interrupt alone (which reads as
+    "not committed"), and the connection, whose state is unknown, must be closed.
+    """
+
+    @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipeline"])
+    @pytest.mark.parametrize(
+        "interrupt",
+        ["sync-job-timeout", "sync-keyboard-interrupt", "aio-cancellation"],
+    )
+    def test_interrupt_during_commit_is_an_unknown_outcome(
+        self, interrupt: str, pipelined: bool, test_settings: DatabaseSettings, pg_server: Server, test_db: str
+    ) -> None:
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS irq_commit")
+            admin.execute("CREATE TABLE irq_commit (i int)")
+        with fault_proxy(pg_server.host, pg_server.port) as proxy:
+            settings = test_settings.replace(port=proxy.port, pool_min=1, pool_max=1)
+            if interrupt == "aio-cancellation":
+                caught, cause, pid = asyncio.run(_aio_cancelled_commit(pipelined, proxy, settings))
+                assert isinstance(cause, asyncio.CancelledError), repr(caught)
+            else:
+                kind: type[BaseException] = _JobTimeout if interrupt == "sync-job-timeout" else KeyboardInterrupt
+                initialize_pool(settings=settings).wait(timeout=10)
+                caught, cause, pid = _sync_interrupted_commit(kind, pipelined, proxy)
+                assert isinstance(cause, kind), (repr(caught), cause)  # the handler did raise, in the window
+                proxy.hold_replies(0)
+                with get_cursor() as cur:  # the connection was closed: the pool lends a new one
+                    cur.execute("SELECT pg_backend_pid() AS pid")
+                    row = cur.fetchone()
+                    assert row is not None and row["pid"] != pid
+                assert get_pool().get_stats()["pool_size"] == 1
+                close_pool()
+            assert isinstance(caught, CommitOutcomeUnknownError), repr(caught)
+            assert caught.__cause__ is cause
+            assert "while COMMIT was in flight" in str(caught) and "may have committed" in str(caught)
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM irq_commit").fetchone() == (1,)  # it WAS committed
+            gone = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+            assert wait_until(
+                lambda: (
+                    admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone() == (0,)
+                ),
+                timeout=10,
+            ), gone  # the interrupted connection was closed, not kept
+
+    def test_system_exit_during_commit_stays_an_exit(
+        self, test_settings: DatabaseSettings, pg_server: Server, test_db: str
+    ) -> None:
+        """Attack: a SIGTERM-style handler calling sys.exit() while COMMIT is in flight.
+
+        An exit is not turned into an ``Exception`` (an ``except Exception`` retry loop would swallow it):
+        it propagates as itself. The connection, whose state is unknown, is still closed.
+        """
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS irq_commit")
+            admin.execute("CREATE TABLE irq_commit (i int)")
+        with fault_proxy(pg_server.host, pg_server.port) as proxy:
+            initialize_pool(settings=test_settings.replace(port=proxy.port, pool_min=1, pool_max=1)).wait(timeout=10)
+            caught, cause, pid = _sync_interrupted_commit(SystemExit, False, proxy)
+            assert isinstance(cause, SystemExit) and caught is cause, repr(caught)
+            proxy.hold_replies(0)
+            with get_cursor() as cur:
+                cur.execute("SELECT pg_backend_pid() AS pid")
+                row = cur.fetchone()
+                assert row is not None and row["pid"] != pid  # closed and replaced, not lent again
+            close_pool()
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM irq_commit").fetchone() == (1,)

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 from psycopg import sql
 
 from precog_db import stamp_database
 from precog_db.plugin import derived_name
-from tests._helpers.server import Server
+from tests._helpers.server import RUN_ID, Server
 
 pytest_plugins = ["pytester"]
 
-# One database per outer xdist worker, in case they share a server (PRECOG_TEST_DSN).
-DB = "precog_plugin_test" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
+# One database per test process (each outer xdist worker, each run), in case they share a server (PRECOG_TEST_DSN).
+DB = f"precog_plugin_test_{RUN_ID}"
 RUN_TIMEOUT = 180
 
 Run = Callable[..., pytest.RunResult]
@@ -39,8 +38,8 @@ def drop(pg_server: Server, *names: str) -> None:
 
 
 @pytest.fixture
-def target(pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh test database with two FK-linked tables and the DB_*/PRECOG_ENV variables pointing at it."""
+def target(pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh test database with two FK-linked tables, DB_*/PRECOG_ENV pointing at it; dropped afterwards."""
     pg_server.fresh_database(DB)
     admin(
         pg_server,
@@ -58,7 +57,8 @@ def target(pg_server: Server, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DB_POOL_MAX_CONN", "4")
     for key in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID", "PYTEST_ADDOPTS"):
         monkeypatch.delenv(key, raising=False)
-    return DB
+    yield DB
+    drop(pg_server, DB)
 
 
 @pytest.fixture
@@ -109,9 +109,13 @@ class TestGuard:
         result.stdout.fnmatch_lines([f"*tests ran on the test database '{DB}'*"])
 
     def test_fresh_project_defaults_to_the_test_database(
-        self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch, test_db: str
+        self, pytester: pytest.Pytester, run: Run, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        """With neither PRECOG_ENV nor DB_NAME set, db_cursor uses precog_test and code under test sees test."""
+        """With neither PRECOG_ENV nor DB_NAME set, db_cursor uses precog_test and code under test sees test.
+
+        The suite's own database has a per-run name (tests/conftest.py ``test_db``); the plugin creates
+        ``precog_test`` itself when it is missing (tests/test_plugin_testdb.py).
+        """
         monkeypatch.delenv("PRECOG_ENV")
         monkeypatch.delenv("DB_NAME")
         pytester.makepyfile(

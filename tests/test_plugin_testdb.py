@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pytest
 from psycopg import sql
 
 from precog_db.plugin import derived_name
-from tests._helpers.server import Server
+from tests._helpers.server import RUN_ID, Server
 
 pytest_plugins = ["pytester"]
 
-DB = "precog_selfbuild_test" + (f"_{os.environ['PYTEST_XDIST_WORKER']}" if "PYTEST_XDIST_WORKER" in os.environ else "")
+DB = f"precog_selfbuild_test_{RUN_ID}"  # one per test process: runs sharing a server keep apart
 RUN_TIMEOUT = 180
 
 ITEMS = "CREATE TABLE items (id serial PRIMARY KEY, name text NOT NULL);\n-- precog:down\nDROP TABLE items;\n"

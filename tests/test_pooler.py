@@ -28,7 +28,7 @@ from precog_db.environment import Environment
 from precog_db.settings import DatabaseSettings
 from precog_db.stamp import read_stamp, stamp_database
 from tests._helpers.cli import workspace
-from tests._helpers.server import Server
+from tests._helpers.server import TEST_DB, Server
 from tests._helpers.topology import pgbouncer
 
 
@@ -41,7 +41,7 @@ def bouncer(pg_server: Server, test_db: str) -> Iterator[int]:
 
 @pytest.fixture
 def tx_settings(pg_server: Server, bouncer: int) -> DatabaseSettings:
-    """Settings that reach precog_test through the transaction-mode PgBouncer, with the direct server set."""
+    """Settings that reach the session's test database through the transaction-mode PgBouncer, direct server set."""
     return pg_server.settings(
         port=bouncer, pooler="transaction", direct_host=pg_server.host, direct_port=pg_server.port
     )
@@ -50,7 +50,7 @@ def tx_settings(pg_server: Server, bouncer: int) -> DatabaseSettings:
 def _raw(port: int) -> psycopg.Connection[Any]:
     """A plain client of the PgBouncer, sharing its one server connection with the pool."""
     return psycopg.connect(
-        f"host=127.0.0.1 port={port} user=postgres dbname=precog_test",
+        f"host=127.0.0.1 port={port} user=postgres dbname={TEST_DB}",
         autocommit=True,
         prepare_threshold=None,
         connect_timeout=10,

@@ -26,7 +26,7 @@ from tests._helpers.server import Server
 
 @pytest.fixture
 def one_conn(test_settings: DatabaseSettings, pg_server: Server, test_db: str) -> Iterator[None]:
-    """A process pool of exactly one connection over precog_test, with public.rv_items and evil.rv_items."""
+    """A process pool of exactly one connection over the test database, with public.rv_items and evil.rv_items."""
     with pg_server.connect(test_db) as admin:
         admin.execute("DROP TABLE IF EXISTS public.rv_items")
         admin.execute("CREATE TABLE public.rv_items (id int)")

@@ -12,7 +12,11 @@ proxied connection. Modes:
   path looks alive to the kernel (it still ACKs) but no byte gets through;
 * ``stall_after_handshake()``: new connections complete their startup
   (authentication up to the server's first ReadyForQuery) and then go deaf:
-  the first query is never delivered, so its reply never comes.
+  the first query is never delivered, so its reply never comes;
+* ``hold_replies(seconds)``: for the next ``seconds``, deliver what the client
+  sends but hold what the server answers (delivered late, nothing lost): a
+  statement such as a ``COMMIT`` reaches the server and is done there while
+  the client still waits for its reply.
 
 The deaf mode models a stalled middlebox (a hung pgbouncer, a frozen
 load balancer): TCP is healthy, the application data is not delivered.
@@ -25,6 +29,7 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 _CHUNK = 65536
@@ -38,6 +43,8 @@ class FaultProxy:
         self._lock = threading.Lock()
         self._deaf = threading.Event()
         self._stall_after_ready = threading.Event()
+        self._hold_until = 0.0  # time.monotonic() until which server replies are held
+        self.sent_while_held = 0  # client bytes delivered to the server while replies were held
         self._closing = threading.Event()
         self._pairs: list[tuple[socket.socket, socket.socket | None]] = []
         self._servers: dict[socket.socket, threading.Thread] = {}
@@ -95,6 +102,15 @@ class FaultProxy:
     def stall_after_handshake(self) -> None:
         """Let each new connection finish its startup, then deliver nothing more (in either direction)."""
         self._stall_after_ready.set()
+
+    def hold_replies(self, seconds: float) -> None:
+        """Hold every server reply for the next ``seconds`` (client bytes still go through at once).
+
+        ``sent_while_held`` counts the client bytes delivered meanwhile (reset here): once it is not
+        0, what the client sent after this call (a COMMIT) is at the server, its reply held.
+        """
+        self.sent_while_held = 0
+        self._hold_until = time.monotonic() + seconds
 
     def forward(self) -> None:
         """Forward again (bytes held while deaf are delivered late)."""
@@ -180,12 +196,16 @@ class FaultProxy:
                     if self._wait_closed([client, upstream], 0.05):
                         return
                     continue
-                ready, _, _ = select.select([client, upstream], [], [], 0.05)
+                held = self._hold_until - time.monotonic()
+                readable = [client] if held > 0 else [client, upstream]
+                ready, _, _ = select.select(readable, [], [], min(0.05, held) if held > 0 else 0.05)
                 for sock in ready:
                     data = sock.recv(_CHUNK)
                     if not data:
                         return
                     peers[sock].sendall(data)
+                    if sock is client and self._hold_until > time.monotonic():  # now, not as select began
+                        self.sent_while_held += len(data)
                     if startup is not None and sock is upstream:
                         startup.feed(data)
         except (OSError, ValueError):

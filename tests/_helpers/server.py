@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +16,15 @@ from precog_db.environment import Environment
 from precog_db.local.cluster import LocalCluster
 from precog_db.settings import DatabaseSettings
 
-__all__ = ["REPO", "Server", "start_throwaway_cluster"]
+__all__ = ["REPO", "RUN_ID", "TEST_DB", "Server", "start_throwaway_cluster"]
 
 REPO = Path(__file__).resolve().parent.parent.parent
+
+#: This test process's own suffix for the databases it creates on a shared server (digits only, so
+#: that a name such as ``precog_test_<RUN_ID>`` still names test and nothing else: tests/conftest.py).
+RUN_ID = f"{os.getpid()}_{secrets.randbelow(10**6):06d}"
+#: The session's test database on the session's server (the ``test_db`` fixture creates and drops it).
+TEST_DB = f"precog_test_{RUN_ID}"
 
 
 @dataclass
@@ -30,6 +38,9 @@ class Server:
     admin_db: str
     cluster: LocalCluster | None = None
     source: str = ""
+    #: The database `settings` and `env_vars` name by default: ``precog_test`` on a cluster of one
+    #: test's own (`tests._helpers.faults.own_server`), the run's ``test_db`` on the session's server.
+    default_db: str = "precog_test"
 
     def conninfo(self, dbname: str | None = None) -> str:
         parts = {"host": self.host, "port": str(self.port), "user": self.user, "dbname": dbname or self.admin_db}
@@ -47,13 +58,13 @@ class Server:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return name
 
-    def settings(self, dbname: str = "precog_test", env: Environment = Environment.TEST, **kw: Any) -> DatabaseSettings:
+    def settings(self, dbname: str | None = None, env: Environment = Environment.TEST, **kw: Any) -> DatabaseSettings:
         values: dict[str, Any] = {
             "host": self.host,
             "port": self.port,
             "user": self.user,
             "password": self.password,
-            "dbname": dbname,
+            "dbname": dbname or self.default_db,
             "pool_min": 1,
             "pool_max": 4,
             "pool_timeout": 5.0,
@@ -63,9 +74,14 @@ class Server:
         values.update(kw)
         return DatabaseSettings(env=env, **values)
 
-    def env_vars(self, dbname: str = "precog_test") -> dict[str, str]:
+    def env_vars(self, dbname: str | None = None) -> dict[str, str]:
         """The DB_* variables that point at this server."""
-        out = {"DB_HOST": self.host, "DB_PORT": str(self.port), "DB_USER": self.user, "DB_NAME": dbname}
+        out = {
+            "DB_HOST": self.host,
+            "DB_PORT": str(self.port),
+            "DB_USER": self.user,
+            "DB_NAME": dbname or self.default_db,
+        }
         if self.password:
             out["DB_PASSWORD"] = self.password
         return out
