@@ -167,9 +167,8 @@ class TestForeignReturns:
     """21.18: a connection from no pool, another pool, or returned twice: an error that is also a ValueError."""
 
     def test_reference_psycopg_pool_raises_value_error(self, pg_server: Server, test_db: str) -> None:
-        with psycopg.connect(pg_server.conninfo(test_db)) as stranger:
-            with pytest.raises(ValueError):
-                ConnectionPool(pg_server.conninfo(test_db), open=False).putconn(stranger)
+        with psycopg.connect(pg_server.conninfo(test_db)) as stranger, pytest.raises(ValueError):
+            ConnectionPool(pg_server.conninfo(test_db), open=False).putconn(stranger)
 
     @pytest.mark.parametrize("layer", LAYERS)
     def test_foreign_and_double_returns(self, layer: str, pg_server: Server, test_settings: DatabaseSettings) -> None:
@@ -238,7 +237,10 @@ class TestMinSizeAlone:
         reference = ConnectionPool("", min_size=3, open=False)
         settings = test_settings.replace(pool_min=1, pool_max=2)
         if layer == "sync":
-            pools = [PrecogPool(settings, min_size=3, open=False), PrecogPool(settings, min_size=1, max_size=5, open=False)]
+            pools = [
+                PrecogPool(settings, min_size=3, open=False),
+                PrecogPool(settings, min_size=1, max_size=5, open=False),
+            ]
             sizes = [(p.min_size, p.max_size) for p in pools]
         else:
 
@@ -344,9 +346,8 @@ class TestOpenArgument:
     def test_open_not_given_opens_with_psycopg_pools_warning(self, pg_server: Server, test_db: str) -> None:
         reference = ConnectionPool(pg_server.conninfo(test_db), min_size=1, name=f"ref-{UNIQUE}")
         try:
-            with pytest.warns(DeprecationWarning, match="'open' parameter"):
-                with reference.connection() as conn:
-                    conn.execute("SELECT 1")
+            with pytest.warns(DeprecationWarning, match="'open' parameter"), reference.connection() as conn:
+                conn.execute("SELECT 1")
         finally:
             reference.close()
         pool = PrecogPool(pg_server.settings(test_db, pool_min=1, pool_max=1), name=f"implicit-{UNIQUE}")
