@@ -212,6 +212,7 @@ class TestPsycopgPoolContract:
         )
         attempt.update_delay(0.0)
         assert attempt.delay > 0, broken("base.AttemptWithBackoff.update_delay", "no longer sets a delay")
+        assert attempt.time_to_give_up(1000.0), broken("base.AttemptWithBackoff.time_to_give_up", "never gives up")
 
     def test_add_connection_task(self, open_pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
         """AddConnection is still the maintenance task that (re)opens one connection, taking an attempt."""
