@@ -110,6 +110,28 @@ class TestCloseReturns:
         assert finishes(after_close.close) is None
         assert after_close.closed and in_block[0].closed
 
+    @pytest.mark.timeout(120)
+    def test_close_inside_get_connection_ends(self, test_settings: DatabaseSettings) -> None:
+        """Attack: conn.close() inside a get_connection() block (close_returns): it ends, the pool still serves."""
+        pool = initialize_pool(
+            settings=test_settings.replace(pool_min=1, pool_max=2), close_returns=True, max_lifetime=0.0
+        )
+
+        def close_in_block() -> None:
+            with get_connection() as conn:
+                conn.close()  # given back (and, expired, closed) while the block still holds it
+
+        outcome = finishes(close_in_block)
+        assert outcome is None or isinstance(outcome, ForeignConnectionError), outcome
+        assert finishes(lambda: pool.wait(timeout=15)) is None
+
+        def read() -> None:
+            with get_cursor() as cur:
+                cur.execute("SELECT 1 AS one")
+                assert cur.fetchone() == {"one": 1}
+
+        assert finishes(read) is None
+
 
 class TestCollected:
     """21.16: a pool dropped without close() is collected, its threads end and its server sessions close."""
@@ -161,6 +183,29 @@ class TestCheckBackoff:
         # psycopg_pool's back-off within 4 s: checks at about 0, 0, 1, 3 s. Without it: one per new connection.
         assert 2 <= len(checked) <= 6, len(checked)
         assert len(set(checked)) <= 6 and opened <= 7, (len(set(checked)), opened)
+
+    @pytest.mark.timeout(120)
+    def test_a_check_that_fails_once_still_serves(self, pg_server: Server, own_db: str) -> None:
+        """Attack: the first connection fails the check; the caller is served by the next without a pause."""
+        failed: list[int] = []
+
+        def check(conn: psycopg.Connection[Any]) -> None:
+            if not failed:
+                failed.append(conn.info.backend_pid)
+                raise RuntimeError("first one is bad")
+
+        settings = pg_server.settings(own_db, pool_min=2, pool_max=2, pool_timeout=30.0)
+        pool = create_pool(settings, prod_confirmed=False, check=check, name=f"check1-{UNIQUE}")
+        try:
+            pool.wait(timeout=30)
+            conn = pool.checkout()
+            try:
+                assert conn.info.backend_pid != failed[0]
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            finally:
+                pool.checkin(conn)
+        finally:
+            pool.close()
 
 
 class TestForeignReturns:
