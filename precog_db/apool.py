@@ -59,6 +59,8 @@ from precog_db.pool import (
     _audit_open,
     check_still_read_only,
     connection_is_usable,
+    lent_ms,
+    refuse_foreign,
 )
 from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore
 from precog_db.settings import DatabaseSettings, settings_for
@@ -233,8 +235,8 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         return conn
 
     async def putconn(self, conn: AsyncConnection[Any]) -> None:
-        """psycopg_pool's checkin, served by `give_back`."""
-        await self.give_back(conn)
+        """psycopg_pool's checkin, served by `give_back` (its ``usage_ms`` is psycopg_pool's ``connection()``'s)."""
+        await self.give_back(conn, usage=False)
 
     def _take_idle(self) -> AsyncConnection[Any] | None:
         """A live idle connection (the most recently returned), or None; dead ones go to be replaced. No await."""
@@ -308,6 +310,14 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         self.metrics.waited(now - requested)
         return conn
 
+    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
+        """Wake every queued caller with a fresh ``error()`` (the library refused the new connections). No await."""
+        waiting = self._waiting
+        while waiting:
+            waiter = waiting.popleft()
+            if isinstance(waiter, _Waiter) and not waiter.future.done():
+                waiter.future.set_exception(error())
+
     def _give_up(self, waiter: _Waiter) -> None:
         """A queued caller stops waiting (cancelled, timed out): leave the queue, return what it got. No await."""
         future = waiter.future
@@ -321,21 +331,24 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
 
     # --- giving back -----------------------------------------------------------------------------
 
-    async def give_back(self, conn: AsyncConnection[Any]) -> None:
+    async def give_back(self, conn: AsyncConnection[Any], *, usage: bool = True) -> None:
         """Return a lent connection in the state `lend` promises, or close it and have it replaced.
 
         A borrower that changed nothing costs no round trip. A cancellation
         while the reset runs closes the connection (its state is unknown) and
         propagates; the connection is never lost and never returned inside a
-        transaction.
+        transaction. ``usage``: add the time it was lent to psycopg_pool's
+        ``usage_ms`` statistic, as its ``connection()`` does.
         """
-        if getattr(conn, "_pool", None) is not self:
-            raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        refuse_foreign(conn, self)
         lent: float | None = getattr(conn, "_precog_lent", None)
         conn._precog_lent = None  # type: ignore[attr-defined]
         if lent is not None:  # an interrupt after this loses a sample, never a connection
             returns = self.metrics.returns
-            returns.append((lent, monotonic()))
+            now = monotonic()
+            returns.append((lent, now))
+            if usage:
+                self._stats[self._USAGE_MS] += lent_ms(lent, now)
             if len(returns) >= FOLD_AT:
                 self.metrics.fold_soon()
         pgconn = conn.pgconn

@@ -42,6 +42,7 @@ __all__ = [
     "EmbeddedPostgresError",
     "EnvironmentMismatchError",
     "EnvironmentNotAllowedError",
+    "ForeignConnectionError",
     "LocalClusterError",
     "MigrationError",
     "MigrationLockError",
@@ -107,6 +108,13 @@ class StampError(PrecogDBError, RuntimeError):
 
 class PoolStateError(PrecogDBError, RuntimeError):
     """The global pool was used in a way its current state does not allow."""
+
+
+class ForeignConnectionError(PoolStateError, ValueError):
+    """A connection given back to a pool that did not lend it: another pool's, no pool's, or one already returned.
+
+    Also a `ValueError`, which psycopg_pool's ``putconn`` raises for the same mistake.
+    """
 
 
 class MigrationError(PrecogDBError, RuntimeError):

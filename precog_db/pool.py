@@ -27,11 +27,14 @@ inherited through ``fork()`` is never used by the child.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue
 import select
 import threading
-from time import monotonic
+import weakref
+from collections.abc import Callable
+from time import monotonic, sleep
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import psycopg
@@ -56,6 +59,7 @@ from precog_db.environment import Environment
 from precog_db.errors import (
     ConfigurationError,
     DatabaseUnavailableError,
+    ForeignConnectionError,
     PoolExhaustedError,
     PoolStateError,
     PrecogDBError,
@@ -154,6 +158,27 @@ def pooled_connect_kwargs(settings: DatabaseSettings) -> dict[str, Any]:
     return kwargs
 
 
+def refuse_foreign(conn: Connection[Any] | AsyncConnection[Any], pool: object) -> None:
+    """A connection given back to ``pool`` (either layer) must be one it lent and has not had back yet; no I/O."""
+    owner = getattr(conn, "_pool", None)
+    if owner is pool:
+        return
+    name = getattr(pool, "name", "?")
+    if owner is None:
+        why = "it was not lent by any pool, or was already given back"
+    else:
+        why = f"it was lent by pool {getattr(owner, 'name', '?')!r}"
+    raise ForeignConnectionError(
+        f"this connection cannot be given back to pool {name!r}: {why}. Give each connection back once, "
+        "to the pool that lent it"
+    )
+
+
+def lent_ms(lent: float, now: float) -> int:
+    """Milliseconds a connection was lent, from the `_precog_lent` mark (negative: lent after a wait); no I/O."""
+    return int(1000.0 * (now - abs(lent)))
+
+
 def check_still_read_only(conn: Connection[Any] | AsyncConnection[Any]) -> None:
     """After the caller's ``configure=``: refuse a connection whose read-only default was turned off."""
     if conn.pgconn.parameter_status(b"default_transaction_read_only") not in (b"on", None):
@@ -168,6 +193,39 @@ def already_open(current: DatabaseSettings, wanted: DatabaseSettings) -> PoolSta
     return PoolStateError(
         f"the pool is already open for the {current.describe()}; "
         f"call close_pool() before initializing it for the {wanted.describe()}"
+    )
+
+
+#: `DatabaseSettings` fields that do not change what a pooled connection is: the pool's sizing and
+#: where the values came from. Every other field must match for `initialize_pool` to reuse a pool.
+_NOT_CONNECTION_SETTINGS = frozenset({"pool_min", "pool_max", "pool_timeout", "files", "origins"})
+#: Fields whose values are never shown in an error.
+_SECRET_SETTINGS = frozenset({"password", "password_provider"})
+
+
+def connection_difference(current: DatabaseSettings, wanted: DatabaseSettings) -> str | None:
+    """The first connection setting in which ``wanted`` differs from the open pool's ``current``, or None (no I/O).
+
+    Named with both values, except a secret (the password, the password provider), which is only named.
+    """
+    for f in dataclasses.fields(current):
+        if f.name in _NOT_CONNECTION_SETTINGS:
+            continue
+        have, want = getattr(current, f.name), getattr(wanted, f.name)
+        if have == want:
+            continue
+        if f.name in _SECRET_SETTINGS:
+            return f"a different {f.name}"
+        return f"{f.name}={want!r} (the open pool has {f.name}={have!r})"
+    return None
+
+
+def settings_differ(current: DatabaseSettings, wanted: DatabaseSettings, difference: str) -> PoolStateError:
+    """`initialize_pool` (either layer) for the open pool's target but with another connection setting."""
+    return PoolStateError(
+        f"the pool is already open for the {current.describe()} with other connection settings: "
+        f"initialize_pool() asked for {difference}. The open pool's connections do not have what was asked "
+        "for; call close_pool() first to reopen it with the new settings, or pass the same settings"
     )
 
 
@@ -262,6 +320,7 @@ class PoolFaults:
     name: str
     max_size: int
     _last_connect_failure: tuple[float, str] | None
+    _last_refusal: PrecogDBError | None
     _last_connect_ok: float
     _retries_pending: int
     _max_reconnect_delay: float
@@ -336,11 +395,17 @@ class PoolFaults:
             "open": False,
         }
         params.update(pool_kwargs)
+        if "min_size" in pool_kwargs and "max_size" not in pool_kwargs:
+            # psycopg_pool's rule: min_size= alone is a fixed-size pool (not min_size..DB_POOL_MAX_CONN).
+            params["max_size"] = pool_kwargs["min_size"]
         return params
 
     def _init_faults(self) -> None:
         #: (when, reason) of the last failed attempt to open a connection, and when one last succeeded.
         self._last_connect_failure = None
+        #: The last failed attempt, when the library refused the connection (stamp, configure=, guard)
+        #: rather than the server being unreachable: a caller is told about the refusal itself.
+        self._last_refusal = None
         self._last_connect_ok = 0.0
         #: Failed attempts to open a connection that psycopg_pool will retry after a back-off: until
         #: they succeed the pool has fewer open connections than it counts (its pool_size).
@@ -356,6 +421,36 @@ class PoolFaults:
         # times out meanwhile is told the real reason (psycopg_pool itself
         # only logs it from its background worker).
         self._last_connect_failure = (monotonic(), failure_reason(exc, self.settings))
+        refused = isinstance(exc, PrecogDBError) and not isinstance(exc, psycopg.Error)
+        self._last_refusal = exc if isinstance(exc, PrecogDBError) and refused else None
+        if refused:
+            # Nobody waiting can be served by a connection the library refuses: tell them now,
+            # instead of letting them wait out the pool timeout.
+            self._fail_waiters(self._refused)
+
+    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
+        """Wake every queued caller with ``error()`` (a fresh exception each); no I/O."""
+        raise NotImplementedError
+
+    def _refused(self, waited: float | None = None) -> PrecogDBError:
+        """The error for a caller left without a connection because the library refused the new ones.
+
+        Of the refusal's own class (``except EnvironmentMismatchError`` and the like keep working), a new
+        instance per caller, saying which pool and why; no I/O.
+        """
+        refusal = self._last_refusal
+        assert refusal is not None
+        reason = failure_reason(refusal, self.settings)
+        within = "" if waited is None else f" within {waited:.1f}s"
+        message = (
+            f"pool {self.name!r} ({self.env.value}) got no connection{within}: precog_db refused its new "
+            f"connections to the {self.settings.describe()}: {reason}"
+        )
+        try:
+            error = type(refusal)(message)
+        except Exception:  # a class whose constructor takes other arguments
+            error = PoolStateError(message)
+        return error
 
     def _cap(self, attempt: AttemptWithBackoff) -> None:
         # psycopg_pool doubles the delay after each failure before scheduling the next
@@ -384,7 +479,7 @@ class PoolFaults:
                 "for a pool that only reads"
             )
 
-    def _timed_out(self, waited: float) -> PoolExhaustedError | DatabaseUnavailableError:
+    def _timed_out(self, waited: float) -> PrecogDBError:
         # "Exhausted" only if every connection the pool counts is open: after an outage the pool
         # comes back one connection at a time while the others wait out their reconnect back-off,
         # and a caller timing out then must not be told that all max_size connections are busy.
@@ -393,6 +488,8 @@ class PoolFaults:
             return self._exhausted(waited)
         when, reason = failure
         latest_failed = when >= self._last_connect_ok
+        if latest_failed and self._last_refusal is not None:
+            return self._refused(waited)
         retrying = self._retries_pending
         if not latest_failed and retrying <= 0:
             return self._exhausted(waited)
@@ -422,6 +519,29 @@ class PoolFaults:
         )
 
 
+def _janitor_loop(
+    pool_ref: weakref.ReferenceType[PrecogPool],
+    deferred: queue.SimpleQueue[tuple[MaintenanceTask, float | None] | None],
+) -> None:
+    """The janitor thread of a `PrecogPool`: pass the main thread's maintenance requests on to psycopg_pool.
+
+    Holds the pool only while passing one request on, so that a pool dropped without close() can be collected.
+    """
+    while (item := deferred.get()) is not None:
+        pool = pool_ref()
+        if pool is None:
+            return
+        task, delay = item
+        try:
+            if delay is None:
+                pool.run_task(task)
+            else:
+                pool.schedule_task(task, delay)
+        except Exception as exc:  # never let one request stop the janitor
+            log.warning("pool_maintenance_request_failed", pool=pool.name, error=type(exc).__name__)
+        del pool
+
+
 class _FoldMetrics(MaintenanceTask):
     """Fold the returned-connection samples into the metrics histograms (in a pool worker, off the read path)."""
 
@@ -444,6 +564,9 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     settings: DatabaseSettings
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
+        # psycopg_pool's ``open``: None (not given) opens now, as psycopg_pool does, with its deprecation
+        # warning on first use; either way through `open`, which starts the janitor thread first.
+        open_now: bool | None = pool_kwargs.pop("open", None)
         self._retries_lock = threading.Lock()
         #: Connections handed to a worker for replacement (see `_retire`).
         self._graves: queue.SimpleQueue[tuple[Connection[Any], str | None]] = queue.SimpleQueue()
@@ -462,6 +585,11 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         # A callable: psycopg_pool calls it for every new connection, so the password is
         # resolved each time (DB_PASSWORD_FILE re-read, the provider called; see `drain`).
         super().__init__("", kwargs=self._connection_kwargs, **params)
+        if open_now is None or open_now:
+            self.open()
+            # psycopg_pool's flag: its first getconn()/wait() warns that the implicit open is deprecated
+            # (entering the pool as a context manager clears it).
+            self._open_implicit = open_now is None
 
     def __repr__(self) -> str:
         return f"<PrecogPool {self.name!r} env={self.env.value}>"
@@ -552,9 +680,22 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
     def open(self, wait: bool = False, timeout: float = 30.0) -> None:
         """Open the pool (psycopg_pool's `open`), after starting the janitor thread."""
         if self._janitor is None or not self._janitor.is_alive():
-            self._janitor = threading.Thread(target=self._janitor_loop, name=f"{self.name}-janitor", daemon=True)
+            # The thread holds only a weak reference to the pool: a pool dropped without close() is
+            # collected (its __del__ stops the janitor and psycopg_pool's workers), as psycopg_pool's is.
+            self._janitor = threading.Thread(
+                target=_janitor_loop, args=(weakref.ref(self), self._deferred), name=f"{self.name}-janitor", daemon=True
+            )
             self._janitor.start()
         super().open(wait=wait, timeout=timeout)
+
+    def __del__(self) -> None:
+        # Collected without close(): stop the janitor, and let psycopg_pool's finalizer stop its workers
+        # directly (the janitor that would pass its requests on is gone).
+        deferred = getattr(self, "_deferred", None)
+        if deferred is not None:
+            self._janitor = None
+            deferred.put(None)
+        super().__del__()
 
     def close(self, timeout: float = 5.0) -> None:
         """Close the pool and the pools of its read replicas (`precog_db.replicas`), then stop the janitor thread."""
@@ -565,17 +706,6 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             super().close(timeout=timeout)
         finally:
             self._deferred.put(None)
-
-    def _janitor_loop(self) -> None:
-        while (item := self._deferred.get()) is not None:
-            task, delay = item
-            try:
-                if delay is None:
-                    self.run_task(task)
-                else:
-                    self.schedule_task(task, delay)
-            except Exception as exc:  # never let one request stop the janitor
-                log.warning("pool_maintenance_request_failed", pool=self.name, error=type(exc).__name__)
 
     def _deferred_from_main_thread(self, task: MaintenanceTask, delay: float | None) -> bool:
         """Queue ``task`` for the janitor when called in the main thread; False: run it here."""
@@ -629,9 +759,12 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
 
         So a connection borrowed through psycopg_pool's own API gets the same
         session restore as one from `get_cursor`: nothing a borrower changed
-        reaches the next one, whichever API lent it.
+        reaches the next one, whichever API lent it. Its ``usage_ms`` is
+        psycopg_pool's to record (``connection()`` does).
         """
-        self.checkin(conn)
+        slot = _Slot()
+        slot._conn = conn
+        self.give_back(slot, usage=False)
 
     def getconn(self, timeout: float | None = None) -> Connection[Any]:
         """psycopg_pool's own checkout (``pool.connection()`` uses it), behind the same gate check as `lend`."""
@@ -657,33 +790,49 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
                 "which open the child's own pool with the same settings"
             )
         check_gate(self.settings.env)  # inside a dangerous_operation, only an allowed environment is lent
+        if self._open_implicit:
+            self._check_open_getconn()  # psycopg_pool's deprecation warning for a pool opened implicitly
         wait = self.timeout if timeout is None else timeout
         started = monotonic()
+        rejected: list[BaseException] = []  # what the check= callback raised, this call
         try:
             self._stats[self._REQUESTS_NUM] += 1  # once per request, whatever happens next
             deadline = started + wait
+            attempt: AttemptWithBackoff | None = None
             while True:
                 waited = self._lend_once(holder, deadline)
-                if self._check is None or self._passes_check(holder):
+                if self._check is None or self._passes_check(holder, rejected):
                     if waited:
                         self._lent_after_wait(holder, started)
                     else:
                         holder._conn._precog_lent = started  # type: ignore[union-attr]  # for the metrics (give_back)
                     return
+                # The check failed: back off before the next one, as psycopg_pool's getconn does (at
+                # once, then about 1, 2, 4 ... s), so that a check that keeps failing does not open a
+                # new server connection per loop until the deadline.
+                now = monotonic()
+                if attempt is None:
+                    attempt = AttemptWithBackoff(timeout=max(deadline - now, 0.0))
+                else:
+                    attempt.update_delay(now)
+                if now >= deadline or attempt.time_to_give_up(now):
+                    raise PoolTimeout()
+                if attempt.delay > 0:
+                    sleep(min(attempt.delay, deadline - now))
         except PoolTimeout:
             self._abandon(holder)
             self.metrics.timed_out()
-            raise self._timed_out(wait) from None
+            raise (self._check_rejected(wait, rejected) if rejected else self._timed_out(wait)) from None
         except BaseException:
             self._abandon(holder)
             raise
 
-    def _passes_check(self, holder: _Holder) -> bool:
+    def _passes_check(self, holder: _Holder, rejected: list[BaseException]) -> bool:
         """Run psycopg_pool's ``check=`` callback on the lent connection; retire it if the check fails.
 
         The check runs here, with the connection already in the holder, rather
         than through psycopg_pool's `getconn`: an interrupt during it is then
-        covered by `lend`'s handler like any other point.
+        covered by `lend`'s handler like any other point. A failure is appended to ``rejected``.
         """
         conn = holder._conn
         assert conn is not None and self._check is not None
@@ -691,9 +840,26 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             self._check(conn)
         except Exception as exc:
             log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
+            rejected.append(exc)
             self._retire(holder, self._CONNECTIONS_LOST)
             return False
         return True
+
+    def _check_rejected(self, waited: float, rejected: list[BaseException]) -> PoolExhaustedError:
+        """The timeout of a caller whose connections all failed the ``check=`` callback (no I/O)."""
+        last = rejected[-1]
+        return PoolExhaustedError(
+            f"pool {self.name!r} ({self.env.value}) got no connection within {waited:.1f}s: the check= callback "
+            f"rejected {len(rejected)} connection(s), the last with {type(last).__name__}: "
+            f"{failure_reason(last, self.settings)}. Each rejected connection is replaced, with a growing pause "
+            "between checks; fix the check or what it tests"
+        )
+
+    def _fail_waiters(self, error: Callable[[], Exception]) -> None:
+        with self._lock:
+            waiting = self._waiting
+            while waiting:
+                waiting.popleft().fail(error())  # psycopg_pool's own waiter (a check= callback) too
 
     def _lend_once(self, holder: _Holder, deadline: float) -> bool:
         """Put a live idle connection into ``holder._conn``: the top of the stack (False), or the first one
@@ -784,7 +950,7 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             else:
                 self._hand_over(holder, holder._conn)
 
-    def give_back(self, holder: _Holder) -> None:
+    def give_back(self, holder: _Holder, *, usage: bool = True) -> None:
         """Return the connection in ``holder._conn`` to the pool, in the state `lend` promises.
 
         A borrower that changed nothing costs no round trip. One that left a
@@ -792,15 +958,18 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         session pays here: see `precog_db.session`. A connection that cannot be
         brought back (broken, interrupted mid-statement, the reset failed) is
         closed and replaced. Interrupt-safe like `lend`: ``holder._conn`` is
-        None afterwards, whatever happens.
+        None afterwards, whatever happens. ``usage``: add the time it was lent
+        to psycopg_pool's ``usage_ms`` statistic, as its ``connection()`` does.
         """
         conn = holder._conn
         if conn is None:
             return
-        if getattr(conn, "_pool", None) is not self:
-            raise PoolStateError(f"this connection was not lent by pool {self.name!r}: give it back to its own pool")
+        refuse_foreign(conn, self)
         lent: float | None = None
         try:
+            # Detached from the pool first, as psycopg_pool's own return path does: closing it below is
+            # then a plain close, never (with close_returns=True) another return to this pool.
+            conn._pool = None
             lent = conn._precog_lent  # type: ignore[attr-defined]  # set in _connect, by lend
             conn._precog_lent = None  # type: ignore[attr-defined]
             pgconn = conn.pgconn
@@ -832,7 +1001,10 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
             raise
         if lent is not None:  # after the hand-over: an interrupt here loses a sample, never a connection
             returns = self._returns
-            returns.append((lent, monotonic()))  # folded into the histograms off the read path
+            now = monotonic()
+            returns.append((lent, now))  # folded into the histograms off the read path
+            if usage:
+                self._stats[self._USAGE_MS] += lent_ms(lent, now)
             if len(returns) >= FOLD_AT:
                 self.metrics.fold_soon()
 
@@ -877,6 +1049,7 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         """
         conn = holder._conn
         assert conn is not None
+        conn._pool = None  # a plain close, even with close_returns=True (_bury re-attaches a _RETURN)
         if stat is not _RETURN:
             conn.close()
         item = (conn, stat)
@@ -927,7 +1100,7 @@ def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwar
         probe = connect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         probe.close()
         route_pool_logging()  # psycopg_pool's stdlib records become library events unless the app handles them
-        pool = PrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)
+        pool = PrecogPool(settings, prod_confirmed=prod_confirmed, **{"open": False, **pool_kwargs})
         pool.open(wait=False)
     except Exception as exc:
         _audit_open(settings, started, exc)
@@ -986,14 +1159,18 @@ class Registry(Generic[_P]):
         self.pool = None
 
     def reuse(self, settings: DatabaseSettings) -> _P | None:
-        """The open pool if it serves ``settings``' target (gate checked), None if none is open; else raise."""
+        """The open pool if it serves ``settings``' target with the same connection settings (gate checked),
+        None if none is open; else raise `PoolStateError` naming what differs."""
         current = self.pool
         if current is None:
             return None
-        if _same_target(current.settings, settings):
-            check_gate(current.env)
-            return current
-        raise already_open(current.settings, settings)
+        if not _same_target(current.settings, settings):
+            raise already_open(current.settings, settings)
+        difference = connection_difference(current.settings, settings)
+        if difference is not None:
+            raise settings_differ(current.settings, settings, difference)
+        check_gate(current.env)
+        return current
 
     def inherited_settings(self) -> DatabaseSettings | None:
         return None if self.inherited is None else self.inherited[0]

@@ -12,7 +12,7 @@ import pytest_asyncio
 from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row, tuple_row
 
-from precog_db import ConfigurationError, DatabaseUnavailableError, ReadOnlyWriteError, aio
+from precog_db import ConfigurationError, ReadOnlyWriteError, aio
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -281,20 +281,6 @@ class TestPoolArguments:
                     await cur.execute("CREATE TABLE never_created (x int)")
             assert seen and all(seen)
             assert pool.get_stats()["pool_size"] >= 1
-        finally:
-            await aio.close_pool()
-
-    @pytest.mark.asyncio
-    async def test_configure_may_not_turn_read_only_off(self, test_settings: DatabaseSettings) -> None:
-        """A configure= that turns default_transaction_read_only off gets no connection into the pool."""
-
-        async def configure(conn: AsyncConnection[Any]) -> None:
-            await conn.execute("SET default_transaction_read_only = off")
-
-        pool = await aio.initialize_pool(settings=test_settings.replace(pool_timeout=1.0), configure=configure)
-        try:
-            with pytest.raises(DatabaseUnavailableError, match="configure= callback turned default_transaction"):
-                await pool.lend()
         finally:
             await aio.close_pool()
 

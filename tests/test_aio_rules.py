@@ -89,23 +89,6 @@ class TestChokepoint:
         finally:
             drop_database(pg_server, name)
 
-    async def test_every_new_pooled_connection_checks_the_stamp(self, pg_server: Server, closing: None) -> None:
-        """Re-stamped after the pool opened: new connections are refused, and the caller is told why."""
-        name = make_database(pg_server, f"aio_restamp_{UNIQUE}")
-        try:
-            settings = pg_server.settings(name, env=Environment.TEST, pool_min=1, pool_max=1, pool_timeout=1.0)
-            stamp_database(settings=settings)
-            pool = await aio.initialize_pool(settings=settings)
-            await pool.wait(timeout=10)
-            stamp_database(settings=pg_server.settings(name, env=Environment.DEV), force=True)
-            await pool.drain()  # every connection is replaced by a new one, which reads the stamp
-            with pytest.raises(DatabaseUnavailableError, match="stamped dev"):
-                async with aio.get_cursor() as cur:
-                    await cur.execute("SELECT 1")
-        finally:
-            await aio.close_pool()
-            drop_database(pg_server, name)
-
     async def test_repr_and_errors_never_show_the_password(self, test_settings: DatabaseSettings) -> None:
         """The pool's repr and a connection failure name the database, never the password."""
         secret = "pw-" + UNIQUE

@@ -55,6 +55,7 @@ STAT_KEYS = (
     "_REQUESTS_WAIT_MS",
     "_CONNECTIONS_LOST",
     "_RETURNS_BAD",
+    "_USAGE_MS",  # give_back records the time a connection was lent, as connection() does
 )
 #: Attributes of an open pool, with what they must be.
 POOL_ATTRIBUTES: dict[str, str] = {
@@ -70,6 +71,7 @@ POOL_ATTRIBUTES: dict[str, str] = {
     "_nconns": "int",  # connections the pool counts (the "used" metric: not idle)
     "_min_size": "int",  # how many connections a retired one is replaced up to
     "_pool_full_event": "optional event",  # set when the pool is full (wait()); None once it was
+    "_open_implicit": "bool",  # opened by the constructor (open= not given): first use warns
 }
 #: Attributes psycopg_pool sets on each connection it opens or hands out.
 CONNECTION_ATTRIBUTES: dict[str, str] = {
@@ -122,7 +124,11 @@ OWN_NAMES = {
     "_deferred",
     "_deferred_from_main_thread",
     "_janitor",
-    "_janitor_loop",
+    # issue 21: refusals reported as such, check= back-off
+    "_last_refusal",
+    "_fail_waiters",
+    "_refused",
+    "_check_rejected",
     # issue 13 (precog_db.topology): pooler setup, failover reconnect cap, hot-standby discard
     "_max_reconnect_delay",
     "_refuse_standby",
@@ -206,6 +212,7 @@ class TestPsycopgPoolContract:
         )
         attempt.update_delay(0.0)
         assert attempt.delay > 0, broken("base.AttemptWithBackoff.update_delay", "no longer sets a delay")
+        assert attempt.time_to_give_up(1000.0), broken("base.AttemptWithBackoff.time_to_give_up", "never gives up")
 
     def test_add_connection_task(self, open_pool: ConnectionPool[psycopg.Connection[Any]]) -> None:
         """AddConnection is still the maintenance task that (re)opens one connection, taking an attempt."""
