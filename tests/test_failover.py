@@ -180,5 +180,5 @@ class TestMultiHostSettings:
             DatabaseSettings(env=Environment.TEST, host="db1,,db2")
         with pytest.raises(ConfigurationError, match="PgBouncer's own configuration"):
             DatabaseSettings(env=Environment.TEST, host="db1,db2", pooler="transaction")
-        with pytest.raises(ConfigurationError, match=r"port is not a number from 1 to 65535 \(host, host:port, .*\[IPv6\]:port"):
+        with pytest.raises(ConfigurationError, match=r"not a number from 1 to 65535 \(host, host:port, .*\]:port"):
             DatabaseSettings(env=Environment.TEST, replica_hosts="replica:99999")  # type: ignore[arg-type]
