@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psycopg
@@ -237,6 +238,25 @@ class TestFromPython:
         assert seen == ["apply 2 migration(s)"] and promoted.promotion.startswith("passed: test has applied all 2")
         assert ws.has_table("staging", "trades")
         assert [e["outcome"] for e in ws.audit_entries() if e["operation"] == "migrate up"] == ["refused", "ok", "ok"]
+
+    def test_options_object_and_keywords_are_one_call(self, ws: Workspace) -> None:
+        """upgrade/revert take a MigrationOptions; keywords replace its fields; a keyword of no use is a TypeError."""
+        settings = ws.add("test")
+        ws.write_migration("0001_create_markets.sql", MARKETS + "-- precog:down\nDROP TABLE markets;\n")
+        options = migrations.MigrationOptions(directory=ws.root / "migrations", dry_run=True)
+        planned = migrations.upgrade(settings, options)
+        assert planned.dry_run and [m.filename for m in planned.plan] == ["0001_create_markets.sql"]
+        assert not ws.has_table("test", "markets")
+        done = migrations.upgrade(settings, options, dry_run=False)
+        assert [a["file"] for a in done.applied] == ["0001_create_markets.sql"] and ws.has_table("test", "markets")
+        with pytest.raises(TypeError, match="skip_promotion_check"):
+            migrations.revert(settings, options, skip_promotion_check=True)  # type: ignore[call-arg]
+        with pytest.raises(ConfigurationError, match="needs a reason"):
+            migrations.revert(settings, replace(options, take_backup=False))
+        reverted = migrations.revert(settings, options=replace(options, dry_run=False))
+        assert [r["file"] for r in reverted.reverted] == ["0001_create_markets.sql"]
+        assert not ws.has_table("test", "markets")
+        assert migrations.inspect(settings, options).ledger == {}
 
 
 class TestLock:
@@ -634,7 +654,7 @@ class TestLedgerTellsTheTruth:
         """With the up-front check disabled, a file that ended its transaction is caught after it ran, not recorded."""
         settings = ws.add("test")
         ws.write_migration("0001_sneaky.sql", body)
-        monkeypatch.setattr(migrations, "find_transaction_control", lambda sql: [], raising=False)
+        monkeypatch.setattr("precog_db.migrations._scanner.find_transaction_control", lambda sql: [])
         with ws.server.connect(settings.dbname) as conn:
             migrations.ensure_ledger(conn)
             (migration,) = discover(ws.root / "migrations")

@@ -216,7 +216,7 @@ def cmd_migrate_validate(ctx: Context) -> int:
 
 def cmd_migrate_up(ctx: Context) -> int:
     from precog_db.environment import Environment
-    from precog_db.migrations import upgrade
+    from precog_db.migrations import MigrationOptions, upgrade
 
     args = ctx.args
     reason = (args.reason or "").strip() or None
@@ -228,8 +228,7 @@ def cmd_migrate_up(ctx: Context) -> int:
         raise UsageError("--lock-timeout must be zero or more seconds")
     settings = ctx.settings()
     ctx.show_banner(settings, "migrate up" + (" --dry-run" if args.dry_run else ""))
-    result = upgrade(
-        settings,
+    options = MigrationOptions(
         directory=_migrations_dir(ctx),
         target=args.target,
         dry_run=bool(args.dry_run),
@@ -245,6 +244,7 @@ def cmd_migrate_up(ctx: Context) -> int:
         on_lock_wait=ctx.note,
         progress=Progress(ctx.stderr),
     )
+    result = upgrade(settings, options)
     plan, promotion = result.plan, result.promotion
     if result.dry_run or not plan:
         head = "would apply" if result.dry_run else "nothing to apply"
@@ -273,7 +273,7 @@ def cmd_migrate_up(ctx: Context) -> int:
 
 def cmd_migrate_down(ctx: Context) -> int:
     """``migrate down``: the thin shell over `precog_db.migrations.revert`."""
-    from precog_db.migrations import revert
+    from precog_db.migrations import MigrationOptions, revert
 
     args = ctx.args
     reason = (args.reason or "").strip() or None
@@ -283,8 +283,7 @@ def cmd_migrate_down(ctx: Context) -> int:
         raise UsageError("--lock-timeout must be zero or more seconds")
     settings = ctx.settings()
     ctx.show_banner(settings, "migrate down" + (" --dry-run" if args.dry_run else ""))
-    result = revert(
-        settings,
+    options = MigrationOptions(
         directory=_migrations_dir(ctx),
         target=args.target,
         dry_run=bool(args.dry_run),
@@ -298,6 +297,7 @@ def cmd_migrate_down(ctx: Context) -> int:
         on_lock_wait=ctx.note,
         progress=Progress(ctx.stderr),
     )
+    result = revert(settings, options)
     planned = [m.filename for m in result.plan]
     if result.dry_run or not planned:
         head = f"would revert {len(planned)} migration(s) of the {settings.describe()}, newest first"
@@ -311,14 +311,13 @@ def cmd_migrate_down(ctx: Context) -> int:
 
 
 def cmd_migrate_baseline(ctx: Context) -> int:
-    from precog_db.migrations import mark_baseline
+    from precog_db.migrations import MigrationOptions, mark_baseline
 
     settings = ctx.settings()
     version = ctx.args.version
     ctx.show_banner(settings, f"migrate baseline {version}")
-    rows = mark_baseline(
-        settings, version, directory=_migrations_dir(ctx), confirm=ctx.confirmer(settings), on_lock_wait=ctx.note
-    )
+    options = MigrationOptions(directory=_migrations_dir(ctx), confirm=ctx.confirmer(settings), on_lock_wait=ctx.note)
+    rows = mark_baseline(settings, version, options)
     ctx.emit(
         {"baselined": [r.version for r in rows]},
         [f"recorded {len(rows)} migration(s) up to {version} as applied (baseline) in the {settings.describe()}"],
