@@ -157,7 +157,10 @@ class TestImportCycles:
         assert find_cycles(graph) == [["a", "b", "c", "a"]]
         source = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import p.t\ndef f():\n    from p import q\n"
         (tmp_path / "m.py").write_text(source)
-        names = {node.module or node.names[0].name for node in _imports(ast.parse(source))}
+        names = {
+            node.module if isinstance(node, ast.ImportFrom) and node.module else node.names[0].name
+            for node in _imports(ast.parse(source))
+        }
         assert names == {"typing", "p"}
 
     def test_the_graph_sees_the_package(self) -> None:
