@@ -37,6 +37,33 @@ _POOL_SIZES: dict[Environment, tuple[int, int]] = {
 }
 
 
+def env_defaults(env: Environment) -> dict[str, Any]:
+    pool_min, pool_max = _POOL_SIZES[env]
+    return {
+        "host": "localhost",
+        "port": 5432,
+        "dbname": f"precog_{env.value}",
+        "user": f"precog_{env.value}",
+        "password": "",
+        "pool_min": pool_min,
+        "pool_max": pool_max,
+        "pool_timeout": 30.0,
+        "sslmode": "require" if env is Environment.PROD else "prefer",
+        "connect_timeout": 5,
+        "statement_timeout_ms": 0,
+        "tcp_user_timeout_ms": 30_000,
+        "application_name": f"precog-{env.value}",
+        "password_file": "",
+        "passfile": "",
+        "pooler": "none",
+        "direct_host": "",
+        "direct_port": 5432,
+        "target_session_attrs": "read-write",
+        "replica_hosts": (),
+        "replica_max_lag_ms": 1000,
+    }
+
+
 class _Unset:
     """The default of every `DatabaseSettings` field: replaced by the environment's default on construction."""
 
@@ -319,33 +346,6 @@ def _check_topology(s: DatabaseSettings) -> None:
             "DB_HOST lists several hosts but DB_POOLER is set: with a pooler, DB_HOST names the PgBouncer "
             "and PgBouncer's own configuration names the database servers; use one DB_HOST"
         )
-
-
-def env_defaults(env: Environment) -> dict[str, Any]:
-    pool_min, pool_max = _POOL_SIZES[env]
-    return {
-        "host": "localhost",
-        "port": 5432,
-        "dbname": f"precog_{env.value}",
-        "user": f"precog_{env.value}",
-        "password": "",
-        "pool_min": pool_min,
-        "pool_max": pool_max,
-        "pool_timeout": 30.0,
-        "sslmode": "require" if env is Environment.PROD else "prefer",
-        "connect_timeout": 5,
-        "statement_timeout_ms": 0,
-        "tcp_user_timeout_ms": 30_000,
-        "application_name": f"precog-{env.value}",
-        "password_file": "",
-        "passfile": "",
-        "pooler": "none",
-        "direct_host": "",
-        "direct_port": 5432,
-        "target_session_attrs": "read-write",
-        "replica_hosts": (),
-        "replica_max_lag_ms": 1000,
-    }
 
 
 def setting_fields() -> tuple[str, ...]:

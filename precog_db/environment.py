@@ -5,6 +5,10 @@ then ``config/.env``), an inference from the database name, then ``dev``
 (`resolve_environment`). One naming rule (`environment_named_by`) serves both
 the inference and the consistency check, and errs toward the stricter
 environment: a name containing ``prod`` anywhere is production.
+
+`environment_resolution` (and `get_environment`, built on it) reads the
+shared ``config/.env`` through `precog_db._dotenv`, as `load_settings` does:
+the settings layer builds on this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -183,9 +187,11 @@ def resolve_with_files(
 ) -> Resolution:
     """`resolve_environment`, with a DATABASE_URL's database name where its precedence puts it.
 
-    The inference reads, first match wins: the dbname argument, ``DB_NAME``
-    in the process, ``DATABASE_URL`` in the process, ``DB_NAME`` in
-    ``config/.env``, ``DATABASE_URL`` in ``config/.env``.
+    ``shared`` is ``config/.env`` already read (from ``shared_path``; None
+    when there is none), so that `load_settings` reads it once. The inference
+    reads, first match wins: the dbname argument, ``DB_NAME`` in the process,
+    ``DATABASE_URL`` in the process, ``DB_NAME`` in ``config/.env``,
+    ``DATABASE_URL`` in ``config/.env``.
     """
     source = "the dbname argument"
     name = dbname if isinstance(dbname, str) and dbname.strip() else None
