@@ -6,6 +6,8 @@ An import counts wherever it is written: at the top of a module, inside a
 function (a deferred import is still a dependency, and a cycle through one is
 still a cycle), inside ``try``. The one exception is an ``if TYPE_CHECKING:``
 block: it never runs, it only gives the type checker names for annotations.
+Imports by a computed name are not seen either: the package's lazy
+``__init__`` (`importlib.import_module` over its export table, PEP 562).
 """
 
 from __future__ import annotations
