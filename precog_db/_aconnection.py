@@ -18,6 +18,7 @@ from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
 from precog_db._pipelining import abegin_pending
+from precog_db._stamp_check import averify_stamp
 from precog_db.connection import (
     BoundedConnection,
     _bounded,
@@ -31,7 +32,6 @@ from precog_db.connection import (
     unavailable_error,
 )
 from precog_db.settings import DatabaseSettings
-from precog_db.stamp import averify_stamp
 
 __all__ = ["PrecogAsyncConnection", "aconnect", "aprepare"]
 

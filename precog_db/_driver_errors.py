@@ -9,7 +9,7 @@ from __future__ import annotations
 import psycopg
 import psycopg_pool
 
-from precog_db.errors import PrecogDBError
+from precog_db._error_root import PrecogDBError
 
 __all__ = [
     "CommitOutcomeUnknownError",

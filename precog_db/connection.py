@@ -49,6 +49,7 @@ from psycopg.pq.abc import PGconn
 
 from precog_db._credentials import resolve_credentials
 from precog_db._secrets import scrub_text
+from precog_db._stamp_check import verify_stamp
 from precog_db.environment import Environment
 from precog_db.errors import (
     ConfigurationError,
@@ -58,7 +59,6 @@ from precog_db.errors import (
 )
 from precog_db.guard import require_production_confirmation
 from precog_db.settings import DatabaseSettings, check_name_matches
-from precog_db.stamp import verify_stamp
 
 __all__ = [
     "BoundedConnection",

@@ -5,6 +5,10 @@ then ``config/.env``), an inference from the database name, then ``dev``
 (`resolve_environment`). One naming rule (`environment_named_by`) serves both
 the inference and the consistency check, and errs toward the stricter
 environment: a name containing ``prod`` anywhere is production.
+
+`environment_resolution` (and `get_environment`, built on it) reads the
+shared ``config/.env`` through `precog_db._dotenv`, as `load_settings` does:
+the settings layer builds on this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
+from precog_db._dotenv import DATABASE_URL, read_env_file, resolve_config_dir, url_dbname
 from precog_db.errors import ConfigurationError, EnvironmentNotAllowedError
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "Environment",
     "Resolution",
     "environment_named_by",
+    "environment_resolution",
     "get_environment",
     "infer_environment",
     "parse_environment",
@@ -171,6 +178,64 @@ def resolve_environment(
     return Resolution(Environment.DEV, "default")
 
 
+def resolve_with_files(
+    env: str | Environment | None,
+    dbname: object,
+    environ: Mapping[str, str],
+    shared_path: Path,
+    shared: Mapping[str, str | None] | None,
+) -> Resolution:
+    """`resolve_environment`, with a DATABASE_URL's database name where its precedence puts it.
+
+    ``shared`` is ``config/.env`` already read (from ``shared_path``; None
+    when there is none), so that `load_settings` reads it once. The inference
+    reads, first match wins: the dbname argument, ``DB_NAME`` in the process,
+    ``DATABASE_URL`` in the process, ``DB_NAME`` in ``config/.env``,
+    ``DATABASE_URL`` in ``config/.env``.
+    """
+    source = "the dbname argument"
+    name = dbname if isinstance(dbname, str) and dbname.strip() else None
+    files = shared or {}
+    if name is None and not (environ.get("DB_NAME") or "").strip():
+        name = url_dbname(environ.get(DATABASE_URL), "the process environment")
+        source = "the database name in DATABASE_URL"
+        if name is None and not (files.get("DB_NAME") or "").strip():
+            name = url_dbname(files.get(DATABASE_URL), str(shared_path))
+            source = f"the database name in DATABASE_URL in {shared_path}"
+    return resolve_environment(
+        env,
+        dbname=name,
+        dbname_source=source,
+        environ=environ,
+        file_values=shared,
+        file_name=str(shared_path),
+    )
+
+
+def environment_resolution(
+    env: str | Environment | None = None,
+    *,
+    config_dir: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    dbname: str | None = None,
+) -> Resolution:
+    """Which environment `load_settings` would resolve, and where it came from, without loading the rest.
+
+    Reads ``config/.env`` (its PRECOG_ENV and DB_NAME count, see
+    `precog_db.environment.resolve_environment`); for commands that do not connect.
+    """
+    process_env = os.environ if environ is None else environ
+    shared_path = resolve_config_dir(config_dir, process_env) / ".env"
+    try:
+        shared = read_env_file(shared_path)
+    except ConfigurationError as exc:
+        error = exc
+    else:
+        return resolve_with_files(env, dbname, process_env, shared_path, shared)
+    error.__traceback__ = None  # the frames below hold the file's raw values
+    raise error
+
+
 def get_environment(
     explicit: str | Environment | None = None,
     *,
@@ -183,9 +248,6 @@ def get_environment(
     another environment than the one the settings load. ``environ`` defaults
     to `os.environ` and exists for tests.
     """
-    # Imported here: settings builds on this module (it reads the file and calls resolve_environment).
-    from precog_db.settings import environment_resolution
-
     return environment_resolution(explicit, environ=environ).env
 
 

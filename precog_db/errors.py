@@ -13,12 +13,16 @@ The classes that must also inherit a psycopg class
 (`DatabaseUnavailableError`, `PoolExhaustedError`, `ConnectionLostError`,
 `CommitOutcomeUnknownError`, `ReadOnlyWriteError`) are created on first access (PEP 562), in
 `precog_db._driver_errors`, so that importing this module (the settings layer
-and ``precog-db env`` do) never imports the driver.
+and ``precog-db env`` do) never imports the driver. `PrecogDBError`, the root
+both build on, lives in `precog_db._error_root` so that `_driver_errors` does
+not import this module back; all three are importable from here.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from precog_db._error_root import PrecogDBError
 
 if TYPE_CHECKING:
     from precog_db._driver_errors import (
@@ -60,10 +64,6 @@ __all__ = [
     "UnstampedDatabaseError",
     "UsageError",
 ]
-
-
-class PrecogDBError(Exception):
-    """Base class of every error raised by precog_db."""
 
 
 class RefusalError(PrecogDBError, RuntimeError):

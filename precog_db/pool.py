@@ -698,11 +698,16 @@ class PrecogPool(PoolFaults, ConnectionPool[Connection[Any]]):
         super().__del__()
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the pool and the pools of its read replicas (`precog_db.replicas`), then stop the janitor thread."""
-        from precog_db.replicas import close_replicas
+        """Close the pool and the pools of its read replicas, then stop the janitor thread.
 
+        `precog_db.replicas` opens a replica's pool on first use and keeps the replicas on the pool they
+        read for (``_precog_replicas``): their pools live and close with it.
+        """
         try:
-            close_replicas(self)
+            for replica in getattr(self, "_precog_replicas", None) or ():
+                if replica.pool is not None:
+                    with contextlib.suppress(Exception):
+                        replica.pool.close(timeout=1.0)
             super().close(timeout=timeout)
         finally:
             self._deferred.put(None)

@@ -26,7 +26,6 @@ open their own direct connections and never look at the replicas).
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import threading
 from time import monotonic
@@ -38,6 +37,7 @@ from psycopg import Connection
 from precog_db.connection import _GATE
 from precog_db.errors import PrecogDBError
 from precog_db.log import get_logger
+from precog_db.pool import create_pool
 from precog_db.settings import DatabaseSettings, replica_endpoint
 
 __all__ = ["CHECK_INTERVAL", "RETRY_AFTER", "choose", "note_commit", "replica_settings"]
@@ -127,8 +127,6 @@ class Replica:
         if now - self.failed_at < RETRY_AFTER:
             return False
         if self.pool is None:
-            from precog_db.pool import create_pool
-
             with self.lock:
                 if self.pool is None:
                     try:
@@ -186,11 +184,3 @@ def _primary_position(primary: Any) -> int | None:
         if slot._conn is not None:
             primary.give_back(slot)
     return None if row is None else int(row[0])
-
-
-def close_replicas(primary: Any) -> None:
-    """Close the replica pools of ``primary`` (when it closes)."""
-    for replica in getattr(primary, "_precog_replicas", None) or ():
-        if replica.pool is not None:
-            with contextlib.suppress(Exception):
-                replica.pool.close(timeout=1.0)

@@ -16,31 +16,41 @@ pool runs once, on its probe connection, when it opens:
   one command that re-stamps it. A copy of the *same* environment is allowed
   with a ``database_copy_detected`` warning.
 
-This module works on the settings and connections it is given; it imports the
-pool layer only inside `stamp_database` / `read_stamp`, so the pool can import
-it without a loop.
+`stamp_database` and `read_stamp` open their connection through the chokepoint
+(`precog_db.connection`). The record, the reading steps and the decision, which
+the chokepoint itself runs on every new connection, live in
+`precog_db._stamp_check` and are re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, Connection
+from psycopg import Connection
 from psycopg.rows import tuple_row
 
 from precog_db._secrets import current_os_user
-from precog_db._steps import Query, Steps, arun, run
-from precog_db.environment import STRICT, Environment, parse_environment
-from precog_db.errors import (
-    EnvironmentMismatchError,
-    ProductionAccessError,
-    RestoredCopyError,
-    StampError,
-    UnstampedDatabaseError,
+from precog_db._stamp_check import (
+    COLUMNS,
+    CURRENT_OID,
+    SCHEMA,
+    TABLE,
+    Stamp,
+    aread_stamp_on,
+    averify_stamp,
+    cluster_system_identifier,
+    judge_stamp,
+    privilege_error,
+    read_stamp_on,
+    read_steps,
+    stamp_command,
+    verify_stamp,
 )
+from precog_db._steps import run
+from precog_db.connection import connect, direct_settings
+from precog_db.environment import Environment, parse_environment
+from precog_db.errors import EnvironmentMismatchError, ProductionAccessError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger
 from precog_db.settings import DatabaseSettings, load_settings, settings_for
@@ -61,9 +71,6 @@ __all__ = [
 ]
 
 log = get_logger()  # stderr, or the application's structlog: see precog_db.log
-
-SCHEMA = "precog_meta"
-TABLE = f"{SCHEMA}.stamp"
 
 #: Serializes concurrent stampers of one database (any constant works; this is "precog_stamp" in ASCII).
 _LOCK_KEY = 0x707265636F675F73
@@ -89,17 +96,13 @@ GRANT USAGE ON SCHEMA {SCHEMA} TO PUBLIC;
 GRANT SELECT ON {TABLE} TO PUBLIC;
 """
 
-_COLUMNS = "env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version, database_oid"
 #: Stamps written before database_oid existed gain the column when they are next written.
 _ADD_OID = f"ALTER TABLE {TABLE} ADD COLUMN IF NOT EXISTS database_oid oid"
-#: The database's own OID: kept by ALTER DATABASE … RENAME, new for a copy (CREATE DATABASE … TEMPLATE, a restore).
-_CURRENT_OID = "(SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())"
-
 _UPSERT = f"""
 INSERT INTO {TABLE} (
     singleton, env, dbname, system_identifier, stamped_by, stamped_role, stamped_at, library_version, database_oid
 )
-VALUES (true, %s, current_database(), %s, %s, current_user, now(), %s, {_CURRENT_OID})
+VALUES (true, %s, current_database(), %s, %s, current_user, now(), %s, {CURRENT_OID})
 ON CONFLICT (singleton) DO UPDATE SET
     env = EXCLUDED.env,
     dbname = EXCLUDED.dbname,
@@ -109,7 +112,7 @@ ON CONFLICT (singleton) DO UPDATE SET
     stamped_at = EXCLUDED.stamped_at,
     library_version = EXCLUDED.library_version,
     database_oid = EXCLUDED.database_oid
-RETURNING {_COLUMNS}
+RETURNING {COLUMNS}
 """
 
 
@@ -119,198 +122,7 @@ def _library_version() -> str:
     return __version__
 
 
-@dataclass(frozen=True)
-class Stamp:
-    """One database's identity stamp, plus where it was read from.
-
-    ``env`` … ``library_version`` are what was recorded when the database was
-    stamped; ``current_dbname`` and ``current_system_identifier`` describe the
-    database and cluster it was read from just now. A difference between the
-    two means the database is a restored copy (see `copy_reason`).
-    ``system_identifier`` is None when the stamping role could not read
-    ``pg_control_system()``; ``current_system_identifier`` is None when the
-    reading role cannot. Copy detection then relies on the database name alone.
-    """
-
-    env: Environment
-    dbname: str
-    system_identifier: int | None
-    stamped_by: str
-    stamped_role: str
-    stamped_at: datetime
-    library_version: str
-    current_dbname: str
-    current_system_identifier: int | None
-    #: The OID of the database that was stamped, and of the one read now (None for stamps written before 0.2).
-    database_oid: int | None = None
-    current_database_oid: int | None = None
-
-    @property
-    def copy_reason(self) -> str | None:
-        """Why this database is a copy of the one that was stamped, or None when it is that database.
-
-        The same cluster (``system_identifier``) and the same database OID
-        mean the same database, even under a new name: ``ALTER DATABASE …
-        RENAME`` keeps the OID, while a copy (``CREATE DATABASE … TEMPLATE``,
-        a restore) gets a new one.
-        """
-        if self.same_database_renamed:
-            return None
-        if self.dbname != self.current_dbname:
-            return f"it was stamped as database {self.dbname!r} and is now database {self.current_dbname!r}"
-        if (
-            self.system_identifier is not None
-            and self.current_system_identifier is not None
-            and self.system_identifier != self.current_system_identifier
-        ):
-            return (
-                f"it was stamped on the cluster with system identifier {self.system_identifier} "
-                f"and now lives on the cluster {self.current_system_identifier}"
-            )
-        return None
-
-    @property
-    def same_database_renamed(self) -> bool:
-        """True when this is provably the stamped database itself (same cluster, same OID), renamed or not."""
-        return (
-            self.database_oid is not None
-            and self.database_oid == self.current_database_oid
-            and self.system_identifier is not None
-            and self.system_identifier == self.current_system_identifier
-        )
-
-    @property
-    def provably_another_database(self) -> bool:
-        """True only when the stamp was written in another cluster, or in another database of this cluster."""
-        if (
-            self.system_identifier is not None
-            and self.current_system_identifier is not None
-            and self.system_identifier != self.current_system_identifier
-        ):
-            return True
-        return (
-            self.database_oid is not None
-            and self.current_database_oid is not None
-            and self.database_oid != self.current_database_oid
-            and self.system_identifier is not None
-            and self.system_identifier == self.current_system_identifier
-        )
-
-    @property
-    def is_copy(self) -> bool:
-        """True when the database is a restored copy of the one that was stamped."""
-        return self.copy_reason is not None
-
-    def describe(self) -> str:
-        """``stamped prod by alice (role precog_prod) at 2024-05-01 10:00:00+00:00``."""
-        return (
-            f"stamped {self.env.value} by {self.stamped_by} (role {self.stamped_role}) "
-            f"at {self.stamped_at.isoformat(sep=' ', timespec='seconds')}"
-        )
-
-
-def stamp_command(env: Environment, *, force: bool = False) -> str:
-    """The shell command that stamps the configured database as ``env``."""
-    prefix = "PRECOG_PROD_CONFIRMED=yes " if env is Environment.PROD else ""
-    return f"{prefix}precog-db --env {env.value} stamp{' --force' if force else ''}"
-
-
-def _call(env: Environment, *, force: bool = False) -> str:
-    return f"stamp_database({env.value!r}{', force=True' if force else ''})"
-
-
-# --- reading ---------------------------------------------------------------------------
-
-
-_SYSTEM_IDENTIFIER = Query("SELECT system_identifier FROM pg_catalog.pg_control_system()", guarded=True)
-#: What a role that may not read pg_control_system() gets; any other error propagates.
-_NO_SYSTEM_IDENTIFIER = (
-    psycopg.errors.InsufficientPrivilege,
-    psycopg.errors.UndefinedFunction,
-    psycopg.errors.FeatureNotSupported,
-)
-
-
-def _system_identifier_steps() -> Steps[int | None]:
-    """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``."""
-    try:
-        row = yield _SYSTEM_IDENTIFIER
-    except _NO_SYSTEM_IDENTIFIER:
-        log.info("system_identifier_unreadable", reason="pg_control_system() is not available to this role")
-        return None
-    return int(row[0]) if row and row[0] is not None else None
-
-
-def cluster_system_identifier(conn: Connection[Any]) -> int | None:
-    """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``.
-
-    PostgreSQL grants ``pg_control_system()`` to PUBLIC by default; an
-    administrator can revoke it, and some managed services do not provide it.
-    """
-    return run(conn, _system_identifier_steps())
-
-
-def _read_steps(*, for_update: bool = False) -> Steps[Stamp | None]:
-    """Read the stamp (sans-I/O, see `precog_db._steps`): the SQL and every decision, for both layers."""
-    row = yield Query(
-        f"SELECT current_database(), to_regclass(%s) IS NOT NULL, {_CURRENT_OID}, "
-        "EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(%s) "
-        "AND attname = 'database_oid' AND NOT attisdropped)",
-        (TABLE, TABLE),
-    )
-    assert row is not None
-    current_dbname, exists, current_oid, has_oid = str(row[0]), bool(row[1]), int(row[2]), bool(row[3])
-    if not exists:
-        return None
-    columns = _COLUMNS if has_oid else _COLUMNS.replace(", database_oid", ", NULL")
-    found = yield Query(f"SELECT {columns} FROM {TABLE}{' FOR UPDATE' if for_update else ''}")
-    if found is None:
-        return None
-    recorded_id = None if found[2] is None else int(found[2])
-    # Read the live identifier only when there is one to compare with.
-    current_id = (yield from _system_identifier_steps()) if recorded_id is not None else None
-    return Stamp(
-        env=parse_environment(found[0], source=f"the stamp in {TABLE}"),
-        dbname=str(found[1]),
-        system_identifier=recorded_id,
-        stamped_by=str(found[3]),
-        stamped_role=str(found[4]),
-        stamped_at=found[5],
-        library_version=str(found[6]),
-        current_dbname=current_dbname,
-        current_system_identifier=current_id,
-        database_oid=None if found[7] is None else int(found[7]),
-        current_database_oid=current_oid,
-    )
-
-
-def _privilege_error(settings: DatabaseSettings, action: str, fix: str) -> StampError:
-    return StampError(f"role {settings.user!r} may not {action} in the {settings.describe()}; {fix}")
-
-
-def _unreadable(settings: DatabaseSettings) -> StampError:
-    return _privilege_error(
-        settings,
-        f"read the identity stamp {TABLE}",
-        f"stamping grants it to everyone, so someone revoked it: run `GRANT USAGE ON SCHEMA {SCHEMA} "
-        f"TO {settings.user}; GRANT SELECT ON {TABLE} TO {settings.user};` as the database owner",
-    )
-
-
-def read_stamp_on(conn: Connection[Any], settings: DatabaseSettings) -> Stamp | None:
-    """Read the stamp over an open connection; None when the database is unstamped."""
-    try:
-        return run(conn, _read_steps())
-    except psycopg.errors.InsufficientPrivilege:
-        raise _unreadable(settings) from None
-
-
-async def aread_stamp_on(conn: AsyncConnection[Any], settings: DatabaseSettings) -> Stamp | None:
-    """`read_stamp_on` over an asyncio connection."""
-    try:
-        return await arun(conn, _read_steps())
-    except psycopg.errors.InsufficientPrivilege:
-        raise _unreadable(settings) from None
+# --- reading on demand ---------------------------------------------------------------------
 
 
 def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
@@ -319,8 +131,6 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
     ``settings`` defaults to `load_settings()`. Reading production needs
     ``PRECOG_PROD_CONFIRMED=yes`` like any other production access.
     """
-    from precog_db.connection import connect, direct_settings  # the chokepoint imports this module
-
     if settings is None:
         settings = load_settings()
     # Behind a transaction pooler the stamp is read on DB_DIRECT_HOST, and messages name that server.
@@ -330,82 +140,6 @@ def read_stamp(settings: DatabaseSettings | None = None) -> Stamp | None:
         return read_stamp_on(conn, settings)
     finally:
         conn.close()
-
-
-# --- checking (at pool open) ---------------------------------------------------------------
-
-
-def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bool = False) -> Stamp | None:
-    """Check the database behind ``conn`` against the environment of ``settings``.
-
-    `precog_db.connection` calls it on every new connection (``quiet`` after
-    the pool's first, so the warnings below are logged once per pool). Returns
-    the stamp (None when unstamped) or raises `EnvironmentMismatchError`,
-    `RestoredCopyError`, `UnstampedDatabaseError` or `StampError`. See the
-    module docstring for the rules.
-    """
-    return judge_stamp(settings, read_stamp_on(conn, settings), quiet=quiet)
-
-
-async def averify_stamp(settings: DatabaseSettings, conn: AsyncConnection[Any], *, quiet: bool = False) -> Stamp | None:
-    """`verify_stamp` over an asyncio connection: the same reading steps and the same `judge_stamp`."""
-    return judge_stamp(settings, await aread_stamp_on(conn, settings), quiet=quiet)
-
-
-def judge_stamp(settings: DatabaseSettings, stamp: Stamp | None, *, quiet: bool = False) -> Stamp | None:
-    """The decision on a stamp read from the database of ``settings`` (no I/O): return it, warn, or raise."""
-    env = settings.env
-    where = settings.describe()
-    if stamp is None:
-        if env in STRICT:
-            raise UnstampedDatabaseError(
-                f"the {where} carries no identity stamp, and {env.value} databases must: "
-                f"without it nothing proves this is the {env.value} database rather than another one "
-                f"reached through a stale setting. If it is the {env.value} database, stamp it once "
-                f"with `{stamp_command(env)}` (or {_call(env)} in Python) and try again"
-            )
-        if quiet:
-            return None
-        log.warning(
-            "database_unstamped",
-            env=env.value,
-            dbname=settings.dbname,
-            host=settings.host,
-            port=settings.port,
-            fix=stamp_command(env),
-        )
-        return None
-    copy = stamp.copy_reason
-    if stamp.env is env:
-        if copy is not None and not quiet:
-            log.warning(
-                "database_copy_detected",
-                env=env.value,
-                dbname=settings.dbname,
-                host=settings.host,
-                port=settings.port,
-                reason=copy,
-                fix=stamp_command(env),
-            )
-        return stamp
-    if copy is not None:
-        raise RestoredCopyError(
-            f"the {where} is {stamp.describe()}, but it is a restored copy ({copy}), so it is not the "
-            f"{stamp.env.value} database itself. If it now belongs to {env.value}, re-stamp it once with "
-            f"`{stamp_command(env, force=True)}` (or {_call(env, force=True)} in Python); until then it is "
-            f"refused, because a real {stamp.env.value} database that moved to a new cluster looks the same"
-        )
-    hint = (
-        " (re-stamping a production database also needs PRECOG_PROD_CONFIRMED=yes)"
-        if stamp.env is Environment.PROD
-        else ""
-    )
-    raise EnvironmentMismatchError(
-        f"the {where} is {stamp.describe()}, but this process resolved environment {env.value}; "
-        f"refusing to open a {stamp.env.value} database as {env.value}. Fix PRECOG_ENV or DB_NAME "
-        "(a stale shell export or a copied .env file is the usual cause). Only if the database really "
-        f"belongs to {env.value} now, re-stamp it with `{stamp_command(env, force=True)}`{hint}"
-    )
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -426,8 +160,6 @@ def stamp_database(
     ``PRECOG_PROD_CONFIRMED=yes``, and so does re-stamping a database stamped
     ``prod`` as anything else, unless it is a restored copy.
     """
-    from precog_db.connection import connect, direct_settings  # the chokepoint imports this module
-
     settings = settings_for(env, settings, caller="stamp_database")
     operation = f"write the {settings.env.value} identity stamp"
     # Behind a transaction pooler the stamp is written on DB_DIRECT_HOST, and messages and logs name that server.
@@ -460,7 +192,7 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
                 cur.execute(_DDL)
             else:
                 cur.execute(_ADD_OID)
-            previous = run(conn, _read_steps(for_update=True))
+            previous = run(conn, read_steps(for_update=True))
             if previous is not None and previous.env is not target:
                 _check_restamp(settings, previous, force=force)
             cur.execute(_UPSERT, (target.value, current_id, current_os_user(), _library_version()))
@@ -469,7 +201,7 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
             cur.execute("SELECT current_database()")
             db_row = cur.fetchone()
     except psycopg.errors.InsufficientPrivilege:
-        raise _privilege_error(
+        raise privilege_error(
             settings,
             f"create or update {TABLE}",
             "stamp as the database owner or a superuser (set DB_USER/DB_PASSWORD for that role just for "
