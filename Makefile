@@ -53,7 +53,7 @@ $(LOWEST_BIN)/.installed: pyproject.toml .ci/lowest-versions.txt
 	touch $@
 
 test-lowest: $(LOWEST_BIN)/.installed
-	$(LOWEST_BIN)/python -m pip list 2>/dev/null | grep -i -E '^(psycopg|psycopg-binary|psycopg-pool|python-dotenv|structlog) '
+	$(LOWEST_BIN)/python -m pip list 2>/dev/null | grep -i -E '^(pglast|psycopg|psycopg-binary|psycopg-pool|python-dotenv|structlog) '
 	$(LOWEST_BIN)/python -m pytest
 
 ## Database tasks through precog-db, for ENV (default dev): `make migrate ENV=test`; options in ARGS/CONFIRM (above).

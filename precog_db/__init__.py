@@ -33,6 +33,7 @@ if TYPE_CHECKING:
         RestoredCopyError,
         SessionStateError,
         StampError,
+        TransactionControlError,
         UnstampedDatabaseError,
     )
     from precog_db.gates import dangerous_operation, delete_all, truncate_tables
@@ -66,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "RestoredCopyError": "precog_db.errors",
     "Stamp": "precog_db.stamp",
     "StampError": "precog_db.errors",
+    "TransactionControlError": "precog_db.errors",
     "UnstampedDatabaseError": "precog_db.errors",
     "close_pool": "precog_db.pool",
     "configure_logging": "precog_db.log",
@@ -105,6 +107,7 @@ __all__ = [
     "SessionStateError",
     "Stamp",
     "StampError",
+    "TransactionControlError",
     "UnstampedDatabaseError",
     "close_pool",
     "configure_logging",

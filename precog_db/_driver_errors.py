@@ -18,6 +18,7 @@ __all__ = [
     "PoolExhaustedError",
     "ReadOnlyWriteError",
     "SessionStateError",
+    "TransactionControlError",
 ]
 
 
@@ -43,3 +44,7 @@ class ReadOnlyWriteError(PrecogDBError, psycopg.errors.ReadOnlySqlTransaction):
 
 class SessionStateError(PrecogDBError, psycopg.ProgrammingError):
     """A statement that would change the server session, refused behind a transaction-mode pooler."""
+
+
+class TransactionControlError(PrecogDBError, psycopg.ProgrammingError):
+    """A BEGIN, COMMIT or ROLLBACK statement inside a block whose transaction the library manages."""

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
         PoolExhaustedError,
         ReadOnlyWriteError,
         SessionStateError,
+        TransactionControlError,
     )
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "RestoredCopyError",
     "SessionStateError",
     "StampError",
+    "TransactionControlError",
     "UnstampedDatabaseError",
     "UsageError",
 ]
@@ -161,6 +163,7 @@ _DRIVER_ERRORS = frozenset(
         "PoolExhaustedError",
         "ReadOnlyWriteError",
         "SessionStateError",
+        "TransactionControlError",
     }
 )
 

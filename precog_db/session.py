@@ -42,7 +42,7 @@ and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_s
 
 from __future__ import annotations
 
-import re
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -54,7 +54,8 @@ from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db.errors import ReadOnlyWriteError, SessionStateError
+from precog_db._sqlclass import CLEAN, classify
+from precog_db.errors import ReadOnlyWriteError, SessionStateError, TransactionControlError
 
 #: A connection of either layer.
 AnyConnection = Connection[Any] | AsyncConnection[Any]
@@ -72,63 +73,89 @@ __all__ = [
     "restore",
 ]
 
-#: Statements that cannot change session state by themselves (their text is still
-#: checked for session-changing functions, ``INTO``, temporary objects and a second statement).
-_CLEAN = frozenset(
-    b"select with values table show insert update delete merge copy fetch move savepoint release lock "
-    b"create alter drop comment grant revoke truncate analyze vacuum refresh cluster reindex".split()
-)
-#: ``SET`` forms that end with the transaction.
-_TRANSACTION_SET = frozenset(b"local transaction constraints".split())
-#: Leading comments, whitespace and parentheses, then the first one or two words. A nested
-#: comment (PostgreSQL allows them) does not match, so its statement counts as session-changing.
-_LEAD = re.compile(rb"(?:\s+|--[^\n\r]*|/\*(?:(?!\*/|/\*).)*\*/|\()*([a-z_]+)(?:\s+([a-z_]+))?", re.I | re.S)
-#: Functions that change the session, wherever they appear: settings, session
-#: advisory locks (not the ``_xact_`` ones), dblink connections; ``SELECT … INTO``;
-#: temporary objects (``CREATE TEMP …``, anything in ``pg_temp``).
-#: ``pg_settings``: updating the view calls set_config. ``U&``: a Unicode-escaped identifier
-#: (``U&"set\\005fconfig"``) can spell any of these without their text appearing.
-#: ``query_to_xml`` and its family run SQL given as text (built-ins: a function of the application's
-#: own that runs dynamic SQL is the documented limit, docs/DESIGN.md).
-_RISKY = re.compile(
-    rb"set_config|pg_settings|advisory_lock|dblink|query_to_xml|cursor_to_xml|\binto\b|\btemp(?:orary)?\b|pg_temp|u&",
-    re.I,
-)
-_INSERT_INTO = re.compile(rb"\b(?:insert|merge)\s+into\b", re.I)
-_VERDICTS: dict[bytes, bool] = {}
-_VERDICTS_MAX = 4096
+_IDLE = TransactionStatus.IDLE
 
 
 def changes_session(query: bytes) -> bool:
-    """True unless ``query`` is surely free of session side effects (false positives only cost a reset)."""
-    verdict = _VERDICTS.get(query)
-    if verdict is None:
-        verdict = _judge(query)
-        if len(_VERDICTS) >= _VERDICTS_MAX:
-            _VERDICTS.clear()
-        _VERDICTS[query] = verdict
-    return verdict
+    """True unless PostgreSQL's parser shows ``query`` leaves nothing in the session (`precog_db._sqlclass`)."""
+    return classify(query).session is not None
 
 
-def _judge(query: bytes) -> bool:
-    lead = _LEAD.match(query)
-    if lead is None:
-        return True
-    first = lead.group(1).lower()
-    if first == b"set":
-        second = (lead.group(2) or b"").lower()
-        if second not in _TRANSACTION_SET:
-            return True
-    elif first not in _CLEAN:
-        return True
-    if b";" in query.rstrip(b" \t\r\n;"):  # a second statement (or a ';' in a literal: a needless reset)
-        return True
-    return _RISKY.search(_INSERT_INTO.sub(b"", query)) is not None
+def _in_read_only_default(conn: Any) -> bool:
+    """No transaction is open or being opened: the session's read-only default is the only guard."""
+    return (
+        bool(conn._autocommit)
+        and conn.pgconn.transaction_status == _IDLE
+        and not conn._num_transactions
+        and conn._pipeline is None
+        and getattr(conn, "_precog_pending_begin", None) is None
+    )
 
 
 def _mark(conn: Any, query: bytes) -> None:
-    if changes_session(query):
+    """Judge one statement before it is sent: mark the session dirty, or refuse it (both layers)."""
+    verdict = classify(query)
+    if verdict is CLEAN:
+        return
+    if verdict.session is not None:
+        if getattr(conn, "_precog_shared", False):
+            raise SessionStateError(
+                f"this statement changes the server session ({verdict.session}), and behind a transaction-mode "
+                "pooler (DB_POOLER=transaction) the session is shared with other clients; the statement was not "
+                "sent. Use SET LOCAL, set_config(..., true) or pg_advisory_xact_lock inside "
+                "get_cursor(commit=True), ON COMMIT DROP for temporary tables, or DB_POOLER=session"
+            )
         conn._precog_dirty = True
+    if verdict.escapes is not None and _in_read_only_default(conn):
+        raise ReadOnlyWriteError(
+            f"refused before it was sent: {verdict.escapes}, which would get past the read-only default of "
+            "pooled connections. To write, use get_cursor(commit=True), or `with conn.transaction():` on a "
+            "get_connection() connection"
+        )
+    if verdict.ends_transaction and conn._num_transactions:
+        raise TransactionControlError(
+            "refused before it was sent: a BEGIN, COMMIT or ROLLBACK statement inside get_cursor(commit=True) or "
+            "conn.transaction() would end the block's transaction, and what follows would run outside it. The "
+            "block commits when it ends (and rolls back if it raises); for a partial undo nest "
+            "conn.transaction(), which uses a savepoint"
+        )
+
+
+def _untracked_statement(conn: Any) -> None:
+    """A statement from a cursor the pool did not make (a hand-built psycopg cursor, a changed cursor_factory)."""
+    if conn._precog_shared:
+        raise SessionStateError(
+            "behind a transaction-mode pooler (DB_POOLER=transaction) statements run only through the pool's own "
+            "cursors (get_cursor(), conn.execute(), conn.cursor()), which keep them read-only outside a "
+            "transaction and refuse session state; a hand-built psycopg cursor or a replaced cursor_factory "
+            "would bypass both. The statement was not sent"
+        )
+    conn._precog_dirty = True  # its statement was not judged: the session may have changed
+
+
+def _watch_statements(conn: AnyConnection) -> None:
+    """Make every cursor's statement on ``conn`` pass `_untracked_statement` unless a pool cursor sent it.
+
+    psycopg's cursors, all of them, call ``conn._start_query()`` before sending a
+    statement (``execute``, ``stream``, a server cursor's ``DECLARE``, ``copy``);
+    the pool's cursors raise ``_precog_own`` just before. The hook is an
+    instance attribute holding only a weak reference, so the connection is
+    still freed by reference counting, never left for the garbage collector.
+    """
+    ref = weakref.ref(conn)
+    start = type(conn)._start_query
+
+    def _start_query() -> PQGen[None]:
+        c: Any = ref()
+        if c._precog_own:
+            c._precog_own = False
+        else:
+            _untracked_statement(c)
+        return start(c)
+
+    c: Any = conn
+    c._precog_own = False
+    c._start_query = _start_query
 
 
 class _TrackingPrepareManager(PrepareManager):
@@ -137,14 +164,17 @@ class _TrackingPrepareManager(PrepareManager):
     Every ``execute``/``executemany`` of any cursor on the connection, including a
     ``psycopg.ClientCursor(conn)`` or ``psycopg.Cursor(conn)`` built by hand
     (which bypasses the connection's ``cursor_factory``), asks it whether to
-    prepare the statement: so it sees the statement text and marks the session
-    dirty exactly like `PrecogCursor` does.
+    prepare the statement: so it sees the statement text and judges it exactly
+    like `PrecogCursor` does (`_mark`: dirty, or refused before it is sent).
     """
 
     dirty = False
+    _conn: Callable[[], Any] = staticmethod(lambda: None)
 
     def get(self, query: Any, prepare: bool | None = None) -> Any:
-        if not self.dirty and changes_session(query.query):
+        if (conn := self._conn()) is not None:
+            _mark(conn, query.query)
+        elif not self.dirty and changes_session(query.query):
             self.dirty = True
         return super().get(query, prepare)
 
@@ -171,6 +201,10 @@ class _Marking:
         pgq = super()._convert_query(query, params)  # type: ignore[misc]
         _mark(self._conn, pgq.query)
         return pgq
+
+    def _start_query(self, query: Any = None) -> Any:
+        self._conn._precog_own = True  # judged by _convert_query: not an untracked statement
+        return super()._start_query(query)  # type: ignore[misc]
 
 
 def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:
@@ -255,39 +289,33 @@ class AsyncPrecogCursor(_Marking, psycopg.AsyncCursor[Any]):
 
 
 class _DeclareMarking:
-    """The named-cursor hook shared by both layers: a ``WITH HOLD`` cursor outlives its transaction (no I/O)."""
+    """The named-cursor hook shared by both layers: a ``WITH HOLD`` cursor outlives its transaction (no I/O).
+
+    The ``DECLARE`` itself, the query inside it included, is judged like any
+    statement by `_Marking` when psycopg converts it.
+    """
 
     __slots__ = ()
     _conn: Any
     _withhold: bool
 
     def _make_declare_statement(self, query: Any) -> Any:
-        if self._withhold:
-            if getattr(self._conn, "_precog_shared", False):
-                raise SessionStateError(
-                    "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
-                    "pooler (DB_POOLER=transaction) shares with other clients; the statement was not sent. "
-                    "Fetch the rows inside the transaction, or use DB_POOLER=session"
-                )
-            self._conn._precog_dirty = True
-        elif isinstance(query, str):
-            _mark(self._conn, query.encode())
-        elif isinstance(query, bytes):
-            _mark(self._conn, query)
-        elif isinstance(query, psycopg.sql.Composable):
-            _mark(self._conn, query.as_bytes(self._conn))
-        else:
-            self._conn._precog_dirty = True
+        if self._withhold and getattr(self._conn, "_precog_shared", False):
+            raise SessionStateError(
+                "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
+                "pooler (DB_POOLER=transaction) shares with other clients; the statement was not sent. "
+                "Fetch the rows inside the transaction, or use DB_POOLER=session"
+            )
         return super()._make_declare_statement(query)  # type: ignore[misc]
 
 
-class PrecogServerCursor(_DeclareMarking, psycopg.ServerCursor[Any]):
-    """The pool's named cursor: a ``WITH HOLD`` cursor outlives its transaction, so it marks the connection dirty."""
+class PrecogServerCursor(_DeclareMarking, _Marking, psycopg.ServerCursor[Any]):
+    """The pool's named cursor: its ``DECLARE`` is judged like any statement (``WITH HOLD`` marks the session)."""
 
     __slots__ = ()
 
 
-class AsyncPrecogServerCursor(_DeclareMarking, psycopg.AsyncServerCursor[Any]):
+class AsyncPrecogServerCursor(_DeclareMarking, _Marking, psycopg.AsyncServerCursor[Any]):
     """`PrecogServerCursor` for `precog_db.aio`."""
 
     __slots__ = ()
@@ -341,9 +369,11 @@ def adopt(conn: AnyConnection, cursor_factory: type[Any] | None = None, *, share
     tracker = _TrackingPrepareManager()
     tracker.prepare_threshold = c._prepared.prepare_threshold
     tracker.prepared_max = c._prepared.prepared_max
+    tracker._conn = weakref.ref(c)
     c._prepared = tracker
     c.cursor_factory, c.server_cursor_factory = c._precog_factories
     c._precog_shared = shared
+    _watch_statements(conn)
     c._precog_dirty = False
     c._precog_busy = False
 

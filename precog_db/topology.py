@@ -36,7 +36,6 @@ the parameters the server pushes, no round trip) is discarded, not lent.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -48,7 +47,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db._pipelining import FirstStatementCursor
-from precog_db.errors import SessionStateError
+from precog_db._sqlclass import classify
 from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
 
@@ -67,26 +66,10 @@ _END = b"ROLLBACK"
 _HOT_STANDBY = b"in_hot_standby"
 _ON = b"on"
 
-#: Statements whose effect outlives their transaction (or is committed with it) on the server session.
-_SESSION_LEVEL = re.compile(
-    rb"""^(?:\s+|--[^\n]*|/\*.*?\*/|\()*(?:
-        set\s+(?!local\b|transaction\b|constraints\b)
-      | reset\b | discard\b | listen\b | unlisten\b | load\b
-      | prepare\s+(?!transaction\b)
-      | deallocate\b
-      | declare\b[^;]*\bwith\s+hold\b
-      | create\s+(?:(?:global|local)\s+)?temp(?:orary)?\b(?![^;]*\bon\s+commit\s+drop\b)
-    )
-    | \bpg_(?:try_)?advisory_(?:lock|unlock)(?:_shared|_all)?\b
-    | \bset_config\s*\([^)]*,\s*(?:false|'f(?:alse)?')\s*\)
-    """,
-    re.I | re.S | re.X,
-)
-
 
 def session_level(query: bytes) -> bool:
-    """True if ``query`` would leave state in the server session (see the module docstring)."""
-    return _SESSION_LEVEL.search(query) is not None
+    """True if ``query`` would leave state in the server session (PostgreSQL's parser decides: `_sqlclass`)."""
+    return classify(query).session is not None
 
 
 def cannot_write(pgconn: PGconn) -> bool:
@@ -121,18 +104,6 @@ class PoolerCursor(PrecogCursor):
 
     __slots__ = ()
 
-    def _convert_query(self, query: Any, params: Any = None) -> Any:
-        pgq = super()._convert_query(query, params)
-        if session_level(pgq.query):
-            raise SessionStateError(
-                "this statement changes the server session (SET without LOCAL, RESET, DISCARD, PREPARE, LISTEN, "
-                "a session advisory lock, a WITH HOLD cursor or a temporary table), and behind a transaction-mode "
-                "pooler (DB_POOLER=transaction) the session is shared with other clients; the statement was not "
-                "sent. Use SET LOCAL or pg_advisory_xact_lock inside get_cursor(commit=True), ON COMMIT DROP "
-                "for temporary tables, or DB_POOLER=session"
-            )
-        return pgq
-
     def _outside_transaction(self) -> bool:
         conn: Any = self._conn
         # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
@@ -144,6 +115,7 @@ class PoolerCursor(PrecogCursor):
         )
 
     def _plain(self, command: bytes) -> None:
+        self._conn._precog_own = True  # the library's own BEGIN READ ONLY / ROLLBACK, not a hand-built cursor
         psycopg.Cursor(self._conn).execute(command, prepare=False)
 
     def _end(self) -> None:
