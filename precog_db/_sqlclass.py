@@ -235,6 +235,7 @@ def _look(node: ast.Node, found: _Findings) -> None:
     elif isinstance(node, ast.UpdateStmt):
         if isinstance(node.relation, ast.RangeVar) and node.relation.relname == "pg_settings":
             found.leaves("updating pg_settings changes session settings")
+            found.writes("updating pg_settings may turn the read-only default off")
     elif isinstance(node, ast.FuncCall):
         _look_call(node, found)
 
@@ -247,10 +248,29 @@ def _look_set(node: ast.VariableSetStmt, found: _Findings) -> None:
         if _opens_read_write(node.args):
             found.writes("it makes the transaction READ WRITE")
         return
-    if name in _READ_ONLY_SETTINGS:
-        found.writes(f"it sets {name}")
+    if node.kind == VariableSetKind.VAR_RESET_ALL:
+        found.writes("RESET ALL may turn the read-only default off")
+    elif name in _READ_ONLY_SETTINGS and not _sets_on(node):
+        found.writes(f"it changes {name}")
     if not node.is_local:
         found.leaves("SET without LOCAL (or RESET) changes the session")
+
+
+def _sets_on(node: ast.VariableSetStmt) -> bool:
+    """``SET <read-only setting> = on`` (what the session-mode pooler setup sends): no escape."""
+    args = node.args or ()
+    if node.kind != VariableSetKind.VAR_SET_VALUE or len(args) != 1:
+        return False
+    arg = args[0]
+    if isinstance(arg, ast.A_Const) and isinstance(arg.val, ast.Integer):
+        return arg.val.ival == 1
+    return _is_true(arg)
+
+
+def _literal_text(arg: Any) -> str | None:
+    if isinstance(arg, ast.A_Const) and isinstance(arg.val, ast.String):
+        return (arg.val.sval or "").strip().lower()
+    return None
 
 
 def _look_call(node: ast.FuncCall, found: _Findings) -> None:
@@ -261,6 +281,9 @@ def _look_call(node: ast.FuncCall, found: _Findings) -> None:
     if name == "set_config":
         if len(args) != 3 or not _is_true(args[2]):
             found.leaves("set_config whose third argument is not a literal true changes the session")
+        setting = _literal_text(args[0]) if args else None
+        if setting is None or setting in _READ_ONLY_SETTINGS:
+            found.writes("set_config may turn the read-only default off")
     elif name in _ADVISORY_SESSION:
         found.leaves("a session advisory lock outlives its transaction")
     elif name.startswith("dblink"):

@@ -78,7 +78,8 @@ _IDLE = TransactionStatus.IDLE
 
 def changes_session(query: bytes) -> bool:
     """True unless PostgreSQL's parser shows ``query`` leaves nothing in the session (`precog_db._sqlclass`)."""
-    return classify(query).session is not None
+    verdict = classify(query)
+    return verdict.session is not None or verdict.ends_transaction  # a BEGIN left open: reset, conservatively
 
 
 def _in_read_only_default(conn: Any) -> bool:
@@ -106,6 +107,8 @@ def _mark(conn: Any, query: bytes) -> None:
                 "get_cursor(commit=True), ON COMMIT DROP for temporary tables, or DB_POOLER=session"
             )
         conn._precog_dirty = True
+    elif verdict.ends_transaction and not conn._precog_shared:
+        conn._precog_dirty = True  # a BEGIN its borrower may leave open: checked and undone on return
     if verdict.escapes is not None and _in_read_only_default(conn):
         raise ReadOnlyWriteError(
             f"refused before it was sent: {verdict.escapes}, which would get past the read-only default of "
@@ -210,7 +213,7 @@ class _Marking:
 def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:
     """After a server error: the statement ended cleanly; the error to raise (``exc`` or a `ReadOnlyWriteError`)."""
     conn._precog_busy = False
-    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+    if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) and not isinstance(exc, ReadOnlyWriteError):
         return _forgot_commit(conn, exc)
     return exc
 

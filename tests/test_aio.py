@@ -141,7 +141,8 @@ class TestIsolation:
     async def test_a_set_does_not_reach_the_next_borrower(self, apool: AsyncPrecogPool) -> None:
         """A borrower's SET (even turning read-only off) is undone by DISCARD ALL before the next one."""
         async with aio.get_connection() as conn:
-            await conn.execute("SET default_transaction_read_only = off")
+            async with conn.transaction():  # outside one, turning read-only off is refused unsent (21.7)
+                await conn.execute("SET default_transaction_read_only = off")
             await conn.execute("SET application_name = 'changed'")
             first = conn
         async with aio.get_cursor() as cur:

@@ -17,7 +17,7 @@ import pytest
 from psycopg import IsolationLevel
 from psycopg.pq import Trace
 
-from precog_db import get_connection, get_cursor, get_pool, initialize_pool
+from precog_db import ReadOnlyWriteError, get_connection, get_cursor, get_pool, initialize_pool
 from precog_db.session import changes_session
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -75,8 +75,8 @@ class TestReadOnlyPromise:
         ],
     )
     def test_a_block_cannot_leave_the_session_writable(self, one: int, statement: str) -> None:
-        """A get_cursor() block that turns read-only off does not let the next plain block write."""
-        with get_cursor() as cur:
+        """A get_cursor() block that tries to turn read-only off is refused before sending it (21.7)."""
+        with pytest.raises(ReadOnlyWriteError, match="refused before it was sent"), get_cursor() as cur:
             cur.execute(statement)
         _same_session(one)
         _plain_insert_is_refused()
@@ -99,7 +99,10 @@ class TestReadOnlyPromise:
     def test_raw_connection_cannot_leave_the_session_writable(self, one: int) -> None:
         """A get_connection() borrower that turns read-only off does not leave it off."""
         with get_connection() as conn:
-            conn.execute("SET default_transaction_read_only = off")
+            with pytest.raises(ReadOnlyWriteError, match="refused before it was sent"):
+                conn.execute("SET default_transaction_read_only = off")  # outside a transaction: refused (21.7)
+            with conn.transaction():
+                conn.execute("SET default_transaction_read_only = off")  # inside one: allowed, then undone
         _same_session(one)
         _plain_insert_is_refused()
 
@@ -318,6 +321,8 @@ class TestClassifier:
             "CREATE TABLE t (x int)",
             "COPY t FROM STDIN",
             "SHOW search_path",
+            "SELECT pg_catalog.set_config('a.b', 'x', true)",
+            "",
         ],
     )
     def test_clean_statements(self, sql: str) -> None:
@@ -331,7 +336,7 @@ class TestClassifier:
             "set  session characteristics as transaction read write",
             "RESET ALL",
             "SELECT set_config('search_path', 'x', false)",
-            "SELECT pg_catalog.set_config('a.b', 'x', true)",
+            "SELECT pg_catalog.set_config('a.b', 'x', $1)",
             "SELECT pg_advisory_lock(1)",
             "SELECT pg_try_advisory_lock_shared(1)",
             "SELECT 1; SET search_path = x",
@@ -347,7 +352,7 @@ class TestClassifier:
             "CALL p()",
             "BEGIN",
             "/* unclosed /* nested */ SELECT 1 */ SET x = 1",
-            "",
+            "SELECT ts_rewrite('a'::tsquery, 'SELECT 1')",
         ],
     )
     def test_session_changing_statements(self, sql: str) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
 from precog_db._pipelining import _Queueing, abegin_pending
-from precog_db.errors import CommitOutcomeUnknownError, ReadOnlyWriteError
+from precog_db.errors import CommitOutcomeUnknownError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 from tests._helpers.topology import pgbouncer
@@ -250,25 +250,25 @@ def bouncer(pg_server: Server, test_db: str) -> Iterator[int]:
 def test_pooler_write_after_commit_statement_is_refused(
     pg_server: Server, test_db: str, bouncer: int, table: str
 ) -> None:
-    """PoolerCursor._outside_transaction now trusts conn._num_transactions even outside pipeline mode.
+    """A ``COMMIT`` statement inside ``conn.transaction()`` is refused before it is sent (21.7).
 
-    After ``COMMIT`` run as a statement the server is IDLE but psycopg still counts the block's
-    transaction: the next INSERT is sent bare (autocommit, read-write, no read-only wrapper) and is
-    committed at once, surviving the block's exception. Before this change (3383e2e), and on a direct
-    pool, it is refused with ReadOnlyWriteError.
+    Before: after ``COMMIT`` run as a statement the server was IDLE but psycopg still counted the
+    block's transaction, and the next INSERT was sent bare (autocommit, read-write) and committed at
+    once (3383e2e fixed that by refusing the INSERT). Now the COMMIT itself is refused with
+    `TransactionControlError`, so the block's transaction stays whole and rolls back with the error.
     """
     settings = pg_server.settings(
         port=bouncer, pooler="transaction", direct_host=pg_server.host, direct_port=pg_server.port
     )
     initialize_pool(settings=settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
     try:
-        with pytest.raises(ReadOnlyWriteError), get_connection() as conn, conn.transaction():
+        with pytest.raises(TransactionControlError), get_connection() as conn, conn.transaction():
             conn.execute(INSERT, (1,))
             conn.execute("COMMIT")
-            conn.execute(INSERT, (2,))  # a write outside any transaction on a get_connection()
+            conn.execute(INSERT, (2,))  # never reached
     finally:
         close_pool()
-    assert _rows(pg_server, test_db) == [1]
+    assert _rows(pg_server, test_db) == []
 
 
 # --- 6. asyncio: a cursor kept from an ended block takes nothing from the connection's next borrower -------

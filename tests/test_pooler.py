@@ -215,8 +215,11 @@ class TestTransactionMode:
             cur.execute("SET statement_timeout = 1234")
         with pytest.raises(SessionStateError), get_cursor(commit=True) as cur:
             cur.execute("SELECT pg_advisory_lock(42)")
-        with get_cursor() as cur:
+        with pytest.raises(SessionStateError, match="not a literal true"), get_cursor() as cur:
+            # A bound third argument is not provably local (21.2): refused unsent, even in a read.
             cur.execute("SELECT set_config(%s, %s, %s) AS v", ("statement_timeout", "4321", False))
+        with get_cursor() as cur:  # a literal true is transaction-local: allowed
+            cur.execute("SELECT set_config('statement_timeout', '4321', true) AS v")
             assert cur.fetchone() == {"v": "4321ms"}
         with _raw(bouncer) as other:  # the same (single) server connection behind PgBouncer
             assert other.execute("SHOW statement_timeout").fetchone() == ("0",)

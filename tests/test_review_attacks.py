@@ -55,7 +55,7 @@ class TestBorrowerIsolation:
     def test_pool_connection_cannot_turn_read_only_off_for_next_borrower(self, one_conn: None) -> None:
         """A block lent through psycopg_pool's own pool.connection() must not leave the session writable."""
         pool = get_pool()
-        with pool.connection() as conn:
+        with pool.connection() as conn, conn.transaction():  # outside one it is refused unsent (21.7)
             conn.execute("SET default_transaction_read_only = off")
         with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), get_cursor() as cur:
             cur.execute("INSERT INTO rv_items VALUES (1)")
