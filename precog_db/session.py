@@ -43,7 +43,8 @@ and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_s
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -256,6 +257,17 @@ class PrecogCursor(_Marking, psycopg.Cursor[Any]):
             return
         raise error.with_traceback(None)
 
+    @contextmanager
+    def copy(self, statement: Any, params: Any = None, *, writer: Any = None) -> Iterator[Any]:
+        """``COPY … FROM`` refused by the read-only default says what to do, like `execute` (21.7)."""
+        try:
+            with super().copy(statement, params, writer=writer) as copy:
+                yield copy
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            if (error := _statement_failed(self._conn, exc)) is exc:
+                raise
+            raise error.with_traceback(None) from None
+
 
 class AsyncPrecogCursor(_Marking, psycopg.AsyncCursor[Any]):
     """`PrecogCursor` for `precog_db.aio`: the same classifier and the same error translation."""
@@ -289,6 +301,17 @@ class AsyncPrecogCursor(_Marking, psycopg.AsyncCursor[Any]):
             conn._precog_busy = False
             return
         raise error.with_traceback(None)
+
+    @asynccontextmanager
+    async def copy(self, statement: Any, params: Any = None, *, writer: Any = None) -> AsyncIterator[Any]:
+        """`PrecogCursor.copy` for `precog_db.aio`."""
+        try:
+            async with super().copy(statement, params, writer=writer) as copy:
+                yield copy
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            if (error := _statement_failed(self._conn, exc)) is exc:
+                raise
+            raise error.with_traceback(None) from None
 
 
 class _DeclareMarking:

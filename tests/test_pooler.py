@@ -260,6 +260,89 @@ class TestTransactionMode:
             assert list(cur.stream("SELECT generate_series(1, 2) AS g")) == [{"g": 1}, {"g": 2}]
 
 
+#: Each of these was sent and committed behind PgBouncer by the regular expressions (issue 21 item 2).
+SESSION_ATTACKS: dict[str, tuple[str, tuple[Any, ...] | None]] = {
+    "SET with a comment for a space": ("SET/**/search_path = evil", None),
+    "SET as a second statement": ("SELECT 1; SET search_path = evil", None),
+    "set_config with a bound false": ("SELECT set_config('app.tenant', 'a', %s)", (False,)),
+    "set_config with 1=0": ("SELECT set_config('app.tenant', 'a', 1=0)", None),
+    "set_config with 'off'": ("SELECT set_config('app.tenant', 'a', 'off')", None),
+    "set_config with false::boolean": ("SELECT set_config('app.tenant', 'a', false::boolean)", None),
+    "set_config spelled with U&": ("SELECT U&\"set\\005fconfig\"('app.tenant', 'a', false)", None),
+    "a table in pg_temp": ("CREATE TABLE pg_temp.orders (ref int)", None),
+    "SELECT INTO TEMP": ("SELECT 1 AS ref INTO TEMP orders", None),
+    "a temporary view": ("CREATE OR REPLACE TEMP VIEW v AS SELECT 1", None),
+    "WITH HOLD with a comment for a space": ("DECLARE c CURSOR WITH/**/HOLD FOR SELECT 1", None),
+    "an advisory lock spelled with U&": ('SELECT U&"pg\\005fadvisory\\005flock"(4242)', None),
+}
+
+
+class TestParserBehindThePooler:
+    @pytest.mark.parametrize("how", sorted(SESSION_ATTACKS))
+    def test_session_state_is_refused_unsent(
+        self, tx_settings: DatabaseSettings, bouncer: int, pg_server: Server, test_db: str, how: str
+    ) -> None:
+        """Every spelling the regular expressions let through is refused before it is sent (21.2)."""
+        sql, params = SESSION_ATTACKS[how]
+        initialize_pool(settings=tx_settings)
+        with pytest.raises(SessionStateError, match="was not sent"), get_cursor(commit=True) as cur:
+            cur.execute(sql, params)
+        with _raw(bouncer) as other:  # the one server connection every client shares
+            assert other.execute("SHOW search_path").fetchone() == ('"$user", public',)
+            assert other.execute("SELECT current_setting('app.tenant', true)").fetchone() in ((None,), ("",))
+        with pg_server.connect(test_db) as admin:
+            temp = admin.execute("SELECT count(*) FROM pg_class WHERE relpersistence = 't'").fetchone()
+            locks = admin.execute(
+                "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database "
+                "WHERE l.locktype = 'advisory' AND d.datname = current_database()"
+            ).fetchone()
+        assert temp == (0,)
+        assert locks == (0,)
+
+    def test_a_temp_table_cannot_swallow_other_clients_commits(
+        self, tx_settings: DatabaseSettings, pg_server: Server, test_db: str
+    ) -> None:
+        """CREATE TABLE pg_temp.orders is refused, so five committed INSERTs all reach public.orders (21.2)."""
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS public.orders")
+            admin.execute("CREATE TABLE public.orders (ref int)")
+        initialize_pool(settings=tx_settings)
+        try:
+            with pytest.raises(SessionStateError), get_cursor(commit=True) as cur:
+                cur.execute("CREATE TABLE pg_temp.orders (ref int)")
+            for ref in range(5):
+                with get_cursor(commit=True) as cur:
+                    cur.execute("INSERT INTO orders VALUES (%s)", (ref,))
+            with pg_server.connect(test_db) as admin:
+                assert admin.execute("SELECT count(*) FROM public.orders").fetchone() == (5,)
+        finally:
+            with pg_server.connect(test_db) as admin:
+                admin.execute("DROP TABLE IF EXISTS public.orders")
+
+    def test_hand_built_cursors_cannot_write_past_the_read_only_default(
+        self, tx_settings: DatabaseSettings, pg_server: Server, test_db: str
+    ) -> None:
+        """A hand-built cursor or a replaced cursor_factory is refused unsent behind the pooler (21.3)."""
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE IF EXISTS pooler_raw")
+            admin.execute("CREATE TABLE pooler_raw (x int)")
+        initialize_pool(settings=tx_settings)
+        with pytest.raises(SessionStateError, match="hand-built"), get_connection() as conn:
+            psycopg.Cursor(conn).execute("INSERT INTO pooler_raw VALUES (1)")
+        with pytest.raises(SessionStateError, match="hand-built"), get_cursor() as cur:
+            cur.connection.cursor_factory = psycopg.ClientCursor
+            cur.connection.execute("INSERT INTO pooler_raw VALUES (2)")
+        with pytest.raises(SessionStateError, match="hand-built"), get_cursor() as cur:
+            list(psycopg.Cursor(cur.connection).stream("INSERT INTO pooler_raw VALUES (3) RETURNING x"))
+        with get_cursor() as cur:  # the pool's own cursors still read, and still refuse writes
+            cur.execute("SELECT count(*) AS n FROM pooler_raw")
+            assert cur.fetchone() == {"n": 0}
+        with pytest.raises(ReadOnlyWriteError), get_connection() as conn:
+            conn.execute("INSERT INTO pooler_raw VALUES (4)")
+        with pg_server.connect(test_db) as admin:
+            assert admin.execute("SELECT count(*) FROM pooler_raw").fetchone() == (0,)
+
+
 class TestDirectConnections:
     def test_refused_without_direct_host(self, pg_server: Server, bouncer: int) -> None:
         """Stamp, pg_dump/pg_restore and CLI connections are refused behind a transaction pooler with no direct host."""
