@@ -24,7 +24,8 @@ worker replaces.
 psycopg_pool private names used here, beyond those `precog_db.pool` lists
 (checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
 ``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
-``_nconns_min``, ``_nconns``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
+``_nconns_min``, ``_nconns``, ``_closed``, ``_reset`` (read by `checkin_verdict`),
+``_check_open_getconn``, ``_maybe_grow_pool``,
 ``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
 ``worker`` (overridden: `AsyncPrecogPool.worker`), ``_start_workers``, ``pool_async.StopWorker``,
 the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
