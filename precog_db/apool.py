@@ -1,9 +1,10 @@
 """The asyncio connection pool: `AsyncPrecogPool`, one per process, for `precog_db.aio`.
 
 The twin of `precog_db.pool` built on `psycopg_pool.AsyncConnectionPool`, with
-the same rules and the same shared, non-I/O pieces (`PoolFaults`,
-`pooled_connect_kwargs`, `check_pool_kwargs`, `check_still_read_only`,
-`connection_is_usable`, `precog_db.session`): connections are autocommit and
+the same rules and the same shared, non-I/O pieces (`precog_db._pool_base`:
+the `PoolBase` mixin, `connection_is_usable`, `checkin_verdict`,
+`refuse_foreign`, `audited_open`; the `Registry` of `precog_db._pool_registry`;
+`precog_db.session`): connections are autocommit and
 read-only by default, every physical connection passes the chokepoint
 (`check_target` before, `aprepare` after), a checkout checks liveness without a
 round trip, and a checkin costs no round trip unless the borrower changed the
@@ -23,7 +24,8 @@ worker replaces.
 psycopg_pool private names used here, beyond those `precog_db.pool` lists
 (checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
 ``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
-``_nconns_min``, ``_nconns``, ``_closed``, ``_check_open_getconn``, ``_maybe_grow_pool``,
+``_nconns_min``, ``_nconns``, ``_closed``, ``_reset`` (read by `checkin_verdict`),
+``_check_open_getconn``, ``_maybe_grow_pool``,
 ``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
 ``worker`` (overridden: `AsyncPrecogPool.worker`), ``_start_workers``, ``pool_async.StopWorker``,
 the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
@@ -47,21 +49,26 @@ from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool_async import AddConnection, MaintenanceTask, StopWorker
 
 from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
+from precog_db._pool_base import (
+    BAD,
+    CLOSE,
+    KEEP,
+    PoolBase,
+    audited_open,
+    check_still_read_only,
+    checkin_verdict,
+    connection_is_usable,
+    log_closed,
+    log_opened,
+    refuse_foreign,
+)
+from precog_db._pool_registry import Registry
 from precog_db.connection import check_gate
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
-from precog_db.metrics import FOLD_AT, PoolRecorder, PoolState
-from precog_db.pool import (
-    PoolFaults,
-    Registry,
-    _audit_open,
-    check_still_read_only,
-    connection_is_usable,
-    lent_ms,
-    refuse_foreign,
-)
+from precog_db.metrics import PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.topology import session_setup_sql
@@ -108,7 +115,7 @@ class _Waiter:
         return True
 
 
-class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
+class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     """A `psycopg_pool.AsyncConnectionPool` that knows its environment and settings.
 
     `lend` / `give_back` are what `precog_db.aio` uses (``getconn`` /
@@ -123,6 +130,11 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
     and read replicas (``DB_REPLICA_HOSTS``) are refused with a
     `ConfigurationError`: use the sync API for those (docs/TOPOLOGY.md).
     """
+
+    _KIND = "AsyncPrecogPool"
+    _API_HINT = "precog_db.aio.get_cursor()/get_pool()"
+    #: One event loop: the retry counters need no lock.
+    _retries_lock = contextlib.nullcontext()
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
         for key in _UNSUPPORTED:
@@ -142,17 +154,12 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         # resolved each time (DB_PASSWORD_FILE re-read, the provider called).
         super().__init__("", kwargs=self._connection_kwargs, **params)
 
-    def __repr__(self) -> str:
-        return f"<AsyncPrecogPool {self.name!r} env={self.env.value}>"
-
     def _metrics_state(self) -> PoolState | None:
         """The pool's current state for `precog_db.metrics` (None when closed); read at snapshot time only."""
         if getattr(self, "_closed", True):  # closed, or still being constructed
             return None
-        idle = len(self._pool)
-        used = max(self._nconns - idle, 0)
         pending = sum(1 for w in self._waiting if not (isinstance(w, _Waiter) and w.future.done()))
-        return PoolState(idle=idle, used=used, pending_requests=pending, min=self.min_size, max=self.max_size)
+        return self._state(len(self._pool), pending)
 
     async def _configure_connection(self, conn: AsyncConnection[Any]) -> None:
         await conn.set_read_only(False)  # explicit transactions are read-write
@@ -184,11 +191,8 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
             conn = await super()._connect(timeout)
         except (psycopg.Error, PrecogDBError) as exc:
             self._connect_failed(exc)
-            self.metrics.connection_failed()
             raise
-        self._last_connect_ok = now = monotonic()
-        self.metrics.created(now - started)
-        conn._precog_lent = None  # type: ignore[attr-defined]  # set by lend, cleared by give_back
+        self._connected(conn, started)
         return conn
 
     @classmethod
@@ -217,13 +221,12 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
 
     async def schedule_task(self, task: MaintenanceTask, delay: float) -> None:
         if isinstance(task, AddConnection):  # only a retry of a failed attempt is scheduled
-            self._retries_pending += 1
+            self._retry_scheduled()
         await super().schedule_task(task, delay)
 
     async def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
         if attempt is not None:
-            self._retries_pending -= 1
-            self._cap(attempt)
+            self._retry_started(attempt)
         await super()._add_connection(attempt, growing=growing)
 
     # --- lending ---------------------------------------------------------------------------------
@@ -259,11 +262,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         and a connection handed to it at that moment goes back to the pool.
         """
         if self.pid != os.getpid():
-            raise PoolStateError(
-                f"pool {self.name!r} was opened in process {self.pid} and inherited through fork(); "
-                "its connections belong to the parent. Use precog_db.aio.get_cursor()/get_pool() in the child, "
-                "which open the child's own pool with the same settings"
-            )
+            raise self._inherited_through_fork()
         check_gate(self.settings.env)
         self._stats[self._REQUESTS_NUM] += 1
         conn = self._take_idle()
@@ -303,13 +302,6 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
                 return self._lent_after_wait(conn, requested)
             self._replace(conn, self._CONNECTIONS_LOST)
 
-    def _lent_after_wait(self, conn: AsyncConnection[Any], requested: float) -> AsyncConnection[Any]:
-        """Metrics for a connection obtained after queueing: record the wait now. No await."""
-        now = monotonic()
-        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
-        self.metrics.waited(now - requested)
-        return conn
-
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         """Wake every queued caller with a fresh ``error()`` (the library refused the new connections). No await."""
         waiting = self._waiting
@@ -344,13 +336,7 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
         lent: float | None = getattr(conn, "_precog_lent", None)
         conn._precog_lent = None  # type: ignore[attr-defined]
         if lent is not None:  # an interrupt after this loses a sample, never a connection
-            returns = self.metrics.returns
-            now = monotonic()
-            returns.append((lent, now))
-            if usage:
-                self._stats[self._USAGE_MS] += lent_ms(lent, now)
-            if len(returns) >= FOLD_AT:
-                self.metrics.fold_soon()
+            self._returned(lent, usage)
         pgconn = conn.pgconn
         if pgconn.status == _OK and (pgconn.transaction_status != _IDLE or needs_restore(conn)):
             try:
@@ -361,14 +347,15 @@ class AsyncPrecogPool(PoolFaults, AsyncConnectionPool[AsyncConnection[Any]]):
                 if not isinstance(exc, (psycopg.Error, RestoreFailed)):
                     raise  # a cancellation: the caller must see it
                 return
-        if self._closed:
-            _close_now(conn)
-        elif pgconn.status != _OK or pgconn.transaction_status != _IDLE:
-            self._replace(conn, self._RETURNS_BAD)
-        elif conn._created_at <= self._drained_at or conn._expire_at <= monotonic():
-            self._replace(conn, None)
-        else:
+        verdict = checkin_verdict(self, conn)
+        if verdict == KEEP:
             self._hand_over(conn)
+        elif verdict == CLOSE:
+            _close_now(conn)
+        elif verdict == BAD:
+            self._replace(conn, self._RETURNS_BAD)
+        else:  # EXPIRED (never RESET: reset= is refused)
+            self._replace(conn, None)
 
     def _hand_over(self, conn: AsyncConnection[Any]) -> None:
         """Give an idle connection to the first waiter, or put it on the idle stack. No await."""
@@ -420,19 +407,14 @@ def _close_now(conn: AsyncConnection[Any]) -> None:
 
 async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
-    started = monotonic()
-    try:
+    with audited_open(settings):
         refuse_unsupported_topology(settings)
         probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()
         pool = AsyncPrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)
         await pool.open(wait=False)
-    except Exception as exc:
-        _audit_open(settings, started, exc)
-        raise
-    _audit_open(settings, started, None)
-    log.info("pool_opened", pool=pool.name, env=settings.env.value, min_size=pool.min_size, max_size=pool.max_size)
+    log_opened(pool)
     return pool
 
 
@@ -512,15 +494,9 @@ async def initialize_pool(
 
 async def get_pool() -> AsyncPrecogPool:
     """The process-wide asyncio pool, opened on first use (in a forked child, with the parent pool's settings)."""
-    pool = _State.registry.pool
-    if pool is not None and _State.loop is asyncio.get_running_loop():
-        check_gate(pool.env)
+    if _State.loop is asyncio.get_running_loop() and (pool := _State.registry.lend_open()) is not None:
         return pool
-    inherited = _State.registry.inherited
-    if inherited is not None:
-        settings, pool_kwargs = inherited
-        return await initialize_pool(settings=settings, **pool_kwargs)
-    return await initialize_pool()
+    return await initialize_pool(**_State.registry.reopen_kwargs())
 
 
 def active_pool() -> AsyncPrecogPool | None:
@@ -536,9 +512,9 @@ def inherited_settings() -> DatabaseSettings | None:
 async def close_pool(timeout: float = 5.0) -> None:
     """Close the process-wide asyncio pool, if any. Idempotent."""
     _forget_pool_of_closed_loop()  # its loop is gone: nothing of it can be awaited
-    pool, _State.registry.pool = _State.registry.pool, None
+    pool = _State.registry.take()
     _State.lock = None
     _State.loop = None
     if pool is not None:
         await pool.close(timeout=timeout)
-        log.info("pool_closed", pool=pool.name, env=pool.env.value)
+        log_closed(pool)

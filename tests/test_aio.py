@@ -311,6 +311,7 @@ class TestContract:
         assert isinstance(apool._nconns, int)
         assert isinstance(apool._closed, bool) and isinstance(apool._drained_at, float)
         assert hasattr(apool, "_pool_full_event")
+        assert apool._reset is None  # read by _pool_base.checkin_verdict; reset= is refused
         async with aio.get_connection() as conn:
             assert conn._pool is apool
             assert isinstance(conn._created_at, float) and isinstance(conn._expire_at, float)

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-import precog_db.pool as pool_module
+import precog_db._pool_base as pool_base
 from precog_db import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
@@ -158,7 +158,7 @@ class TestReconnectBackoff:
     @pytest.mark.slow
     def test_reconnect_attempts_are_capped_during_a_long_outage(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """While the server is down the pool retries at least every MAX_RECONNECT_DELAY s, so it recovers promptly."""
-        monkeypatch.setattr(pool_module, "MAX_RECONNECT_DELAY", 1.0)
+        monkeypatch.setattr(pool_base, "MAX_RECONNECT_DELAY", 1.0)
         with own_server() as server:
             assert server.cluster is not None
             initialize_pool(settings=server.settings(pool_min=1, pool_max=1, pool_timeout=1.0, connect_timeout=2))

@@ -13,7 +13,8 @@ import pytest
 from psycopg_pool import PoolClosed
 
 from precog_db import PoolExhaustedError, PoolStateError, get_connection, get_cursor, get_pool, initialize_pool
-from precog_db.pool import PrecogPool, _Slot, _Waiter
+from precog_db._pool_lending import _Slot, _Waiter
+from precog_db.pool import PrecogPool
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 

@@ -6,7 +6,8 @@ can change in any release without notice. These tests list every one of them
 in one place (`CONTRACT`) and fail loudly, naming docs/DESIGN.md, when one is
 missing or has changed kind on the installed psycopg_pool; `make test-lowest`
 runs them against the lowest release pyproject.toml allows. They also fail
-when precog_db/pool.py starts using a private name that is not listed here.
+when one of the sync pool's modules (`POOL_SOURCES`: precog_db/pool.py and
+the private modules it is built from) starts using a private name that is not listed here.
 """
 
 from __future__ import annotations
@@ -24,10 +25,16 @@ from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
 from psycopg_pool.pool import AddConnection, MaintenanceTask, WaitingClient
 
+import precog_db._pool_lending as pool_lending
 import precog_db.pool as precog_pool
 from tests._helpers.server import Server
 
-POOL_SOURCE = Path(precog_pool.__file__)
+#: The modules `PrecogPool` is written in: itself, its lending and janitor halves, the pool base and
+#: the registry it shares with the asyncio pool (docs/DESIGN.md, "The pool base").
+POOL_SOURCES = tuple(
+    Path(precog_pool.__file__).with_name(name)
+    for name in ("pool.py", "_pool_base.py", "_pool_lending.py", "_pool_janitor.py", "_pool_registry.py")
+)
 WHY = (
     "precog_db.pool depends on this private part of psycopg_pool (see docs/DESIGN.md, 'Coupling to "
     "psycopg_pool'). The installed psycopg_pool {version} changed it: adapt precog_db/pool.py and "
@@ -101,7 +108,8 @@ OWN_NAMES = {
     "_setup",
     "_check_target",
     "_connect_failed",
-    "_cap",
+    "_retry_scheduled",
+    "_retry_started",
     "_gate",
     "_precog_poller",
     "_abandon",
@@ -124,6 +132,14 @@ OWN_NAMES = {
     "_deferred",
     "_deferred_from_main_thread",
     "_janitor",
+    "_init_janitor",
+    # issue 22: the pool base shared with the asyncio pool (precog_db._pool_base)
+    "_KIND",
+    "_API_HINT",
+    "_connected",
+    "_inherited_through_fork",
+    "_returned",
+    "_state",
     # issue 21: refusals reported as such, check= back-off
     "_last_refusal",
     "_fail_waiters",
@@ -253,39 +269,49 @@ class TestPsycopgPoolContract:
         assert tuple(inspect.signature(method).parameters)[1:] == params, broken(
             f"pool.WaitingClient.{name}", "its parameters changed"
         )
-        assert callable(getattr(precog_pool._Waiter, name, None))
+        assert callable(getattr(pool_lending._Waiter, name, None))
 
 
 class TestContractIsComplete:
     def private_names_used(self) -> set[str]:
-        """Every ``x._name`` attribute that precog_db/pool.py reads or writes (dunders excluded)."""
-        tree = ast.parse(POOL_SOURCE.read_text())
+        """Every ``x._name`` attribute that the sync pool's modules read or write (dunders excluded)."""
         return {
             node.attr
-            for node in ast.walk(tree)
+            for source in POOL_SOURCES
+            for node in ast.walk(ast.parse(source.read_text()))
             if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
         }
 
+    def test_the_sources_are_the_pools_modules(self) -> None:
+        """`POOL_SOURCES` names existing files, and every module `precog_db.pool` builds `PrecogPool` from."""
+        assert all(source.is_file() for source in POOL_SOURCES), POOL_SOURCES
+        homes = {
+            Path(inspect.getfile(cls)).name
+            for cls in precog_pool.PrecogPool.__mro__
+            if cls.__module__.startswith("precog_db")
+        }
+        assert homes <= {source.name for source in POOL_SOURCES}, homes
+
     def test_every_private_name_is_listed(self) -> None:
-        """Each private name precog_db/pool.py uses is either in the contract above or precog_db's own."""
+        """Each private name the sync pool's modules use is either in the contract above or precog_db's own."""
         unlisted = self.private_names_used() - CONTRACT - OWN_NAMES
         assert not unlisted, (
-            f"precog_db/pool.py uses {sorted(unlisted)}, which tests/test_psycopg_pool_contract.py does not list. "
+            f"the sync pool's modules use {sorted(unlisted)}, which tests/test_psycopg_pool_contract.py does not list. "
             "If they are psycopg_pool's, add them to the contract and to docs/DESIGN.md ('Coupling to "
             "psycopg_pool'); if precog_db defines them, add them to OWN_NAMES"
         )
 
     def test_every_name_imported_from_psycopg_pool_internals_is_listed(self) -> None:
-        """Each name precog_db/pool.py imports from a psycopg_pool submodule is in the contract above."""
-        tree = ast.parse(POOL_SOURCE.read_text())
+        """Each name the sync pool's modules import from a psycopg_pool submodule is in the contract above."""
         imported = {
             alias.name
-            for node in ast.walk(tree)
+            for source in POOL_SOURCES
+            for node in ast.walk(ast.parse(source.read_text()))
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("psycopg_pool.")
             for alias in node.names
         }
         assert imported and not imported - CONTRACT, (
-            f"precog_db/pool.py imports {sorted(imported - CONTRACT)} from psycopg_pool's internals; "
+            f"the sync pool's modules import {sorted(imported - CONTRACT)} from psycopg_pool's internals; "
             "list them in tests/test_psycopg_pool_contract.py and docs/DESIGN.md ('Coupling to psycopg_pool')"
         )
 
