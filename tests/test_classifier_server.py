@@ -7,7 +7,7 @@ sync pool (awaiting nothing) or on `precog_db.aio`'s pool.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -45,7 +45,7 @@ class Layer:
             async with aio.get_connection() as aconn:
                 yield aconn
 
-    def run(self, settings: DatabaseSettings, scenario: Callable[[Layer], Awaitable[None]]) -> None:
+    def run(self, settings: DatabaseSettings, scenario: Callable[[Layer], Coroutine[Any, Any, None]]) -> None:
         if self.name == "sync":
             initialize_pool(settings=settings.replace(pool_min=1, pool_max=1))
             try:
