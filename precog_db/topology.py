@@ -46,7 +46,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db._pipelining import FirstStatementCursor
+from precog_db._pipelining import FirstStatementCursor, QueueingPipeline
 from precog_db._sqlclass import classify
 from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
@@ -132,11 +132,17 @@ class PoolerCursor(PrecogCursor):
         """Run one statement as BEGIN READ ONLY / statement / ROLLBACK, pipelined: one round trip."""
         conn: Any = self._conn
         conn._precog_busy = True
+        # Queued, not sent, until the pipeline's one sync: a refusal surfaces there, once, instead of
+        # half-way through with psycopg then logging the aborted pipeline's own exit (21.13).
+        pipeline = conn._pipeline = QueueingPipeline(conn)
         try:
-            with conn.pipeline():
-                self._plain(_BEGIN)
-                run()
-                self._plain(_END)
+            try:
+                with pipeline:
+                    self._plain(_BEGIN)
+                    run()
+                    self._plain(_END)
+            finally:
+                conn._pipeline = None
         except psycopg.errors.ReadOnlySqlTransaction as exc:
             self._end()
             conn._precog_busy = False

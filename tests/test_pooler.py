@@ -343,6 +343,21 @@ class TestParserBehindThePooler:
             assert admin.execute("SELECT count(*) FROM pooler_raw").fetchone() == (0,)
 
 
+class TestQuietRefusals:
+    def test_refused_write_logs_no_pipeline_noise(
+        self, tx_settings: DatabaseSettings, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A write refused by the read-only wrapper raises ReadOnlyWriteError and psycopg logs nothing (21.13)."""
+        initialize_pool(settings=tx_settings)
+        with get_cursor(commit=True) as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS pooler_quiet (x int)")
+        with caplog.at_level("DEBUG", logger="psycopg"):
+            for _ in range(3):
+                with pytest.raises(ReadOnlyWriteError), get_cursor() as cur:
+                    cur.execute("INSERT INTO pooler_quiet VALUES (1)")
+        assert [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()] == []
+
+
 class TestDirectConnections:
     def test_refused_without_direct_host(self, pg_server: Server, bouncer: int) -> None:
         """Stamp, pg_dump/pg_restore and CLI connections are refused behind a transaction pooler with no direct host."""
