@@ -103,6 +103,10 @@ class Verdict:
 CLEAN = Verdict()
 _VERDICTS: dict[bytes, Verdict] = {}
 _VERDICTS_MAX = 4096
+#: The texts held as keys, at most: a service sending long unique texts (a client-side cursor
+#: with values inlined) must not grow the cache without bound either.
+_VERDICT_BYTES_MAX = 8 << 20
+_held = 0
 
 
 def classify(query: bytes | str) -> Verdict:
@@ -110,10 +114,14 @@ def classify(query: bytes | str) -> Verdict:
     key = query if isinstance(query, bytes) else query.encode()
     verdict = _VERDICTS.get(key)
     if verdict is None:
+        global _held
         verdict = _judge(key)
-        if len(_VERDICTS) >= _VERDICTS_MAX:
+        if len(_VERDICTS) >= _VERDICTS_MAX or _held + len(key) > _VERDICT_BYTES_MAX:
             _VERDICTS.clear()
-        _VERDICTS[key] = verdict
+            _held = 0
+        if len(key) <= _VERDICT_BYTES_MAX:
+            _VERDICTS[key] = verdict
+            _held += len(key)
     return verdict
 
 

@@ -69,7 +69,7 @@ from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
-from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore
+from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.topology import session_setup_sql
 
@@ -169,7 +169,8 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
         adopt(conn)
         if self._user_configure is not None:
-            await self._user_configure(conn)
+            with user_setup(conn):
+                await self._user_configure(conn)
             if conn.pgconn.transaction_status != _IDLE:
                 await conn.rollback()
             check_still_read_only(conn)
@@ -182,7 +183,8 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
         if self._user_configure is not None:
-            await self._user_configure(conn)
+            with user_setup(conn):
+                await self._user_configure(conn)
 
     async def _connect(self, timeout: float | None = None) -> AsyncConnection[Any]:
         started = monotonic()

@@ -60,7 +60,7 @@ from precog_db.errors import PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
-from precog_db.session import adopt, baseline, mark_raw
+from precog_db.session import adopt, baseline, mark_raw, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.topology import PoolerCursor, session_setup
 
@@ -156,7 +156,8 @@ class PrecogPool(Lending, Janitor, ConnectionPool[Connection[Any]]):
             adopt(conn)
         if self._user_configure is not None:
             # The caller's setup runs after the library's, never instead of it.
-            self._user_configure(conn)
+            with user_setup(conn):
+                self._user_configure(conn)
             if conn.pgconn.transaction_status != _IDLE:
                 conn.rollback()
             check_still_read_only(conn)
@@ -169,7 +170,8 @@ class PrecogPool(Lending, Janitor, ConnectionPool[Connection[Any]]):
         if self._session_setup is not None:
             self._session_setup(conn)
         if self._user_configure is not None:
-            self._user_configure(conn)
+            with user_setup(conn):
+                self._user_configure(conn)
 
     def _connect(self, timeout: float | None = None) -> Connection[Any]:
         started = monotonic()

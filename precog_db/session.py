@@ -72,6 +72,7 @@ __all__ = [
     "mark_raw",
     "needs_restore",
     "restore",
+    "user_setup",
 ]
 
 _IDLE = TransactionStatus.IDLE
@@ -91,7 +92,24 @@ def _in_read_only_default(conn: Any) -> bool:
         and not conn._num_transactions
         and conn._pipeline is None
         and getattr(conn, "_precog_pending_begin", None) is None
+        and not getattr(conn, "_precog_setup", False)
     )
+
+
+@contextmanager
+def user_setup(conn: AnyConnection) -> Iterator[None]:
+    """Around the caller's ``configure=``: its statements are setup, checked afterwards as a whole.
+
+    A ``configure=`` may run what a borrower may not (a ``DO`` block, ``SET
+    default_transaction_read_only``): the pool checks the result instead
+    (`precog_db._pool_base.check_still_read_only` refuses a connection left writable).
+    """
+    c: Any = conn
+    c._precog_setup = True
+    try:
+        yield
+    finally:
+        c._precog_setup = False
 
 
 def _mark(conn: Any, query: bytes) -> None:

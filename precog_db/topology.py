@@ -37,7 +37,7 @@ the parameters the server pushes, no round trip) is discarded, not lent.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any
 
@@ -46,7 +46,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db._pipelining import FirstStatementCursor, QueueingPipeline
+from precog_db._pipelining import FirstStatementCursor, QueueingPipeline, _exit_mode
 from precog_db._sqlclass import classify
 from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
@@ -115,8 +115,10 @@ class PoolerCursor(PrecogCursor):
         )
 
     def _plain(self, command: bytes) -> None:
-        self._conn._precog_own = True  # the library's own BEGIN READ ONLY / ROLLBACK, not a hand-built cursor
-        psycopg.Cursor(self._conn).execute(command, prepare=False)
+        """One of the wrapper's own commands: no cursor (nothing to judge), queued in pipeline mode."""
+        conn: Any = self._conn
+        with conn.lock:
+            conn.wait(conn._exec_command(command))
 
     def _end(self) -> None:
         """End the read-only transaction this cursor opened, whatever state it is in (a ROLLBACK)."""
@@ -128,21 +130,46 @@ class PoolerCursor(PrecogCursor):
         except psycopg.Error:
             conn.close()
 
+    @contextmanager
+    def _pipeline(self) -> Iterator[Any]:
+        """A pipeline that reads nothing before its one sync (`QueueingPipeline`), or the borrower's own, nested.
+
+        With psycopg's own pipeline a server error could be read while statements were still
+        queued and raised inside the block; its exit then logged "error ignored terminating
+        <psycopg.Pipeline>" (21.13). That exit also sends a Flush after the Sync which, reaching
+        PgBouncer once it has handed the server connection back, can pin that connection to this
+        client (other clients then wait out query_wait_timeout): here the block ends with the Sync
+        alone, as `precog_db._pipelining`'s blocks do.
+        """
+        conn: Any = self._conn
+        if conn._pipeline is not None:
+            with conn.pipeline() as nested:
+                yield nested
+            return
+        pipeline = QueueingPipeline(conn)
+        pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
+        conn._pipeline = pipeline
+        try:
+            try:
+                yield pipeline
+            except BaseException:
+                with suppress(psycopg.Error):  # what was queued before the block failed (its BEGIN)
+                    pipeline.sync()
+                raise
+            pipeline.sync()  # one write, one wait: the server's error, if any, is raised here
+        finally:
+            if not _exit_mode(conn, pipeline):
+                conn.close()
+
     def _read_only(self, run: Callable[[], Any]) -> None:
         """Run one statement as BEGIN READ ONLY / statement / ROLLBACK, pipelined: one round trip."""
         conn: Any = self._conn
         conn._precog_busy = True
-        # Queued, not sent, until the pipeline's one sync: a refusal surfaces there, once, instead of
-        # half-way through with psycopg then logging the aborted pipeline's own exit (21.13).
-        pipeline = conn._pipeline = QueueingPipeline(conn)
         try:
-            try:
-                with pipeline:
-                    self._plain(_BEGIN)
-                    run()
-                    self._plain(_END)
-            finally:
-                conn._pipeline = None
+            with self._pipeline():
+                self._plain(_BEGIN)
+                run()
+                self._plain(_END)
         except psycopg.errors.ReadOnlySqlTransaction as exc:
             self._end()
             conn._precog_busy = False
@@ -186,8 +213,17 @@ class PoolerCursor(PrecogCursor):
         try:
             with super().copy(statement, params, writer=writer) as copy:
                 yield copy
-        finally:
+        except psycopg.errors.ReadOnlySqlTransaction as exc:
+            self._end()  # the read-only transaction is this cursor's: once it is over, say what to do
+            if (error := _forgot_commit(self._conn, exc)) is exc:
+                raise
+        except BaseException:
             self._end()
+            raise
+        else:
+            self._end()
+            return
+        raise error.with_traceback(None)
 
     def stream(self, query: Any, params: Any = None, *, binary: bool | None = None, size: int = 1) -> Iterator[Any]:
         """A streamed query outside a transaction runs in its own read-only transaction."""

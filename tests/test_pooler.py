@@ -223,7 +223,10 @@ class TestTransactionMode:
             assert cur.fetchone() == {"v": "4321ms"}
         with _raw(bouncer) as other:  # the same (single) server connection behind PgBouncer
             assert other.execute("SHOW statement_timeout").fetchone() == ("0",)
-            assert other.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone() == (0,)
+            assert other.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ).fetchone() == (0,)
         with (
             pytest.raises(SessionStateError, match="WITH HOLD"),
             get_connection() as conn,
@@ -339,6 +342,12 @@ class TestParserBehindThePooler:
             assert cur.fetchone() == {"n": 0}
         with pytest.raises(ReadOnlyWriteError), get_connection() as conn:
             conn.execute("INSERT INTO pooler_raw VALUES (4)")
+        with (
+            pytest.raises(ReadOnlyWriteError, match="commit=True"),
+            get_cursor() as cur,
+            cur.copy("COPY pooler_raw FROM STDIN") as copy,
+        ):
+            copy.write_row((5,))
         with pg_server.connect(test_db) as admin:
             assert admin.execute("SELECT count(*) FROM pooler_raw").fetchone() == (0,)
 

@@ -174,3 +174,16 @@ def test_transaction_control_is_reported() -> None:
         assert classify(sql).ends_transaction, sql
     for sql in ("SAVEPOINT s", "RELEASE s", "ROLLBACK TO s", "SELECT 1"):
         assert not classify(sql).ends_transaction, sql
+
+
+def test_the_cache_is_bounded_in_entries_and_bytes() -> None:
+    """Many distinct or long texts never hold more than the cache's bounds."""
+    from precog_db import _sqlclass
+
+    for i in range(_sqlclass._VERDICTS_MAX + 10):
+        classify(f"SELECT {i}".encode())
+    assert len(_sqlclass._VERDICTS) <= _sqlclass._VERDICTS_MAX
+    long = b"SELECT '" + b"x" * (1 << 20) + b"'"
+    for i in range(12):
+        classify(long + str(i).encode())
+    assert sum(map(len, _sqlclass._VERDICTS)) <= _sqlclass._VERDICT_BYTES_MAX
