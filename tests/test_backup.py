@@ -610,9 +610,8 @@ class TestRestampStaysOnThePinnedServer:
             stamp_database(settings.env, settings=settings)
         archive = backup(on_a, server_major=server_major(ws), root=tmp_path / "archives")
         flag, ack = tmp_path / "restored", tmp_path / "failed-over"
-        _restore_hook(
-            ws, tmp_path, f'touch "{flag}"; i=0; while [ ! -e "{ack}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done'
-        )
+        wait_for_ack = f'i=0; while [ ! -e "{ack}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done'
+        _restore_hook(ws, tmp_path, f'touch "{flag}"; {wait_for_ack}')
         try:
             with fault_proxy(ws.server.host, ws.server.port) as proxy:
 
@@ -639,7 +638,9 @@ class TestRestampStaysOnThePinnedServer:
                 with server.connect() as conn:
                     conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
-    def test_a_staging_stamp_the_archive_did_not_bring_is_never_overwritten(self, ws: Workspace, tmp_path: Path) -> None:
+    def test_a_staging_stamp_the_archive_did_not_bring_is_never_overwritten(
+        self, ws: Workspace, tmp_path: Path
+    ) -> None:
         """A stamp that says staging after pg_restore, but is not the archive's own, is refused and kept."""
         dev = ws.add("dev")
         fill(ws, "dev", rows=2)
