@@ -323,6 +323,8 @@ def connect(
         settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     prepare_threshold = None if settings.pooler == "transaction" else 5
+    # Resolved before the try: a provider's DatabaseUnavailableError is an OperationalError, and is not
+    # a server that cannot be reached (it must not be wrapped as one).
     kwargs = connection_kwargs(settings)
     if pin is not None:
         kwargs.update(pin.params())
