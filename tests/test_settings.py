@@ -122,7 +122,7 @@ class TestValidation:
         """Ports 1 and 65535 are valid."""
         assert load_settings("dev", config_dir=tmp_path, environ={"DB_PORT": port}).port == int(port)
 
-    @pytest.mark.parametrize("host", ["db1 db2", "host=db1", "db1,,db2", "db1,db2", " ", "db1\tdb2", "db\x00"])
+    @pytest.mark.parametrize("host", ["db1 db2", "host=db1", "db1,,db2", "db1,db2", "db1\tdb2", "db\x00"])
     def test_bad_direct_host_is_refused_when_settings_load(self, host: str, tmp_path: Path) -> None:
         """21.6b: DB_DIRECT_HOST is one host by the DB_HOST rules, checked at load and named (from env, file, args)."""
         behind = {"DB_POOLER": "transaction", "DB_HOST": "pgbouncer"}
