@@ -672,7 +672,7 @@ class TestRestampStaysOnThePinnedServer:
 
 class TestFollowUps:
     def test_refused_prod_backup_is_audited_without_a_confirmation(self, ws: Workspace, tmp_path: Path) -> None:
-        """21.5b (audit): a prod backup refused for lack of PRECOG_PROD_CONFIRMED records no confirmation."""
+        """21.1c: a prod backup refused for lack of PRECOG_PROD_CONFIRMED records no confirmation."""
         from precog_db.errors import ProductionAccessError
 
         prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
@@ -687,7 +687,7 @@ class TestFollowUps:
         assert (entry["outcome"], entry["confirmation"]) == ("ok", "PRECOG_PROD_CONFIRMED=yes")
 
     def test_restore_takes_the_archive_path_as_text(self, ws: Workspace, tmp_path: Path) -> None:
-        """21.7b: restore / restore_database accept a str path (and os.PathLike), like backup(root=...)."""
+        """21.1d: restore / restore_database accept a str path (and os.PathLike), like backup(root=...)."""
         dev = ws.add("dev")
         fill(ws, "dev", rows=2)
         made = backup(dev, server_major=server_major(ws), root=str(tmp_path / "b"))  # type: ignore[arg-type]
@@ -705,7 +705,7 @@ class TestFollowUps:
     def test_names_an_archive_cannot_carry_are_refused_before_pg_dump(
         self, ws: Workspace, tmp_path: Path, name: str
     ) -> None:
-        """21.8b: a name with a line break or an outer blank is refused up front with a sentence; no tool ran."""
+        """21.1e: a name with a line break or an outer blank is refused up front with a sentence; no tool ran."""
         settings = ws.server.settings(name, env=Environment.DEV)
         ws.server.fresh_database(name)
         try:

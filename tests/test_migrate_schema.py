@@ -363,7 +363,7 @@ class TestMisspelledMarkers:
 
 
 class TestLineEndings:
-    """21.4b: line endings are made LF once, when the file is read; lines are split and counted on LF alone."""
+    """21.5c: line endings are made LF once, when the file is read; lines are split and counted on LF alone."""
 
     def test_bare_cr_line_endings_keep_both_markers(self, ws: Workspace) -> None:
         """Classic Mac OS endings: the no-transaction marker counts (CONCURRENTLY runs), down splits the file."""

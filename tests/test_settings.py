@@ -124,7 +124,7 @@ class TestValidation:
 
     @pytest.mark.parametrize("host", ["db1 db2", "host=db1", "db1,,db2", "db1,db2", "db1\tdb2", "db\x00"])
     def test_bad_direct_host_is_refused_when_settings_load(self, host: str, tmp_path: Path) -> None:
-        """21.6b: DB_DIRECT_HOST is one host by the DB_HOST rules, checked at load and named (from env, file, args)."""
+        """21.13b: DB_DIRECT_HOST is one host by the DB_HOST rules, checked at load and named (from env, file, args)."""
         behind = {"DB_POOLER": "transaction", "DB_HOST": "pgbouncer"}
         with pytest.raises(ConfigurationError, match="DB_DIRECT_HOST in the process environment"):
             load_settings("dev", config_dir=tmp_path, environ={**behind, "DB_DIRECT_HOST": host})
@@ -139,7 +139,7 @@ class TestValidation:
 
     @pytest.mark.parametrize("port", ["5432,5433", "0", "x"])
     def test_bad_direct_port_is_refused_when_settings_load(self, port: str, tmp_path: Path) -> None:
-        """21.6b: DB_DIRECT_PORT is one port, checked at load."""
+        """21.13b: DB_DIRECT_PORT is one port, checked at load."""
         with pytest.raises(ConfigurationError, match="DB_DIRECT_PORT"):
             load_settings("dev", config_dir=tmp_path, environ={"DB_DIRECT_HOST": "db1", "DB_DIRECT_PORT": port})
 
