@@ -133,9 +133,9 @@ class TestValidation:
             with pytest.raises(ConfigurationError, match=r"DB_DIRECT_HOST in .*\.env\.dev"):
                 load_settings("dev", config_dir=tmp_path, environ=behind)
         with pytest.raises(ConfigurationError, match=r"setting direct_host \(DB_DIRECT_HOST\)"):
-            DatabaseSettings(env="dev", host="pgbouncer", pooler="transaction", direct_host=host)
+            DatabaseSettings(env=Environment.DEV, host="pgbouncer", pooler="transaction", direct_host=host)
         with pytest.raises(ConfigurationError, match="DB_DIRECT_HOST in argument"):
-            DatabaseSettings(env="dev", host="pgbouncer", pooler="transaction").replace(direct_host=host)
+            DatabaseSettings(env=Environment.DEV, host="pgbouncer", pooler="transaction").replace(direct_host=host)
 
     @pytest.mark.parametrize("port", ["5432,5433", "0", "x"])
     def test_bad_direct_port_is_refused_when_settings_load(self, port: str, tmp_path: Path) -> None:
