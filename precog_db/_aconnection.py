@@ -120,10 +120,11 @@ async def aconnect(
         settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     prepare_threshold = None if settings.pooler == "transaction" else 5
+    # Resolved before the try: a provider's DatabaseUnavailableError is an OperationalError, and is not
+    # a server that cannot be reached (it must not be wrapped as one).
+    kwargs = connection_kwargs(settings)
     try:
-        conn = await PrecogAsyncConnection.connect(
-            **connection_kwargs(settings), autocommit=autocommit, prepare_threshold=prepare_threshold
-        )
+        conn = await PrecogAsyncConnection.connect(**kwargs, autocommit=autocommit, prepare_threshold=prepare_threshold)
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:

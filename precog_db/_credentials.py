@@ -29,7 +29,6 @@ import os
 import stat
 from typing import Any
 
-from precog_db._secrets import scrub_message
 from precog_db.errors import ConfigurationError, DatabaseUnavailableError
 from precog_db.settings import DatabaseSettings, Secret, check_secret_file_mode, secret_file_rule_applies
 
@@ -79,23 +78,21 @@ def _from_provider(settings: DatabaseSettings) -> Secret:
     assert provider is not None
     try:
         value: object = provider()
-    except Exception as exc:
-        # Name the failure, not its text: the provider's message may quote the very credential
-        # it failed to renew, so only its type and its plain-prose words are shown
-        # (`scrub_message`), and nothing of it is chained (raised below, outside this block:
-        # no __cause__, no __context__, no provider frame for a log to render).
-        try:
-            message = scrub_message(str(exc))
-        except Exception:  # a __str__ that raises must not chain the provider's error to ours
-            message = ""
-        reason = f"{type(exc).__name__} ({message or 'no message'})"
+    except (Exception, SystemExit) as exc:
+        # Name the failure, not its text: the provider's message may quote the very credential it
+        # failed to renew (a token, a passphrase, in any shape), so no word of it is shown, and
+        # nothing of it is chained (raised below, outside this block: no __cause__, no __context__,
+        # no provider frame for a log to render). A provider that calls sys.exit() gets the same
+        # error; KeyboardInterrupt still interrupts.
+        kind = type(exc).__name__
         failed = True
     else:
         failed = False
     if failed:
         raise DatabaseUnavailableError(
-            f"the password provider for the {settings.describe()} raised {reason}; no connection was "
-            "attempted. Check the provider's own credentials and endpoint; the pool retries by itself"
+            f"the password provider for the {settings.describe()} raised {kind}; its message is not shown because "
+            "it may contain the secret. No connection was attempted. Check the provider's own credentials and "
+            "endpoint (run it by hand to see its message); the pool retries by itself"
         ) from None
     problem = _problem(value)
     if problem is None:

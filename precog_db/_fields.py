@@ -151,6 +151,23 @@ def _hosts(value: Any) -> str | None:
     return None
 
 
+def _direct_host(value: Any) -> str | None:
+    """``DB_DIRECT_HOST``: unset (empty), or one host by the ``DB_HOST`` rules; never a list."""
+    if isinstance(value, str) and value == "":
+        return None
+    problem = _nonempty(value)
+    if problem:
+        return problem
+    if "," in str(value):
+        return (
+            "must name one server (the database server itself, where migrations, backups, restores and the stamp "
+            "connect), not a comma-separated list"
+        )
+    if any(c.isspace() or c == "=" for c in str(value)):
+        return "must be one host name, IP address or socket directory, without spaces or '='"
+    return None
+
+
 def parse_ports(value: str) -> int | str:
     parts = [p.strip() for p in value.split(",")]
     if len(parts) == 1:
@@ -313,7 +330,7 @@ SPECS: tuple[Spec, ...] = (
         "direct_host",
         "DB_DIRECT_HOST",
         _text,
-        _no_nul,
+        _direct_host,
         "the database server itself, behind a pooler: migrations, backups, restores and the stamp connect here",
     ),
     Spec("direct_port", "DB_DIRECT_PORT", _integer, _int_range(1, 65535), "port of DB_DIRECT_HOST"),

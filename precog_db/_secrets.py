@@ -43,7 +43,6 @@ __all__ = [
     "redact",
     "scrub_arg",
     "scrub_argv",
-    "scrub_message",
     "scrub_text",
     "scrub_value",
 ]
@@ -263,32 +262,3 @@ def scrub_value(value: Any, secrets: Sequence[str] = ()) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return scrub_text(str(value), secrets)
-
-
-#: A word of plain prose: letters (an inner apostrophe or hyphen), optionally wrapped in punctuation.
-_PROSE_WORD = re.compile(r"[(\[\"'`]*(?:[A-Za-z]+(?:['-][A-Za-z]+)*|\d{1,3})[)\]\"'`.,;:!?]*")
-#: After one of these words the next word is masked too, whatever it looks like ("token hunter expired").
-_SECRET_WORD = re.compile(r"(?i)^\W*(?:token|password|passwd|pwd|secret|key|bearer|credentials?|auth\w*)\W*$")
-#: Letters-only words longer than this are masked (a token in letters alone).
-_LONGEST_WORD = 24
-
-
-def scrub_message(text: str, limit: int = 200) -> str:
-    """The message of an exception raised by code we do not control (a password provider), safe to show.
-
-    Such a message may quote a credential anywhere, so this keeps only what
-    reads as plain prose: words of letters (at most 24), numbers of up to three
-    digits, and punctuation around them. Every other word (with digits,
-    symbols, a URL, a host name, anything longer) becomes ``***``, and so
-    does the word after ``token``, ``password``, ``secret``, ``key``,
-    ``bearer``, ``credential`` or ``auth…``. ``"token s3cr3t expired"`` gives
-    ``"token *** expired"``. Cut to ``limit`` characters.
-    """
-    out: list[str] = []
-    mask_next = False
-    for word in scrub_text(text).split():
-        keep = not mask_next and _PROSE_WORD.fullmatch(word) is not None and len(word) <= _LONGEST_WORD
-        out.append(word if keep else MASK)
-        mask_next = bool(_SECRET_WORD.match(word))
-    shown = " ".join(out)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

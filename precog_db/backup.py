@@ -58,15 +58,26 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from precog_db import audit
 from precog_db._progress import NoProgress, ProgressDisplay
 from precog_db._secrets import scrub_text
 from precog_db.confirm import confirmation
 from precog_db.environment import Environment
-from precog_db.errors import BackupError, ConfigurationError, EnvironmentNotAllowedError
+from precog_db.errors import (
+    BackupError,
+    ConfigurationError,
+    EnvironmentMismatchError,
+    EnvironmentNotAllowedError,
+)
+from precog_db.guard import production_confirmed
 from precog_db.local.binaries import major_version, tool_dirs
 from precog_db.settings import DatabaseSettings
+
+if TYPE_CHECKING:
+    from precog_db.connection import Pin
+    from precog_db.stamp import Stamp
 
 __all__ = [
     "BACKUP_DIR_VAR",
@@ -75,6 +86,7 @@ __all__ = [
     "Restored",
     "archive_name",
     "archive_prefix",
+    "archive_stamp",
     "backup",
     "backup_database",
     "backup_dir",
@@ -83,6 +95,7 @@ __all__ = [
     "restore",
     "restore_database",
     "retention",
+    "same_stamp",
     "verify",
 ]
 
@@ -192,19 +205,22 @@ class _Target:
     settings: DatabaseSettings
     args: list[str]
     environ: dict[str, str]
+    #: The server whose stamp was checked: the tool, and anything after it (the re-stamp), go there only.
+    pin: Pin
 
 
-def _checked_target(settings: DatabaseSettings, operation: str) -> _Target:
+def _checked_target(settings: DatabaseSettings, operation: str, *, pin: Pin | None = None) -> _Target:
     """Check ``settings``' database as every connection is checked, stamp included; nothing runs before this.
 
-    `precog_db.connection.tool_connection_args` does the checking (one
-    connection through the chokepoint, the identity stamp verified) and pins
-    the tool to the server it checked.
+    `precog_db.connection.pin_target` does the checking (one connection
+    through the chokepoint, the identity stamp verified) and pins the tool to
+    the server it checked (with ``pin``: to that server again, checked again).
     """
-    from precog_db.connection import direct_settings, tool_connection_args  # the driver, only when a tool runs
+    from precog_db.connection import pin_target, tool_args  # the driver, only when a tool runs
 
-    args, environ = tool_connection_args(settings, operation=operation)
-    return _Target(direct_settings(settings, operation=operation), args, environ)
+    settings, pinned = pin_target(settings, operation=operation, pin=pin)
+    args, environ = tool_args(settings, pinned)
+    return _Target(settings, args, environ, pinned)
 
 
 def _run(
@@ -266,6 +282,23 @@ def _label(text: str, limit: int) -> str:
     """``text`` reduced to letters, digits, ``_ . -`` (runs of anything else become ``_``), no leading dot."""
     cleaned = _UNSAFE.sub("_", text)[:limit].lstrip(".")
     return cleaned or "_"
+
+
+def _check_dumpable_name(settings: DatabaseSettings) -> None:
+    """Refuse a database name pg_dump's archive cannot carry faithfully, before anything runs.
+
+    pg_dump writes the name into the archive's header on one line, with a
+    line break turned into a space, and the header is read back trimmed: a
+    name with a line break, or with a blank at either end, could never be
+    verified as the database that was dumped.
+    """
+    name = settings.dbname
+    if "\n" in name or "\r" in name or name != name.strip():
+        raise ConfigurationError(
+            f"cannot back up database {name!r}: its name has a line break or a blank at the start or end, which "
+            "pg_dump's archive cannot record faithfully, so the dump could not be verified. Nothing was run. "
+            "Rename the database (ALTER DATABASE ... RENAME TO ...) to a name without them, then back it up"
+        )
 
 
 def archive_prefix(settings: DatabaseSettings) -> str:
@@ -349,6 +382,7 @@ def backup(
     bytes_so_far)`` is called about twice a second while pg_dump runs.
     """
     keep = retention(keep)
+    _check_dumpable_name(settings)
     # The target first: a database that is not what the settings say gets no directory, no file, no pg_dump.
     target = _checked_target(settings, "back up")
     settings = target.settings  # names the server the dump comes from (DB_DIRECT_HOST behind a pooler)
@@ -390,29 +424,53 @@ def backup(
 # --- restore --------------------------------------------------------------------------------
 
 
-def check_restore_target(settings: DatabaseSettings, path: Path) -> None:
-    """Refuse a restore into staging or prod, or from a path that is not a file; nothing runs before this."""
+def check_restore_target(settings: DatabaseSettings, path: str | os.PathLike[str]) -> Path:
+    """Refuse a restore into staging or prod, or from a path that is not a file; nothing runs before this.
+
+    Returns ``path`` as a `Path`.
+    """
     if settings.env not in RESTORABLE:
         raise EnvironmentNotAllowedError(
             f"restore is allowed only into dev or test, and the target is the {settings.describe()}; "
             "nothing was changed. Restore into a dev or test database (--env dev / --env test) instead"
         )
-    if not path.is_file():
-        raise ConfigurationError(f"{path} does not exist or is not a file; pass the path of a .dump file")
+    if not isinstance(path, str | os.PathLike):
+        raise ConfigurationError(
+            f"the archive to restore must be a path (str or os.PathLike), not {type(path).__name__}; nothing was run"
+        )
+    checked = Path(path)
+    if not checked.is_file():
+        raise ConfigurationError(f"{checked} does not exist or is not a file; pass the path of a .dump file")
+    return checked
 
 
-def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int:
+def restore(settings: DatabaseSettings, path: str | os.PathLike[str], *, server_major: int) -> int:
     """Restore the archive at ``path`` into ``settings``' database (dev or test only); return its entry count.
 
     Raises `EnvironmentNotAllowedError` for staging and prod before anything
     runs. The restore is one transaction: on any error nothing is changed.
     """
-    check_restore_target(settings, path)
+    return _restore(settings, path, server_major=server_major).entries
+
+
+@dataclass(frozen=True)
+class _Restore:
+    entries: int
+    target: _Target
+    #: The stamp row the archive carries (column -> COPY text value, None for NULL), or None.
+    brought: dict[str, str | None] | None
+
+
+def _restore(
+    settings: DatabaseSettings, path: str | os.PathLike[str], *, server_major: int, pin: Pin | None = None
+) -> _Restore:
+    path = check_restore_target(settings, path)
     # The target's own stamp must agree before pg_restore --clean touches it.
-    target = _checked_target(settings, "restore")
+    target = _checked_target(settings, "restore", pin=pin)
     settings = target.settings
     pg_restore = find_tool("pg_restore", server_major)
     entries = verify(path, settings, tool=pg_restore)
+    brought = archive_stamp(path, settings, tool=pg_restore)
     _run(
         [
             str(pg_restore),
@@ -428,7 +486,86 @@ def restore(settings: DatabaseSettings, path: Path, *, server_major: int) -> int
         what=f"pg_restore of {path.name} into {settings.describe()}",
         target=target,
     )
-    return entries
+    return _Restore(entries, target, brought)
+
+
+_STAMP_COPY = re.compile(r"^COPY precog_meta\.stamp \(([^)]*)\) FROM stdin;$")
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _copy_field(text: str) -> str | None:
+    """One field of COPY's text format: ``\\N`` is NULL; backslash escapes undone."""
+    if text == "\\N":
+        return None
+    return re.sub(
+        r"\\(x[0-9A-Fa-f]{1,2}|[0-7]{1,3}|.)",
+        lambda m: (
+            chr(int(m[1][1:], 16))
+            if m[1][0] == "x" and len(m[1]) > 1
+            else chr(int(m[1], 8))
+            if m[1][0] in "01234567"
+            else _COPY_ESCAPES.get(m[1], m[1])
+        ),
+        text,
+    )
+
+
+def archive_stamp(path: Path, settings: DatabaseSettings, *, tool: Path) -> dict[str, str | None] | None:
+    """The identity stamp row an archive carries (column name -> text, None for NULL), or None when it has none.
+
+    Read with ``pg_restore --data-only`` from the file alone (no connection).
+    An archive that carries the table in another form than one COPY row counts
+    as carrying no stamp.
+    """
+    listing = _run(
+        [str(tool), "--data-only", "--schema=precog_meta", "--table=stamp", "--file=-", str(path)],
+        settings,
+        what=f"pg_restore of the identity stamp in {path.name}",
+        target=None,
+    )
+    lines = listing.split("\n")
+    for number, line in enumerate(lines):
+        header = _STAMP_COPY.match(line)
+        if header is None:
+            continue
+        columns = [c.strip().strip('"') for c in header[1].split(",")]
+        rows = []
+        for row in lines[number + 1 :]:
+            if row == "\\.":
+                break
+            rows.append(row)
+        if len(rows) != 1:
+            return None
+        values = rows[0].split("\t")
+        if len(values) != len(columns):
+            return None
+        return {c: _copy_field(v) for c, v in zip(columns, values, strict=True)}
+    return None
+
+
+def same_stamp(brought: Mapping[str, str | None] | None, stamp: Stamp) -> bool:
+    """True when ``stamp`` is exactly the row ``brought`` (`archive_stamp`): every recorded field equal."""
+    if brought is None:
+        return False
+
+    def text(value: object) -> str | None:
+        return None if value is None else str(value)
+
+    try:
+        when = brought.get("stamped_at")
+        stamped_at = None if when is None else datetime.fromisoformat(when)
+    except ValueError:
+        return False
+    return (
+        brought.get("env") == stamp.env.value
+        and brought.get("dbname") == stamp.dbname
+        and brought.get("system_identifier") == text(stamp.system_identifier)
+        and brought.get("stamped_by") == stamp.stamped_by
+        and brought.get("stamped_role") == stamp.stamped_role
+        and brought.get("library_version") == stamp.library_version
+        and brought.get("database_oid") == text(stamp.database_oid)
+        and stamped_at == stamp.stamped_at
+    )
 
 
 # --- the workflows -----------------------------------------------------------------------------
@@ -453,7 +590,11 @@ def backup_database(
         display.update(f"pg_dump {settings.dbname}: {elapsed:.0f}s, {size / 1_048_576:.1f} MiB")
 
     with audit.operation("backup", settings, purpose=purpose) as info:
-        info["confirmation"] = "PRECOG_PROD_CONFIRMED=yes" if settings.env is Environment.PROD else "not required"
+        # What was actually given: a prod backup without PRECOG_PROD_CONFIRMED=yes is refused, and audited as such.
+        if settings.env is not Environment.PROD:
+            info["confirmation"] = "not required"
+        else:
+            info["confirmation"] = "PRECOG_PROD_CONFIRMED=yes" if production_confirmed() else "none"
         try:
             made = backup(settings, server_major=server_major, root=root, keep=keep, progress=show)
         finally:
@@ -464,7 +605,7 @@ def backup_database(
 
 def restore_database(
     settings: DatabaseSettings,
-    path: Path,
+    path: str | os.PathLike[str],
     *,
     confirm: Callable[[str], str] | None = None,
     confirm_database: str | None = None,
@@ -474,14 +615,19 @@ def restore_database(
 
     Order: the target check (staging and prod refused before anything runs),
     one connection through the chokepoint (the server's version picks
-    ``pg_restore``), the confirmation, the restore, and a re-stamp when the
-    dump carried another environment's stamp or a restored-copy mark.
+    ``pg_restore``, and that server is pinned), the confirmation, the restore
+    (the pinned server's stamp checked again), and a re-stamp when the dump
+    carried another environment's stamp or a restored-copy mark. Every
+    connection after the first goes to the pinned server only (its host, port
+    and address), so a multi-host ``DB_HOST``, a failover or a DNS change
+    cannot re-stamp another server's database. A staging or prod stamp is
+    replaced only when it is exactly the one the archive brought in.
     ``confirm(action)`` returns how the action was confirmed (for the audit
     log); by default the typed confirmation of `precog_db.confirm`, given
     here as ``confirm_database`` (or ``yes``), or typed at a terminal.
     """
-    from precog_db.connection import connect, direct_settings
-    from precog_db.stamp import read_stamp, stamp_database
+    from precog_db.connection import connect, direct_settings, pin_of
+    from precog_db.stamp import read_stamp_on, restamp_on
 
     def ask(action: str) -> str:
         if confirm is not None:
@@ -490,19 +636,35 @@ def restore_database(
 
     with audit.operation("restore", settings, file=str(path)) as info:
         settings = direct_settings(settings, operation="restore")  # the server the work goes to, and messages name
-        check_restore_target(settings, path)
-        # The target's own stamp is verified here (and again by `restore`, right before pg_restore runs),
-        # so the re-stamp below only ever replaces the stamp a restore brought into a verified dev/test database.
+        archive = check_restore_target(settings, path)
+        # The target's own stamp is verified here (and again by `_restore` on the same server, right before
+        # pg_restore runs), so the re-stamp below only ever replaces the stamp a restore brought into a verified
+        # dev/test database.
         conn = connect(settings, operation="restore")
         try:
             major = conn.info.server_version // 10000
+            pin = pin_of(conn)
         finally:
             conn.close()
-        info["confirmation"] = ask(f"restore {path.name} (replacing the objects it contains)")
-        entries = restore(settings, path, server_major=major)
-        info["entries"] = entries
-        stamp = read_stamp(settings)
-        if stamp is not None and (stamp.env is not settings.env or stamp.is_copy):
-            stamp_database(settings.env, force=True, settings=settings)
-            info["restamped"] = f"{stamp.env.value} -> {settings.env.value}"
-    return Restored(path, entries, info.get("restamped"))
+        info["confirmation"] = ask(f"restore {archive.name} (replacing the objects it contains)")
+        done = _restore(settings, archive, server_major=major, pin=pin)
+        info["entries"] = done.entries
+
+        def accept(previous: Stamp) -> None:
+            if previous.env in RESTORABLE or same_stamp(done.brought, previous):
+                return
+            raise EnvironmentMismatchError(
+                f"the restore of {archive.name} into the {settings.describe()} finished, but that database is now "
+                f"{previous.describe()}, which is not the stamp the archive brought in; it was not re-stamped. "
+                "Check which server and database the restore went to before doing anything else on it"
+            )
+
+        conn = connect(settings, operation="re-stamp the restored database", verify=False, pin=done.target.pin)
+        try:
+            stamp = read_stamp_on(conn, settings)
+            if stamp is not None and (stamp.env is not settings.env or stamp.is_copy):
+                restamp_on(conn, settings, accept=accept)
+                info["restamped"] = f"{stamp.env.value} -> {settings.env.value}"
+        finally:
+            conn.close()
+    return Restored(archive, done.entries, info.get("restamped"))

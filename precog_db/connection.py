@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from time import monotonic
 from typing import Any, TypeVar
 
@@ -62,6 +63,7 @@ from precog_db.settings import DatabaseSettings, check_name_matches
 
 __all__ = [
     "BoundedConnection",
+    "Pin",
     "PrecogConnection",
     "arm",
     "check_gate",
@@ -70,9 +72,12 @@ __all__ = [
     "connection_kwargs",
     "direct_settings",
     "gate_allows",
+    "pin_of",
+    "pin_target",
     "prepare",
     "reply_timeout",
     "silent_error",
+    "tool_args",
     "tool_connection_args",
     "unavailable_error",
 ]
@@ -301,6 +306,7 @@ def connect(
     verify: bool = True,
     autocommit: bool = True,
     direct: bool = False,
+    pin: Pin | None = None,
 ) -> PrecogConnection:
     """Open one connection after every check (see the module docstring), or raise.
 
@@ -310,15 +316,20 @@ def connect(
     reason (password scrubbed). The connection is autocommit unless told
     otherwise; the caller closes it. Behind a transaction-mode pooler it
     prepares no statement on the server (``prepare_threshold=None``).
+    ``pin`` (`pin_target`) sends it to exactly that server, whatever
+    ``settings``' host list or DNS say now.
     """
     if direct:
         settings = direct_settings(settings, operation=operation)
     check_target(settings, operation=operation, prod_confirmed=prod_confirmed)
     prepare_threshold = None if settings.pooler == "transaction" else 5
+    # Resolved before the try: a provider's DatabaseUnavailableError is an OperationalError, and is not
+    # a server that cannot be reached (it must not be wrapped as one).
+    kwargs = connection_kwargs(settings)
+    if pin is not None:
+        kwargs.update(pin.params())
     try:
-        conn = PrecogConnection.connect(
-            **connection_kwargs(settings), autocommit=autocommit, prepare_threshold=prepare_threshold
-        )
+        conn = PrecogConnection.connect(**kwargs, autocommit=autocommit, prepare_threshold=prepare_threshold)
     except psycopg.OperationalError as exc:
         detail = failure_reason(exc, settings)
     else:
@@ -342,6 +353,77 @@ def unavailable_error(settings: DatabaseSettings, detail: str) -> DatabaseUnavai
     )
 
 
+@dataclass(frozen=True)
+class Pin:
+    """One server, as a checked connection reached it: ``host``, ``port`` and (over TCP) ``hostaddr``.
+
+    `pin_target` makes it; `connect(pin=...)` and `tool_args` use it, so every
+    later connection of one operation (a tool's, a re-stamp's) reaches the
+    server whose stamp was checked, not whichever one a multi-host ``DB_HOST``
+    list, a failover or a DNS change offers next.
+    """
+
+    host: str
+    port: int
+    #: The address ``host`` resolved to; "" for a Unix socket (or libpq before 12, which cannot say).
+    hostaddr: str = ""
+
+    def params(self) -> dict[str, Any]:
+        """libpq parameters that replace the settings' host and port (and fix the address)."""
+        params: dict[str, Any] = {"host": self.host, "port": self.port}
+        if self.hostaddr:
+            params["hostaddr"] = self.hostaddr
+        return params
+
+
+def pin_target(
+    settings: DatabaseSettings, *, operation: str, prod_confirmed: bool | None = None, pin: Pin | None = None
+) -> tuple[DatabaseSettings, Pin]:
+    """Check ``settings``' target like a connection (`connect`, stamp included) and pin the server it reached.
+
+    Returns the settings the work goes to (``DB_DIRECT_HOST`` behind a
+    transaction pooler, `direct_settings`) and the `Pin` of the server whose
+    stamp was just verified. With ``pin`` the check goes to that server (to
+    check it again later in one operation) and the same server is returned.
+    """
+    settings = direct_settings(settings, operation=operation)
+    checked = connect(settings, operation=operation, prod_confirmed=prod_confirmed, pin=pin)
+    try:
+        return settings, pin_of(checked)
+    finally:
+        checked.close()
+
+
+def pin_of(conn: Connection[Any]) -> Pin:
+    """The `Pin` of the server an open connection reached."""
+    try:
+        hostaddr = conn.info.hostaddr
+    except psycopg.NotSupportedError:  # libpq before 12 cannot say; host and port still pin it
+        hostaddr = ""
+    return Pin(conn.info.host, conn.info.port, hostaddr)
+
+
+def tool_args(settings: DatabaseSettings, pin: Pin) -> tuple[list[str], dict[str, str]]:
+    """The ``--dbname=<conninfo>`` argument and the environment of a tool pinned to ``pin``.
+
+    See `tool_connection_args`.
+    """
+    import os
+
+    from psycopg.conninfo import make_conninfo
+
+    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
+    params = connection_kwargs(settings)
+    password = params.pop("password", None)
+    params.pop("options", None)
+    params.update(pin.params())
+    params["application_name"] = f"{settings.application_name} backup".strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if password:
+        env["PGPASSWORD"] = password
+    return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
+
+
 def tool_connection_args(
     settings: DatabaseSettings, *, operation: str = "run a PostgreSQL tool", prod_confirmed: bool | None = None
 ) -> tuple[list[str], dict[str, str]]:
@@ -351,7 +433,7 @@ def tool_connection_args(
     skip it: behind a transaction-mode pooler it is ``DB_DIRECT_HOST``
     (`direct_settings`); then `connect` opens one connection to it (the naming
     rule, the gate, the production guard, and the identity stamp verified on
-    the server itself) and closes it. The tool is then pinned to the server
+    the server itself) and closes it (`pin_target`). The tool is then pinned to the server
     whose stamp was read: the ``host`` and ``port`` that connection used and,
     over TCP, the address it resolved to (``hostaddr``), so a multi-host list
     or a DNS change cannot send the tool elsewhere.
@@ -365,32 +447,8 @@ def tool_connection_args(
     resolved now (`connection_kwargs`): a ``DB_PASSWORD_FILE`` is read, a
     provider called; a ``DB_PASSFILE`` goes in the conninfo as ``passfile``.
     """
-    import os
-
-    from psycopg.conninfo import make_conninfo
-
-    settings = direct_settings(settings, operation=operation)
-    checked = connect(settings, operation=operation, prod_confirmed=prod_confirmed)
-    try:
-        host, port = checked.info.host, checked.info.port
-        try:
-            hostaddr = checked.info.hostaddr
-        except psycopg.NotSupportedError:  # libpq before 12 cannot say; host and port still pin it
-            hostaddr = ""
-    finally:
-        checked.close()
-    # No password (PGPASSWORD below) and no ``options``: the tools set their own statement_timeout.
-    params = connection_kwargs(settings)
-    password = params.pop("password", None)
-    params.pop("options", None)
-    params.update(host=host, port=port)
-    if hostaddr:
-        params["hostaddr"] = hostaddr
-    params["application_name"] = f"{settings.application_name} backup".strip()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if password:
-        env["PGPASSWORD"] = password
-    return [f"--dbname={make_conninfo('', **params)}", "--no-password"], env
+    settings, pin = pin_target(settings, operation=operation, prod_confirmed=prod_confirmed)
+    return tool_args(settings, pin)
 
 
 def failure_reason(exc: BaseException, settings: DatabaseSettings) -> str:

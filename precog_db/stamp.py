@@ -24,6 +24,7 @@ the chokepoint itself runs on every new connection, live in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -65,6 +66,7 @@ __all__ = [
     "judge_stamp",
     "read_stamp",
     "read_stamp_on",
+    "restamp_on",
     "stamp_command",
     "stamp_database",
     "verify_stamp",
@@ -171,7 +173,21 @@ def stamp_database(
         conn.close()
 
 
-def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) -> Stamp:
+def restamp_on(conn: Connection[Any], settings: DatabaseSettings, *, accept: Callable[[Stamp], None]) -> Stamp:
+    """Re-stamp (``force``) the database of ``conn``, an open connection its caller pinned and checked.
+
+    ``accept(previous)`` runs on the stamp being replaced, read under the
+    stamp's lock in the writing transaction, and raises to refuse
+    (`precog_db.backup.restore_database` refuses a staging or prod stamp that
+    is not the one its archive brought in). ``conn`` must be autocommit, as
+    `connect` makes it; the caller closes it.
+    """
+    return _write(conn, settings, force=True, accept=accept)
+
+
+def _write(
+    conn: Connection[Any], settings: DatabaseSettings, *, force: bool, accept: Callable[[Stamp], None] | None = None
+) -> Stamp:
     target = settings.env
     current_id = cluster_system_identifier(conn)
     if current_id is None:
@@ -193,6 +209,8 @@ def _write(conn: Connection[Any], settings: DatabaseSettings, *, force: bool) ->
             else:
                 cur.execute(_ADD_OID)
             previous = run(conn, read_steps(for_update=True))
+            if previous is not None and accept is not None:
+                accept(previous)
             if previous is not None and previous.env is not target:
                 _check_restamp(settings, previous, force=force)
             cur.execute(_UPSERT, (target.value, current_id, current_os_user(), _library_version()))

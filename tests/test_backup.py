@@ -570,3 +570,149 @@ def _label_host(host: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", host)
+
+
+# --- issue 21 follow-ups (the adversarial pass on the fixes) -----------------------------------------------
+
+
+def _restore_hook(ws: Workspace, tmp_path: Path, after_clean: str) -> None:
+    """PRECOG_PG_BINDIR whose pg_restore runs the real one, then (after a successful --clean) ``after_clean``."""
+    fake = tmp_path / "hookbin"
+    fake.mkdir(exist_ok=True)
+    real = find_tool("pg_restore", server_major(ws))
+    script = fake / "pg_restore"
+    script.write_text(
+        f'#!/bin/sh\n"{real}" "$@"; rc=$?\n'
+        f'case "$*" in *--clean*) if [ $rc = 0 ]; then {after_clean}; fi;; esac\nexit $rc\n'
+    )
+    script.chmod(0o755)
+    ws.monkeypatch.setenv("PRECOG_PG_BINDIR", str(fake))
+
+
+class TestRestampStaysOnThePinnedServer:
+    """21.1b: the re-stamp after pg_restore goes to the server the restore was pinned to, and nowhere else."""
+
+    def test_a_failover_after_pg_restore_never_restamps_the_next_hosts_staging_database(
+        self, ws: Workspace, second_server: Server, tmp_path: Path
+    ) -> None:
+        """DB_HOST lists A (through a proxy) then B; A goes away right after pg_restore: B's staging stamp stays."""
+        import threading
+        import time
+
+        from precog_db.stamp import stamp_database
+        from tests._helpers.fault_proxy import fault_proxy
+
+        name = f"shop_{uuid.uuid4().hex[:8]}"
+        on_a = ws.server.settings(name, env=Environment.DEV)
+        on_b = second_server.settings(name, env=Environment.STAGING)
+        for server, settings in ((ws.server, on_a), (second_server, on_b)):
+            server.fresh_database(name)
+            stamp_database(settings.env, settings=settings)
+        archive = backup(on_a, server_major=server_major(ws), root=tmp_path / "archives")
+        flag, ack = tmp_path / "restored", tmp_path / "failed-over"
+        wait_for_ack = f'i=0; while [ ! -e "{ack}" ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done'
+        _restore_hook(ws, tmp_path, f'touch "{flag}"; {wait_for_ack}')
+        try:
+            with fault_proxy(ws.server.host, ws.server.port) as proxy:
+
+                def fail_over() -> None:  # bounded: 20 s at most
+                    deadline = time.monotonic() + 20
+                    while not flag.exists() and time.monotonic() < deadline:
+                        time.sleep(0.02)
+                    proxy.stop_accepting()
+                    ack.touch()
+
+                watcher = threading.Thread(target=fail_over, daemon=True)
+                watcher.start()
+                multi = on_a.replace(host="127.0.0.1,127.0.0.1", port=f"{proxy.port},{second_server.port}")
+                with pytest.raises(DatabaseUnavailableError, match=f"127.0.0.1:{proxy.port}"):
+                    restore_database(multi, archive.path, yes=True)
+                watcher.join(timeout=30)
+                assert flag.exists() and ack.exists()
+            stamp = read_stamp(on_b)
+            assert stamp is not None and stamp.env is Environment.STAGING and not stamp.is_copy
+            entry = ws.audit_entries()[-1]
+            assert (entry["operation"], entry["outcome"], entry.get("restamped")) == ("restore", "failed", None)
+        finally:
+            for server in (ws.server, second_server):
+                with server.connect() as conn:
+                    conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    def test_a_staging_stamp_the_archive_did_not_bring_is_never_overwritten(
+        self, ws: Workspace, tmp_path: Path
+    ) -> None:
+        """A stamp that says staging after pg_restore, but is not the archive's own, is refused and kept."""
+        dev = ws.add("dev")
+        fill(ws, "dev", rows=2)
+        archive = backup(dev, server_major=server_major(ws), root=tmp_path / "archives")
+        psql = find_tool("pg_restore", server_major(ws)).with_name("psql")
+        update = "UPDATE precog_meta.stamp SET env = 'staging'"
+        password = f"PGPASSWORD='{ws.server.password}' " if ws.server.password else ""
+        _restore_hook(ws, tmp_path, f'{password}"{psql}" -X -q -d "{ws.server.conninfo(dev.dbname)}" -c "{update}"')
+        with pytest.raises(EnvironmentMismatchError, match="not the stamp the archive brought in"):
+            restore_database(dev, archive.path, yes=True)
+        assert ws.query("dev", "SELECT env FROM precog_meta.stamp") == [("staging",)]
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"], entry.get("restamped")) == ("restore", "refused", None)
+
+    def test_the_restamp_connection_uses_the_pinned_address(self, ws: Workspace, pg_server: Server) -> None:
+        """A prod archive restored through a list whose first host is dead: restored and re-stamped on the live one."""
+        ws.add("prod")
+        dev = ws.add("dev")
+        fill(ws, "prod", rows=3)
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        made = backup(ws.databases["prod"], server_major=server_major(ws), root=ws.root / "b")
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        multi = dev.replace(host=f"127.0.0.1,{pg_server.host}", port=f"{_dead_port()},{pg_server.port}")
+        done = restore_database(multi, made.path, yes=True)
+        assert done.restamped == "prod -> dev"
+        stamp = read_stamp(dev)
+        assert stamp is not None and stamp.env is Environment.DEV and not stamp.is_copy
+
+
+class TestFollowUps:
+    def test_refused_prod_backup_is_audited_without_a_confirmation(self, ws: Workspace, tmp_path: Path) -> None:
+        """21.1c: a prod backup refused for lack of PRECOG_PROD_CONFIRMED records no confirmation."""
+        from precog_db.errors import ProductionAccessError
+
+        prod = ws.add("prod", dbname=f"ledger_{uuid.uuid4().hex[:8]}")
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED", raising=False)
+        with pytest.raises(ProductionAccessError):
+            backup_database(prod, server_major=server_major(ws), purpose="test", root=tmp_path / "b")
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"], entry["confirmation"]) == ("backup", "refused", "none")
+        ws.monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        backup_database(prod, server_major=server_major(ws), purpose="test", root=tmp_path / "b")
+        entry = ws.audit_entries()[-1]
+        assert (entry["outcome"], entry["confirmation"]) == ("ok", "PRECOG_PROD_CONFIRMED=yes")
+
+    def test_restore_takes_the_archive_path_as_text(self, ws: Workspace, tmp_path: Path) -> None:
+        """21.1d: restore / restore_database accept a str path (and os.PathLike), like backup(root=...)."""
+        dev = ws.add("dev")
+        fill(ws, "dev", rows=2)
+        made = backup(dev, server_major=server_major(ws), root=str(tmp_path / "b"))  # type: ignore[arg-type]
+        fill(ws, "dev", rows=5)
+        assert restore(dev, str(made.path), server_major=server_major(ws)) > 0
+        assert ws.query("dev", "SELECT count(*) FROM markets") == [(2,)]
+        fill(ws, "dev", rows=5)
+        done = restore_database(dev, str(made.path), yes=True)
+        assert done.path == made.path and ws.query("dev", "SELECT count(*) FROM markets") == [(2,)]
+        with pytest.raises(ConfigurationError, match="does not exist or is not a file"):
+            restore_database(dev, str(tmp_path / "missing.dump"), yes=True)
+        assert "AttributeError" not in ws.audit_entries()[-1]["error"]
+
+    @pytest.mark.parametrize("name", ["new\nline", " lead", "trail ", "cr\rname"])
+    def test_names_an_archive_cannot_carry_are_refused_before_pg_dump(
+        self, ws: Workspace, tmp_path: Path, name: str
+    ) -> None:
+        """21.1e: a name with a line break or an outer blank is refused up front with a sentence; no tool ran."""
+        settings = ws.server.settings(name, env=Environment.DEV)
+        ws.server.fresh_database(name)
+        try:
+            spy = _tool_spy(ws, tmp_path)
+            with pytest.raises(ConfigurationError, match="line break or a blank at the start or end"):
+                backup(settings, server_major=server_major(ws), root=tmp_path / "b")
+            assert not spy.exists() and not (tmp_path / "b").exists()
+        finally:
+            with ws.server.connect() as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -408,7 +408,7 @@ class TestUrlPasswordPrecedence:
 
 
 class TestProviderErrorsStaySecret:
-    """21.9: a provider's exception text can quote the credential; only its type and plain words are shown."""
+    """21.9: a provider's exception text can quote the credential; only its type is shown (21.9b: no word of it)."""
 
     LEAK = "s3cr3t"
 
@@ -422,7 +422,10 @@ class TestProviderErrorsStaySecret:
         import traceback
 
         assert isinstance(error, DatabaseUnavailableError), repr(error)
-        assert "raised RuntimeError (token *** expired)" in str(error)
+        assert "raised RuntimeError; its message is not shown because it may contain the secret" in str(error)
+        assert "expired" not in str(error) and "token" not in str(error)
+        # 21.9b: not wrapped a second time as a server that cannot be reached
+        assert str(error).count("password provider") == 1 and "Check that the server is running" not in str(error)
         chain: list[BaseException] = []
         seen: BaseException | None = error
         while seen is not None and len(chain) < 20:  # bounded walk of the cause/context chain
@@ -481,6 +484,82 @@ class TestProviderErrorsStaySecret:
         everything = repr(logs) + caplog.text + repr([r.__dict__ for r in caplog.records]) + captured.out + captured.err
         assert self.LEAK not in everything
 
+    @pytest.mark.parametrize(
+        ("message", "secret"),
+        [
+            ("the rotated token is Quokkalantern", "Quokkalantern"),
+            ("vault says: password for app_rw was Zebracrossingsun", "Zebracrossingsun"),
+            ("refusing password correct horse battery staple", "battery staple"),
+            ("credential expired: 'Nimbusfoxtrot'", "Nimbusfoxtrot"),
+        ],
+    )
+    @pytest.mark.parametrize("layer", ["sync", "asyncio"])
+    def test_no_word_of_the_message_is_shown(self, role: Server, message: str, secret: str, layer: str) -> None:
+        """21.9b: a secret in plain words (a letters-only token, a passphrase) is not shown: no word is."""
+        import asyncio
+
+        from precog_db._aconnection import aconnect
+
+        def provider() -> str:
+            raise RuntimeError(message)
+
+        settings = app_settings(role, password_provider=provider)
+
+        async def through_aconnect() -> None:
+            conn = await aconnect(settings, operation="test")
+            await conn.close()
+
+        with pytest.raises(DatabaseUnavailableError) as raised:
+            if layer == "sync":
+                connect(settings, operation="test").close()
+            else:
+                asyncio.run(through_aconnect())
+        self.LEAK = secret
+        self._assert_clean(raised.value)
+        own_words = {"password", "credential"}  # the error's own wording ("the password provider", "credentials")
+        shown = [w for w in message.split() if len(w) > 3 and w not in own_words and w in str(raised.value)]
+        assert shown == [], str(raised.value)
+
+    def test_a_provider_that_calls_sys_exit_is_the_same_error(self, role: Server) -> None:
+        """21.9b: SystemExit from a provider (its code quoting the secret) is turned into the provider error."""
+        import sys
+
+        def provider() -> str:
+            sys.exit(f"could not fetch token {self.LEAK}")
+
+        with pytest.raises(DatabaseUnavailableError, match="raised SystemExit; its message is not shown") as raised:
+            connect(app_settings(role, password_provider=provider), operation="test")
+        assert raised.value.__cause__ is None and raised.value.__context__ is None
+        assert self.LEAK not in str(raised.value) + repr(raised.value)
+
+    def test_a_keyboard_interrupt_in_a_provider_still_interrupts(self, role: Server) -> None:
+        """Only errors and SystemExit are turned into the provider error; Ctrl-C is not swallowed."""
+
+        def provider() -> str:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt):
+            connect(app_settings(role, password_provider=provider), operation="test")
+
+    def test_the_audit_log_gets_nothing_of_the_message(
+        self, role: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """21.9b: an audited workflow (backup_database) records the failure without a word of the provider's text."""
+        from precog_db.backup import backup_database
+
+        audit_log = tmp_path / "audit.log"
+        monkeypatch.setenv("PRECOG_AUDIT_LOG", str(audit_log))
+
+        def provider() -> str:
+            raise RuntimeError("the rotated token is Quokkalantern")
+
+        with pytest.raises(DatabaseUnavailableError):
+            backup_database(
+                app_settings(role, password_provider=provider), server_major=15, purpose="test", root=tmp_path / "b"
+            )
+        text = audit_log.read_text()
+        assert "RuntimeError" in text and "Quokkalantern" not in text and "rotated" not in text, text
+
     def test_a_provider_error_whose_text_itself_raises_chains_nothing(self, role: Server) -> None:
         """An exception whose __str__ raises (quoting the secret) gives the type alone, still with no chain."""
         leak = self.LEAK
@@ -492,6 +571,6 @@ class TestProviderErrorsStaySecret:
         def provider() -> str:
             raise Opaque
 
-        with pytest.raises(DatabaseUnavailableError, match=r"raised Opaque \(no message\)") as raised:
+        with pytest.raises(DatabaseUnavailableError, match=r"raised Opaque; its message is not shown") as raised:
             connect(app_settings(role, password_provider=provider), operation="test")
         assert raised.value.__cause__ is None and raised.value.__context__ is None

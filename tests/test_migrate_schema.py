@@ -266,8 +266,23 @@ MISSPELLED_DOWN = [
     "/*\nprecog:down\n*/",
     "-- precog\uff1adown",
     "-- TODO precog:down later",
+    # 21.5b: look-alike letters and marker words without the colon
+    "-- prec\u043eg:down",  # a Cyrillic o
+    "-- prec\u03bfg:down",  # a Greek omicron
+    "-- \u0440r\u0435c\u043eg:d\u043ewn",  # Cyrillic r-look-alike, e and o
+    "-- \uff50\uff52\uff45\uff43\uff4f\uff47:down",  # full-width letters (an IME left in full-width mode)
+    "-- \uff50\uff52\uff45\uff43\uff4f\uff47\uff1a\uff44\uff4f\uff57\uff4e",
+    "-- precog down section",
+    "-- pre\u00adcog:down",  # a soft hyphen
+    "-- pr\u00e9cog:down",
 ]
-MISSPELLED_FIRST_LINE = ["--precog:no-transaction", "-- precog:no transaction", "/* precog:no-transaction */"]
+MISSPELLED_FIRST_LINE = [
+    "--precog:no-transaction",
+    "-- precog:no transaction",
+    "/* precog:no-transaction */",
+    "-- precog no transaction",
+    "-- prec\u043eg:no-transaction",
+]
 
 
 def _misspelled_body(marker: str) -> tuple[str, int]:
@@ -332,6 +347,8 @@ class TestMisspelledMarkers:
             "0001_m.sql",
             "-- Precog schema for markets (see precog_db docs)\n"
             "/* precog handles the ledger */\n"
+            "-- the down section below is what precog runs on migrate down\n"
+            "-- \u0437\u0430\u043f\u0438\u0441\u044c: \u043f\u0440\u043e\u0434\u0430\u0436\u0438 (notes in Cyrillic)\n"
             "CREATE TABLE m (note text);\n"
             "INSERT INTO m VALUES ('-- precog: down'), ($$/* precog:down */$$);\n"
             "-- PRECOG:DOWN\n"
@@ -342,6 +359,48 @@ class TestMisspelledMarkers:
         assert ws.query("test", "SELECT count(*) FROM m") == [(2,)]
         down = ws.run("--env", "test", "--yes", "migrate", "down")
         assert down.code == 0, down.err
+        assert not ws.has_table("test", "m")
+
+
+class TestLineEndings:
+    """21.5c: line endings are made LF once, when the file is read; lines are split and counted on LF alone."""
+
+    def test_bare_cr_line_endings_keep_both_markers(self, ws: Workspace) -> None:
+        """Classic Mac OS endings: the no-transaction marker counts (CONCURRENTLY runs), down splits the file."""
+        ws.add("test")
+        first = ws.write_migration("0001_markets.sql", "")
+        first.write_bytes(MARKETS.replace("\n", "\r").encode())
+        second = ws.write_migration("0002_index.sql", "")
+        second.write_bytes(CONCURRENT.replace("\n", "\r").encode())
+        validate = ws.run("--env", "test", "migrate", "validate")
+        assert validate.code == 0, validate.out + validate.err
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 0, up.err
+        assert index_valid(ws, "markets_symbol") is True and ws.has_table("test", "markets")
+        down = ws.run("--env", "test", "--yes", "migrate", "down", "--target", "0")
+        assert down.code == 0, down.err
+        assert not ws.has_table("test", "markets")
+
+    def test_a_form_feed_does_not_shift_the_marker_checks(self, ws: Workspace) -> None:
+        """A page break (form feed, vertical tab) in a line: the down marker is where the line count says."""
+        ws.add("test")
+        ws.write_migration(
+            "0001_m.sql", "CREATE TABLE m (id int); -- page\x0c break\x0b\n-- precog:down\nDROP TABLE m;\n"
+        )
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 0, up.err
+        assert ws.has_table("test", "m")
+        down = ws.run("--env", "test", "--yes", "migrate", "down")
+        assert down.code == 0, down.err
+        assert not ws.has_table("test", "m")
+
+    def test_a_misspelled_marker_after_bare_crs_is_named_by_its_line(self, ws: Workspace) -> None:
+        """The line number in the refusal counts bare-CR lines like an editor does."""
+        ws.add("test")
+        path = ws.write_migration("0001_m.sql", "")
+        path.write_bytes(b"-- one\rCREATE TABLE m (id int);\r-- precog: down\rDROP TABLE m;\r")
+        up = ws.run("--env", "test", "migrate", "up")
+        assert up.code == 1 and "0001_m.sql, line 3" in up.err, up.err
         assert not ws.has_table("test", "m")
 
 

@@ -122,6 +122,33 @@ class TestValidation:
         """Ports 1 and 65535 are valid."""
         assert load_settings("dev", config_dir=tmp_path, environ={"DB_PORT": port}).port == int(port)
 
+    @pytest.mark.parametrize("host", ["db1 db2", "host=db1", "db1,,db2", "db1,db2", "db1\tdb2", "db\x00"])
+    def test_bad_direct_host_is_refused_when_settings_load(self, host: str, tmp_path: Path) -> None:
+        """21.13b: DB_DIRECT_HOST is one host by the DB_HOST rules, checked at load and named (from env, file, args)."""
+        behind = {"DB_POOLER": "transaction", "DB_HOST": "pgbouncer"}
+        with pytest.raises(ConfigurationError, match="DB_DIRECT_HOST in the process environment"):
+            load_settings("dev", config_dir=tmp_path, environ={**behind, "DB_DIRECT_HOST": host})
+        if "\x00" not in host:
+            write(tmp_path / ".env.dev", f"DB_DIRECT_HOST={host}\n")
+            with pytest.raises(ConfigurationError, match=r"DB_DIRECT_HOST in .*\.env\.dev"):
+                load_settings("dev", config_dir=tmp_path, environ=behind)
+        with pytest.raises(ConfigurationError, match=r"setting direct_host \(DB_DIRECT_HOST\)"):
+            DatabaseSettings(env=Environment.DEV, host="pgbouncer", pooler="transaction", direct_host=host)
+        with pytest.raises(ConfigurationError, match="DB_DIRECT_HOST in argument"):
+            DatabaseSettings(env=Environment.DEV, host="pgbouncer", pooler="transaction").replace(direct_host=host)
+
+    @pytest.mark.parametrize("port", ["5432,5433", "0", "x"])
+    def test_bad_direct_port_is_refused_when_settings_load(self, port: str, tmp_path: Path) -> None:
+        """21.13b: DB_DIRECT_PORT is one port, checked at load."""
+        with pytest.raises(ConfigurationError, match="DB_DIRECT_PORT"):
+            load_settings("dev", config_dir=tmp_path, environ={"DB_DIRECT_HOST": "db1", "DB_DIRECT_PORT": port})
+
+    def test_a_good_direct_host_loads(self, tmp_path: Path) -> None:
+        """One host name, an address or a socket directory is accepted; unset stays unset."""
+        for host in ("db1.internal", "10.0.0.5", "::1", "/var/run/postgresql"):
+            assert load_settings("dev", config_dir=tmp_path, environ={"DB_DIRECT_HOST": host}).direct_host == host
+        assert load_settings("dev", config_dir=tmp_path, environ={}).direct_host == ""
+
     def test_pool_min_above_max(self, tmp_path: Path) -> None:
         """pool_min > pool_max is refused, naming both variables and where they came from."""
         write(tmp_path / ".env.dev", "DB_POOL_MIN_CONN=20\n")

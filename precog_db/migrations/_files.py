@@ -57,8 +57,14 @@ _BOM = "\ufeff"
 
 
 def text_of(raw: bytes) -> str:
-    """A migration file's SQL: UTF-8, CRLF turned into LF, a leading byte order mark dropped (editors add one)."""
-    return _normalised(raw).decode("utf-8").removeprefix(_BOM)
+    """A migration file's SQL: UTF-8, a leading byte order mark dropped (editors add one), every line break LF.
+
+    CRLF and a bare CR (classic Mac OS line endings) both become LF, once,
+    here, before anything reads the text: the marker checks, the sections and
+    the line numbers in messages all split on LF alone
+    (`precog_db.migrations._sections.lines`), so they always agree.
+    """
+    return _normalised(raw).replace(b"\r", b"\n").decode("utf-8").removeprefix(_BOM)
 
 
 def discover(directory: Path) -> list[MigrationFile]:
