@@ -75,6 +75,15 @@ _LARGE_OBJECT_WRITERS = frozenset(
         "lo_open",
     }
 )
+#: Settings that change how the server reads statement text (pglast always reads it the standard way).
+_LEXICAL_SETTINGS = frozenset({"standard_conforming_strings", "client_encoding", "backslash_quote"})
+_SETTING_HOLDERS = (
+    ast.CreateFunctionStmt,
+    ast.AlterFunctionStmt,
+    ast.AlterRoleSetStmt,
+    ast.AlterDatabaseSetStmt,
+    ast.AlterSystemStmt,
+)
 _TRUE_TEXT = frozenset({"t", "true", "on", "yes", "y", "1"})
 _READ_ONLY_SETTINGS = frozenset({"transaction_read_only", "default_transaction_read_only"})
 _ENDS_TRANSACTION = frozenset(
@@ -167,19 +176,28 @@ def _walk(node: Any, found: _Findings) -> None:
             continue
         if not isinstance(item, ast.Node):
             continue
-        _look(item, found)
+        if _look(item, found):
+            continue  # the node was judged whole (its SET clauses are not session SETs)
         for name in type(item).__slots__:  # type: ignore[attr-defined]
             value = getattr(item, name, None)
             if isinstance(value, (ast.Node, tuple, list)):
                 stack.append(value)
 
 
+def _name_parts(names: Any) -> list[str]:
+    return [getattr(n, "sval", "") or "" for n in names or ()]
+
+
 def _func_name(names: Any) -> str | None:
-    """A function's name if it is unqualified or in ``pg_catalog`` (where the built-ins live)."""
-    parts = [getattr(n, "sval", "") for n in names or ()]
-    if len(parts) == 1 or (len(parts) == 2 and parts[0] == "pg_catalog"):
+    """A function's name if it is unqualified or in ``pg_catalog`` (``db.pg_catalog.f`` too: the current database)."""
+    parts = _name_parts(names)
+    if len(parts) == 1 or (len(parts) in (2, 3) and parts[-2] == "pg_catalog"):
         return parts[-1]
     return None
+
+
+def _in_pg_temp(names: Any) -> bool:
+    return any(part.lower().startswith("pg_temp") for part in _name_parts(names)[:-1])
 
 
 def _is_true(arg: Any) -> bool:
@@ -207,7 +225,15 @@ def _opens_read_write(options: Any) -> bool:
     return False
 
 
-def _look(node: ast.Node, found: _Findings) -> None:
+def _look(node: ast.Node, found: _Findings) -> bool:
+    """Judge one node; True when its children must not be judged on their own."""
+    if isinstance(node, _SETTING_HOLDERS):
+        # CREATE FUNCTION … SET x, ALTER ROLE/DATABASE … SET x: catalog entries, not this session's SET.
+        if isinstance(node, ast.CreateFunctionStmt) and _in_pg_temp(node.funcname):
+            found.leaves("a function in pg_temp outlives its transaction")
+        if isinstance(node, ast.AlterSystemStmt):
+            found.writes("ALTER SYSTEM writes the server's configuration")
+        return True
     if isinstance(node, ast.VariableSetStmt):
         _look_set(node, found)
     elif isinstance(node, ast.TransactionStmt):
@@ -246,10 +272,16 @@ def _look(node: ast.Node, found: _Findings) -> None:
             found.writes("updating pg_settings may turn the read-only default off")
     elif isinstance(node, ast.FuncCall):
         _look_call(node, found)
+    return False
 
 
 def _look_set(node: ast.VariableSetStmt, found: _Findings) -> None:
     name = (node.name or "").lower()
+    if name in _LEXICAL_SETTINGS:
+        found.leaves(f"{name} changes how the server reads statement text")
+        found.writes(f"{name} makes the server read statements otherwise than the parser that checks them")
+    if name == "search_path" and any("pg_temp" in (_literal_text(a) or "") for a in node.args or ()):
+        found.leaves("a search_path naming pg_temp creates temporary objects without the word TEMP")
     if node.kind == VariableSetKind.VAR_SET_MULTI:
         if name == "session characteristics":
             found.leaves("SET SESSION CHARACTERISTICS changes the session")
@@ -282,6 +314,10 @@ def _literal_text(arg: Any) -> str | None:
 
 
 def _look_call(node: ast.FuncCall, found: _Findings) -> None:
+    last = (_name_parts(node.funcname) or [""])[-1]
+    if last.startswith("dblink"):  # an extension: in whatever schema it was installed
+        found.leaves("dblink opens or uses connections kept in the session")
+        found.writes("dblink writes through another connection")
     name = _func_name(node.funcname)
     if name is None:
         return
@@ -290,13 +326,19 @@ def _look_call(node: ast.FuncCall, found: _Findings) -> None:
         if len(args) != 3 or not _is_true(args[2]):
             found.leaves("set_config whose third argument is not a literal true changes the session")
         setting = _literal_text(args[0]) if args else None
-        if setting is None or setting in _READ_ONLY_SETTINGS:
+        if setting is None or setting in _READ_ONLY_SETTINGS or setting in _LEXICAL_SETTINGS:
             found.writes("set_config may turn the read-only default off")
+        value = _literal_text(args[1]) if len(args) > 1 else None
+        if (
+            setting is None
+            or setting in _LEXICAL_SETTINGS
+            or (setting == "search_path" and (value is None or "pg_temp" in value))
+        ):
+            found.leaves("set_config of this setting may change how later statements are read or resolved")
     elif name in _ADVISORY_SESSION:
         found.leaves("a session advisory lock outlives its transaction")
-    elif name.startswith("dblink"):
-        found.leaves("dblink opens or uses connections kept in the session")
-        found.writes("dblink writes through another connection")
+    elif name == "setseed":
+        found.leaves("setseed changes the session's random sequence")
     elif name in _SQL_TEXT_RUNNERS or (name == "ts_rewrite" and len(args) == 2):
         found.leaves(f"{name} runs SQL given as text")
     if name in _LARGE_OBJECT_WRITERS:

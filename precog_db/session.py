@@ -85,12 +85,14 @@ def changes_session(query: bytes) -> bool:
 
 
 def _in_read_only_default(conn: Any) -> bool:
-    """No transaction is open or being opened: the session's read-only default is the only guard."""
+    """No transaction the library or psycopg opened read-write: the read-only default is the only guard.
+
+    A transaction the borrower opened with its own ``BEGIN`` statement, or a pipeline of its own,
+    counts as none (``BEGIN`` then ``SET TRANSACTION READ WRITE`` would otherwise write).
+    """
     return (
         bool(conn._autocommit)
-        and conn.pgconn.transaction_status == _IDLE
         and not conn._num_transactions
-        and conn._pipeline is None
         and getattr(conn, "_precog_pending_begin", None) is None
         and not getattr(conn, "_precog_setup", False)
     )
@@ -141,6 +143,19 @@ def _mark(conn: Any, query: bytes) -> None:
             "block commits when it ends (and rolls back if it raises); for a partial undo nest "
             "conn.transaction(), which uses a savepoint"
         )
+
+
+def _owned(conn: Any, start: PQGen[None]) -> PQGen[None]:
+    """Run a pool cursor's ``_start_query`` with the connection told the statement is judged.
+
+    The flag is down again however the generator ends, so a pool cursor that fails before
+    reaching the connection (a closed cursor) leaves no pass for a hand-built one.
+    """
+    conn._precog_own = True
+    try:
+        return (yield from start)
+    finally:
+        conn._precog_own = False
 
 
 def _untracked_statement(conn: Any) -> None:
@@ -225,8 +240,7 @@ class _Marking:
         return pgq
 
     def _start_query(self, query: Any = None) -> Any:
-        self._conn._precog_own = True  # judged by _convert_query: not an untracked statement
-        return super()._start_query(query)  # type: ignore[misc]
+        return _owned(self._conn, super()._start_query(query))  # type: ignore[misc]
 
 
 def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:

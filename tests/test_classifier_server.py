@@ -233,3 +233,57 @@ def test_commit_statement_inside_a_block_is_refused(
 
     layer.run(test_settings, scenario)
     assert _counts(pg_server, test_db) == (0, 0)
+
+
+def test_own_begin_then_read_write_is_refused(
+    layer: Layer, test_settings: DatabaseSettings, orders: None, pg_server: Server, test_db: str
+) -> None:
+    """A borrower's own BEGIN does not lift the check: SET TRANSACTION READ WRITE after it is refused (21.7)."""
+
+    async def scenario(db: Layer) -> None:
+        with pytest.raises(ReadOnlyWriteError, match="READ WRITE"):
+            async with db.cursor() as cur:
+                await cur.execute("BEGIN")
+                await cur.execute("SET TRANSACTION READ WRITE")
+                await cur.execute("INSERT INTO orders VALUES (1)")
+                await cur.execute("COMMIT")
+
+    layer.run(test_settings, scenario)
+    assert _counts(pg_server, test_db) == (0, 0)
+
+
+def test_three_part_names_and_pg_temp_search_path_do_not_leak(
+    layer: Layer, test_settings: DatabaseSettings, orders: None, pg_server: Server, test_db: str
+) -> None:
+    """``db.pg_catalog.set_config`` and a temp table made through ``SET LOCAL search_path = pg_temp`` are reset."""
+
+    async def scenario(db: Layer) -> None:
+        async with db.cursor() as cur:
+            await cur.execute(f"SELECT {test_db}.pg_catalog.set_config('search_path', 'evil, public', false)")
+        async with db.cursor(commit=True) as cur:
+            await cur.execute("SET LOCAL search_path = pg_temp")
+            await cur.execute("CREATE TABLE orders (ref int)")
+        async with db.cursor(commit=True) as cur:
+            await cur.execute("INSERT INTO orders VALUES (1)")
+
+    layer.run(test_settings, scenario)
+    assert _counts(pg_server, test_db) == (1, 0)
+
+
+def test_a_failed_pool_cursor_leaves_no_pass_for_a_hand_built_one(
+    test_settings: DatabaseSettings, orders: None, pg_server: Server, test_db: str
+) -> None:
+    """A pool cursor that fails before sending does not let the next hand-built statement pass unjudged."""
+    initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
+    try:
+        with get_cursor() as cur:
+            closed = cur.connection.cursor()
+            closed.close()
+            with pytest.raises(psycopg.InterfaceError):
+                closed.execute("SELECT 1")
+            psycopg.ClientCursor(cur.connection).execute("SET search_path = evil, public")
+        with get_cursor(commit=True) as cur:
+            cur.execute("INSERT INTO orders VALUES (1)")
+    finally:
+        close_pool()
+    assert _counts(pg_server, test_db) == (1, 0)

@@ -69,6 +69,16 @@ SESSION = [
     "PREPARE TRANSACTION 'x'",
     "EXPLAIN ANALYZE SELECT set_config('a.b', 'c', false)",
     "this is not sql",
+    # The second adversarial pass (issue 21's closing attack):
+    "SELECT precog_test.pg_catalog.set_config('search_path', 'evil, public', false)",
+    "SELECT precog_test.pg_catalog.pg_advisory_lock(4242)",
+    "SELECT public.dblink_connect('leak', 'dbname=x')",
+    "SET LOCAL search_path = pg_temp",
+    "SELECT set_config('search_path', 'pg_temp, public', true)",
+    "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "SET LOCAL standard_conforming_strings = off",
+    "SET LOCAL client_encoding = 'SJIS'",
+    "SELECT setseed(0.5)",
 ]
 
 #: Statements that could write although the session is read-only by default (refused outside a transaction).
@@ -97,6 +107,11 @@ ESCAPES = [
     "RESET default_transaction_read_only",
     "SET default_transaction_read_only TO DEFAULT",
     "SELECT 1; SET default_transaction_read_only = off",
+    "SELECT precog_test.pg_catalog.lo_from_bytea(0, 'x')",
+    "SELECT public.dblink_exec('dbname=x', 'insert into t values (1)')",
+    "SET LOCAL standard_conforming_strings = off",
+    "SELECT set_config('standard_conforming_strings', 'off', true)",
+    "ALTER SYSTEM SET work_mem = '64MB'",
 ]
 
 #: Statements that leave nothing behind and cannot write past read-only by themselves.
@@ -129,6 +144,12 @@ CLEAN_STATEMENTS = [
     "SELECT 1; SELECT 2",
     "SET default_transaction_read_only = on",
     "SET LOCAL transaction_read_only = on",
+    "SELECT set_config('search_path', 'tenant_7, public', true)",
+    "CREATE FUNCTION f() RETURNS int LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public AS 'SELECT 1'",
+    "ALTER FUNCTION f() SET search_path = pg_catalog",
+    "ALTER ROLE app SET statement_timeout = '5s'",
+    "ALTER DATABASE app SET statement_timeout = '5s'",
+    "SELECT other_db.other_schema.set_config('a', 'b', false)",
 ]
 
 
