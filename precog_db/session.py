@@ -211,6 +211,8 @@ class _TrackingPrepareManager(PrepareManager):
     def get(self, query: Any, prepare: bool | None = None) -> Any:
         if (conn := self._conn()) is not None:
             _mark(conn, query.query)
+            if conn._precog_shared:
+                prepare = False  # behind a transaction pooler, whatever prepare_threshold a borrower set
         elif not self.dirty and changes_session(query.query):
             self.dirty = True
         return super().get(query, prepare)
@@ -499,6 +501,7 @@ def needs_restore(conn: AnyConnection) -> bool:
         or c.cursor_factory is not c._precog_factories[0]
         or c.server_cursor_factory is not c._precog_factories[1]
         or c.row_factory is not c._precog_row_factory
+        or c._prepared.prepare_threshold != c._precog_prepare_threshold
         or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
         or c._precog_busy
         or c._num_transactions

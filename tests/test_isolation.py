@@ -406,3 +406,11 @@ class TestPsycopgInternals:
                 assert hasattr(conn._prepared, name), name
             with conn.cursor("iso_internals") as cur:
                 assert hasattr(cur, "_withhold")
+
+
+def test_prepare_threshold_set_by_a_borrower_is_put_back(one: int) -> None:
+    """A get_cursor() borrower's prepare_threshold does not reach the next borrower (21, closing attack)."""
+    with get_cursor() as cur:
+        cur.connection.prepare_threshold = 0
+    with get_connection() as conn:
+        assert conn.prepare_threshold == 5

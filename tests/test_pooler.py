@@ -352,6 +352,25 @@ class TestParserBehindThePooler:
             assert admin.execute("SELECT count(*) FROM pooler_raw").fetchone() == (0,)
 
 
+class TestPreparedStatementsBehindThePooler:
+    def test_a_borrowers_prepare_threshold_prepares_nothing_and_is_put_back(
+        self, tx_settings: DatabaseSettings, bouncer: int
+    ) -> None:
+        """prepare_threshold=0 set by a borrower creates no server statement and does not reach the next one."""
+        initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
+        with get_cursor(commit=True) as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS pooler_prep (x int)")
+        with get_cursor(commit=True) as cur:
+            cur.connection.prepare_threshold = 0
+            cur.executemany("INSERT INTO pooler_prep VALUES (%s)", [(1,), (2,)])
+            cur.execute("SELECT count(*) AS n FROM pg_prepared_statements")
+            assert cur.fetchone() == {"n": 0}
+        with get_connection() as conn:
+            assert conn.prepare_threshold is None
+        with _raw(bouncer) as other:
+            assert other.execute("SELECT count(*) FROM pg_prepared_statements").fetchone() == (0,)
+
+
 class TestQuietRefusals:
     def test_refused_write_logs_no_pipeline_noise(
         self, tx_settings: DatabaseSettings, caplog: pytest.LogCaptureFixture
