@@ -12,7 +12,7 @@ CONFIRM ?=
 # Appended after the command, where precog-db takes both global and command options (`ARGS="--keep 3"`).
 DB_ARGS = $(if $(strip $(CONFIRM)), --confirm-database $(strip $(CONFIRM)))$(if $(strip $(ARGS)), $(strip $(ARGS)))
 
-.PHONY: install demo test test-lowest lint typecheck pytest clean check migrate migrate-status backup local-up local-down bench bench-quick
+.PHONY: install demo test test-lowest lint typecheck pytest generate check-generated clean check migrate migrate-status backup local-up local-down bench bench-quick
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -28,11 +28,18 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 ## Lint, type-check and run the whole test suite against real PostgreSQL.
-test: lint typecheck pytest
+test: check-generated lint typecheck pytest
+
+## The sync modules generated from their asyncio sources (tools/async_to_sync.py, docs/DESIGN.md).
+generate: install
+	$(BIN)/python tools/async_to_sync.py
+
+check-generated: install
+	$(BIN)/python tools/async_to_sync.py --check
 
 lint: install
-	$(BIN)/ruff check precog_db tests examples bench
-	$(BIN)/ruff format --check precog_db tests examples bench
+	$(BIN)/ruff check precog_db tests examples bench tools
+	$(BIN)/ruff format --check precog_db tests examples bench tools
 
 typecheck: install
 	$(BIN)/mypy
