@@ -156,7 +156,7 @@ def test_sentinel_password_appears_nowhere(
     """Success and failure paths under a sentinel password: not printed, logged, raised or audited anywhere."""
     caplog.set_level(logging.DEBUG)
     for name in ("psycopg", "psycopg.pool", "precog_db"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored at teardown: later tests log as before
     audit_log = tmp_path / "audit.log"
     monkeypatch.setenv("PRECOG_AUDIT_LOG", str(audit_log))
     monkeypatch.setenv("PRECOG_ENV", "test")
@@ -378,7 +378,7 @@ def test_password_file_and_provider_values_appear_nowhere(
     """Passwords read from DB_PASSWORD_FILE or returned by a provider, in success and failure paths, leak nowhere."""
     caplog.set_level(logging.DEBUG)
     for name in ("psycopg", "psycopg.pool", "precog_db"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+        caplog.set_level(logging.DEBUG, logger=name)  # restored at teardown: later tests log as before
     audit_log = tmp_path / "audit.log"
     monkeypatch.setenv("PRECOG_AUDIT_LOG", str(audit_log))
     cap = logging_captured
