@@ -40,9 +40,11 @@ from psycopg.transaction import OutOfOrderTransactionNesting
 from precog_db._aconnection import PrecogAsyncConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
+from precog_db._replica_state import note_commit
+from precog_db._replicas_async import choose
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
 from precog_db.cursors import _commit_interrupted, _translate
-from precog_db.errors import PoolStateError
+from precog_db.errors import ConfigurationError, PoolStateError
 from precog_db.gates import (
     dangerous_operation,
     delete_statement,
@@ -75,18 +77,22 @@ def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
 
 @overload
 def get_cursor(
-    *, commit: bool = False, pipeline: bool = False
+    *, commit: bool = False, pipeline: bool = False, replica: bool = False
 ) -> AbstractAsyncContextManager[AsyncCursor[dict[str, Any]]]: ...
 
 
 @overload
 def get_cursor(
-    *, commit: bool = False, pipeline: bool = False, row_factory: AsyncRowFactory[Row]
+    *, commit: bool = False, pipeline: bool = False, row_factory: AsyncRowFactory[Row], replica: bool = False
 ) -> AbstractAsyncContextManager[AsyncCursor[Row]]: ...
 
 
 def get_cursor(
-    *, commit: bool = False, pipeline: bool = False, row_factory: AsyncRowFactory[Any] = dict_row
+    *,
+    commit: bool = False,
+    pipeline: bool = False,
+    row_factory: AsyncRowFactory[Any] = dict_row,
+    replica: bool = False,
 ) -> AbstractAsyncContextManager[AsyncCursor[Any]]:
     """Borrow an asyncio cursor; rows are dicts by default (typed ``AsyncCursor[dict[str, Any]]``).
 
@@ -98,14 +104,22 @@ def get_cursor(
     ``BEGIN`` travels with the first statement (two round trips for a
     one-statement block). ``commit=True, pipeline=True``: the whole block in
     one round trip, errors surfacing late, exactly as `precog_db.get_cursor`
-    documents it.
+    documents it. ``replica=True`` (reads only): from a ``DB_REPLICA_HOSTS``
+    replica that is fresh enough and has this task's own writes, else from the
+    primary (`precog_db.replicas`).
     """
     if pipeline and not commit:
         raise ValueError(
             "aio.get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
             "BEGIN, statements and COMMIT together; a read-only block already costs one round trip per statement"
         )
-    return _CursorBlock(commit, row_factory, pipeline)
+    if replica and commit:
+        raise ConfigurationError(
+            "aio.get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
+        )
+    block = _CursorBlock(commit, row_factory, pipeline)
+    block._replica = replica
+    return block
 
 
 class _ConnectionBlock:
@@ -132,7 +146,7 @@ class _ConnectionBlock:
 
 
 class _CursorBlock:
-    __slots__ = ("_commit", "_conn", "_cursor", "_pipeline", "_pool", "_row_factory", "_transaction")
+    __slots__ = ("_commit", "_conn", "_cursor", "_pipeline", "_pool", "_replica", "_row_factory", "_transaction")
 
     def __init__(self, commit: bool, row_factory: AsyncRowFactory[Any], pipeline: bool = False) -> None:
         self._commit = commit
@@ -143,11 +157,12 @@ class _CursorBlock:
         self._conn: AsyncConnection[Any] | None = None
         self._cursor: AsyncCursor[Any] | None = None
         self._transaction: AsyncTransaction | None = None
+        self._replica = False
 
     async def __aenter__(self) -> AsyncCursor[Any]:
         if self._conn is not None:
             raise PoolStateError("a get_cursor() block cannot be entered twice; call get_cursor() again")
-        pool = self._pool = await get_pool()
+        pool = self._pool = await get_pool() if not self._replica else await choose(await get_pool())
         conn = self._conn = await pool.lend()  # no suspension between lend's return and this store
         try:
             if not self._commit:
@@ -206,6 +221,10 @@ class _CursorBlock:
                         return False
                 elif self._commit and isinstance(ev, psycopg.Rollback) and ev.transaction is None:
                     return True  # raised before the first statement: nothing to roll back, swallowed as ever
+                if committing:
+                    committing = False  # committed: what follows is not the COMMIT any more
+                    if pool.settings.replica_hosts:
+                        note_commit()  # this task's next replica read must see the write
             except psycopg.OperationalError as exc:
                 if et is not None and not issubclass(et, Exception):
                     return False  # a cancellation (or an interrupt) ended the block: it propagates, not this

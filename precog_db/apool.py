@@ -126,9 +126,11 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
     Topology: multi-host failover (several ``DB_HOST`` entries, the writer
     check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
-    work as in the sync pool. A transaction-mode pooler (``DB_POOLER=transaction``)
-    and read replicas (``DB_REPLICA_HOSTS``) are refused with a
-    `ConfigurationError`: use the sync API for those (docs/TOPOLOGY.md).
+    work as in the sync pool, and so do read replicas (``DB_REPLICA_HOSTS``,
+    ``aio.get_cursor(replica=True)``: `precog_db._replicas_async` keeps their
+    pools on this one, ``_precog_replicas``, and `close` closes them). A
+    transaction-mode pooler (``DB_POOLER=transaction``) is refused with a
+    `ConfigurationError`: use the sync API for it (docs/TOPOLOGY.md).
     """
 
     _KIND = "AsyncPrecogPool"
@@ -196,6 +198,14 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
             raise
         self._connected(conn, started)
         return conn
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close the pool and the pools of its read replicas (as `precog_db.pool.PrecogPool.close` does)."""
+        for replica in getattr(self, "_precog_replicas", None) or ():
+            if replica.pool is not None:
+                with contextlib.suppress(Exception):
+                    await replica.pool.close(timeout=1.0)
+        await super().close(timeout=timeout)
 
     @classmethod
     async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:
@@ -386,17 +396,12 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
 
 def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
-    """The asyncio pool's refusals (no I/O): a transaction-mode pooler and read replicas are sync-only."""
+    """The asyncio pool's refusals (no I/O): a transaction-mode pooler is sync-only."""
     if settings.pooler == "transaction":
         raise ConfigurationError(
             "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
             "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
             "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
-        )
-    if settings.replica_hosts:
-        raise ConfigurationError(
-            "the asyncio pool (precog_db.aio) does not support read replicas (DB_REPLICA_HOSTS): unset it for "
-            "the asyncio service, or use the sync API's get_cursor(replica=True); nothing was opened"
         )
 
 
@@ -459,6 +464,14 @@ def _forget_pool_of_closed_loop() -> None:
     _State.registry.pool = None
     _State.lock = None
     _State.loop = None
+    for replica in getattr(pool, "_precog_replicas", None) or ():  # their tasks ended with the same loop
+        if replica.pool is not None:
+            _abandon(replica.pool)
+    _abandon(pool)
+
+
+def _abandon(pool: AsyncPrecogPool) -> None:
+    """Mark ``pool`` closed and close its idle connections, without awaiting (its loop is gone)."""
     pool._closed = True
     idle = pool._pool
     while idle:

@@ -240,13 +240,21 @@ class TestTopologyRefusals:
             await aio.initialize_pool(settings=settings)
         assert aio_pool_is_closed()
 
-    @pytest.mark.asyncio
-    async def test_read_replicas_are_refused(self, test_settings: DatabaseSettings) -> None:
-        """DB_REPLICA_HOSTS is sync-only: the asyncio pool refuses it before connecting."""
-        settings = test_settings.replace(replica_hosts=(f"{test_settings.host}:{test_settings.port}",))
-        with pytest.raises(ConfigurationError, match="DB_REPLICA_HOSTS"):
-            await aio.initialize_pool(settings=settings)
-        assert aio_pool_is_closed()
+
+
+class TestParity:
+    @pytest.mark.parametrize(
+        "name",
+        ["get_cursor", "get_connection", "initialize_pool", "get_pool", "close_pool", "truncate_tables", "delete_all"],
+    )
+    def test_aio_accepts_every_keyword_of_its_sync_twin(self, name: str) -> None:
+        """Same parameter names, kinds and defaults as the sync function (issue 22: replica= was missing)."""
+        import precog_db
+
+        def shape(fn: Any) -> list[tuple[str, Any, Any]]:
+            return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+        assert shape(getattr(aio, name)) == shape(getattr(precog_db, name))
 
 
 def aio_pool_is_closed() -> bool:
