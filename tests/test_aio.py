@@ -241,7 +241,6 @@ class TestTopologyRefusals:
         assert aio_pool_is_closed()
 
 
-
 class TestParity:
     @pytest.mark.parametrize(
         "name",

@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: asyncio source -> generated sync module (paths from the repository root).
 MODULES: dict[str, str] = {
     "precog_db/_replicas_async.py": "precog_db/_replicas_sync.py",
+    "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
