@@ -113,6 +113,18 @@ class TestCheck:
         assert "def f() -> None:\n    g()\n" in target.read_text()
         assert gen.main(["--check"]) == 0
 
+    def test_an_import_branch_among_the_imports_comes_out_sorted(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        target = self._tree(tmp_path, monkeypatch)
+        (tmp_path / "pkg" / "_x_async.py").write_text(
+            "import os\n\nif True:  # ASYNC\n    import asyncio as lib\nelse:\n    import threading as lib\n"
+            "import sys\n\nprint(os, lib, sys)\n"
+        )
+        assert gen.main([]) == 0
+        body = target.read_text().split("\n", 2)[2]
+        assert body == "import os\nimport sys\nimport threading as lib\n\nprint(os, lib, sys)\n"
+
     def test_a_hand_edit_of_the_generated_file_fails_the_check(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
