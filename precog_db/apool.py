@@ -21,15 +21,8 @@ no connection is lost. The only awaits on the way back are the reset's
 (ROLLBACK, DISCARD ALL); a cancellation there closes the connection, which a
 worker replaces.
 
-psycopg_pool private names used here, beyond those `precog_db.pool` lists
-(checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
-``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
-``_nconns_min``, ``_nconns``, ``_closed``, ``_reset`` (read by `checkin_verdict`),
-``_check_open_getconn``, ``_maybe_grow_pool``,
-``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
-``worker`` (overridden: `AsyncPrecogPool.worker`), ``_start_workers``, ``pool_async.StopWorker``,
-the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
-interface ``set`` / ``fail``.
+The psycopg_pool private names used here are declared, with the sync pool's, in
+`precog_db._compat` (checked both ways by tests/test_compat.py).
 """
 
 from __future__ import annotations
@@ -45,10 +38,13 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
-from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool_async import AddConnection, MaintenanceTask, ReturnConnection, StopWorker
 
 from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
+from precog_db._compat import AsyncAddConnection as AddConnection
+from precog_db._compat import AsyncMaintenanceTask as MaintenanceTask
+from precog_db._compat import AsyncReturnConnection as ReturnConnection
+from precog_db._compat import AsyncStopWorker as StopWorker
+from precog_db._compat import AttemptWithBackoff
 from precog_db._pool_base import (
     BAD,
     CLOSE,
