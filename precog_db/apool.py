@@ -284,7 +284,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
             try:
                 attempt, pause = check_backoff(attempt, requested + wait, monotonic())
             except PoolTimeout:
-                self._stats[self._REQUESTS_ERRORS] += 1
                 self.metrics.timed_out()
                 raise self._check_rejected(wait, rejected) from None
             if pause > 0:
