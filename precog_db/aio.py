@@ -35,9 +35,9 @@ from typing import Any, overload
 import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, Row, dict_row
-from psycopg.transaction import OutOfOrderTransactionNesting
 
 from precog_db._aconnection import PrecogAsyncConnection
+from precog_db._compat import OutOfOrderTransactionNesting
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db._replica_state import note_commit

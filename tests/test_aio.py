@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any, assert_type
 
@@ -263,10 +262,11 @@ def aio_pool_is_closed() -> bool:
 
 
 class TestPoolArguments:
-    @pytest.mark.parametrize("key", ["check", "reset", "kwargs", "conninfo"])
+    @pytest.mark.parametrize("key", ["kwargs", "conninfo"])
     def test_arguments_that_would_bypass_the_rules_are_refused(self, test_settings: DatabaseSettings, key: str) -> None:
-        """check=/reset= (liveness and reset are the library's) and kwargs=/conninfo= raise ConfigurationError."""
-        value: Any = (lambda *a: None) if key in ("check", "reset") else {}
+        """kwargs=/conninfo= (they would replace the settings) raise ConfigurationError; check=/reset= are
+        accepted, with the sync pool's meaning (tests/test_pool_psycopg_semantics.py)."""
+        value: Any = {}
         with pytest.raises(ConfigurationError, match=f"{key}="):
             AsyncPrecogPool(test_settings, **{key: value})
 
@@ -291,35 +291,3 @@ class TestPoolArguments:
             assert pool.get_stats()["pool_size"] >= 1
         finally:
             await aio.close_pool()
-
-
-@pytest.mark.asyncio
-class TestContract:
-    async def test_the_psycopg_pool_private_names_apool_relies_on_exist(self, apool: AsyncPrecogPool) -> None:
-        """Every psycopg_pool internal listed in precog_db/apool.py exists: an upgrade that renames one fails here."""
-        from psycopg_pool import AsyncConnectionPool
-        from psycopg_pool.pool_async import AddConnection, MaintenanceTask, StopWorker
-
-        for method in ("_connect", "_add_connection", "schedule_task", "_check_open_getconn", "_maybe_grow_pool"):
-            assert callable(getattr(AsyncConnectionPool, method, None)), method
-        # The maintenance worker apool overrides (21.14): what _start_workers spawns, and its stop signal.
-        assert "self.worker" in inspect.getsource(AsyncConnectionPool._start_workers)
-        assert issubclass(StopWorker, MaintenanceTask)
-        spawned = [getattr(t.get_coro(), "__qualname__", None) for t in apool._workers]
-        assert spawned == ["AsyncPrecogPool.worker"] * apool.num_workers, spawned
-        for key in ("_REQUESTS_NUM", "_REQUESTS_QUEUED", "_REQUESTS_ERRORS", "_REQUESTS_WAIT_MS"):
-            assert isinstance(getattr(AsyncConnectionPool, key, None), str), key
-        for key in ("_CONNECTIONS_LOST", "_RETURNS_BAD"):
-            assert isinstance(getattr(AsyncConnectionPool, key, None), str), key
-        assert issubclass(AddConnection, MaintenanceTask)
-        assert type(apool._pool).__name__ == type(apool._waiting).__name__ == "deque"
-        assert type(apool._stats).__name__ == "Counter"
-        assert isinstance(apool._nconns_min, int) and isinstance(apool._min_size, int)
-        assert isinstance(apool._nconns, int)
-        assert isinstance(apool._closed, bool) and isinstance(apool._drained_at, float)
-        assert hasattr(apool, "_pool_full_event")
-        assert apool._reset is None  # read by _pool_base.checkin_verdict; reset= is refused
-        async with aio.get_connection() as conn:
-            assert conn._pool is apool
-            assert isinstance(conn._created_at, float) and isinstance(conn._expire_at, float)
-            assert conn._closed is False

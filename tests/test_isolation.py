@@ -372,42 +372,6 @@ class TestPreparedStatementCache:
         _same_session(one)
 
 
-class TestPsycopgInternals:
-    def test_the_private_names_borrower_isolation_relies_on_exist(self, one: int) -> None:
-        """Every psycopg internal listed in precog_db/session.py exists: an upgrade that renames one fails here."""
-        assert callable(getattr(psycopg.Cursor, "_convert_query", None))
-        assert callable(getattr(psycopg.ServerCursor, "_make_declare_statement", None))
-        assert callable(getattr(psycopg.AsyncCursor, "_convert_query", None))
-        assert callable(getattr(psycopg.AsyncServerCursor, "_make_declare_statement", None))
-        # The reset generator both layers run (session._restore_gen), on the connections' common base.
-        for cls in (psycopg.Connection, psycopg.AsyncConnection):
-            for gen in (
-                "_rollback_gen",
-                "_set_autocommit_gen",
-                "_set_read_only_gen",
-                "_set_isolation_level_gen",
-                "_set_deferrable_gen",
-                "_exec_command",
-            ):
-                assert callable(getattr(cls, gen, None)), (cls.__name__, gen)
-        with get_connection() as conn:
-            for name in (
-                "_autocommit",
-                "_read_only",
-                "_isolation_level",
-                "_deferrable",
-                "_notice_handlers",
-                "_notify_handlers",
-                "_num_transactions",
-                "_pipeline",
-            ):
-                assert hasattr(conn, name), name
-            for name in ("_counts", "_names", "_to_flush"):
-                assert hasattr(conn._prepared, name), name
-            with conn.cursor("iso_internals") as cur:
-                assert hasattr(cur, "_withhold")
-
-
 def test_prepare_threshold_set_by_a_borrower_is_put_back(one: int) -> None:
     """A get_cursor() borrower's prepare_threshold does not reach the next borrower (21, closing attack)."""
     with get_cursor() as cur:

@@ -43,6 +43,9 @@ MODULES: dict[str, str] = {
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
 NAMES: dict[str, str] = {
     "AbstractAsyncContextManager": "AbstractContextManager",
+    # psycopg_pool's private maintenance tasks, imported from precog_db._compat under these names
+    "AsyncAddConnection": "AddConnection",
+    "AsyncMaintenanceTask": "MaintenanceTask",
     "AsyncConnection": "Connection",
     "AsyncCursor": "Cursor",
     "AsyncIterator": "Iterator",
