@@ -35,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: asyncio source -> generated sync module (paths from the repository root).
-MODULES: dict[str, str] = {}
+MODULES: dict[str, str] = {
+    "precog_db/_pooler_async.py": "precog_db/_pooler_sync.py",
+}
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
 NAMES: dict[str, str] = {
@@ -47,6 +49,9 @@ NAMES: dict[str, str] = {
     "AsyncPipeline": "Pipeline",
     "AsyncRowFactory": "RowFactory",
     "AsyncTransaction": "Transaction",
+    "AsyncFirstStatementCursor": "FirstStatementCursor",
+    "AsyncPoolerCursor": "PoolerCursor",
+    "AsyncPoolerFirstStatementCursor": "PoolerFirstStatementCursor",
     "AsyncPrecogConnection": "PrecogConnection",
     "AsyncPrecogCursor": "PrecogCursor",
     "AsyncPrecogPool": "PrecogPool",
