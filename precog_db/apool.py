@@ -71,7 +71,7 @@ from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
-from precog_db.topology import session_setup_sql
+from precog_db.topology import AsyncPoolerCursor, session_setup_sql
 
 __all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -125,10 +125,12 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     ``configure=`` takes an ``async def`` run after the library's setup.
 
     Topology: multi-host failover (several ``DB_HOST`` entries, the writer
-    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
-    work as in the sync pool. A transaction-mode pooler (``DB_POOLER=transaction``)
-    and read replicas (``DB_REPLICA_HOSTS``) are refused with a
-    `ConfigurationError`: use the sync API for those (docs/TOPOLOGY.md).
+    check on ``in_hot_standby``), a session-mode pooler (``DB_POOLER=session``)
+    and a transaction-mode pooler (``DB_POOLER=transaction``: `AsyncPoolerCursor`,
+    the same source as the sync pool's `PoolerCursor`, and no ``DISCARD ALL``
+    on return) work as in the sync pool. Read replicas (``DB_REPLICA_HOSTS``)
+    are refused with a `ConfigurationError`: use the sync API for those
+    (docs/TOPOLOGY.md).
     """
 
     _KIND = "AsyncPrecogPool"
@@ -167,7 +169,10 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
         await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, AsyncPoolerCursor, shared=True)  # read-only per transaction, session state refused
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             with user_setup(conn):
                 await self._user_configure(conn)
@@ -386,13 +391,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
 
 def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
-    """The asyncio pool's refusals (no I/O): a transaction-mode pooler and read replicas are sync-only."""
-    if settings.pooler == "transaction":
-        raise ConfigurationError(
-            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
-            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
-            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
-        )
+    """The asyncio pool's refusals (no I/O): read replicas are sync-only."""
     if settings.replica_hosts:
         raise ConfigurationError(
             "the asyncio pool (precog_db.aio) does not support read replicas (DB_REPLICA_HOSTS): unset it for "
