@@ -326,6 +326,30 @@ class TestTransactionMode:
             assert cur.fetchone() == {"two": 2}
             assert [r for r in cur.stream("SELECT generate_series(1, 2) AS g")] == [{"g": 1}, {"g": 2}]
 
+    def test_a_stream_stopped_early_ends_its_own_transaction(self, tx_settings: DatabaseSettings, bouncer: int) -> None:
+        """A stream closed after its first row: the rest is discarded, its BEGIN READ ONLY rolled back."""
+        initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
+        _table("pooler_stream")
+        with get_cursor() as cur:
+            records: Any = cur.stream("SELECT g FROM generate_series(1, 100000) AS g")
+            for row in records:
+                assert row == {"g": 1}
+                break
+            records.close()
+            assert cur.connection.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            cur.execute("SELECT 2 AS two")  # the same cursor goes on, one read at a time
+            assert cur.fetchone() == {"two": 2}
+        with get_cursor(commit=True) as cur:  # inside a block the stream is the block's
+            records = cur.stream("INSERT INTO pooler_stream SELECT generate_series(1, 3) RETURNING x")
+            for row in records:
+                assert row == {"x": 1}
+                break
+            records.close()
+            cur.execute("INSERT INTO pooler_stream VALUES (4)")
+        assert _values("pooler_stream") == [1, 2, 3, 4]
+        with _raw(bouncer) as other:
+            assert _one(other, "SELECT 3") == 3
+
 
 class TestCommitBlocks:
     def test_a_first_statement_that_cannot_carry_the_begin_runs_inside(self, tx_settings: DatabaseSettings) -> None:

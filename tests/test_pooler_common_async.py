@@ -341,6 +341,32 @@ class TestTransactionMode:
             assert await cur.fetchone() == {"two": 2}
             assert [r async for r in cur.stream("SELECT generate_series(1, 2) AS g")] == [{"g": 1}, {"g": 2}]
 
+    async def test_a_stream_stopped_early_ends_its_own_transaction(
+        self, tx_settings: DatabaseSettings, bouncer: int
+    ) -> None:
+        """A stream closed after its first row: the rest is discarded, its BEGIN READ ONLY rolled back."""
+        await initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
+        await _table("pooler_stream")
+        async with get_cursor() as cur:
+            records: Any = cur.stream("SELECT g FROM generate_series(1, 100000) AS g")
+            async for row in records:
+                assert row == {"g": 1}
+                break
+            await records.aclose()
+            assert cur.connection.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            await cur.execute("SELECT 2 AS two")  # the same cursor goes on, one read at a time
+            assert await cur.fetchone() == {"two": 2}
+        async with get_cursor(commit=True) as cur:  # inside a block the stream is the block's
+            records = cur.stream("INSERT INTO pooler_stream SELECT generate_series(1, 3) RETURNING x")
+            async for row in records:
+                assert row == {"x": 1}
+                break
+            await records.aclose()
+            await cur.execute("INSERT INTO pooler_stream VALUES (4)")
+        assert await _values("pooler_stream") == [1, 2, 3, 4]
+        with _raw(bouncer) as other:
+            assert _one(other, "SELECT 3") == 3
+
 
 class TestCommitBlocks:
     async def test_a_first_statement_that_cannot_carry_the_begin_runs_inside(
@@ -545,6 +571,57 @@ class TestDirectConnections:
         async with get_cursor() as cur:
             await cur.execute("SELECT env FROM precog_meta.stamp")
             assert await cur.fetchone() == {"env": "test"}
+
+
+if True:  # ASYNC
+
+    async def _sessions(pg_server: Server, test_db: str, where: str) -> int:
+        """Server sessions on the test database (PgBouncer's included) matching ``where``."""
+        with pg_server.connect(test_db) as admin:
+            row = admin.execute(
+                f"SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                f"AND pid <> pg_backend_pid() AND {where}"
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def _until(pg_server: Server, test_db: str, where: str, count: int) -> None:
+        """Until exactly ``count`` sessions match ``where`` (bounded: 400 looks, 20 s)."""
+        for _ in range(400):
+            if await _sessions(pg_server, test_db, where) == count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"never {count} sessions with {where}")
+
+    class TestCancellation:
+        """aio only: a task cancelled mid-statement behind the pooler (sync: interrupts, tests/test_interrupts.py)."""
+
+        @pytest.mark.parametrize("commit", [False, True])
+        async def test_a_cancelled_statement_leaves_nothing_on_the_shared_server_connection(
+            self, tx_settings: DatabaseSettings, bouncer: int, pg_server: Server, test_db: str, commit: bool
+        ) -> None:
+            """The server cancels the statement, no transaction stays open, the pool and other clients go on."""
+            await initialize_pool(settings=tx_settings.replace(pool_min=1, pool_max=1))
+            await _table("pooler_cancel")
+
+            async def block() -> None:
+                async with get_cursor(commit=commit) as cur:
+                    await cur.execute("SELECT count(*) FROM pooler_cancel")
+                    await cur.execute("SELECT pg_sleep(60) AS pooler_cancel_sleep")
+
+            sleeping = "query LIKE '%pooler_cancel_sleep%' AND state = 'active'"
+            task = asyncio.create_task(block())
+            await _until(pg_server, test_db, sleeping, 1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await _until(pg_server, test_db, sleeping, 0)
+            assert await _sessions(pg_server, test_db, "state LIKE 'idle in transaction%'") == 0
+            with _raw(bouncer) as other:  # the one server connection is free for every client
+                assert _one(other, "SELECT 3") == 3
+            async with get_cursor(commit=True) as cur:
+                await cur.execute("INSERT INTO pooler_cancel VALUES (1)")
+            assert await _values("pooler_cancel") == [1]
 
 
 class TestSessionMode:
