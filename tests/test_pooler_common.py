@@ -2,10 +2,11 @@
 # edit the asyncio source and run `make generate` (`make check-generated` fails while this is stale).
 """Behind Debian's real PgBouncer (DB_POOLER=transaction, and session), over both layers (docs/TOPOLOGY.md).
 
-The asyncio source of tests/test_pooler_common.py, which tools/async_to_sync.py
-generates from it: every scenario here runs on `precog_db.aio`'s pool, and the
-same scenario there on the sync pool. tests/test_pooler.py keeps what has one
-layer only (the settings rules, the tools' and the CLI's direct connections).
+Written once, for asyncio, in tests/test_pooler_common_async.py, from which
+tools/async_to_sync.py generates tests/test_pooler_common.py: each scenario runs
+on `precog_db.aio`'s pool in the first and on the sync pool in the second.
+tests/test_pooler.py keeps what has one layer only (the settings rules, the
+tools' and the CLI's direct connections); `TestCancellation` is asyncio's.
 
 PgBouncer runs with ONE server connection, so every client shares the same
 server session: whatever leaks, another client sees.
