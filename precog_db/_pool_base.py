@@ -87,7 +87,7 @@ CLOSE = "close"
 BAD = "bad"
 #: Older than its max_lifetime, or opened before a `drain`: close and replace it.
 EXPIRED = "expired"
-#: A psycopg_pool ``reset=`` callback is configured (sync only): return it through psycopg_pool.
+#: A psycopg_pool ``reset=`` callback is configured: return the connection through psycopg_pool (it runs the hook).
 RESET = "reset"
 
 

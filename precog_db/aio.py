@@ -53,6 +53,7 @@ from precog_db.gates import (
     truncate_statements,
 )
 from precog_db.session import mark_raw
+from precog_db.topology import AsyncPoolerFirstStatementCursor
 
 __all__ = [
     "PrecogAsyncConnection",
@@ -174,7 +175,13 @@ class _CursorBlock:
             elif PIPELINE_SUPPORTED:
                 # No BEGIN now: the cursor's first statement carries it; any other I/O on the
                 # connection sends it first (PrecogAsyncConnection.wait).
-                cursor = self._cursor = AsyncFirstStatementCursor(conn, row_factory=self._row_factory)
+                # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
+                cls = (
+                    AsyncPoolerFirstStatementCursor
+                    if pool.settings.pooler == "transaction"
+                    else AsyncFirstStatementCursor
+                )
+                cursor = self._cursor = cls(conn, row_factory=self._row_factory)
                 conn._precog_pending_begin = self  # type: ignore[attr-defined]
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)

@@ -63,13 +63,13 @@ from precog_db._pool_base import (
 from precog_db._pool_registry import Registry
 from precog_db.connection import check_gate
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
+from precog_db.errors import PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
-from precog_db.topology import session_setup_sql
+from precog_db.topology import AsyncPoolerCursor, session_setup_sql
 
 __all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -124,12 +124,13 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     worker as psycopg_pool runs it; ``configure=`` runs after the library's setup.
 
     Topology: multi-host failover (several ``DB_HOST`` entries, the writer
-    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
-    work as in the sync pool, and so do read replicas (``DB_REPLICA_HOSTS``,
+    check on ``in_hot_standby``), a session-mode pooler (``DB_POOLER=session``),
+    a transaction-mode pooler (``DB_POOLER=transaction``: `AsyncPoolerCursor`,
+    the same source as the sync pool's `PoolerCursor`, and no ``DISCARD ALL``
+    on return) and read replicas (``DB_REPLICA_HOSTS``,
     ``aio.get_cursor(replica=True)``: `precog_db._replicas_async` keeps their
-    pools on this one, ``_precog_replicas``, and `close` closes them). A
-    transaction-mode pooler (``DB_POOLER=transaction``) is refused with a
-    `ConfigurationError`: use the sync API for it (docs/TOPOLOGY.md).
+    pools on this one, ``_precog_replicas``, and `close` closes them) work as
+    in the sync pool (docs/TOPOLOGY.md).
     """
 
     _KIND = "AsyncPrecogPool"
@@ -138,7 +139,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     _retries_lock = contextlib.nullcontext()
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        refuse_unsupported_topology(settings)
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_sql = session_setup_sql(settings)
         params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, PrecogAsyncConnection))
@@ -161,7 +161,10 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
         await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, AsyncPoolerCursor, shared=True)  # read-only per transaction, session state refused
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             with user_setup(conn):
                 await self._user_configure(conn)
@@ -436,16 +439,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self.run_task(AddConnection(self))
 
 
-def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
-    """The asyncio pool's refusals (no I/O): a transaction-mode pooler is sync-only."""
-    if settings.pooler == "transaction":
-        raise ConfigurationError(
-            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
-            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
-            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
-        )
-
-
 def _close_now(conn: AsyncConnection[Any]) -> None:
     """Close without awaiting (``AsyncConnection.close`` does nothing more for a pool's connection)."""
     conn._pool = None
@@ -456,7 +449,6 @@ def _close_now(conn: AsyncConnection[Any]) -> None:
 async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
     with audited_open(settings):
-        refuse_unsupported_topology(settings)
         probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()

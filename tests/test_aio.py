@@ -231,16 +231,6 @@ class TestSharedSessionRules:
         assert snap.max == apool.max_size
 
 
-class TestTopologyRefusals:
-    @pytest.mark.asyncio
-    async def test_a_transaction_mode_pooler_is_refused(self, test_settings: DatabaseSettings) -> None:
-        """DB_POOLER=transaction is sync-only: the asyncio pool refuses it before connecting, saying what to do."""
-        settings = test_settings.replace(pooler="transaction")
-        with pytest.raises(ConfigurationError, match="DB_POOLER=transaction"):
-            await aio.initialize_pool(settings=settings)
-        assert aio_pool_is_closed()
-
-
 class TestParity:
     @pytest.mark.parametrize(
         "name",
