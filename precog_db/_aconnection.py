@@ -17,7 +17,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import TransactionStatus
 
-from precog_db._pipelining import abegin_pending
+from precog_db._pipeline_async import begin_pending
 from precog_db._stamp_check import averify_stamp
 from precog_db.connection import (
     BoundedConnection,
@@ -61,7 +61,7 @@ class PrecogAsyncConnection(BoundedConnection, AsyncConnection[Any]):
         if block is not None:
             self._precog_pending_begin = None
             try:
-                await abegin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
+                await begin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
             except BaseException:
                 # Cut short (a cancellation, a lost server): a transaction psycopg counts may be half
                 # entered. Close, so that the caller's own transaction() sees a dead connection and

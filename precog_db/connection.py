@@ -49,6 +49,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db._credentials import resolve_credentials
+from precog_db._pipeline_sync import begin_pending
 from precog_db._secrets import scrub_text
 from precog_db._stamp_check import verify_stamp
 from precog_db.environment import Environment
@@ -245,7 +246,20 @@ class PrecogConnection(BoundedConnection, Connection[Any]):
     for a deliberately long statement.
     """
 
+    #: A ``commit=True`` block whose ``BEGIN`` is not sent yet (`precog_db._pipelining`); any I/O
+    #: other than the block's pipelined first statement sends it here first.
+    _precog_pending_begin: Any = None
+
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        block = self._precog_pending_begin
+        if block is not None:
+            self._precog_pending_begin = None
+            try:
+                begin_pending(self, block)
+            except BaseException:
+                self._precog_busy = True
+                self.close()
+                raise
         limit = self.reply_timeout
         if limit is None:
             return super().wait(gen, *args, **kwargs)

@@ -482,7 +482,7 @@ class TestPsycopgInternals:
         for cursor in (psycopg.Cursor, psycopg.AsyncCursor):
             assert callable(cursor._execute_gen) and callable(cursor._executemany_gen_pipeline), cursor
         for transaction in (psycopg.Transaction, psycopg.AsyncTransaction):
-            assert callable(transaction._enter_gen), transaction  # abegin_pending: entered under the caller's lock
+            assert callable(transaction._enter_gen), transaction  # begin_pending: entered under the caller's lock
         assert callable(send)
         initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
         with get_cursor(commit=True) as cur:

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
-from precog_db._pipelining import _Queueing, abegin_pending
+from precog_db._pipeline_async import begin_pending
+from precog_db._pipelining import _Queueing
 from precog_db.errors import CommitOutcomeUnknownError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -104,12 +105,12 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 
     async def counted(conn: Any, block: Any) -> None:
         try:
-            await abegin_pending(conn, block)
+            await begin_pending(conn, block)
         except asyncio.CancelledError:
             in_window["tries"] += 1
             raise
 
-    monkeypatch.setattr(_aconnection, "abegin_pending", counted)
+    monkeypatch.setattr(_aconnection, "begin_pending", counted)
 
     async def body(i: int) -> None:
         async with aio.get_cursor(commit=True) as cur, cur.connection.transaction():

@@ -35,7 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 #: asyncio source -> generated sync module (paths from the repository root).
-MODULES: dict[str, str] = {}
+MODULES: dict[str, str] = {
+    "precog_db/_pipeline_async.py": "precog_db/_pipeline_sync.py",
+}
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
 NAMES: dict[str, str] = {
@@ -48,6 +50,8 @@ NAMES: dict[str, str] = {
     "AsyncRowFactory": "RowFactory",
     "AsyncTransaction": "Transaction",
     "AsyncPrecogConnection": "PrecogConnection",
+    "AsyncFirstStatementCursor": "FirstStatementCursor",
+    "AsyncPipelinedBlock": "PipelinedBlock",
     "AsyncPrecogCursor": "PrecogCursor",
     "AsyncPrecogPool": "PrecogPool",
     "AsyncQueueingPipeline": "QueueingPipeline",
