@@ -27,8 +27,8 @@ from psycopg.abc import PQGen
 
 from precog_db._pipeline_base import SUPPORTED, Block, Queueing, exit_mode, first_gen, idle, outcome, pipelinable
 from precog_db._pipeline_base import unleavable as _unleavable
+from precog_db._session_async import AsyncPrecogCursor
 from precog_db.log import get_logger
-from precog_db.session import AsyncPrecogCursor
 
 log = get_logger()
 

@@ -37,7 +37,7 @@ from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, Row, dict_row
 from psycopg.transaction import OutOfOrderTransactionNesting
 
-from precog_db._aconnection import PrecogAsyncConnection
+from precog_db._connection_async import AsyncPrecogConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
@@ -52,7 +52,11 @@ from precog_db.gates import (
 )
 from precog_db.session import mark_raw
 
+#: Deprecated alias of `AsyncPrecogConnection` (its name before it was named like `AsyncPrecogPool`); use that.
+PrecogAsyncConnection = AsyncPrecogConnection
+
 __all__ = [
+    "AsyncPrecogConnection",
     "PrecogAsyncConnection",
     "close_pool",
     "delete_all",
@@ -158,7 +162,7 @@ class _CursorBlock:
                 await block.start()  # BEGIN READ WRITE queued, nothing sent yet
             elif PIPELINE_SUPPORTED:
                 # No BEGIN now: the cursor's first statement carries it; any other I/O on the
-                # connection sends it first (PrecogAsyncConnection.wait).
+                # connection sends it first (AsyncPrecogConnection.wait).
                 cursor = self._cursor = AsyncFirstStatementCursor(conn, row_factory=self._row_factory)
                 conn._precog_pending_begin = self  # type: ignore[attr-defined]
             else:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
+from precog_db import _connection_async, aio, close_pool, get_connection, get_cursor, initialize_pool
 from precog_db._pipeline_async import begin_pending
 from precog_db._pipelining import _Queueing
 from precog_db.errors import CommitOutcomeUnknownError, TransactionControlError
@@ -91,7 +91,7 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 ) -> None:
     """``async with cur.connection.transaction()`` as the block's first I/O, cancelled at a random moment.
 
-    PrecogAsyncConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
+    AsyncPrecogConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
     finishes the statement after a cancellation (status INTRANS, connection OK), so the wait does not
     close the connection; AsyncTransaction.__aenter__ then "undoes" its own enter, which never ran,
     pops the block's transaction off the stack and raises OutOfOrderTransactionNesting instead of
@@ -110,7 +110,7 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
             in_window["tries"] += 1
             raise
 
-    monkeypatch.setattr(_aconnection, "begin_pending", counted)
+    monkeypatch.setattr(_connection_async, "begin_pending", counted)
 
     async def body(i: int) -> None:
         async with aio.get_cursor(commit=True) as cur, cur.connection.transaction():

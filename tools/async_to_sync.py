@@ -36,7 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: asyncio source -> generated sync module (paths from the repository root).
 MODULES: dict[str, str] = {
+    "precog_db/_connection_async.py": "precog_db/_connection_sync.py",
     "precog_db/_pipeline_async.py": "precog_db/_pipeline_sync.py",
+    "precog_db/_session_async.py": "precog_db/_session_sync.py",
+    "precog_db/_stamp_async.py": "precog_db/_stamp_sync.py",
+    "precog_db/_steps_async.py": "precog_db/_steps_sync.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
@@ -54,6 +58,9 @@ NAMES: dict[str, str] = {
     "AsyncPipelinedBlock": "PipelinedBlock",
     "AsyncPrecogCursor": "PrecogCursor",
     "AsyncPrecogPool": "PrecogPool",
+    "AsyncPrecogServerCursor": "PrecogServerCursor",
+    "AsyncReconfigure": "Reconfigure",
+    "AsyncServerCursor": "ServerCursor",
     "AsyncQueueingPipeline": "QueueingPipeline",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
