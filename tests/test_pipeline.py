@@ -488,6 +488,7 @@ class TestPsycopgInternals:
         with get_cursor(commit=True) as cur:
             conn: Any = cur._conn
             assert conn._pipeline is None and conn._num_transactions == 0
+            assert cur._closed is False  # read by the first-statement cursor
             pipeline = QueueingPipeline(conn)
             assert isinstance(pipeline.command_queue, deque) and isinstance(pipeline.result_queue, deque)
             assert pipeline.level == 0
