@@ -82,9 +82,10 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
                 raise
         limit = self.reply_timeout
         try:
+            # The base class named, not super(): this runs for every statement (docs/PERFORMANCE.md).
             if limit is None:
-                return await super().wait(gen, *args, **kwargs)
-            return await super().wait(_bounded(gen, self.pgconn, limit), *args, **kwargs)
+                return await AsyncConnection.wait(self, gen, *args, **kwargs)
+            return await AsyncConnection.wait(self, _bounded(gen, self.pgconn, limit), *args, **kwargs)
         except _Silent as silent:
             waited = silent.waited
         except _CANCELLED:

@@ -81,9 +81,10 @@ class PrecogConnection(BoundedConnection, Connection[Any]):
                 raise
         limit = self.reply_timeout
         try:
+            # The base class named, not super(): this runs for every statement (docs/PERFORMANCE.md).
             if limit is None:
-                return super().wait(gen, *args, **kwargs)
-            return super().wait(_bounded(gen, self.pgconn, limit), *args, **kwargs)
+                return Connection.wait(self, gen, *args, **kwargs)
+            return Connection.wait(self, _bounded(gen, self.pgconn, limit), *args, **kwargs)
         except _Silent as silent:
             waited = silent.waited
         except _CANCELLED:
