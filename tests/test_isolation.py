@@ -379,7 +379,7 @@ class TestPsycopgInternals:
         assert callable(getattr(psycopg.ServerCursor, "_make_declare_statement", None))
         assert callable(getattr(psycopg.AsyncCursor, "_convert_query", None))
         assert callable(getattr(psycopg.AsyncServerCursor, "_make_declare_statement", None))
-        # The reset generator both layers run (session._restore_gen), on the connections' common base.
+        # The reset generator both layers run (_session_base.restore_gen), on the connections' common base.
         for cls in (psycopg.Connection, psycopg.AsyncConnection):
             for gen in (
                 "_rollback_gen",

@@ -52,7 +52,7 @@ class JobTimeout(Exception):
 def test_job_timeout_while_first_statement_is_queued_surfaces_as_itself(
     test_settings: DatabaseSettings, table: str
 ) -> None:
-    """_first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
+    """first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
 
     The signal is simulated deterministically where a real SIGALRM can land (seen with
     tests/test_interrupts._Alarm): after ``popleft()`` took the INSERT's command off the queue in
