@@ -51,6 +51,10 @@ class PoolerCursor(PrecogCursor):
 
     def _outside_transaction(self) -> bool:
         conn: Any = self._conn
+        # A commit=True block whose BEGIN is deferred: the connection's wait sends that BEGIN READ WRITE
+        # before this statement (precog_db._connection_async), so it runs inside.
+        if conn._precog_pending_begin is not None:
+            return False
         # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
         # (Only in pipeline mode: after an explicit COMMIT statement psycopg still counts the transaction.)
         return (

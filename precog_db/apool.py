@@ -6,7 +6,7 @@ the `PoolBase` mixin, `connection_is_usable`, `checkin_verdict`,
 `refuse_foreign`, `audited_open`; the `Registry` of `precog_db._pool_registry`;
 `precog_db.session`): connections are autocommit and
 read-only by default, every physical connection passes the chokepoint
-(`check_target` before, `aprepare` after), a checkout checks liveness without a
+(`check_target` before, `prepare` after), a checkout checks liveness without a
 round trip, and a checkin costs no round trip unless the borrower changed the
 session.
 
@@ -39,12 +39,12 @@ from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
 from precog_db._compat import AsyncAddConnection as AddConnection
 from precog_db._compat import AsyncMaintenanceTask as MaintenanceTask
 from precog_db._compat import AsyncReturnConnection as ReturnConnection
 from precog_db._compat import AsyncStopWorker as StopWorker
 from precog_db._compat import AttemptWithBackoff
+from precog_db._connection_async import AsyncPrecogConnection, connect, prepare
 from precog_db._pool_base import (
     BAD,
     CLOSE,
@@ -61,13 +61,14 @@ from precog_db._pool_base import (
     refuse_foreign,
 )
 from precog_db._pool_registry import Registry
+from precog_db._session_async import restore
 from precog_db.connection import check_gate
 from precog_db.environment import Environment
 from precog_db.errors import PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
-from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
+from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
 from precog_db.topology import AsyncPoolerCursor, session_setup_sql
 
@@ -141,7 +142,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_sql = session_setup_sql(settings)
-        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, PrecogAsyncConnection))
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (AsyncPrecogConnection, AsyncPrecogConnection))
         #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
         self.metrics = PoolRecorder(str(params["name"]), settings.env.value, self._metrics_state)
         # A callable: psycopg_pool calls it for every new connection, so the password is
@@ -160,7 +161,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self._refuse_standby(conn)  # a writer pool keeps no connection to a hot standby
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
-        await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
+        await prepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
         if self.settings.pooler == "transaction":
             adopt(conn, AsyncPoolerCursor, shared=True)  # read-only per transaction, session state refused
         else:
@@ -392,7 +393,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         pgconn = conn.pgconn
         if pgconn.status == _OK and (pgconn.transaction_status != _IDLE or needs_restore(conn)):
             try:
-                await arestore(conn, self._reconfigure)
+                await restore(conn, self._reconfigure)
             except BaseException as exc:
                 log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                 self._replace(conn, None, "unrestorable")
@@ -449,7 +450,7 @@ def _close_now(conn: AsyncConnection[Any]) -> None:
 async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
     with audited_open(settings):
-        probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
+        probe = await connect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()
         pool = AsyncPrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)

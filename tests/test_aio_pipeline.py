@@ -15,7 +15,7 @@ import pytest_asyncio
 
 from bench.wire import RoundTripCounter
 from precog_db import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, ReadOnlyWriteError, aio
-from precog_db._aconnection import PrecogAsyncConnection
+from precog_db._connection_async import AsyncPrecogConnection
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
 from tests._helpers.fault_proxy import fault_proxy
@@ -234,7 +234,7 @@ class TestTransparent:
         """
         async with aio.get_cursor(commit=True) as cur:
             conn = cur._conn
-        assert isinstance(conn, PrecogAsyncConnection) and conn._precog_pending_begin is None
+        assert isinstance(conn, AsyncPrecogConnection) and conn._precog_pending_begin is None
         with pytest.raises(ReadOnlyWriteError):
             async with aio.get_cursor() as cur:
                 await cur.execute(INSERT, (25, 1))
@@ -263,8 +263,8 @@ class TestTransparent:
         assert_clean(apool, pg_server, test_db)
 
     async def test_plain_connection_class_refused(self, test_settings: DatabaseSettings) -> None:
-        """The deferred BEGIN lives in PrecogAsyncConnection.wait: a plain class is refused, with what to do."""
-        with pytest.raises(ConfigurationError, match=r"subclass of precog_db\.aio\.PrecogAsyncConnection"):
+        """The deferred BEGIN lives in AsyncPrecogConnection.wait: a plain class is refused, with what to do."""
+        with pytest.raises(ConfigurationError, match=r"subclass of precog_db\.aio\.AsyncPrecogConnection"):
             await aio.initialize_pool(settings=test_settings, connection_class=psycopg.AsyncConnection)
 
 

@@ -159,18 +159,23 @@ class TestGates:
 
 class TestShape:
     def test_only_the_chokepoint_opens_async_connections(self) -> None:
-        """No module but precog_db/_aconnection.py calls AsyncConnection.connect (psycopg_pool's worker aside)."""
+        """No module but precog_db/_connection_async.py calls AsyncConnection.connect (psycopg_pool's worker aside)."""
         offenders = [
             p.name
             for p in (REPO / "precog_db").rglob("*.py")
-            if p.name != "_aconnection.py" and "AsyncConnection.connect(" in p.read_text()
+            if p.name != "_connection_async.py" and "AsyncConnection.connect(" in p.read_text()
         ]
         assert offenders == []
 
     def test_the_module_exports_exactly_the_issue_names(self) -> None:
-        """precog_db.aio's public names are the seven of the issue, and the class a connection_class= subclasses."""
+        """precog_db.aio's public names are the seven of the issue, and the class a connection_class= subclasses.
+
+        ``PrecogAsyncConnection`` is that class's deprecated old name, the same object.
+        """
+        assert aio.PrecogAsyncConnection is aio.AsyncPrecogConnection
         assert sorted(aio.__all__) == sorted(
             [
+                "AsyncPrecogConnection",
                 "PrecogAsyncConnection",
                 "get_cursor",
                 "get_connection",

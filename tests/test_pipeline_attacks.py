@@ -15,8 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
-from precog_db._pipelining import _Queueing, abegin_pending
+from precog_db import _connection_async, aio, close_pool, get_connection, get_cursor, initialize_pool
+from precog_db._pipeline_async import begin_pending
+from precog_db._pipelining import _Queueing
 from precog_db.errors import CommitOutcomeUnknownError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -51,7 +52,7 @@ class JobTimeout(Exception):
 def test_job_timeout_while_first_statement_is_queued_surfaces_as_itself(
     test_settings: DatabaseSettings, table: str
 ) -> None:
-    """_first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
+    """first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
 
     The signal is simulated deterministically where a real SIGALRM can land (seen with
     tests/test_interrupts._Alarm): after ``popleft()`` took the INSERT's command off the queue in
@@ -90,7 +91,7 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 ) -> None:
     """``async with cur.connection.transaction()`` as the block's first I/O, cancelled at a random moment.
 
-    PrecogAsyncConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
+    AsyncPrecogConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
     finishes the statement after a cancellation (status INTRANS, connection OK), so the wait does not
     close the connection; AsyncTransaction.__aenter__ then "undoes" its own enter, which never ran,
     pops the block's transaction off the stack and raises OutOfOrderTransactionNesting instead of
@@ -104,12 +105,12 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 
     async def counted(conn: Any, block: Any) -> None:
         try:
-            await abegin_pending(conn, block)
+            await begin_pending(conn, block)
         except asyncio.CancelledError:
             in_window["tries"] += 1
             raise
 
-    monkeypatch.setattr(_aconnection, "abegin_pending", counted)
+    monkeypatch.setattr(_connection_async, "begin_pending", counted)
 
     async def body(i: int) -> None:
         async with aio.get_cursor(commit=True) as cur, cur.connection.transaction():

@@ -39,7 +39,7 @@ if True:  # ASYNC
 
     from pytest_asyncio import fixture
 
-    from precog_db._aconnection import aconnect as connect
+    from precog_db._connection_async import connect
     from precog_db.aio import close_pool, get_connection, get_cursor, initialize_pool
 else:
     import threading

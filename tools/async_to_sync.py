@@ -40,6 +40,11 @@ MODULES: dict[str, str] = {
     "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
     "precog_db/_pooler_async.py": "precog_db/_pooler_sync.py",
     "tests/test_pooler_common_async.py": "tests/test_pooler_common.py",
+    "precog_db/_connection_async.py": "precog_db/_connection_sync.py",
+    "precog_db/_pipeline_async.py": "precog_db/_pipeline_sync.py",
+    "precog_db/_session_async.py": "precog_db/_session_sync.py",
+    "precog_db/_stamp_async.py": "precog_db/_stamp_sync.py",
+    "precog_db/_steps_async.py": "precog_db/_steps_sync.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
@@ -60,8 +65,12 @@ NAMES: dict[str, str] = {
     "AsyncPoolerCursor": "PoolerCursor",
     "AsyncPoolerFirstStatementCursor": "PoolerFirstStatementCursor",
     "AsyncPrecogConnection": "PrecogConnection",
+    "AsyncPipelinedBlock": "PipelinedBlock",
     "AsyncPrecogCursor": "PrecogCursor",
     "AsyncPrecogPool": "PrecogPool",
+    "AsyncPrecogServerCursor": "PrecogServerCursor",
+    "AsyncReconfigure": "Reconfigure",
+    "AsyncServerCursor": "ServerCursor",
     "AsyncQueueingPipeline": "QueueingPipeline",
     "__aenter__": "__enter__",
     "__aexit__": "__exit__",
