@@ -20,7 +20,6 @@ from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
 from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.server import Server
-from tests.test_aio import assert_clean
 
 INSERT = "INSERT INTO apipe_items (id, qty) VALUES (%s, %s)"
 
@@ -64,6 +63,18 @@ async def _trips(proxy: RoundTripCounter, block: Callable[[], Awaitable[None]]) 
     proxy.reset()
     await block()
     return proxy.round_trips
+
+
+def assert_clean(pool: AsyncPrecogPool, pg_server: Server, dbname: str) -> None:
+    """Every connection the pool counts is back in it, and none is idle in a transaction on the server."""
+    stats = pool.get_stats()
+    assert stats["pool_available"] == stats["pool_size"], stats
+    with pg_server.connect(dbname) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'precog-test' "
+            "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+        ).fetchone()
+    assert row == (0,)
 
 
 def _rows(pg_server: Server, test_db: str) -> list[tuple[int, int]]:
