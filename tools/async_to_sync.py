@@ -15,7 +15,8 @@ survive:
 * a line ending in ``# ASYNC-ONLY`` is dropped (an asyncio-only import, say).
 
 The generated file starts with a "generated, do not change" header naming its
-source, and is formatted with ``ruff format``. ``--check`` (``make
+source; its imports are sorted and the ones left unused dropped (ruff's I001
+and F401 fixes), and it is formatted with ``ruff format``. ``--check`` (``make
 check-generated``, run by ``.ci/run``) regenerates in memory and fails naming
 every sync module that differs from what its source generates.
 
@@ -39,6 +40,7 @@ MODULES: dict[str, str] = {
     "precog_db/_replicas_async.py": "precog_db/_replicas_sync.py",
     "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
     "tests/test_cursor_common_async.py": "tests/test_cursor_common.py",
+    "tests/test_pipeline_common_async.py": "tests/test_pipeline_common.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
@@ -147,11 +149,22 @@ def generate(source: Path) -> str:
 
 
 def _format(text: str, name: str) -> str:
-    command = [sys.executable, "-m", "ruff", "format", "--stdin-filename", name, "-"]
-    done = subprocess.run(command, input=text, capture_output=True, text=True, cwd=ROOT, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"ruff format failed on what {name} would be:\n{done.stderr}")
-    return done.stdout
+    """``text`` with its imports sorted and the ones only the asyncio code used dropped, then formatted.
+
+    Renaming can move an import out of order (``AsyncIterator`` -> ``Iterator``), and an import used
+    only by asyncio code (``Awaitable`` in a type the sync branch spells differently) is unused in
+    the sync module: ruff's import fixes (I001, F401) settle both, then ``ruff format``.
+    """
+    fix = [sys.executable, "-m", "ruff", "check", "--fix", "--exit-zero", "--quiet", "--select", "I001,F401"]
+    for command in (
+        [*fix, "--stdin-filename", name, "-"],
+        [sys.executable, "-m", "ruff", "format", "--stdin-filename", name, "-"],
+    ):
+        done = subprocess.run(command, input=text, capture_output=True, text=True, cwd=ROOT, check=False)
+        if done.returncode != 0:
+            raise SystemExit(f"{command[3]} failed on what {name} would be:\n{done.stderr}")
+        text = done.stdout
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
