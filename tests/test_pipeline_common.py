@@ -13,6 +13,7 @@ tests/test_aio_pipeline.py and tests/test_pipeline.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, assert_type
@@ -493,3 +494,51 @@ class TestSilentPath:
                 proxy.forward()
             finally:
                 api.close_pool()  # before the proxy goes
+
+
+class TestAttacks:
+    """What the review of issue 16 found (tests/test_pipeline_attacks.py has the layer-specific ones)."""
+
+    def test_failed_first_statement_leaves_no_phantom_prepared_statement(
+        self, one: None, pg_server: Server, test_db: str
+    ) -> None:
+        """The 6th execution (psycopg prepares it) fails at Parse inside the first-statement pipeline.
+
+        In pipeline mode psycopg records ``_pg3_0`` before the reply and never checks it for a query it
+        had already counted; the caller catches the error, the block ends cleanly (COMMIT of an aborted
+        transaction: no cache reset). The NEXT borrower's same query then binds ``_pg3_0``: "prepared
+        statement does not exist". With the BEGIN sent alone (cur.connection first) it does not happen.
+        """
+        for i in range(5):
+            with api.get_cursor(commit=True) as cur:
+                cur.execute(INSERT, (i + 1, 1))
+        with pg_server.connect(test_db) as admin:
+            admin.execute("DROP TABLE pipe_items")
+        with api.get_cursor(commit=True) as cur:
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                cur.execute(INSERT, (6, 1))
+        with pg_server.connect(test_db) as admin:
+            admin.execute("CREATE TABLE pipe_items (id int PRIMARY KEY, qty int NOT NULL CHECK (qty >= 0))")
+        with api.get_cursor(commit=True) as cur:  # another borrower: no "prepared statement does not exist"
+            cur.execute(INSERT, (7, 1))
+        assert _rows(pg_server, test_db) == [(7, 1)]
+
+    @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # psycopg's, when collected
+    def test_unexited_nested_pipeline_is_not_lent(self, one: None) -> None:
+        """_exit_mode sets conn._pipeline = None although the pipeline's level is still 1 (libpq still in it)."""
+        kept = []
+        try:
+            with contextlib.suppress(psycopg.Error):
+                with api.get_cursor(commit=True, pipeline=True) as cur:
+                    cur.execute(INSERT, (1, 1))
+                    nested = cur.connection.pipeline()
+                    nested.__enter__()
+                    kept.append(nested)
+            with api.get_cursor() as cur:
+                assert cur._conn.pgconn.pipeline_status == 0
+                cur.execute("SELECT 1")
+        finally:
+            api.close_pool()
+            for nested in kept:  # finish the abandoned generator now, not when some later test collects it
+                with contextlib.suppress(BaseException):
+                    nested.__exit__(None, None, None)
