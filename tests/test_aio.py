@@ -8,9 +8,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from psycopg import AsyncConnection
 
-from precog_db import ConfigurationError, ReadOnlyWriteError, aio
+from precog_db import ConfigurationError, aio
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
 
@@ -83,28 +82,6 @@ class TestPoolArguments:
         value: Any = (lambda *a: None) if key in ("check", "reset") else {}
         with pytest.raises(ConfigurationError, match=f"{key}="):
             AsyncPrecogPool(test_settings, **{key: value})
-
-    @pytest.mark.asyncio
-    async def test_configure_runs_after_the_library_setup(self, test_settings: DatabaseSettings) -> None:
-        """An async configure= runs on each connection after the library's setup, which it cannot undo."""
-        seen: list[bool] = []
-
-        async def configure(conn: AsyncConnection[Any]) -> None:
-            seen.append(conn.read_only is False)
-            await conn.execute("SET application_name = 'configured'")
-
-        pool = await aio.initialize_pool(settings=test_settings, configure=configure)
-        try:
-            async with aio.get_cursor() as cur:
-                await cur.execute("SHOW application_name")
-                assert await cur.fetchone() == {"application_name": "configured"}
-            with pytest.raises(ReadOnlyWriteError):
-                async with aio.get_cursor() as cur:
-                    await cur.execute("CREATE TABLE never_created (x int)")
-            assert seen and all(seen)
-            assert pool.get_stats()["pool_size"] >= 1
-        finally:
-            await aio.close_pool()
 
 
 @pytest.mark.asyncio

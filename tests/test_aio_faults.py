@@ -1,4 +1,7 @@
-"""precog_db.aio under faults: cancellation at every point, dead and terminated backends, exhaustion, restarts."""
+"""precog_db.aio under faults: cancellation at every point, bounded acquisition, restarts, the silent path.
+
+Dead and terminated backends and exhaustion, for both layers: tests/test_pool_common_async.py.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +18,6 @@ import pytest_asyncio
 from precog_db import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
-    DatabaseUnavailableError,
-    PoolExhaustedError,
     PrecogDBError,
     aio,
 )
@@ -82,12 +83,6 @@ class TestBoundedAcquisition:
             assert small_pool.get_stats().get("requests_waiting", 0) == 0
         stats = await settled(small_pool)
         assert stats["pool_available"] == 2
-
-    async def test_exhaustion_says_what_to_change(self, small_pool: AsyncPrecogPool) -> None:
-        """With every connection busy, a checkout with a short timeout raises PoolExhaustedError naming the fix."""
-        async with aio.get_connection(), aio.get_connection():
-            with pytest.raises(PoolExhaustedError, match="DB_POOL_MAX_CONN"):
-                await small_pool.lend(timeout=0.1)
 
     async def test_cancelled_as_it_is_served_the_connection_goes_back(self, small_pool: AsyncPrecogPool) -> None:
         """A waiter handed a connection and cancelled before it runs gets CancelledError; the connection is not lost."""
@@ -240,54 +235,7 @@ class TestCancellation:
             await aio.close_pool()
 
 
-class TestDeadConnections:
-    async def test_terminated_idle_connection_is_skipped_without_a_round_trip(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """An idle connection whose backend was terminated is discarded at checkout; the caller gets a live one."""
-        async with aio.get_cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid() AS pid")
-            row = await cur.fetchone()
-            assert row is not None
-            victim = row["pid"]
-        with pg_server.connect(test_db) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
-        await asyncio.sleep(0.2)  # the FATAL message reaches the idle socket
-        lost_before = small_pool.get_stats().get("connections_lost", 0)
-        async with aio.get_cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid() AS pid")
-            row = await cur.fetchone()
-        assert row is not None and row["pid"] != victim
-        assert small_pool.get_stats().get("connections_lost", 0) == lost_before + 1
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-    async def test_backend_terminated_mid_block(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """A backend terminated while a block uses it raises ConnectionLostError; the pool replaces it."""
-        with pytest.raises(ConnectionLostError, match="retry the operation") as info:
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("SELECT pg_backend_pid() AS pid")
-                row = await cur.fetchone()
-                assert row is not None
-                with pg_server.connect(test_db) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s)", (row["pid"],))
-                await cur.execute("SELECT 1")
-        assert not isinstance(info.value, CommitOutcomeUnknownError)
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-
 class TestServerDown:
-    async def test_unreachable_server_is_database_unavailable_without_password(
-        self, test_settings: DatabaseSettings
-    ) -> None:
-        """Opening the pool on a port nobody listens on raises DatabaseUnavailableError, password not shown."""
-        settings = test_settings.replace(port=1, password="s3cret-pw")
-        with pytest.raises(DatabaseUnavailableError) as info:
-            await aio.initialize_pool(settings=settings)
-        assert "s3cret-pw" not in str(info.value)
-        assert aio.get_pool is not None
-
     @pytest.mark.slow
     @pytest.mark.fault
     async def test_restart_under_load(self) -> None:

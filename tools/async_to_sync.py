@@ -41,6 +41,7 @@ MODULES: dict[str, str] = {
     "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
     "tests/test_cursor_common_async.py": "tests/test_cursor_common.py",
     "tests/test_pipeline_common_async.py": "tests/test_pipeline_common.py",
+    "tests/test_pool_common_async.py": "tests/test_pool_common.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
