@@ -42,6 +42,7 @@ MODULES: dict[str, str] = {
     "tests/test_cursor_common_async.py": "tests/test_cursor_common.py",
     "tests/test_pipeline_common_async.py": "tests/test_pipeline_common.py",
     "tests/test_pool_common_async.py": "tests/test_pool_common.py",
+    "tests/test_isolation_common_async.py": "tests/test_isolation_common.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
