@@ -32,11 +32,8 @@ instead of lending it again; a connection still in pipeline mode (``_pipeline``
 set) is never lent either. The waits go through ``Connection.wait``, so the
 reply bound of `precog_db.connection.PrecogConnection` covers them.
 
-psycopg internals used here (checked by tests/test_pipeline.py::TestPsycopgInternals):
-``BasePipeline._communicate_gen`` / ``_sync_gen`` (overridden), ``_enter_gen``,
-``_enqueue_sync``, ``_fetch_gen``, ``_exit``, ``command_queue``, ``result_queue``;
-``BaseCursor._execute_gen`` / ``_executemany_gen_pipeline``;
-``BaseTransaction._enter_gen``; ``BaseConnection._pipeline`` / ``_num_transactions``.
+The psycopg internals used here (the pipelines' generators, the cursors' ``_execute_gen``, the
+connection's ``_pipeline`` ...) are declared in `precog_db._compat` (checked by tests/test_compat.py).
 A ``Transaction`` is entered directly (not through ``conn.transaction()``,
 which would sync the pipeline at ``BEGIN``).
 """
@@ -49,9 +46,9 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import AsyncConnection, AsyncPipeline, AsyncTransaction, Connection, Pipeline, Transaction
 from psycopg.abc import PQGen
-from psycopg.generators import send
 from psycopg.pq import TransactionStatus
 
+from precog_db._compat import send
 from precog_db.log import get_logger
 from precog_db.session import AsyncPrecogCursor, PrecogCursor
 

@@ -36,9 +36,9 @@ import psycopg
 from psycopg import AsyncConnection, Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import PoolTimeout
-from psycopg_pool.base import AttemptWithBackoff
 
 from precog_db import audit
+from precog_db._compat import AttemptWithBackoff
 from precog_db.connection import check_target, connection_kwargs, failure_reason, reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -87,7 +87,7 @@ CLOSE = "close"
 BAD = "bad"
 #: Older than its max_lifetime, or opened before a `drain`: close and replace it.
 EXPIRED = "expired"
-#: A psycopg_pool ``reset=`` callback is configured (sync only): return it through psycopg_pool.
+#: A psycopg_pool ``reset=`` callback is configured: return the connection through psycopg_pool (it runs the hook).
 RESET = "reset"
 
 

@@ -21,9 +21,8 @@ from typing import Any
 
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
-from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool import AddConnection, MaintenanceTask
 
+from precog_db._compat import AddConnection, AttemptWithBackoff, MaintenanceTask
 from precog_db._pool_base import PoolBase
 from precog_db.log import get_logger
 

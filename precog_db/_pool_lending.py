@@ -28,9 +28,8 @@ import psycopg
 from psycopg import Connection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
-from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool import AddConnection, MaintenanceTask
 
+from precog_db._compat import AddConnection, AttemptWithBackoff, MaintenanceTask
 from precog_db._pool_base import PoolBase, check_backoff, connection_is_usable, lent_ms, refuse_foreign
 from precog_db.connection import check_gate
 from precog_db.log import get_logger

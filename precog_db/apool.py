@@ -21,15 +21,8 @@ no connection is lost. The only awaits on the way back are the reset's
 (ROLLBACK, DISCARD ALL); a cancellation there closes the connection, which a
 worker replaces.
 
-psycopg_pool private names used here, beyond those `precog_db.pool` lists
-(checked by tests/test_aio.py::TestContract): ``_connect``, ``_add_connection``,
-``schedule_task``, ``_pool``, ``_waiting``, ``_stats`` and its keys,
-``_nconns_min``, ``_nconns``, ``_closed``, ``_reset`` (read by `checkin_verdict`),
-``_check_open_getconn``, ``_maybe_grow_pool``,
-``_pool_full_event``, ``_min_size``, ``_drained_at``, ``pool_async.AddConnection``,
-``worker`` (overridden: `AsyncPrecogPool.worker`), ``_start_workers``, ``pool_async.StopWorker``,
-the connection's ``_pool``, ``_created_at``, ``_expire_at``, and the waiter
-interface ``set`` / ``fail``.
+The psycopg_pool private names used here are declared, with the sync pool's, in
+`precog_db._compat` (checked both ways by tests/test_compat.py).
 """
 
 from __future__ import annotations
@@ -44,17 +37,22 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, TransactionStatus
-from psycopg_pool import AsyncConnectionPool, TooManyRequests
-from psycopg_pool.base import AttemptWithBackoff
-from psycopg_pool.pool_async import AddConnection, MaintenanceTask, StopWorker
+from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
+from precog_db._compat import AsyncAddConnection as AddConnection
+from precog_db._compat import AsyncMaintenanceTask as MaintenanceTask
+from precog_db._compat import AsyncReturnConnection as ReturnConnection
+from precog_db._compat import AsyncStopWorker as StopWorker
+from precog_db._compat import AttemptWithBackoff
 from precog_db._pool_base import (
     BAD,
     CLOSE,
     KEEP,
+    RESET,
     PoolBase,
     audited_open,
+    check_backoff,
     check_still_read_only,
     checkin_verdict,
     connection_is_usable,
@@ -65,13 +63,13 @@ from precog_db._pool_base import (
 from precog_db._pool_registry import Registry
 from precog_db.connection import check_gate
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
+from precog_db.errors import PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
 from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
-from precog_db.topology import session_setup_sql
+from precog_db.topology import AsyncPoolerCursor, session_setup_sql
 
 __all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -79,8 +77,6 @@ log = get_logger()
 
 _OK = ConnStatus.OK
 _IDLE = TransactionStatus.IDLE
-#: psycopg_pool hooks that would bypass the zero-round-trip liveness check and the session reset.
-_UNSUPPORTED = ("check", "reset")
 
 AsyncConfigure = Callable[[AsyncConnection[Any]], Awaitable[None]]
 
@@ -120,17 +116,21 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
     `lend` / `give_back` are what `precog_db.aio` uses (``getconn`` /
     ``putconn`` and ``connection()`` go through them too). Its `repr` shows only
-    the pool name. ``check=`` and ``reset=`` are refused: liveness is checked
-    without a round trip and the reset is the library's (`precog_db.session`);
-    ``configure=`` takes an ``async def`` run after the library's setup.
+    the pool name. ``check=``, ``reset=`` and ``configure=`` take an ``async def``,
+    with the sync pool's meaning: ``check=`` is awaited on each connection `lend`
+    hands out, after the zero-round-trip liveness check (a connection that fails it
+    is replaced, with psycopg_pool's back-off between checks); ``reset=`` runs on
+    each connection given back, after the library's own session reset, in a pool
+    worker as psycopg_pool runs it; ``configure=`` runs after the library's setup.
 
     Topology: multi-host failover (several ``DB_HOST`` entries, the writer
-    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
-    work as in the sync pool, and so do read replicas (``DB_REPLICA_HOSTS``,
+    check on ``in_hot_standby``), a session-mode pooler (``DB_POOLER=session``),
+    a transaction-mode pooler (``DB_POOLER=transaction``: `AsyncPoolerCursor`,
+    the same source as the sync pool's `PoolerCursor`, and no ``DISCARD ALL``
+    on return) and read replicas (``DB_REPLICA_HOSTS``,
     ``aio.get_cursor(replica=True)``: `precog_db._replicas_async` keeps their
-    pools on this one, ``_precog_replicas``, and `close` closes them). A
-    transaction-mode pooler (``DB_POOLER=transaction``) is refused with a
-    `ConfigurationError`: use the sync API for it (docs/TOPOLOGY.md).
+    pools on this one, ``_precog_replicas``, and `close` closes them) work as
+    in the sync pool (docs/TOPOLOGY.md).
     """
 
     _KIND = "AsyncPrecogPool"
@@ -139,14 +139,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     _retries_lock = contextlib.nullcontext()
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        for key in _UNSUPPORTED:
-            if pool_kwargs.get(key) is not None:
-                raise ConfigurationError(
-                    f"{key}= is not supported by the asyncio pool: it checks each connection without a round "
-                    "trip when lending it and undoes what a borrower changed when it comes back "
-                    "(docs/DESIGN.md, 'Borrower isolation'). Use configure= for per-connection setup"
-                )
-        refuse_unsupported_topology(settings)
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_sql = session_setup_sql(settings)
         params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, PrecogAsyncConnection))
@@ -169,7 +161,10 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
         await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
-        adopt(conn)
+        if self.settings.pooler == "transaction":
+            adopt(conn, AsyncPoolerCursor, shared=True)  # read-only per transaction, session state refused
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             with user_setup(conn):
                 await self._user_configure(conn)
@@ -272,24 +267,50 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         Bounded by ``timeout`` (default ``DB_POOL_TIMEOUT``) and by any
         cancellation: a cancelled or timed-out caller leaves the queue at once,
         and a connection handed to it at that moment goes back to the pool.
+        With a ``check=`` callback, each connection is checked before it is
+        lent (`_passes_check`), with the sync pool's back-off between failed checks.
         """
         if self.pid != os.getpid():
             raise self._inherited_through_fork()
         check_gate(self.settings.env)
         self._stats[self._REQUESTS_NUM] += 1
         conn = self._take_idle()
-        if conn is not None:
+        if conn is not None and self._check is None:
             conn._precog_lent = monotonic()  # type: ignore[attr-defined]  # for the metrics (give_back)
             return conn
         wait = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         requested = monotonic()
+        rejected: list[BaseException] = []  # what the check= callback raised, this call
+        attempt: AttemptWithBackoff | None = None
+        while True:
+            waited = conn is None
+            if conn is None:
+                conn = await self._lend_waiting(deadline, wait, rejected)
+            if self._check is None or await self._passes_check(conn, rejected):
+                if waited:
+                    return self._lent_after_wait(conn, requested)
+                conn._precog_lent = requested  # type: ignore[attr-defined]
+                return conn
+            # The check failed (the connection is being replaced): back off as psycopg_pool's getconn does.
+            try:
+                attempt, pause = check_backoff(attempt, requested + wait, monotonic())
+            except PoolTimeout:
+                self.metrics.timed_out()
+                raise self._check_rejected(wait, rejected) from None
+            if pause > 0:
+                await asyncio.sleep(pause)  # holding no connection: a cancellation here loses nothing
+            conn = self._take_idle()
+
+    async def _lend_waiting(self, deadline: float, wait: float, rejected: list[BaseException]) -> AsyncConnection[Any]:
+        """The slow path of `lend`: the first idle connection, or a place in the queue (first come, first served)."""
+        loop = asyncio.get_running_loop()
         while True:
             self._check_open_getconn()
             conn = self._take_idle()
             if conn is not None:
-                return self._lent_after_wait(conn, requested)
+                return conn
             if self.max_waiting and len(self._waiting) >= self.max_waiting:
                 self._stats[self._REQUESTS_ERRORS] += 1
                 raise TooManyRequests(f"the pool {self.name!r} has already {len(self._waiting)} requests waiting")
@@ -305,14 +326,33 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
                 self._give_up(waiter)
                 if isinstance(exc, TimeoutError) and loop.time() >= deadline:
                     self.metrics.timed_out()
-                    raise self._timed_out(wait) from None
+                    raise (self._check_rejected(wait, rejected) if rejected else self._timed_out(wait)) from None
                 raise
             finally:
                 self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (loop.time() - started))
             if connection_is_usable(conn):
                 conn._pool = self
-                return self._lent_after_wait(conn, requested)
+                return conn
             self._replace(conn, self._CONNECTIONS_LOST)
+
+    async def _passes_check(self, conn: AsyncConnection[Any], rejected: list[BaseException]) -> bool:
+        """Await psycopg_pool's ``check=`` callback on a connection about to be lent; replace it if the check fails.
+
+        A failure is appended to ``rejected``. A cancellation during the check closes the connection (the
+        check may have been cut mid-statement) and has it replaced, then propagates.
+        """
+        assert self._check is not None
+        try:
+            await self._check(conn)
+        except Exception as exc:
+            log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
+            rejected.append(exc)
+            self._replace(conn, self._CONNECTIONS_LOST)
+            return False
+        except BaseException:
+            self._replace(conn, None, "check_cancelled")
+            raise
+        return True
 
     def _fail_waiters(self, error: Callable[[], Exception]) -> None:
         """Wake every queued caller with a fresh ``error()`` (the library refused the new connections). No await."""
@@ -366,7 +406,11 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
             _close_now(conn)
         elif verdict == BAD:
             self._replace(conn, self._RETURNS_BAD)
-        else:  # EXPIRED (never RESET: reset= is refused)
+        elif verdict == RESET:
+            # As psycopg_pool's own return path with reset=: a worker runs the hook and puts the connection
+            # back (or closes and replaces it). Queuing it has no await, so no cancellation window.
+            self.run_task(ReturnConnection(self, conn, from_getconn=False))
+        else:  # EXPIRED
             self._replace(conn, None)
 
     def _hand_over(self, conn: AsyncConnection[Any]) -> None:
@@ -395,16 +439,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self.run_task(AddConnection(self))
 
 
-def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
-    """The asyncio pool's refusals (no I/O): a transaction-mode pooler is sync-only."""
-    if settings.pooler == "transaction":
-        raise ConfigurationError(
-            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
-            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
-            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
-        )
-
-
 def _close_now(conn: AsyncConnection[Any]) -> None:
     """Close without awaiting (``AsyncConnection.close`` does nothing more for a pool's connection)."""
     conn._pool = None
@@ -415,7 +449,6 @@ def _close_now(conn: AsyncConnection[Any]) -> None:
 async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
     with audited_open(settings):
-        refuse_unsupported_topology(settings)
         probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()

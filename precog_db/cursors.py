@@ -28,9 +28,10 @@ from typing import Any, TypeVar, overload
 import psycopg
 from psycopg import AsyncConnection, Connection, Cursor
 from psycopg.rows import Row, RowFactory, dict_row
-from psycopg.transaction import OutOfOrderTransactionNesting, Transaction
+from psycopg.transaction import Transaction
 
 from precog_db import replicas
+from precog_db._compat import OutOfOrderTransactionNesting
 from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
 from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
 from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError

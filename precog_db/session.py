@@ -28,15 +28,11 @@ report (``search_path`` before PostgreSQL 18, ``statement_timeout``), creates a
 temporary table or takes a session advisory lock, called from a plain
 ``SELECT``, is not noticed; nor is SQL sent through ``conn.pgconn`` directly.
 
-psycopg internals used here (checked by tests/test_isolation.py):
-``BaseCursor._convert_query``, ``ServerCursor._make_declare_statement`` and
-``_withhold``, ``BaseConnection._autocommit``, ``_read_only``,
-``_isolation_level``, ``_deferrable``, ``_notice_handlers``, ``_notify_handlers``,
-``_num_transactions``, ``_pipeline``, ``_prepared`` (replaced by a `PrepareManager` subclass; ``_counts``,
-``_names``, ``_to_flush``), ``_adapters`` (``AdaptersMap._loaders``, ``_dumpers``, ``_dumpers_by_oid``,
-``types._registry``),
-and the connection's generators ``_rollback_gen``, ``_set_autocommit_gen``, ``_set_read_only_gen``,
-``_set_isolation_level_gen``, ``_set_deferrable_gen``, ``_exec_command``, which `restore` (sync) and
+The psycopg internals used here (the connection's client attributes, handlers, ``_prepared`` and
+``_adapters``, the cursors' ``_convert_query`` ...) are declared in `precog_db._compat` (checked by
+tests/test_compat.py), among them the connection's generators ``_rollback_gen``,
+``_set_autocommit_gen``, ``_set_read_only_gen``, ``_set_isolation_level_gen``, ``_set_deferrable_gen``,
+``_exec_command``, which `restore` (sync) and
 `arestore` (asyncio) run through the connection's own ``wait``: one implementation for both layers.
 """
 
@@ -49,12 +45,12 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, Connection
-from psycopg._preparing import PrepareManager
 from psycopg.abc import PQGen
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._compat import PrepareManager
 from precog_db._sqlclass import CLEAN, classify
 from precog_db.errors import ReadOnlyWriteError, SessionStateError, TransactionControlError
 

@@ -114,6 +114,18 @@ class TestCheck:
         assert "def f() -> None:\n    g()\n" in target.read_text()
         assert gen.main(["--check"]) == 0
 
+    def test_an_import_branch_among_the_imports_comes_out_sorted(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        target = self._tree(tmp_path, monkeypatch)
+        (tmp_path / "pkg" / "_x_async.py").write_text(
+            "import os\n\nif True:  # ASYNC\n    import asyncio as lib\nelse:\n    import threading as lib\n"
+            "import sys\n\nprint(os, lib, sys)\n"
+        )
+        assert gen.main([]) == 0
+        body = target.read_text().split("\n", 2)[2]
+        assert body == "import os\nimport sys\nimport threading as lib\n\nprint(os, lib, sys)\n"
+
     def test_a_hand_edit_of_the_generated_file_fails_the_check(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -135,14 +147,42 @@ class TestCheck:
         assert gen.main(["--check"]) == 1
 
 
+class TestFormat:
+    def test_what_the_transform_leaves_is_fixed(self) -> None:
+        """Imports unsorted by the renaming are sorted; ``with`` around ``async with`` becomes one ``with``."""
+        source = textwrap.dedent(
+            """\
+            from collections.abc import AsyncIterator, Callable
+
+
+            async def f(g: Callable[[], AsyncIterator[int]], raises: object, cursor: object) -> None:
+                with raises:
+                    async with (
+                        cursor as cur,
+                        cur.copy("COPY a_table_whose_long_name_makes_one_merged_line_too_long_for_ruff FROM STDIN"),
+                    ):
+                        pass
+            """
+        )
+        text = gen._format(_convert(source), "pkg/_x_sync.py")
+        assert "from collections.abc import Callable, Iterator\n" in text
+        assert "    with (\n        raises,\n        cursor as cur,\n" in text, text
+
+
 class TestRepository:
     def test_every_asyncio_source_is_generated_and_current(self) -> None:
         sources = {p.relative_to(gen.ROOT).as_posix() for p in (gen.ROOT / "precog_db").rglob("_*_async.py")}
-        sources |= {p.relative_to(gen.ROOT).as_posix() for p in (gen.ROOT / "tests").glob("*_async.py")}
+        sources |= {p.relative_to(gen.ROOT).as_posix() for p in (gen.ROOT / "tests").rglob("*_async.py")}
         assert sources == set(gen.MODULES), (
             "every precog_db/_*_async.py and tests/*_async.py is listed in tools/async_to_sync.py"
         )
         assert gen.main(["--check"]) == 0
+
+    def test_generated_test_modules_are_collected_by_pytest(self) -> None:
+        """A generated test module is a test module too: its name starts with ``test_`` like its source's."""
+        for source, target in gen.MODULES.items():
+            if source.startswith("tests/"):
+                assert Path(target).name.startswith("test_"), target
 
     def test_generated_modules_say_so(self) -> None:
         for source, target in gen.MODULES.items():

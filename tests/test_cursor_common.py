@@ -86,17 +86,15 @@ class TestReadOnlyCursor:
         self, table: str, pg_server: Server, test_db: str
     ) -> None:
         """A write in get_cursor() raises ReadOnlySqlTransaction; nothing is stored."""
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-            with api.get_cursor() as cur:
-                cur.execute("INSERT INTO cursor_items (name) VALUES ('lost')")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), api.get_cursor() as cur:
+            cur.execute("INSERT INTO cursor_items (name) VALUES ('lost')")
         assert count(table) == 0
         assert_pool_clean(pg_server, test_db)
 
     def test_sql_error_leaves_connection_usable(self, table: str, pg_server: Server, test_db: str) -> None:
         """After a SQL error the connection returns to the pool idle and works."""
-        with pytest.raises(psycopg.errors.UndefinedTable):
-            with api.get_cursor() as cur:
-                cur.execute("SELECT * FROM no_such_table")
+        with pytest.raises(psycopg.errors.UndefinedTable), api.get_cursor() as cur:
+            cur.execute("SELECT * FROM no_such_table")
         assert count(table) == 0
         assert_pool_clean(pg_server, test_db)
 
@@ -130,19 +128,17 @@ class TestCommitCursor:
         class Boom(Exception):
             pass
 
-        with pytest.raises(Boom):
-            with api.get_cursor(commit=True) as cur:
-                cur.execute("INSERT INTO cursor_items (name) VALUES ('gone')")
-                raise Boom
+        with pytest.raises(Boom), api.get_cursor(commit=True) as cur:
+            cur.execute("INSERT INTO cursor_items (name) VALUES ('gone')")
+            raise Boom
         assert count(table) == 0
         assert_pool_clean(pg_server, test_db)
 
     def test_sql_error_rolls_back_earlier_statements(self, table: str) -> None:
         """A failing statement rolls back the whole transaction."""
-        with pytest.raises(psycopg.errors.NotNullViolation):
-            with api.get_cursor(commit=True) as cur:
-                cur.execute("INSERT INTO cursor_items (name) VALUES ('first')")
-                cur.execute("INSERT INTO cursor_items (name) VALUES (NULL)")
+        with pytest.raises(psycopg.errors.NotNullViolation), api.get_cursor(commit=True) as cur:
+            cur.execute("INSERT INTO cursor_items (name) VALUES ('first')")
+            cur.execute("INSERT INTO cursor_items (name) VALUES (NULL)")
         assert count(table) == 0
 
     def test_transaction_is_atomic_and_isolated(self, table: str) -> None:
@@ -196,9 +192,8 @@ class TestHarness:
 class TestForgottenCommit:
     def test_write_in_a_read_block_says_to_use_commit_true(self, table: str) -> None:
         """An INSERT in get_cursor() raises ReadOnlyWriteError, still a ReadOnlySqlTransaction, naming the fix."""
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
-            with api.get_cursor() as cur:
-                cur.execute("INSERT INTO cursor_items (name) VALUES (%s)", ("x",))
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info, api.get_cursor() as cur:
+            cur.execute("INSERT INTO cursor_items (name) VALUES (%s)", ("x",))
         assert isinstance(info.value, ReadOnlyWriteError)
         message = str(info.value)
         assert "cannot execute INSERT in a read-only transaction" in message
@@ -208,23 +203,23 @@ class TestForgottenCommit:
 
     def test_nextval_in_a_read_block_says_to_use_commit_true(self, table: str) -> None:
         """nextval() in get_cursor() raises ReadOnlyWriteError naming get_cursor(commit=True)."""
-        with pytest.raises(ReadOnlyWriteError, match=r"nextval\(\).*get_cursor\(commit=True\)"):
-            with api.get_cursor() as cur:
-                cur.execute("SELECT nextval('cursor_items_id_seq')")
+        with (
+            pytest.raises(ReadOnlyWriteError, match=r"nextval\(\).*get_cursor\(commit=True\)"),
+            api.get_cursor() as cur,
+        ):
+            cur.execute("SELECT nextval('cursor_items_id_seq')")
 
     def test_raw_connection_write_gets_the_same_hint(self, table: str) -> None:
         """A write through get_connection() outside a transaction gets the same error and hint."""
-        with api.get_connection() as conn:
-            with pytest.raises(ReadOnlyWriteError, match=r"conn\.transaction\(\)"):
-                conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
+        with api.get_connection() as conn, pytest.raises(ReadOnlyWriteError, match=r"conn\.transaction\(\)"):
+            conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
 
     def test_explicit_read_only_transaction_keeps_the_plain_error(self, table: str) -> None:
         """Inside a transaction the caller declared READ ONLY, the error is psycopg's own, without the hint."""
         with api.get_connection() as conn:
             conn.read_only = True
-            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info:
-                with conn.transaction():
-                    conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
+            with pytest.raises(psycopg.errors.ReadOnlySqlTransaction) as info, conn.transaction():
+                conn.execute("INSERT INTO cursor_items (name) VALUES ('x')")
         assert not isinstance(info.value, ReadOnlyWriteError)
 
 

@@ -7,12 +7,9 @@ tests/test_isolation_common_async.py, which generates tests/test_isolation_commo
 
 from __future__ import annotations
 
-import psycopg
 import pytest
 
-from precog_db import get_connection, initialize_pool
 from precog_db.session import changes_session
-from precog_db.settings import DatabaseSettings
 
 
 class TestClassifier:
@@ -73,40 +70,3 @@ class TestClassifier:
     def test_session_changing_statements(self, sql: str) -> None:
         """Anything that may change the session, or cannot be told apart quickly, needs a reset."""
         assert changes_session(sql.encode())
-
-
-class TestPsycopgInternals:
-    def test_the_private_names_borrower_isolation_relies_on_exist(self, test_settings: DatabaseSettings) -> None:
-        """Every psycopg internal listed in precog_db/session.py exists: an upgrade that renames one fails here."""
-        assert callable(getattr(psycopg.Cursor, "_convert_query", None))
-        assert callable(getattr(psycopg.ServerCursor, "_make_declare_statement", None))
-        assert callable(getattr(psycopg.AsyncCursor, "_convert_query", None))
-        assert callable(getattr(psycopg.AsyncServerCursor, "_make_declare_statement", None))
-        # The reset generator both layers run (session._restore_gen), on the connections' common base.
-        for cls in (psycopg.Connection, psycopg.AsyncConnection):
-            for gen in (
-                "_rollback_gen",
-                "_set_autocommit_gen",
-                "_set_read_only_gen",
-                "_set_isolation_level_gen",
-                "_set_deferrable_gen",
-                "_exec_command",
-            ):
-                assert callable(getattr(cls, gen, None)), (cls.__name__, gen)
-        initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
-        with get_connection() as conn:
-            for name in (
-                "_autocommit",
-                "_read_only",
-                "_isolation_level",
-                "_deferrable",
-                "_notice_handlers",
-                "_notify_handlers",
-                "_num_transactions",
-                "_pipeline",
-            ):
-                assert hasattr(conn, name), name
-            for name in ("_counts", "_names", "_to_flush"):
-                assert hasattr(conn._prepared, name), name
-            with conn.cursor("iso_internals") as cur:
-                assert hasattr(cur, "_withhold")

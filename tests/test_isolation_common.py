@@ -68,9 +68,8 @@ def _same_session(pid: int) -> None:
 
 
 def _plain_insert_is_refused() -> None:
-    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-        with api.get_cursor() as cur:
-            cur.execute("INSERT INTO iso_items VALUES (1)")
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), api.get_cursor() as cur:
+        cur.execute("INSERT INTO iso_items VALUES (1)")
 
 
 class TestReadOnlyPromise:
@@ -87,9 +86,8 @@ class TestReadOnlyPromise:
     )
     def test_a_block_cannot_leave_the_session_writable(self, one: int, statement: str) -> None:
         """A get_cursor() block that tries to turn read-only off is refused before sending it (21.7)."""
-        with pytest.raises(ReadOnlyWriteError, match="refused before it was sent"):
-            with api.get_cursor() as cur:
-                cur.execute(statement)
+        with pytest.raises(ReadOnlyWriteError, match="refused before it was sent"), api.get_cursor() as cur:
+            cur.execute(statement)
         _same_session(one)
         _plain_insert_is_refused()
         assert _one_value("SELECT count(*) FROM iso_items") == 0
@@ -201,9 +199,8 @@ class TestSessionState:
             cur.fetchone()
         _same_session(one)
         assert _one_value("SELECT count(*) FROM pg_cursors") == 0
-        with api.get_connection():
-            with pytest.raises(psycopg.errors.InvalidCursorName):
-                cur.close()  # the borrower's leftover cursor no longer exists on the server
+        with api.get_connection(), pytest.raises(psycopg.errors.InvalidCursorName):
+            cur.close()  # the borrower's leftover cursor no longer exists on the server
         with warnings.catch_warnings():  # the client object still believes it is open
             warnings.simplefilter("ignore", ResourceWarning)
             del cur

@@ -11,15 +11,12 @@ import contextlib
 import gc
 import random
 import time
-from collections import Counter, deque
-from typing import Any
+from collections import Counter
 
 import psycopg
 import pytest
-from psycopg.generators import send
 
 from precog_db import CommitOutcomeUnknownError, get_cursor, initialize_pool
-from precog_db._pipelining import QueueingPipeline
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 from tests.test_interrupts import _Alarm, _assert_every_connection_works, _JobTimeout
@@ -87,25 +84,3 @@ class TestInterrupts:
         expected = {"ok", "OperationalError", *interrupts, *(f"CommitOutcomeUnknownError from {i}" for i in interrupts)}
         assert set(outcomes) <= expected, outcomes
         _assert_every_connection_works(2)
-
-
-class TestPsycopgInternals:
-    def test_the_pipeline_internals_used_exist(self, test_settings: DatabaseSettings) -> None:
-        """precog_db._pipelining relies on these psycopg internals: a psycopg upgrade that drops one fails here."""
-        assert psycopg.Pipeline.is_supported()
-        for cls in (psycopg.Pipeline, psycopg.AsyncPipeline):
-            # overridden by QueueingPipeline (the names psycopg's own methods call) or called directly
-            for name in ("_communicate_gen", "_sync_gen", "_enter_gen", "_enqueue_sync", "_fetch_gen", "_exit", "sync"):
-                assert callable(getattr(cls, name)), (cls, name)
-        for cursor in (psycopg.Cursor, psycopg.AsyncCursor):
-            assert callable(cursor._execute_gen) and callable(cursor._executemany_gen_pipeline), cursor
-        for transaction in (psycopg.Transaction, psycopg.AsyncTransaction):
-            assert callable(transaction._enter_gen), transaction  # abegin_pending: entered under the caller's lock
-        assert callable(send)
-        initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
-        with get_cursor(commit=True) as cur:
-            conn: Any = cur._conn
-            assert conn._pipeline is None and conn._num_transactions == 0
-            pipeline = QueueingPipeline(conn)
-            assert isinstance(pipeline.command_queue, deque) and isinstance(pipeline.result_queue, deque)
-            assert pipeline.level == 0

@@ -180,13 +180,12 @@ class TestTransparent:
     def test_error_is_raised_by_the_failing_execute(self, one: None, pg_server: Server, test_db: str) -> None:
         """A duplicate key in the first statement is raised by that execute, and the block rolls back."""
         raised_by: list[str] = []
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            with api.get_cursor(commit=True) as cur:
-                try:
-                    cur.execute(INSERT, (0, 1))
-                except psycopg.errors.UniqueViolation:
-                    raised_by.append("execute")
-                    raise
+        with pytest.raises(psycopg.errors.UniqueViolation), api.get_cursor(commit=True) as cur:
+            try:
+                cur.execute(INSERT, (0, 1))
+            except psycopg.errors.UniqueViolation:
+                raised_by.append("execute")
+                raise
         assert raised_by == ["execute"]
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
@@ -201,11 +200,10 @@ class TestTransparent:
 
     def test_exception_after_the_first_statement_rolls_back(self, one: None, pg_server: Server, test_db: str) -> None:
         """An exception raised in the block after a pipelined first statement rolls everything back."""
-        with pytest.raises(RuntimeError, match="boom"):
-            with api.get_cursor(commit=True) as cur:
-                cur.execute(INSERT, (6, 6))
-                cur.execute(INSERT, (7, 7))
-                raise RuntimeError("boom")
+        with pytest.raises(RuntimeError, match="boom"), api.get_cursor(commit=True) as cur:
+            cur.execute(INSERT, (6, 6))
+            cur.execute(INSERT, (7, 7))
+            raise RuntimeError("boom")
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
 
@@ -240,13 +238,12 @@ class TestTransparent:
     ) -> None:
         """Statements run through cur.connection before the first execute are part of the block's transaction."""
         undo = RuntimeError("undo")
-        with pytest.raises(RuntimeError, match=r"^undo$") as raised:
-            with api.get_cursor(commit=True) as cur:
-                cur.connection.execute(INSERT, (11, 1))
-                with cur.connection.cursor("named") as named:
-                    named.execute("SELECT id FROM pipe_items ORDER BY id")
-                    assert [r[0] for r in named.fetchall()] == [0, 11]
-                raise undo
+        with pytest.raises(RuntimeError, match=r"^undo$") as raised, api.get_cursor(commit=True) as cur:
+            cur.connection.execute(INSERT, (11, 1))
+            with cur.connection.cursor("named") as named:
+                named.execute("SELECT id FROM pipe_items ORDER BY id")
+                assert [r[0] for r in named.fetchall()] == [0, 11]
+            raise undo
         assert raised.value is undo  # the test's own exception, not one the library raised on the way
         assert _rows(pg_server, test_db) == []
 
@@ -255,17 +252,16 @@ class TestTransparent:
     ) -> None:
         """cur.connection statements, a nested transaction(), COPY and a server cursor: all inside, all rolled back."""
         undo = RuntimeError("undo")
-        with pytest.raises(RuntimeError, match=r"^undo$") as raised:
-            with api.get_cursor(commit=True) as cur:
-                conn = cur.connection
-                with conn.transaction():  # a savepoint inside the block's transaction, not its own
-                    conn.execute(INSERT, (11, 1))
-                with cur.copy("COPY pipe_items (id, qty) FROM STDIN") as copy:
-                    copy.write_row((12, 2))
-                with conn.cursor("named") as named:
-                    named.execute("SELECT id FROM pipe_items ORDER BY id")
-                    assert [r[0] for r in named.fetchall()] == [0, 11, 12]
-                raise undo
+        with pytest.raises(RuntimeError, match=r"^undo$") as raised, api.get_cursor(commit=True) as cur:
+            conn = cur.connection
+            with conn.transaction():  # a savepoint inside the block's transaction, not its own
+                conn.execute(INSERT, (11, 1))
+            with cur.copy("COPY pipe_items (id, qty) FROM STDIN") as copy:
+                copy.write_row((12, 2))
+            with conn.cursor("named") as named:
+                named.execute("SELECT id FROM pipe_items ORDER BY id")
+                assert [r[0] for r in named.fetchall()] == [0, 11, 12]
+            raise undo
         assert raised.value is undo
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
@@ -289,10 +285,9 @@ class TestTransparent:
         """Parameters psycopg refuses before sending (TypeError, wrong count): raised as ever, connection kept."""
         conn_ids = set()
         for params in (5, (1,)):
-            with pytest.raises((TypeError, psycopg.ProgrammingError)):
-                with api.get_cursor(commit=True) as cur:
-                    conn_ids.add(cur._conn.info.backend_pid)
-                    cur.execute(INSERT, params)  # type: ignore[arg-type]
+            with pytest.raises((TypeError, psycopg.ProgrammingError)), api.get_cursor(commit=True) as cur:
+                conn_ids.add(cur._conn.info.backend_pid)
+                cur.execute(INSERT, params)  # type: ignore[arg-type]
         with api.get_cursor(commit=True) as cur:
             conn_ids.add(cur._conn.info.backend_pid)
             cur.execute(INSERT, (24, 4))
@@ -332,9 +327,8 @@ class TestTransparent:
         with api.get_cursor(commit=True) as cur:
             conn = cur._conn
         assert getattr(conn, "_precog_pending_begin", None) is None
-        with pytest.raises(ReadOnlyWriteError):
-            with api.get_cursor() as cur:
-                cur.execute(INSERT, (25, 1))
+        with pytest.raises(ReadOnlyWriteError), api.get_cursor() as cur:
+            cur.execute(INSERT, (25, 1))
         with api.get_connection() as raw:
             assert raw is conn
             raw.execute("SELECT 1")
@@ -354,10 +348,9 @@ class TestPipelined:
 
     def test_failure_anywhere_rolls_back_the_whole_block(self, one: None, pg_server: Server, test_db: str) -> None:
         """A duplicate key in statement 3 of 10 surfaces by the block's end at the latest; nothing is committed."""
-        with pytest.raises(psycopg.errors.UniqueViolation):
-            with api.get_cursor(commit=True, pipeline=True) as cur:
-                for i in range(10):
-                    cur.execute(INSERT, (0 if i == 2 else 200 + i, i))
+        with pytest.raises(psycopg.errors.UniqueViolation), api.get_cursor(commit=True, pipeline=True) as cur:
+            for i in range(10):
+                cur.execute(INSERT, (0 if i == 2 else 200 + i, i))
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
         with api.get_cursor(commit=True, pipeline=True) as cur:  # the connection is reusable
@@ -366,15 +359,14 @@ class TestPipelined:
 
     def test_failure_caught_by_the_caller_still_rolls_back(self, one: None, pg_server: Server, test_db: str) -> None:
         """A caller that catches a surfaced error and goes on cannot commit the rest: the block end raises."""
-        with pytest.raises(psycopg.Error):
-            with api.get_cursor(commit=True, pipeline=True) as cur:
-                cur.execute("UPDATE pipe_items SET qty = -1 WHERE id = 0")  # violates the CHECK
-                try:
-                    cur.execute("SELECT 1 AS one")
-                    cur.fetchone()  # waits: the CHECK violation surfaces here
-                except psycopg.errors.CheckViolation:
-                    pass
-                cur.execute(INSERT, (300, 1))
+        with pytest.raises(psycopg.Error), api.get_cursor(commit=True, pipeline=True) as cur:
+            cur.execute("UPDATE pipe_items SET qty = -1 WHERE id = 0")  # violates the CHECK
+            try:
+                cur.execute("SELECT 1 AS one")
+                cur.fetchone()  # waits: the CHECK violation surfaces here
+            except psycopg.errors.CheckViolation:
+                pass
+            cur.execute(INSERT, (300, 1))
         assert _rows(pg_server, test_db) == []
         _pool_idle(pg_server, test_db)
 
@@ -388,10 +380,9 @@ class TestPipelined:
 
     def test_exception_in_block_rolls_back(self, one: None, pg_server: Server, test_db: str) -> None:
         """The caller's own exception rolls back every queued statement, and propagates unchanged."""
-        with pytest.raises(KeyError):
-            with api.get_cursor(commit=True, pipeline=True) as cur:
-                cur.execute(INSERT, (500, 5))
-                raise KeyError("stop")
+        with pytest.raises(KeyError), api.get_cursor(commit=True, pipeline=True) as cur:
+            cur.execute(INSERT, (500, 5))
+            raise KeyError("stop")
         with api.get_cursor(commit=True, pipeline=True) as cur:
             cur.execute(INSERT, (501, 5))
             raise psycopg.Rollback()
@@ -514,9 +505,8 @@ class TestAttacks:
                 cur.execute(INSERT, (i + 1, 1))
         with pg_server.connect(test_db) as admin:
             admin.execute("DROP TABLE pipe_items")
-        with api.get_cursor(commit=True) as cur:
-            with pytest.raises(psycopg.errors.UndefinedTable):
-                cur.execute(INSERT, (6, 1))
+        with api.get_cursor(commit=True) as cur, pytest.raises(psycopg.errors.UndefinedTable):
+            cur.execute(INSERT, (6, 1))
         with pg_server.connect(test_db) as admin:
             admin.execute("CREATE TABLE pipe_items (id int PRIMARY KEY, qty int NOT NULL CHECK (qty >= 0))")
         with api.get_cursor(commit=True) as cur:  # another borrower: no "prepared statement does not exist"
@@ -528,12 +518,11 @@ class TestAttacks:
         """_exit_mode sets conn._pipeline = None although the pipeline's level is still 1 (libpq still in it)."""
         kept = []
         try:
-            with contextlib.suppress(psycopg.Error):
-                with api.get_cursor(commit=True, pipeline=True) as cur:
-                    cur.execute(INSERT, (1, 1))
-                    nested = cur.connection.pipeline()
-                    nested.__enter__()
-                    kept.append(nested)
+            with contextlib.suppress(psycopg.Error), api.get_cursor(commit=True, pipeline=True) as cur:
+                cur.execute(INSERT, (1, 1))
+                nested = cur.connection.pipeline()
+                nested.__enter__()
+                kept.append(nested)
             with api.get_cursor() as cur:
                 assert cur._conn.pgconn.pipeline_status == 0
                 cur.execute("SELECT 1")

@@ -251,14 +251,16 @@ class TestDeadConnections:
         """A backend terminated while a block uses it raises ConnectionLostError; the pool replaces it."""
         pool = api.initialize_pool(settings=test_settings.replace(pool_min=2, pool_max=2, pool_timeout=30.0))
         pool.wait(timeout=10)
-        with pytest.raises(ConnectionLostError, match="retry the operation") as info:
-            with api.get_cursor(commit=True) as cur:
-                cur.execute("SELECT pg_backend_pid() AS pid")
-                row = cur.fetchone()
-                assert row is not None
-                with pg_server.connect(test_db) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s)", (row["pid"],))
-                cur.execute("SELECT 1")
+        with (
+            pytest.raises(ConnectionLostError, match="retry the operation") as info,
+            api.get_cursor(commit=True) as cur,
+        ):
+            cur.execute("SELECT pg_backend_pid() AS pid")
+            row = cur.fetchone()
+            assert row is not None
+            with pg_server.connect(test_db) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (row["pid"],))
+            cur.execute("SELECT 1")
         assert not isinstance(info.value, CommitOutcomeUnknownError)
         _assert_no_leak(pool, pg_server, test_db)
 
@@ -297,9 +299,8 @@ class TestExhaustion:
         """With every connection held, a waiter gets PoolExhaustedError naming pool, environment and setting."""
         pool = api.initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1, pool_timeout=0.5))
         with api.get_cursor():
-            with pytest.raises(PoolExhaustedError) as info:
-                with api.get_cursor():
-                    pass
+            with pytest.raises(PoolExhaustedError) as info, api.get_cursor():
+                pass
             with pytest.raises(PoolExhaustedError, match="DB_POOL_MAX_CONN"):  # a timeout of the call's own
                 _take(pool, timeout=0.1)
         message = str(info.value)
@@ -324,9 +325,8 @@ class TestPoolArguments:
         with api.get_cursor(commit=True) as cur:  # explicit transactions are still read-write
             cur.execute("CREATE TABLE IF NOT EXISTS cfg_probe (x int)")
             cur.execute("INSERT INTO cfg_probe VALUES (1)")
-        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
-            with api.get_cursor() as cur:
-                cur.execute("INSERT INTO cfg_probe VALUES (2)")  # plain blocks are still read-only
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction), api.get_cursor() as cur:
+            cur.execute("INSERT INTO cfg_probe VALUES (2)")  # plain blocks are still read-only
         with api.get_connection() as conn:
             assert getattr(conn, "reply_timeout", None) is not None  # the stalled-server bound is kept
             assert (conn.execute("SHOW application_name")).fetchone() == ("configured",)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import uuid
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from time import monotonic
 from typing import Any
 
@@ -23,12 +24,14 @@ from psycopg_pool import ConnectionPool
 
 from precog_db import PoolExhaustedError, PoolStateError, aio, close_pool, get_connection, get_cursor, initialize_pool
 from precog_db.apool import AsyncPrecogPool
+from precog_db.apool import create_pool as acreate_pool
 from precog_db.errors import ForeignConnectionError
 from precog_db.pool import PrecogPool, create_pool
 from precog_db.settings import DatabaseSettings
 from tests._helpers.faults import wait_until
 from tests._helpers.server import Server
 from tests.test_chokepoint import drop_database, make_database, sessions_on
+from tests.test_classifier_server import _Sync
 
 UNIQUE = uuid.uuid4().hex[:8]
 LAYERS = ["sync", "asyncio"]
@@ -160,52 +163,201 @@ class TestCollected:
         assert wait_until(lambda: sessions_on(pg_server, own_db) == 0, timeout=10)
 
 
-class TestCheckBackoff:
-    """21.17: a check= that keeps failing backs off and the error says that the check failed."""
+class PoolLayer:
+    """One pool scenario, two layers: the scenario is a coroutine; on the sync pool nothing in it suspends.
+
+    ``hook`` turns an ``async def`` callback written once into the layer's ``check=`` / ``reset=``
+    callback (a plain function over the sync connection for `PrecogPool`).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def hook(self, body: Callable[[Any], Coroutine[Any, Any, None]]) -> Callable[[Any], Any]:
+        if self.name == "asyncio":
+            return body
+        return lambda conn: run_now(body(_Sync(conn)))
+
+    async def create(self, settings: DatabaseSettings, **kwargs: Any) -> Any:
+        if self.name == "sync":
+            return create_pool(settings, prod_confirmed=False, **kwargs)
+        return await acreate_pool(settings, prod_confirmed=False, **kwargs)
+
+    async def wait(self, pool: Any) -> None:
+        await self._call(pool.wait, timeout=30)
+
+    async def checkout(self, pool: Any) -> Any:
+        """A raw checkout (psycopg_pool's ``getconn``): its return always runs the library's session reset."""
+        if self.name == "sync":
+            return _Sync(pool.checkout())
+        return await pool.getconn()
+
+    async def checkin(self, pool: Any, conn: Any) -> None:
+        await self._call(pool.checkin if self.name == "sync" else pool.putconn, getattr(conn, "target", conn))
+
+    async def close(self, pool: Any) -> None:
+        await self._call(pool.close)
+
+    async def _call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        result = method(*args, **kwargs)
+        if self.name == "asyncio":
+            await result
+
+    def run(self, scenario: Callable[[PoolLayer], Coroutine[Any, Any, None]]) -> None:
+        if self.name == "sync":
+            run_now(scenario(self))
+        else:
+            asyncio.run(scenario(self))
+
+
+def run_now(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run a coroutine that never suspends (a scenario over the sync layer) to its end; its result."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise AssertionError("a scenario over the sync layer suspended")
+
+
+@pytest.fixture(params=LAYERS)
+def pool_layer(request: pytest.FixtureRequest) -> PoolLayer:
+    return PoolLayer(request.param)
+
+
+class TestCheckHook:
+    """psycopg_pool's check= in both layers: awaited/run on each lend, a failing one replaced with a back-off
+    (21.17: a check= that keeps failing backs off and the error says that the check failed)."""
 
     @pytest.mark.timeout(120)
-    def test_failing_check_opens_few_connections(self, pg_server: Server, own_db: str) -> None:
+    def test_failing_check_opens_few_connections(self, pool_layer: PoolLayer, pg_server: Server, own_db: str) -> None:
         checked: list[int] = []
+        outcome: dict[str, Any] = {}
 
-        def check(conn: psycopg.Connection[Any]) -> None:
+        async def check(conn: Any) -> None:
             checked.append(conn.info.backend_pid)
             raise RuntimeError("the check says no")
 
-        settings = pg_server.settings(own_db, pool_min=1, pool_max=1, pool_timeout=4.0)
-        pool = create_pool(settings, prod_confirmed=False, check=check, name=f"check-{UNIQUE}")
-        try:
-            with pytest.raises(PoolExhaustedError, match=r"check= callback rejected \d+ connection") as info:
-                pool.checkout()
-            opened = pool.get_stats().get("connections_num", 0)
-        finally:
-            pool.close()
-        assert "RuntimeError: the check says no" in str(info.value)
+        async def scenario(db: PoolLayer) -> None:
+            settings = pg_server.settings(own_db, pool_min=1, pool_max=1, pool_timeout=4.0)
+            pool = await db.create(settings, check=db.hook(check), name=f"check-{db.name}-{UNIQUE}")
+            try:
+                with pytest.raises(PoolExhaustedError, match=r"check= callback rejected \d+ connection") as info:
+                    await db.checkout(pool)
+                outcome["error"] = info.value
+                outcome["opened"] = pool.get_stats().get("connections_num", 0)
+            finally:
+                await db.close(pool)
+
+        pool_layer.run(scenario)
+        assert "RuntimeError: the check says no" in str(outcome["error"])
+        assert "fix the check or what it tests" in str(outcome["error"])
         # psycopg_pool's back-off within 4 s: checks at about 0, 0, 1, 3 s. Without it: one per new connection.
         assert 2 <= len(checked) <= 6, len(checked)
-        assert len(set(checked)) <= 6 and opened <= 7, (len(set(checked)), opened)
+        assert len(set(checked)) <= 6 and outcome["opened"] <= 7, (len(set(checked)), outcome["opened"])
+        assert wait_until(lambda: sessions_on(pg_server, own_db) == 0, timeout=10)
 
     @pytest.mark.timeout(120)
-    def test_a_check_that_fails_once_still_serves(self, pg_server: Server, own_db: str) -> None:
-        """Attack: the first connection fails the check; the caller is served by the next without a pause."""
+    def test_a_check_that_fails_once_still_serves(self, pool_layer: PoolLayer, pg_server: Server, own_db: str) -> None:
+        """Attack: the first connection fails the check; it is replaced and the caller is served by a good one."""
         failed: list[int] = []
+        checked: list[int] = []
+        served: list[tuple[int, Any]] = []
 
-        def check(conn: psycopg.Connection[Any]) -> None:
+        async def check(conn: Any) -> None:
+            checked.append(conn.info.backend_pid)
             if not failed:
                 failed.append(conn.info.backend_pid)
                 raise RuntimeError("first one is bad")
 
-        settings = pg_server.settings(own_db, pool_min=2, pool_max=2, pool_timeout=30.0)
-        pool = create_pool(settings, prod_confirmed=False, check=check, name=f"check1-{UNIQUE}")
-        try:
-            pool.wait(timeout=30)
-            conn = pool.checkout()
+        async def scenario(db: PoolLayer) -> None:
+            settings = pg_server.settings(own_db, pool_min=2, pool_max=2, pool_timeout=30.0)
+            pool = await db.create(settings, check=db.hook(check), name=f"check1-{db.name}-{UNIQUE}")
             try:
-                assert conn.info.backend_pid != failed[0]
-                assert conn.execute("SELECT 1").fetchone() == (1,)
+                await db.wait(pool)
+                conn = await db.checkout(pool)
+                try:
+                    cur = await conn.execute("SELECT pg_backend_pid(), 1")
+                    served.append(await cur.fetchone())
+                finally:
+                    await db.checkin(pool, conn)
+                await db.wait(pool)  # the rejected connection was replaced: the pool is full again
+                assert pool.get_stats()["pool_available"] == 2
             finally:
-                pool.checkin(conn)
-        finally:
-            pool.close()
+                await db.close(pool)
+
+        pool_layer.run(scenario)
+        ((pid, one),) = served
+        assert one == 1 and pid != failed[0] and checked == [failed[0], pid], (served, failed, checked)
+
+    @pytest.mark.timeout(60)
+    def test_check_is_cancellation_safe(self, pg_server: Server, own_db: str) -> None:
+        """A caller cancelled during an asyncio check=: the cancellation propagates, the connection is replaced."""
+        started = asyncio.Event()
+
+        async def check(conn: Any) -> None:
+            started.set()
+            await conn.execute("SELECT pg_sleep(30)")
+
+        async def scenario() -> None:
+            settings = pg_server.settings(own_db, pool_min=1, pool_max=1, pool_timeout=30.0)
+            pool = await acreate_pool(settings, prod_confirmed=False, check=check, name=f"checkc-{UNIQUE}")
+            try:
+                await pool.wait(timeout=30)
+                task = asyncio.create_task(pool.lend())
+                await asyncio.wait_for(started.wait(), 10)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert pool.get_stats().get("connections_lost", 0) == 0  # a cancellation is not a lost connection
+                await pool.wait(timeout=30)  # replaced
+                assert pool.get_stats()["pool_available"] == 1
+            finally:
+                await pool.close()
+
+        asyncio.run(scenario())
+
+
+class TestResetHook:
+    """psycopg_pool's reset= in both layers: run on each return, after the library's own session reset."""
+
+    @pytest.mark.timeout(60)
+    def test_reset_runs_on_return(self, pool_layer: PoolLayer, pg_server: Server, own_db: str) -> None:
+        seen: list[tuple[int, str]] = []
+        lent: list[int] = []
+
+        async def reset(conn: Any) -> None:
+            cur = await conn.execute("SELECT pg_backend_pid(), current_setting('application_name')")
+            seen.append(await cur.fetchone())
+
+        async def scenario(db: PoolLayer) -> None:
+            settings = pg_server.settings(own_db, pool_min=1, pool_max=1, pool_timeout=30.0)
+            pool = await db.create(settings, reset=db.hook(reset), name=f"reset-{db.name}-{UNIQUE}")
+            try:
+                await db.wait(pool)
+                for _ in range(3):
+                    conn = await db.checkout(pool)  # waits for the previous return's reset, in a worker
+                    await conn.execute("SET application_name = 'borrower'")
+                    lent.append(conn.info.backend_pid)
+                    await db.checkin(pool, conn)
+                await db.wait(pool)
+                for _ in range(100):  # the last reset runs in a worker: bounded in count and time
+                    if len(seen) == 3:
+                        break
+                    await (asyncio.sleep(0.05) if db.name == "asyncio" else _sleep_now(0.05))
+                assert pool.get_stats()["pool_available"] == 1
+            finally:
+                await db.close(pool)
+
+        pool_layer.run(scenario)
+        # Same connection each time; the hook saw it after the library undid the borrower's SET.
+        assert len(set(lent)) == 1 and len(seen) == 3, (lent, seen)
+        assert all(pid == lent[0] and name != "borrower" for pid, name in seen), seen
+
+
+async def _sleep_now(seconds: float) -> None:
+    """A pause in a sync-layer scenario (a plain sleep: nothing suspends)."""
+    time.sleep(seconds)
 
 
 class TestForeignReturns:
