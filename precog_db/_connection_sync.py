@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 from psycopg import Connection
+from psycopg.pq import TransactionStatus
 
 from precog_db._chokepoint import (
     BoundedConnection,
@@ -36,10 +37,6 @@ from precog_db._pipeline_sync import begin_pending
 from precog_db._stamp_sync import verify_stamp
 from precog_db.settings import DatabaseSettings
 
-#: What ``wait`` turns into a cancel request on the server. Nothing in the sync layer: psycopg's
-#: sync wait cancels on the server itself when interrupted; asyncio: psycopg before 3.3 does not.
-_CANCELLED: tuple[type[BaseException], ...] = ()
-
 
 class PrecogConnection(BoundedConnection, Connection[Any]):
     """A psycopg connection that does not wait forever for a server that went silent.
@@ -56,10 +53,10 @@ class PrecogConnection(BoundedConnection, Connection[Any]):
     sent when the first thing run on the connection is not the block cursor's
     pipelined first statement (``copy``, ``stream``, a statement through
     ``cur.connection``; `precog_db._pipelining`). In the asyncio layer a task
-    cancelled while a statement runs sends a cancel request to the server and
-    waits (briefly) for the statement to end, as psycopg does from 3.3; if the
-    statement is still running afterwards, the connection is closed rather
-    than left busy.
+    cancelled while a statement runs (in the sync layer: a signal handler raising
+    while it waits) sends a cancel request to the server and waits (briefly)
+    for the statement to end, and the connection is closed rather than left
+    busy.
     """
 
     #: A ``commit=True`` block whose ``BEGIN`` is not sent yet: it waits for the block's first
@@ -87,12 +84,30 @@ class PrecogConnection(BoundedConnection, Connection[Any]):
             return Connection.wait(self, _bounded(gen, self.pgconn, limit), *args, **kwargs)
         except _Silent as silent:
             waited = silent.waited
-        except _CANCELLED:
+        except psycopg.Error:
+            raise  # the server's answer (or psycopg's): the statement is over
+        except BaseException:
+            # An interrupt: a task's cancellation, or whatever a signal handler raised (a job timeout,
+            # KeyboardInterrupt). The statement must not run on after its caller gave up.
+            self._cancel_on_server()
             raise
         # Outside the except block: the half-finished statement leaves the
         # protocol out of step, so the connection cannot be reused.
         self.close()
         raise silent_error(self.description, waited)
+
+    def _cancel_on_server(self) -> None:
+        """After an interrupted wait: cancel a statement still running on the server, then close.
+
+        psycopg does it itself for ``KeyboardInterrupt`` (sync) and, from 3.3, for a cancelled task;
+        not for what a signal handler raises, nor for a cancelled task before 3.3. The connection is
+        closed either way: its protocol state is unknown, and the pool replaces it.
+        """
+        if self.pgconn.transaction_status == TransactionStatus.ACTIVE:
+            try:
+                self.cancel_safe(timeout=5.0)
+            finally:
+                self.close()
 
 
 def prepare(conn: Connection[Any], settings: DatabaseSettings, *, verify: bool = True, quiet: bool = False) -> None:

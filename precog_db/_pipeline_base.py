@@ -13,9 +13,9 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import AsyncPipeline, Pipeline
 from psycopg.abc import PQGen
-from psycopg.generators import send
 from psycopg.pq import TransactionStatus
 
+from precog_db._compat import send
 from precog_db.log import get_logger
 
 __all__ = ["SUPPORTED", "Block", "Queueing", "exit_mode", "first_gen", "idle", "outcome", "pipelinable", "unleavable"]

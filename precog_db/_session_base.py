@@ -14,12 +14,12 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, Connection
-from psycopg._preparing import PrepareManager
 from psycopg.abc import PQGen
 from psycopg.adapt import AdaptersMap
 from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
+from precog_db._compat import PrepareManager
 from precog_db._sqlclass import CLEAN, classify
 from precog_db.errors import ReadOnlyWriteError, SessionStateError, TransactionControlError
 

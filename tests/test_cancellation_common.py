@@ -41,18 +41,6 @@ class JobTimeout(Exception):
 
 
 INTERRUPT = JobTimeout
-_SYNC = True
-
-#: A drift of the sync layer these tests found (issue 22): its connection interrupted mid-statement
-#: by a signal handler is closed without cancelling the statement on the server, which runs on to
-#: its end (`precog_db._aconnection` sends a cancel for a cancelled task; `precog_db.connection` does not).
-_SYNC_DOES_NOT_CANCEL_ON_THE_SERVER = pytest.mark.xfail(
-    _SYNC,
-    strict=True,
-    raises=AssertionError,
-    reason="drift: the sync layer does not cancel on the server a statement interrupted by a signal handler "
-    "(the asyncio layer does, _aconnection.py cancel_safe); the statement keeps running after the connection closed",
-)
 
 _HOLD = 2.0  # seconds the proxy holds the server's replies: the COMMIT is done there, its reply not yet here
 _POLLS = 200  # bound on the polls (of 0.02 s) waiting for the COMMIT to reach the server
@@ -167,7 +155,6 @@ def _count(pg_server: Server, test_db: str, table: str) -> int:
 
 
 class TestInterruptedStatement:
-    @_SYNC_DOES_NOT_CANCEL_ON_THE_SERVER
     def test_interrupted_statement_is_cancelled_on_the_server(
         self, small: Pool, pg_server: Server, test_db: str
     ) -> None:
@@ -185,7 +172,6 @@ class TestInterruptedStatement:
         assert running == (0,)
         _assert_no_leak(small, pg_server, test_db)
 
-    @_SYNC_DOES_NOT_CANCEL_ON_THE_SERVER
     def test_interrupted_write_block_is_rolled_back(self, small: Pool, pg_server: Server, test_db: str) -> None:
         """A commit=True block interrupted mid-statement commits nothing and leaves no session in a transaction."""
         with pg_server.connect(test_db) as admin:
