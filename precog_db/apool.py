@@ -56,6 +56,7 @@ from precog_db._pool_base import (
     check_still_read_only,
     checkin_verdict,
     connection_is_usable,
+    left_by_check,
     log_closed,
     log_opened,
     refuse_foreign,
@@ -335,12 +336,15 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     async def _passes_check(self, conn: AsyncConnection[Any], rejected: list[BaseException]) -> bool:
         """Await psycopg_pool's ``check=`` callback on a connection about to be lent; replace it if the check fails.
 
-        A failure is appended to ``rejected``. A cancellation during the check closes the connection (the
-        check may have been cut mid-statement) and has it replaced, then propagates.
+        A failure is appended to ``rejected``; so is a check that left the connection closed, in a
+        transaction or out of autocommit (`left_by_check`). A cancellation during the check closes the
+        connection (the check may have been cut mid-statement) and has it replaced, then propagates.
         """
         assert self._check is not None
         try:
             await self._check(conn)
+            if (left := left_by_check(conn)) is not None:
+                raise left
         except Exception as exc:
             log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
             rejected.append(exc)
