@@ -31,9 +31,11 @@ MEASURE_WAIT = 0.5
 #: The WAL position this context must see: None (no write), True (wrote, position not asked yet), or an LSN.
 NEED: contextvars.ContextVar[int | bool | None] = contextvars.ContextVar("precog_db_replica_need", default=None)
 
-#: On a replica: its replay position, and its lag in ms (0 when it has replayed all it received).
+#: On a replica: its replay position (NULL once it is not in recovery: promoted, or never a standby),
+#: and its lag in ms (0 when it has replayed all it received). A promoted standby keeps reporting the
+#: last position it replayed, so ``pg_is_in_recovery()`` is what tells.
 PROBE = (
-    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn,"
+    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() - '0/0'::pg_lsn END,"
     " CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0"
     " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END"
 )
