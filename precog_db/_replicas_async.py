@@ -83,8 +83,14 @@ class Replica(ReplicaState):
         else:
             self.lock = threading.Lock()
 
-    async def usable(self, need: int | None, max_lag_ms: int) -> pools.AsyncPrecogPool | None:
-        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale."""
+    async def usable(
+        self, need: int | None, max_lag_ms: int, owner: pools.AsyncPrecogPool
+    ) -> pools.AsyncPrecogPool | None:
+        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale.
+
+        ``owner`` is the pool it reads for: a replica pool opened after ``owner`` was closed is closed at once
+        (``owner``'s close sets its flag before it closes the replica pools, so one of the two closes it).
+        """
         now = monotonic()
         if self.resting(now):
             return None
@@ -96,6 +102,9 @@ class Replica(ReplicaState):
                         pool = self.pool = await pools.create_pool(self.settings, prod_confirmed=production_confirmed())
                     except (psycopg.Error, PrecogDBError) as exc:
                         self.failed(exc)
+                        return None
+                    if owner.closed:  # closed while this one opened: it must not outlive it
+                        await pool.close(timeout=1.0)
                         return None
         if self.must_measure(need, now):
             try:
@@ -115,8 +124,9 @@ async def choose(primary: pools.AsyncPrecogPool) -> pools.AsyncPrecogPool:
         return primary
     replicas: list[Replica] | None = getattr(primary, "_precog_replicas", None)
     if replicas is None:
-        replicas = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
-        primary._precog_replicas = replicas  # type: ignore[attr-defined]  # closed with it (its close)
+        fresh = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
+        # Closed with it (its close). setdefault: two threads that get here at once share one list.
+        replicas = vars(primary).setdefault("_precog_replicas", fresh)
     need = NEED.get()
     if need is True:
         need = await _primary_position(primary)
@@ -124,7 +134,7 @@ async def choose(primary: pools.AsyncPrecogPool) -> pools.AsyncPrecogPool:
             return primary
         NEED.set(need)
     for replica in replicas:
-        pool = await replica.usable(need, settings.replica_max_lag_ms)
+        pool = await replica.usable(need, settings.replica_max_lag_ms, primary)
         if pool is not None:
             settle(need, replicas)  # every replica has this context's write: no more checks for it
             return pool

@@ -70,8 +70,12 @@ class Replica(ReplicaState):
         self.pool: pools.PrecogPool | None = None
         self.lock = threading.Lock()
 
-    def usable(self, need: int | None, max_lag_ms: int) -> pools.PrecogPool | None:
-        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale."""
+    def usable(self, need: int | None, max_lag_ms: int, owner: pools.PrecogPool) -> pools.PrecogPool | None:
+        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale.
+
+        ``owner`` is the pool it reads for: a replica pool opened after ``owner`` was closed is closed at once
+        (``owner``'s close sets its flag before it closes the replica pools, so one of the two closes it).
+        """
         now = monotonic()
         if self.resting(now):
             return None
@@ -83,6 +87,9 @@ class Replica(ReplicaState):
                         pool = self.pool = pools.create_pool(self.settings, prod_confirmed=production_confirmed())
                     except (psycopg.Error, PrecogDBError) as exc:
                         self.failed(exc)
+                        return None
+                    if owner.closed:  # closed while this one opened: it must not outlive it
+                        pool.close(timeout=1.0)
                         return None
         if self.must_measure(need, now):
             try:
@@ -102,8 +109,9 @@ def choose(primary: pools.PrecogPool) -> pools.PrecogPool:
         return primary
     replicas: list[Replica] | None = getattr(primary, "_precog_replicas", None)
     if replicas is None:
-        replicas = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
-        primary._precog_replicas = replicas  # type: ignore[attr-defined]  # closed with it (its close)
+        fresh = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
+        # Closed with it (its close). setdefault: two threads that get here at once share one list.
+        replicas = vars(primary).setdefault("_precog_replicas", fresh)
     need = NEED.get()
     if need is True:
         need = _primary_position(primary)
@@ -111,7 +119,7 @@ def choose(primary: pools.PrecogPool) -> pools.PrecogPool:
             return primary
         NEED.set(need)
     for replica in replicas:
-        pool = replica.usable(need, settings.replica_max_lag_ms)
+        pool = replica.usable(need, settings.replica_max_lag_ms, primary)
         if pool is not None:
             settle(need, replicas)  # every replica has this context's write: no more checks for it
             return pool

@@ -194,11 +194,11 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool and the pools of its read replicas (as `precog_db.pool.PrecogPool.close` does)."""
+        await super().close(timeout=timeout)  # first: a replica pool opening meanwhile sees it closed
         for replica in getattr(self, "_precog_replicas", None) or ():
             if replica.pool is not None:
                 with contextlib.suppress(Exception):
                     await replica.pool.close(timeout=1.0)
-        await super().close(timeout=timeout)
 
     @classmethod
     async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:

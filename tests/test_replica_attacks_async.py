@@ -29,7 +29,7 @@ else:
 from precog_db import stamp_database
 from precog_db.local.cluster import LocalCluster
 from precog_db.replicas import CHECK_INTERVAL
-from tests._helpers.fault_proxy import fault_proxy  # ASYNC-ONLY
+from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.faults import own_server
 from tests._helpers.server import Server
 from tests._helpers.topology import promote, standby_of
@@ -213,7 +213,7 @@ if True:  # ASYNC
             async with api.get_cursor(commit=True) as cur:
                 await cur.execute("INSERT INTO seen VALUES (51)")
             assert await asyncio.create_task(_where(51)) == (primary.port, True)
-            assert await asyncio.gather(_where(51), _where(51)) == [(primary.port, True)] * 2
+            assert list(await asyncio.gather(_where(51), _where(51))) == [(primary.port, True)] * 2
             assert await _where(51) == (primary.port, True)  # the parent's own need is untouched
 
         @pytest.mark.xfail(
@@ -318,3 +318,33 @@ class TestNotTheSameDatabase:
             assert await _where(-1) == (primary.port, False)
             assert await _where(-1) == (primary.port, False)
             assert _sessions(f"host=127.0.0.1 port={other.port} user=postgres dbname=postgres") == 0
+
+
+@pytest.mark.asyncio  # ASYNC-ONLY
+class TestClosedWhileOpening:
+    async def test_close_pool_while_a_replica_pool_opens(self, pair: tuple[Server, LocalCluster]) -> None:
+        """22.13: close_pool() runs while a reader (a task; a thread in the sync layer) is opening its replica's
+        pool (the replica behind a proxy that does not answer yet). When the replica answers, the pool that
+        reader opens does not outlive the closed pool: no session of it stays on the standby."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", standby.port) as proxy:
+            await api.initialize_pool(
+                settings=primary.settings(replica_hosts=(f"127.0.0.1:{proxy.port}",), connect_timeout=20)
+            )
+            proxy.go_deaf()
+            if True:  # ASYNC
+                reader = asyncio.create_task(_where(-1))
+            else:
+                executor = ThreadPoolExecutor(1)
+                reader = executor.submit(_where, -1)
+            await _pause(0.5)
+            assert not reader.done()
+            await api.close_pool()
+            proxy.forward()
+            if True:  # ASYNC
+                outcome = (await asyncio.wait_for(asyncio.gather(reader, return_exceptions=True), 30))[0]
+            else:
+                outcome = reader.exception(30) or reader.result()
+                executor.shutdown()
+            assert outcome is not None  # an answer (from the replica) or a refusal: it ended
+            assert _sessions_end(standby.conninfo("precog_test"))

@@ -24,6 +24,7 @@ import precog_db as api
 from precog_db import stamp_database
 from precog_db.local.cluster import LocalCluster
 from precog_db.replicas import CHECK_INTERVAL
+from tests._helpers.fault_proxy import fault_proxy
 from tests._helpers.faults import own_server
 from tests._helpers.server import Server
 from tests._helpers.topology import promote, standby_of
@@ -192,3 +193,26 @@ class TestNotTheSameDatabase:
             assert _where(-1) == (primary.port, False)
             assert _where(-1) == (primary.port, False)
             assert _sessions(f"host=127.0.0.1 port={other.port} user=postgres dbname=postgres") == 0
+
+
+class TestClosedWhileOpening:
+    def test_close_pool_while_a_replica_pool_opens(self, pair: tuple[Server, LocalCluster]) -> None:
+        """22.13: close_pool() runs while a reader (a task; a thread in the sync layer) is opening its replica's
+        pool (the replica behind a proxy that does not answer yet). When the replica answers, the pool that
+        reader opens does not outlive the closed pool: no session of it stays on the standby."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", standby.port) as proxy:
+            api.initialize_pool(
+                settings=primary.settings(replica_hosts=(f"127.0.0.1:{proxy.port}",), connect_timeout=20)
+            )
+            proxy.go_deaf()
+            executor = ThreadPoolExecutor(1)
+            reader = executor.submit(_where, -1)
+            _pause(0.5)
+            assert not reader.done()
+            api.close_pool()
+            proxy.forward()
+            outcome = reader.exception(30) or reader.result()
+            executor.shutdown()
+            assert outcome is not None  # an answer (from the replica) or a refusal: it ended
+            assert _sessions_end(standby.conninfo("precog_test"))
