@@ -70,7 +70,9 @@ def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
     """Borrow a pooled asyncio connection (autocommit, read-only by default).
 
     Use ``async with conn.transaction():`` to write. The connection goes back
-    to the pool when the block ends, whatever happened in it.
+    to the pool when the block ends, whatever happened in it. With read
+    replicas configured, the block counts as a write for this task's
+    read-your-writes (`precog_db.replicas`).
     """
     return _ConnectionBlock()
 
@@ -142,6 +144,8 @@ class _ConnectionBlock:
     ) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and self._pool is not None:
+            if self._pool.settings.replica_hosts:
+                note_commit()  # it may have committed (conn.transaction()): read-your-writes counts it as a write
             await self._pool.give_back(conn)
 
 

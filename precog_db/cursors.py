@@ -104,7 +104,9 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
     """Borrow a pooled connection (autocommit, read-only by default).
 
     Use ``with conn.transaction():`` for writes. The connection goes back to
-    the pool when the block ends, whatever happened in it.
+    the pool when the block ends, whatever happened in it. With read replicas
+    configured, the block counts as a write for this thread's read-your-writes
+    (`precog_db.replicas`).
     """
     return _ConnectionBlock()
 
@@ -191,6 +193,8 @@ class _ConnectionBlock:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._pool is not None:
+            if self._pool.settings.replica_hosts:
+                replicas.note_commit()  # it may have committed (conn.transaction()): counted as a write
             _give_back(self._pool, self, _ConnectionBlock)
 
 

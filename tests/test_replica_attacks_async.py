@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio  # ASYNC-ONLY
 import contextlib
 import contextvars  # ASYNC-ONLY
+import gc
+import os
 import time
 import typing  # ASYNC-ONLY
 from collections.abc import Iterator
@@ -194,6 +196,22 @@ class TestReadYourWritesThroughTheHelpers:
         assert await _where(41) == (primary.port, False)  # never the stale replica's row
         assert await _elsewhere(41) == (standby.port, True)  # other contexts are not held back
 
+    async def test_a_write_through_get_connection_then_a_replica_read(
+        self, pair: tuple[Server, LocalCluster], replay: psycopg.Connection[Any]
+    ) -> None:
+        """22.3b: a write through get_connection() + conn.transaction() (replay paused): the next replica read of
+        the same context reads the primary and sees it; other contexts still read the replica."""
+        primary, standby = pair
+        await api.initialize_pool(
+            settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=600_000)
+        )
+        assert await _until((standby.port, False), -1)  # the replica is in use (for a context that wrote nothing)
+        replay.execute("SELECT pg_wal_replay_pause()")
+        async with api.get_connection() as conn, conn.transaction():
+            await conn.execute("INSERT INTO seen VALUES (42)")
+        assert await _where(42) == (primary.port, True)  # never older than our own write
+        assert await _elsewhere(42) == (standby.port, False)
+
 
 if True:  # ASYNC
 
@@ -208,7 +226,7 @@ if True:  # ASYNC
             await api.initialize_pool(
                 settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=600_000)
             )
-            assert (await _where(-1))[0] == standby.port
+            assert await _until((standby.port, False), -1)  # the replica is in use (for a context that wrote nothing)
             replay.execute("SELECT pg_wal_replay_pause()")
             async with api.get_cursor(commit=True) as cur:
                 await cur.execute("INSERT INTO seen VALUES (51)")
@@ -230,15 +248,19 @@ if True:  # ASYNC
             await api.initialize_pool(
                 settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=600_000)
             )
-            assert (await _where(-1))[0] == standby.port
+            assert await _until((standby.port, False), -1)  # the replica is in use (for a context that wrote nothing)
             replay.execute("SELECT pg_wal_replay_pause()")
 
             async def write() -> None:
                 async with api.get_cursor(commit=True) as cur:
                     await cur.execute("INSERT INTO seen VALUES (52)")
 
-            await asyncio.gather(write())
-            assert (await _where(52))[1] is True
+            async def parent() -> tuple[int, bool]:
+                await asyncio.gather(write())
+                return await _where(52)
+
+            # A parent that wrote nothing itself (a fresh context, whatever the earlier tests left in this one).
+            assert (await asyncio.create_task(parent(), context=contextvars.Context()))[1] is True
 
     @pytest.mark.asyncio
     class TestCancelled:
@@ -348,3 +370,42 @@ class TestClosedWhileOpening:
                 executor.shutdown()
             assert outcome is not None  # an answer (from the replica) or a refusal: it ended
             assert _sessions_end(standby.conninfo("precog_test"))
+
+
+if True:  # ASYNC
+    pass  # fork: the sync layer's (an asyncio pool is not used across fork)
+else:
+
+    class TestFork:
+        def test_a_forked_child_leaves_the_parents_replica_sessions_alone(
+            self, pair: tuple[Server, LocalCluster]
+        ) -> None:
+            """22.14: fork with a replica pool open. The child's replica reads open its own pools and it closes
+            them; the parent's replica session is the same backend before and after, and still reads."""
+            primary, standby = pair
+            standby_db = standby.conninfo("precog_test")
+            pids = "SELECT array_agg(pid ORDER BY pid) FROM pg_stat_activity WHERE application_name LIKE '% replica'"
+            api.initialize_pool(settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",)))
+            assert _where(-1) == (standby.port, False)
+            with psycopg.connect(standby_db, autocommit=True) as conn:
+                before = conn.execute(pids).fetchone()
+            child = os.fork()
+            if child == 0:  # pragma: no cover - the child reports through its exit code
+                code = 3
+                try:
+                    code = 0 if _where(-1) == (standby.port, False) else 2
+                    api.close_pool()
+                    gc.collect()
+                finally:
+                    os._exit(code)
+            deadline = time.monotonic() + 60
+            status = None
+            while status is None and time.monotonic() < deadline:
+                done, raw = os.waitpid(child, os.WNOHANG)
+                status = os.waitstatus_to_exitcode(raw) if done else None
+                time.sleep(0.05)
+            assert status == 0, status
+            assert _where(-1) == (standby.port, False)  # the parent's replica connection still serves
+            with psycopg.connect(standby_db, autocommit=True) as conn:
+                after = conn.execute(pids).fetchone()
+            assert before is not None and after == before, (before, after)
