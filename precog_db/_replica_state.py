@@ -32,12 +32,16 @@ MEASURE_WAIT = 0.5
 NEED: contextvars.ContextVar[int | bool | None] = contextvars.ContextVar("precog_db_replica_need", default=None)
 
 #: On a replica: its replay position (NULL once it is not in recovery: promoted, or never a standby),
-#: and its lag in ms (0 when it has replayed all it received). A promoted standby keeps reporting the
-#: last position it replayed, so ``pg_is_in_recovery()`` is what tells.
+#: and its lag in ms. A promoted standby keeps reporting the last position it replayed, so
+#: ``pg_is_in_recovery()`` is what tells. The lag is 0 when it has replayed all its WAL receiver
+#: received; with no WAL receiver (cut off from its primary: it cannot know what it is missing) it is
+#: the age of its last replayed transaction, infinite if it replayed none; else that age too.
 PROBE = (
     "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() - '0/0'::pg_lsn END,"
-    " CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0"
-    " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END"
+    " CASE WHEN NOT EXISTS (SELECT FROM pg_stat_wal_receiver)"
+    " THEN coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 * 1000, 'Infinity')"
+    " WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0"
+    " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 * 1000, 0) END"
 )
 #: On the primary: its WAL insert position, at or past every commit it acknowledged.
 PRIMARY_LSN = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"

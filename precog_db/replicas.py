@@ -22,6 +22,8 @@ A read goes to the first replica that is
 
 A replica that is not in recovery (promoted while in use) is left alone like
 one that cannot be reached: its data is no longer the primary's.
+A replica with no WAL receiver (cut off from its primary) counts the age of
+its last replayed transaction as its lag: it cannot know what it is missing.
 
 Never a replica: ``commit=True`` blocks (refused), anything inside a
 `dangerous_operation` gate, migrations, backups, restores and the stamp (they

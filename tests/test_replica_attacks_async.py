@@ -328,6 +328,29 @@ class TestNotTheSameDatabase:
             finally:
                 await api.close_pool()
 
+    async def test_a_replica_cut_off_from_its_primary_is_left_alone(self) -> None:
+        """22.5c: the standby's WAL receiver stops (its primary_conninfo emptied): it has replayed all it
+        received, so it looked 0 ms behind for ever while the primary moved on. With no WAL receiver its lag is
+        the age of its last replayed transaction: past DB_REPLICA_MAX_LAG_MS, reads see the primary's rows."""
+        with _stamped_pair() as (primary, standby):
+            try:
+                await api.initialize_pool(
+                    settings=primary.settings(replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=500)
+                )
+                assert await _until((standby.port, False), 62)
+                with psycopg.connect(standby.conninfo("precog_test"), autocommit=True) as conn:
+                    conn.execute("ALTER SYSTEM SET primary_conninfo = ''")
+                    conn.execute("SELECT pg_reload_conf()")
+                    deadline = time.monotonic() + 15
+                    while conn.execute("SELECT count(*) FROM pg_stat_wal_receiver").fetchone() != (0,):
+                        assert time.monotonic() < deadline, "the WAL receiver did not stop"
+                        time.sleep(0.05)
+                with primary.connect("precog_test") as conn:
+                    conn.execute("INSERT INTO seen VALUES (62)")
+                assert await _until((primary.port, True), 62, timeout=10 * CHECK_INTERVAL + 5)
+            finally:
+                await api.close_pool()
+
     async def test_a_replica_with_another_stamp_is_refused(self, pair: tuple[Server, LocalCluster]) -> None:
         """22.5b: a DB_REPLICA_HOSTS entry that is another database (stamped dev, the pool is test): its pool is
         refused by the chokepoint (EnvironmentMismatchError) like any connection, reads go to the primary, and
