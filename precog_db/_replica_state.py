@@ -26,7 +26,8 @@ log = get_logger()
 CHECK_INTERVAL = 0.2
 #: Seconds a replica that could not be reached or measured is left alone (reads go elsewhere meanwhile).
 RETRY_AFTER = 5.0
-#: Longest wait, in seconds, for a connection to measure a replica: a replica that is down costs a read this much.
+#: Longest wait, in seconds, for a connection to measure a replica, and for its reply: a replica that is down
+#: or silent costs a read about this much (twice at most).
 MEASURE_WAIT = 0.5
 #: The WAL position this context must see: None (no write), True (wrote, position not asked yet), or an LSN.
 NEED: contextvars.ContextVar[int | bool | None] = contextvars.ContextVar("precog_db_replica_need", default=None)

@@ -55,15 +55,27 @@ class _Lent:
 
 
 async def _first_row(pool: pools.AsyncPrecogPool, sql: str, timeout: float | None = None) -> tuple[Any, ...] | None:
-    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens."""
+    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens.
+
+    ``timeout`` bounds the wait for the connection and, for the statement, the silence of the server
+    (the connection's reply bound, `precog_db.connection.reply_timeout`, lowered meanwhile): a server
+    that stops answering costs that much, and its connection is closed and replaced.
+    """
     lent = _Lent()
     try:
         if True:  # ASYNC
             conn = lent._conn = await pool.lend(timeout)
         else:
             conn = pool.lend(lent, timeout)
-        cursor = await conn.execute(sql, prepare=False)
-        return await cursor.fetchone()
+        bound = getattr(conn, "reply_timeout", None)
+        if timeout is not None:
+            conn.reply_timeout = timeout if bound is None else min(bound, timeout)  # type: ignore[attr-defined]
+        try:
+            cursor = await conn.execute(sql, prepare=False)
+            return await cursor.fetchone()
+        finally:
+            if timeout is not None:
+                conn.reply_timeout = bound  # type: ignore[attr-defined]
     finally:
         if lent._conn is not None:
             if True:  # ASYNC

@@ -51,12 +51,24 @@ class _Lent:
 
 
 def _first_row(pool: pools.PrecogPool, sql: str, timeout: float | None = None) -> tuple[Any, ...] | None:
-    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens."""
+    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens.
+
+    ``timeout`` bounds the wait for the connection and, for the statement, the silence of the server
+    (the connection's reply bound, `precog_db.connection.reply_timeout`, lowered meanwhile): a server
+    that stops answering costs that much, and its connection is closed and replaced.
+    """
     lent = _Lent()
     try:
         conn = pool.lend(lent, timeout)
-        cursor = conn.execute(sql, prepare=False)
-        return cursor.fetchone()
+        bound = getattr(conn, "reply_timeout", None)
+        if timeout is not None:
+            conn.reply_timeout = timeout if bound is None else min(bound, timeout)  # type: ignore[attr-defined]
+        try:
+            cursor = conn.execute(sql, prepare=False)
+            return cursor.fetchone()
+        finally:
+            if timeout is not None:
+                conn.reply_timeout = bound  # type: ignore[attr-defined]
     finally:
         if lent._conn is not None:
             pool.give_back(lent)

@@ -367,6 +367,34 @@ class TestNotTheSameDatabase:
 
 
 @pytest.mark.asyncio  # ASYNC-ONLY
+class TestDeafReplica:
+    async def test_a_replica_that_stops_answering_costs_a_read_little(self, pair: tuple[Server, LocalCluster]) -> None:
+        """22.15: the replica stops answering (a network partition: a proxy that forwards nothing) after it was
+        measured. The next read that measures it gets no reply: it gives up after the measuring bound
+        (MEASURE_WAIT), not the statement reply bound (DB_STATEMENT_TIMEOUT + DB_TCP_USER_TIMEOUT, a minute),
+        and reads from the primary; once the replica answers again, reads go back to it."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", standby.port) as proxy:
+            await api.initialize_pool(
+                settings=primary.settings(
+                    replica_hosts=(f"127.0.0.1:{proxy.port}",), statement_timeout_ms=30_000, tcp_user_timeout_ms=30_000
+                )
+            )
+            assert await _until((standby.port, False), -1)  # opened and measured
+            await _pause(2 * CHECK_INTERVAL)  # the next read measures it again
+            proxy.go_deaf()
+            if True:  # ASYNC
+                answer = await asyncio.wait_for(_elsewhere(-1), 15)
+            else:
+                with ThreadPoolExecutor(1) as executor:
+                    answer = executor.submit(_where, -1).result(15)
+            assert answer == (primary.port, False)
+            proxy.drop_all()
+            proxy.forward()
+            assert await _until((standby.port, False), -1, timeout=30)
+
+
+@pytest.mark.asyncio  # ASYNC-ONLY
 class TestClosedWhileOpening:
     async def test_close_pool_while_a_replica_pool_opens(self, pair: tuple[Server, LocalCluster]) -> None:
         """22.13: close_pool() runs while a reader (a task; a thread in the sync layer) is opening its replica's

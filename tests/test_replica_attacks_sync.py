@@ -237,6 +237,30 @@ class TestNotTheSameDatabase:
             assert _sessions(f"host=127.0.0.1 port={other.port} user=postgres dbname=postgres") == 0
 
 
+class TestDeafReplica:
+    def test_a_replica_that_stops_answering_costs_a_read_little(self, pair: tuple[Server, LocalCluster]) -> None:
+        """22.15: the replica stops answering (a network partition: a proxy that forwards nothing) after it was
+        measured. The next read that measures it gets no reply: it gives up after the measuring bound
+        (MEASURE_WAIT), not the statement reply bound (DB_STATEMENT_TIMEOUT + DB_TCP_USER_TIMEOUT, a minute),
+        and reads from the primary; once the replica answers again, reads go back to it."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", standby.port) as proxy:
+            api.initialize_pool(
+                settings=primary.settings(
+                    replica_hosts=(f"127.0.0.1:{proxy.port}",), statement_timeout_ms=30_000, tcp_user_timeout_ms=30_000
+                )
+            )
+            assert _until((standby.port, False), -1)  # opened and measured
+            _pause(2 * CHECK_INTERVAL)  # the next read measures it again
+            proxy.go_deaf()
+            with ThreadPoolExecutor(1) as executor:
+                answer = executor.submit(_where, -1).result(15)
+            assert answer == (primary.port, False)
+            proxy.drop_all()
+            proxy.forward()
+            assert _until((standby.port, False), -1, timeout=30)
+
+
 class TestClosedWhileOpening:
     def test_close_pool_while_a_replica_pool_opens(self, pair: tuple[Server, LocalCluster]) -> None:
         """22.13: close_pool() runs while a reader (a task; a thread in the sync layer) is opening its replica's
