@@ -93,6 +93,8 @@ class Replica(ReplicaState):
             return None
         pool = self.pool
         if pool is None:
+            if self.lock.locked():
+                return None  # another reader is opening it (a silent replica takes DB_CONNECT_TIMEOUT): not this one
             with self.lock:  # one pool per replica, whoever asks first
                 if (pool := self.pool) is None:
                     try:

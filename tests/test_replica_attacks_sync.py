@@ -260,6 +260,28 @@ class TestDeafReplica:
             proxy.forward()
             assert _until((standby.port, False), -1, timeout=30)
 
+    def test_reads_do_not_queue_behind_a_replica_that_is_being_opened(self, pair: tuple[Server, LocalCluster]) -> None:
+        """22.16: the replica does not answer when its pool is first opened (the opener waits DB_CONNECT_TIMEOUT,
+        20 s here). Other readers meanwhile do not queue behind it: they read from the primary at once."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", standby.port) as proxy:
+            api.initialize_pool(
+                settings=primary.settings(replica_hosts=(f"127.0.0.1:{proxy.port}",), connect_timeout=20)
+            )
+            proxy.go_deaf()
+            executor = ThreadPoolExecutor(1)
+            opener = executor.submit(_where, -1)
+            _pause(0.5)
+            assert not opener.done()
+            with ThreadPoolExecutor(5) as readers:
+                others = list(readers.map(lambda _: _where(-1), range(5), timeout=10))
+            assert others == [(primary.port, False)] * 5
+            proxy.drop_all()
+            proxy.forward()
+            first = opener.result(30)
+            executor.shutdown()
+            assert first in ((standby.port, False), (primary.port, False))
+
 
 class TestClosedWhileOpening:
     def test_close_pool_while_a_replica_pool_opens(self, pair: tuple[Server, LocalCluster]) -> None:
