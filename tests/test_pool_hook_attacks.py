@@ -57,7 +57,7 @@ async def _until_available(db: PoolLayer, pool: Any, n: int) -> bool:
 
 
 class TestCheckAttacks:
-    """22.6-22.8: a check= callback that misbehaves."""
+    """22.6-22.7: a check= callback that misbehaves."""
 
     @pytest.mark.timeout(120)
     @pytest.mark.parametrize("misdeed", ["BEGIN", "close"])
@@ -130,7 +130,7 @@ class TestCheckAttacks:
 
 
 class TestResetAttacks:
-    """22.9-22.11: a reset= callback that misbehaves."""
+    """22.9-22.10: a reset= callback that misbehaves."""
 
     @pytest.mark.timeout(120)
     @pytest.mark.parametrize("misdeed", ["raise", "BEGIN"])
