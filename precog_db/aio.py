@@ -230,6 +230,8 @@ class _CursorBlock:
                     if pool.settings.replica_hosts:
                         note_commit()  # this task's next replica read must see the write
             except psycopg.OperationalError as exc:
+                if committing and pool.settings.replica_hosts:
+                    note_commit()  # the COMMIT may have been applied: the next replica read must not miss it
                 if et is not None and not issubclass(et, Exception):
                     return False  # a cancellation (or an interrupt) ended the block: it propagates, not this
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the whole block).
@@ -239,6 +241,8 @@ class _CursorBlock:
             except BaseException as exc:
                 # A cancellation (or an interrupt) while the COMMIT was in flight: the sync layer's decision.
                 if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    if pool.settings.replica_hosts:
+                        note_commit()  # the COMMIT may have been applied: the next replica read must not miss it
                     await conn.close()  # no suspension: psycopg's close only finishes the socket
                     if outcome is not exc:
                         raise outcome from exc

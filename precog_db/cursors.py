@@ -302,6 +302,8 @@ class _CursorBlock:
             except psycopg.OperationalError as exc:
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the
                 # whole block was in flight with it).
+                if committing and pool.settings.replica_hosts:
+                    replicas.note_commit()  # the COMMIT may have been applied: the next replica read must see it
                 if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
                 raise
@@ -309,6 +311,8 @@ class _CursorBlock:
                 # An interrupt (a job timeout raised by a signal handler, KeyboardInterrupt) while the
                 # COMMIT was in flight: the row may be committed. The decision is the asyncio layer's too.
                 if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    if pool.settings.replica_hosts:
+                        replicas.note_commit()  # the COMMIT may have been applied: the next replica read must see it
                     conn.close()  # its state is unknown (psycopg may have left it mid-statement)
                     if outcome is not exc:
                         raise outcome from exc

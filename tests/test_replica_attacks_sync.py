@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 import precog_db as api
-from precog_db import stamp_database
+from precog_db import CommitOutcomeUnknownError, stamp_database
 from precog_db.local.cluster import LocalCluster
 from precog_db.replicas import CHECK_INTERVAL
 from tests._helpers.fault_proxy import fault_proxy
@@ -182,6 +182,43 @@ class TestReadYourWritesThroughTheHelpers:
             conn.execute("INSERT INTO seen VALUES (42)")
         assert _where(42) == (primary.port, True)  # never older than our own write
         assert _elsewhere(42) == (standby.port, False)
+
+    def test_a_commit_of_unknown_outcome_then_a_replica_read(
+        self, pair: tuple[Server, LocalCluster], replay: psycopg.Connection[Any]
+    ) -> None:
+        """22.3c: the connection is lost while the COMMIT is at the server, its reply held (replay paused): the
+        caller gets CommitOutcomeUnknownError. The server did commit, so checking with a replica read in the
+        same context before retrying must see the row (the primary), not the stale replica."""
+        primary, standby = pair
+        with fault_proxy("127.0.0.1", primary.port) as proxy:
+            api.initialize_pool(
+                settings=primary.settings(
+                    port=proxy.port, replica_hosts=(f"127.0.0.1:{standby.port}",), replica_max_lag_ms=600_000
+                )
+            )
+            assert _until((standby.port, False), 71)
+            replay.execute("SELECT pg_wal_replay_pause()")
+
+            def drop_once_the_commit_is_sent() -> None:
+                deadline = time.monotonic() + 10
+                while proxy.sent_while_held == 0 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                proxy.drop_all()
+
+            executor = ThreadPoolExecutor(1)
+            watcher = executor.submit(drop_once_the_commit_is_sent)
+            outcome: BaseException | None = None
+            try:
+                with api.get_cursor(commit=True) as cur:
+                    cur.execute("INSERT INTO seen VALUES (71)")
+                    proxy.hold_replies(30)
+            except CommitOutcomeUnknownError as exc:
+                outcome = exc
+            assert outcome is not None
+            watcher.result(15)
+            executor.shutdown()
+            proxy.hold_replies(0)
+            assert _where(71) == (primary.port, True)  # it did commit: never the stale replica's answer
 
 
 class TestNotTheSameDatabase:
