@@ -87,7 +87,7 @@ CLOSE = "close"
 BAD = "bad"
 #: Older than its max_lifetime, or opened before a `drain`: close and replace it.
 EXPIRED = "expired"
-#: A psycopg_pool ``reset=`` callback is configured (sync only): return it through psycopg_pool.
+#: A psycopg_pool ``reset=`` callback is configured: return the connection through psycopg_pool (it runs the hook).
 RESET = "reset"
 
 
@@ -350,7 +350,7 @@ class PoolBase:
         self._init_faults()
         check_pool_kwargs(pool_kwargs)
         wanted_class = pool_kwargs.get("connection_class")
-        # The asyncio pool always needs its class (``classes`` names one): its ``wait`` also sends a
+        # Both pools always need their class (``classes`` names one): its ``wait`` also sends a
         # commit=True block's deferred BEGIN (precog_db._pipelining).
         always = classes[0] is classes[1]
         if (
@@ -364,8 +364,8 @@ class PoolBase:
                 else "while DB_STATEMENT_TIMEOUT is set, a plain psycopg connection class would drop the bound on a "
                 "server that stops answering"
             )
-            # Named where a caller imports it: the asyncio class lives in a private module, exported by aio.
-            home = "precog_db.aio" if always else classes[0].__module__
+            # Named where a caller imports it: both classes live in private modules, exported publicly.
+            home = "precog_db.connection" if issubclass(classes[0], Connection) else "precog_db.aio"
             raise ConfigurationError(
                 f"connection_class= must be a subclass of {home}.{classes[0].__name__}: {why}. "
                 f"Subclass {classes[0].__name__} instead"

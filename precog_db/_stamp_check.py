@@ -1,11 +1,11 @@
 """The identity stamp as read from a database, and the decision on it; import these from `precog_db.stamp`.
 
 `Stamp` (the record), the reading steps (sans-I/O, `precog_db._steps`) and
-`judge_stamp` (the rules, see `precog_db.stamp`), driven by `verify_stamp` /
-`averify_stamp` over a connection they are given. The chokepoint
-(`precog_db.connection`, `precog_db._aconnection`) runs them on every new
-connection; `precog_db.stamp`, which writes the stamp and reads it on demand
-through that chokepoint, builds on this module. Nothing here opens a
+`judge_stamp` (the rules, see `precog_db.stamp`), driven by `verify_stamp`
+(`precog_db._stamp_async`, and `precog_db._stamp_sync` generated from it) over
+a connection it is given. The chokepoint (`precog_db._connection_async` and
+its generated sync twin) runs it on every new connection; `precog_db.stamp`,
+which writes the stamp and reads it on demand through that chokepoint, builds on this module. Nothing here opens a
 connection, so the chokepoint imports it without importing `precog_db.stamp` back.
 """
 
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, Connection
 
-from precog_db._steps import Query, Steps, arun, run
+from precog_db._steps import Query, Steps
 from precog_db.environment import STRICT, Environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
@@ -35,15 +33,12 @@ __all__ = [
     "SCHEMA",
     "TABLE",
     "Stamp",
-    "aread_stamp_on",
-    "averify_stamp",
-    "cluster_system_identifier",
     "judge_stamp",
     "privilege_error",
-    "read_stamp_on",
     "read_steps",
     "stamp_command",
-    "verify_stamp",
+    "system_identifier_steps",
+    "unreadable_error",
 ]
 
 log = get_logger()  # stderr, or the application's structlog: see precog_db.log
@@ -169,7 +164,7 @@ _NO_SYSTEM_IDENTIFIER = (
 )
 
 
-def _system_identifier_steps() -> Steps[int | None]:
+def system_identifier_steps() -> Steps[int | None]:
     """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``."""
     try:
         row = yield _SYSTEM_IDENTIFIER
@@ -177,15 +172,6 @@ def _system_identifier_steps() -> Steps[int | None]:
         log.info("system_identifier_unreadable", reason="pg_control_system() is not available to this role")
         return None
     return int(row[0]) if row and row[0] is not None else None
-
-
-def cluster_system_identifier(conn: Connection[Any]) -> int | None:
-    """The cluster's ``system_identifier``, or None when this role may not read ``pg_control_system()``.
-
-    PostgreSQL grants ``pg_control_system()`` to PUBLIC by default; an
-    administrator can revoke it, and some managed services do not provide it.
-    """
-    return run(conn, _system_identifier_steps())
 
 
 def read_steps(*, for_update: bool = False) -> Steps[Stamp | None]:
@@ -206,7 +192,7 @@ def read_steps(*, for_update: bool = False) -> Steps[Stamp | None]:
         return None
     recorded_id = None if found[2] is None else int(found[2])
     # Read the live identifier only when there is one to compare with.
-    current_id = (yield from _system_identifier_steps()) if recorded_id is not None else None
+    current_id = (yield from system_identifier_steps()) if recorded_id is not None else None
     return Stamp(
         env=parse_environment(found[0], source=f"the stamp in {TABLE}"),
         dbname=str(found[1]),
@@ -226,7 +212,7 @@ def privilege_error(settings: DatabaseSettings, action: str, fix: str) -> StampE
     return StampError(f"role {settings.user!r} may not {action} in the {settings.describe()}; {fix}")
 
 
-def _unreadable(settings: DatabaseSettings) -> StampError:
+def unreadable_error(settings: DatabaseSettings) -> StampError:
     return privilege_error(
         settings,
         f"read the identity stamp {TABLE}",
@@ -235,40 +221,7 @@ def _unreadable(settings: DatabaseSettings) -> StampError:
     )
 
 
-def read_stamp_on(conn: Connection[Any], settings: DatabaseSettings) -> Stamp | None:
-    """Read the stamp over an open connection; None when the database is unstamped."""
-    try:
-        return run(conn, read_steps())
-    except psycopg.errors.InsufficientPrivilege:
-        raise _unreadable(settings) from None
-
-
-async def aread_stamp_on(conn: AsyncConnection[Any], settings: DatabaseSettings) -> Stamp | None:
-    """`read_stamp_on` over an asyncio connection."""
-    try:
-        return await arun(conn, read_steps())
-    except psycopg.errors.InsufficientPrivilege:
-        raise _unreadable(settings) from None
-
-
 # --- checking (at pool open) ---------------------------------------------------------------
-
-
-def verify_stamp(settings: DatabaseSettings, conn: Connection[Any], *, quiet: bool = False) -> Stamp | None:
-    """Check the database behind ``conn`` against the environment of ``settings``.
-
-    `precog_db.connection` calls it on every new connection (``quiet`` after
-    the pool's first, so the warnings below are logged once per pool). Returns
-    the stamp (None when unstamped) or raises `EnvironmentMismatchError`,
-    `RestoredCopyError`, `UnstampedDatabaseError` or `StampError`. See the
-    module docstring for the rules.
-    """
-    return judge_stamp(settings, read_stamp_on(conn, settings), quiet=quiet)
-
-
-async def averify_stamp(settings: DatabaseSettings, conn: AsyncConnection[Any], *, quiet: bool = False) -> Stamp | None:
-    """`verify_stamp` over an asyncio connection: the same reading steps and the same `judge_stamp`."""
-    return judge_stamp(settings, await aread_stamp_on(conn, settings), quiet=quiet)
 
 
 def judge_stamp(settings: DatabaseSettings, stamp: Stamp | None, *, quiet: bool = False) -> Stamp | None:

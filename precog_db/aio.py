@@ -36,8 +36,8 @@ import psycopg
 from psycopg import AsyncConnection, AsyncCursor, AsyncTransaction
 from psycopg.rows import AsyncRowFactory, Row, dict_row
 
-from precog_db._aconnection import PrecogAsyncConnection
 from precog_db._compat import OutOfOrderTransactionNesting
+from precog_db._connection_async import AsyncPrecogConnection
 from precog_db._pipelining import SUPPORTED as PIPELINE_SUPPORTED
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db._replica_state import note_commit
@@ -53,8 +53,13 @@ from precog_db.gates import (
     truncate_statements,
 )
 from precog_db.session import mark_raw
+from precog_db.topology import AsyncPoolerFirstStatementCursor
+
+#: Deprecated alias of `AsyncPrecogConnection` (its name before it was named like `AsyncPrecogPool`); use that.
+PrecogAsyncConnection = AsyncPrecogConnection
 
 __all__ = [
+    "AsyncPrecogConnection",
     "PrecogAsyncConnection",
     "close_pool",
     "delete_all",
@@ -177,8 +182,14 @@ class _CursorBlock:
                 await block.start()  # BEGIN READ WRITE queued, nothing sent yet
             elif PIPELINE_SUPPORTED:
                 # No BEGIN now: the cursor's first statement carries it; any other I/O on the
-                # connection sends it first (PrecogAsyncConnection.wait).
-                cursor = self._cursor = AsyncFirstStatementCursor(conn, row_factory=self._row_factory)
+                # connection sends it first (AsyncPrecogConnection.wait).
+                # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
+                cls = (
+                    AsyncPoolerFirstStatementCursor
+                    if pool.settings.pooler == "transaction"
+                    else AsyncFirstStatementCursor
+                )
+                cursor = self._cursor = cls(conn, row_factory=self._row_factory)
                 conn._precog_pending_begin = self  # type: ignore[attr-defined]
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)

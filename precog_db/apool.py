@@ -6,7 +6,7 @@ the `PoolBase` mixin, `connection_is_usable`, `checkin_verdict`,
 `refuse_foreign`, `audited_open`; the `Registry` of `precog_db._pool_registry`;
 `precog_db.session`): connections are autocommit and
 read-only by default, every physical connection passes the chokepoint
-(`check_target` before, `aprepare` after), a checkout checks liveness without a
+(`check_target` before, `prepare` after), a checkout checks liveness without a
 round trip, and a checkin costs no round trip unless the borrower changed the
 session.
 
@@ -39,12 +39,12 @@ from psycopg import AsyncConnection
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
-from precog_db._aconnection import PrecogAsyncConnection, aconnect, aprepare
 from precog_db._compat import AsyncAddConnection as AddConnection
 from precog_db._compat import AsyncMaintenanceTask as MaintenanceTask
 from precog_db._compat import AsyncReturnConnection as ReturnConnection
 from precog_db._compat import AsyncStopWorker as StopWorker
 from precog_db._compat import AttemptWithBackoff
+from precog_db._connection_async import AsyncPrecogConnection, connect, prepare
 from precog_db._pool_base import (
     BAD,
     CLOSE,
@@ -62,15 +62,16 @@ from precog_db._pool_base import (
     refuse_foreign,
 )
 from precog_db._pool_registry import Registry
+from precog_db._session_async import restore
 from precog_db.connection import check_gate
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PoolStateError, PrecogDBError
+from precog_db.errors import PoolStateError, PrecogDBError
 from precog_db.guard import production_confirmed
 from precog_db.log import get_logger, route_pool_logging
 from precog_db.metrics import PoolRecorder, PoolState
-from precog_db.session import RestoreFailed, adopt, arestore, baseline, mark_raw, needs_restore, user_setup
+from precog_db.session import RestoreFailed, adopt, baseline, mark_raw, needs_restore, user_setup
 from precog_db.settings import DatabaseSettings, settings_for
-from precog_db.topology import session_setup_sql
+from precog_db.topology import AsyncPoolerCursor, session_setup_sql
 
 __all__ = ["AsyncPrecogPool", "active_pool", "close_pool", "create_pool", "get_pool", "initialize_pool"]
 
@@ -125,12 +126,13 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     worker as psycopg_pool runs it; ``configure=`` runs after the library's setup.
 
     Topology: multi-host failover (several ``DB_HOST`` entries, the writer
-    check on ``in_hot_standby``) and a session-mode pooler (``DB_POOLER=session``)
-    work as in the sync pool, and so do read replicas (``DB_REPLICA_HOSTS``,
+    check on ``in_hot_standby``), a session-mode pooler (``DB_POOLER=session``),
+    a transaction-mode pooler (``DB_POOLER=transaction``: `AsyncPoolerCursor`,
+    the same source as the sync pool's `PoolerCursor`, and no ``DISCARD ALL``
+    on return) and read replicas (``DB_REPLICA_HOSTS``,
     ``aio.get_cursor(replica=True)``: `precog_db._replicas_async` keeps their
-    pools on this one, ``_precog_replicas``, and `close` closes them). A
-    transaction-mode pooler (``DB_POOLER=transaction``) is refused with a
-    `ConfigurationError`: use the sync API for it (docs/TOPOLOGY.md).
+    pools on this one, ``_precog_replicas``, and `close` closes them) work as
+    in the sync pool (docs/TOPOLOGY.md).
     """
 
     _KIND = "AsyncPrecogPool"
@@ -139,10 +141,9 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     _retries_lock = contextlib.nullcontext()
 
     def __init__(self, settings: DatabaseSettings, *, prod_confirmed: bool | None = None, **pool_kwargs: Any) -> None:
-        refuse_unsupported_topology(settings)
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_sql = session_setup_sql(settings)
-        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogAsyncConnection, PrecogAsyncConnection))
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (AsyncPrecogConnection, AsyncPrecogConnection))
         #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
         self.metrics = PoolRecorder(str(params["name"]), settings.env.value, self._metrics_state)
         # A callable: psycopg_pool calls it for every new connection, so the password is
@@ -161,8 +162,11 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self._refuse_standby(conn)  # a writer pool keeps no connection to a hot standby
         if self._session_sql is not None:
             await conn.execute(self._session_sql, prepare=False)
-        await aprepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
-        adopt(conn)
+        await prepare(conn, self.settings, quiet=True)  # the chokepoint: reply bound, identity stamp
+        if self.settings.pooler == "transaction":
+            adopt(conn, AsyncPoolerCursor, shared=True)  # read-only per transaction, session state refused
+        else:
+            adopt(conn)
         if self._user_configure is not None:
             with user_setup(conn):
                 await self._user_configure(conn)
@@ -393,7 +397,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         pgconn = conn.pgconn
         if pgconn.status == _OK and (pgconn.transaction_status != _IDLE or needs_restore(conn)):
             try:
-                await arestore(conn, self._reconfigure)
+                await restore(conn, self._reconfigure)
             except BaseException as exc:
                 log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                 self._replace(conn, None, "unrestorable")
@@ -440,16 +444,6 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self.run_task(AddConnection(self))
 
 
-def refuse_unsupported_topology(settings: DatabaseSettings) -> None:
-    """The asyncio pool's refusals (no I/O): a transaction-mode pooler is sync-only."""
-    if settings.pooler == "transaction":
-        raise ConfigurationError(
-            "the asyncio pool (precog_db.aio) does not support DB_POOLER=transaction: its sessions are not "
-            "guarded against session-level statements behind a transaction-mode pooler. Use DB_POOLER=session, "
-            "connect to the database server directly, or use the sync API (precog_db.get_cursor); nothing was opened"
-        )
-
-
 def _close_now(conn: AsyncConnection[Any]) -> None:
     """Close without awaiting (``AsyncConnection.close`` does nothing more for a pool's connection)."""
     conn._pool = None
@@ -460,8 +454,7 @@ def _close_now(conn: AsyncConnection[Any]) -> None:
 async def create_pool(settings: DatabaseSettings, *, prod_confirmed: bool, **pool_kwargs: Any) -> AsyncPrecogPool:
     """Check, then open an asyncio pool for ``settings`` (the order of `precog_db.pool.create_pool`)."""
     with audited_open(settings):
-        refuse_unsupported_topology(settings)
-        probe = await aconnect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
+        probe = await connect(settings, operation="open a pool", prod_confirmed=prod_confirmed)
         await probe.close()
         route_pool_logging()
         pool = AsyncPrecogPool(settings, prod_confirmed=prod_confirmed, **pool_kwargs)

@@ -235,14 +235,14 @@ class _CursorBlock:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
             elif self._pipeline is not None:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
-                self._pipeline = PipelinedBlock(conn)  # BEGIN READ WRITE queued, nothing sent yet
+                block = self._pipeline = PipelinedBlock(conn)
+                block.start()  # BEGIN READ WRITE queued, nothing sent yet
             elif _PIPELINE_SUPPORTED:
                 # No BEGIN now: the cursor's first statement carries it (precog_db._pipelining).
                 # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
                 cls = PoolerFirstStatementCursor if pool.settings.pooler == "transaction" else FirstStatementCursor
-                first = cls(conn, row_factory=self._row_factory)
-                self._cursor = cursor = first
-                first._precog_block = self
+                self._cursor = cursor = cls(conn, row_factory=self._row_factory)
+                conn._precog_pending_begin = self  # any other I/O sends it first
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = conn.transaction()
@@ -251,6 +251,8 @@ class _CursorBlock:
             return cursor
         except BaseException as exc:
             conn = self._conn
+            if conn is not None:
+                conn._precog_pending_begin = None
             try:
                 if self._cursor is not None:
                     self._cursor.close()
@@ -268,6 +270,7 @@ class _CursorBlock:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
+        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # never outlives the block
         committing = False
         try:
             try:
@@ -357,7 +360,9 @@ def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
     in a finalizer would be swallowed).
     """
     pool = getattr(block, "_pool", None)
-    if getattr(block, "_conn", None) is not None and pool is not None:
+    conn = getattr(block, "_conn", None)
+    if conn is not None and pool is not None:
+        conn._precog_pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
         with contextlib.suppress(Exception):
             pool.give_back(block)
 

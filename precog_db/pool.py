@@ -103,7 +103,7 @@ class PrecogPool(Lending, Janitor, ConnectionPool[Connection[Any]]):
         self._graves = queue.SimpleQueue()
         #: Behind a session-mode pooler, the SETs that replace the startup options (precog_db.topology).
         self._session_setup = session_setup(settings)
-        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogConnection, Connection))
+        params = self._setup(settings, prod_confirmed, pool_kwargs, (PrecogConnection, PrecogConnection))
         #: What `precog_db.pool_metrics()` reports for this pool, under its name (``name=`` can set it).
         self.metrics = PoolRecorder(
             str(params["name"]), settings.env.value, self._metrics_state, fold_soon=self._fold_metrics_soon

@@ -19,7 +19,14 @@ pool runs once, on its probe connection, when it opens:
 `stamp_database` and `read_stamp` open their connection through the chokepoint
 (`precog_db.connection`). The record, the reading steps and the decision, which
 the chokepoint itself runs on every new connection, live in
-`precog_db._stamp_check` and are re-exported here.
+`precog_db._stamp_check` and are re-exported here, with the I/O that reads and
+verifies it over a given connection (`read_stamp_on`, `verify_stamp`,
+`cluster_system_identifier`: `precog_db._stamp_sync`, generated from its
+asyncio source `precog_db._stamp_async`, whose functions have the same names).
+``aread_stamp_on`` and ``averify_stamp`` (same arguments, on an
+``AsyncConnection``) are deprecated aliases of the asyncio ones, kept for
+existing callers; the chokepoint already verifies every connection of either
+layer when it opens.
 """
 
 from __future__ import annotations
@@ -32,23 +39,21 @@ from psycopg import Connection
 from psycopg.rows import tuple_row
 
 from precog_db._secrets import current_os_user
+from precog_db._stamp_async import read_stamp_on as aread_stamp_on
+from precog_db._stamp_async import verify_stamp as averify_stamp
 from precog_db._stamp_check import (
     COLUMNS,
     CURRENT_OID,
     SCHEMA,
     TABLE,
     Stamp,
-    aread_stamp_on,
-    averify_stamp,
-    cluster_system_identifier,
     judge_stamp,
     privilege_error,
-    read_stamp_on,
     read_steps,
     stamp_command,
-    verify_stamp,
 )
-from precog_db._steps import run
+from precog_db._stamp_sync import cluster_system_identifier, read_stamp_on, verify_stamp
+from precog_db._steps_sync import run
 from precog_db.connection import connect, direct_settings
 from precog_db.environment import Environment, parse_environment
 from precog_db.errors import EnvironmentMismatchError, ProductionAccessError

@@ -7,9 +7,11 @@ server session:
 * no server-side prepared statement (``prepare_threshold=None`` on every
   connection: psycopg's automatic ``_pg3_N`` statements would land on a server
   connection another client uses next);
-* no startup ``options``: the read-only default of `get_cursor()` is kept per
-  transaction by `PoolerCursor`. A statement run outside a transaction is sent
-  as ``BEGIN READ ONLY`` / the statement / ``ROLLBACK`` in one pipeline: one
+* no startup ``options``: the read-only default of `get_cursor()` and
+  ``aio.get_cursor()`` is kept per transaction by `PoolerCursor` and
+  `AsyncPoolerCursor` (one source: `precog_db._pooler_async`). A statement run
+  outside a transaction is sent as ``BEGIN READ ONLY`` / the statement /
+  ``ROLLBACK`` in one pipeline: one
   round trip, like the read-only session of a direct pool, and the ``ROLLBACK``
   undoes whatever session state the statement set (``set_config``, a
   temporary table, ``SET ROLE``) before the server connection goes back to
@@ -36,22 +38,23 @@ the parameters the server pushes, no round trip) is discarded, not lent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
-from functools import partial
+from collections.abc import Callable
 from typing import Any
 
-import psycopg
 from psycopg import Connection
-from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
-from precog_db._pipelining import FirstStatementCursor, QueueingPipeline, _exit_mode
+# The cursors are written once for both layers (precog_db._pooler_async, which generates _pooler_sync).
+from precog_db._pooler_async import AsyncPoolerCursor as AsyncPoolerCursor
+from precog_db._pooler_async import AsyncPoolerFirstStatementCursor as AsyncPoolerFirstStatementCursor
+from precog_db._pooler_sync import PoolerCursor as PoolerCursor
+from precog_db._pooler_sync import PoolerFirstStatementCursor as PoolerFirstStatementCursor
 from precog_db._sqlclass import classify
-from precog_db.session import PrecogCursor, _forgot_commit
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
+    "AsyncPoolerCursor",
+    "AsyncPoolerFirstStatementCursor",
     "PoolerCursor",
     "PoolerFirstStatementCursor",
     "cannot_write",
@@ -60,9 +63,6 @@ __all__ = [
     "session_setup_sql",
 ]
 
-_IDLE = TransactionStatus.IDLE
-_BEGIN = b"BEGIN READ ONLY"
-_END = b"ROLLBACK"
 _HOT_STANDBY = b"in_hot_standby"
 _ON = b"on"
 
@@ -97,152 +97,3 @@ def session_setup(settings: DatabaseSettings) -> Callable[[Connection[Any]], Non
         conn.execute(text, prepare=False)  # simple query protocol (no parameters): one round trip
 
     return setup
-
-
-class PoolerCursor(PrecogCursor):
-    """The pool's cursor behind a transaction-mode pooler: read-only per transaction, no session state."""
-
-    __slots__ = ()
-
-    def _outside_transaction(self) -> bool:
-        conn: Any = self._conn
-        # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
-        # (Only in pipeline mode: after an explicit COMMIT statement psycopg still counts the transaction.)
-        return (
-            bool(conn._autocommit)
-            and conn.pgconn.transaction_status == _IDLE
-            and not (conn._num_transactions and conn._pipeline is not None)
-        )
-
-    def _plain(self, command: bytes) -> None:
-        """One of the wrapper's own commands: no cursor (nothing to judge), queued in pipeline mode."""
-        conn: Any = self._conn
-        with conn.lock:
-            conn.wait(conn._exec_command(command))
-
-    def _end(self) -> None:
-        """End the read-only transaction this cursor opened, whatever state it is in (a ROLLBACK)."""
-        conn: Any = self._conn
-        if conn.closed or conn.pgconn.transaction_status == _IDLE or conn._pipeline is not None:
-            return  # nothing open, or the user's own pipeline, which ends it when it exits
-        try:
-            self._plain(_END)
-        except psycopg.Error:
-            conn.close()
-
-    @contextmanager
-    def _pipeline(self) -> Iterator[Any]:
-        """A pipeline that reads nothing before its one sync (`QueueingPipeline`), or the borrower's own, nested.
-
-        With psycopg's own pipeline a server error could be read while statements were still
-        queued and raised inside the block; its exit then logged "error ignored terminating
-        <psycopg.Pipeline>" (21.13). That exit also sends a Flush after the Sync which, reaching
-        PgBouncer once it has handed the server connection back, can pin that connection to this
-        client (other clients then wait out query_wait_timeout): here the block ends with the Sync
-        alone, as `precog_db._pipelining`'s blocks do.
-        """
-        conn: Any = self._conn
-        if conn._pipeline is not None:
-            with conn.pipeline() as nested:
-                yield nested
-            return
-        pipeline = QueueingPipeline(conn)
-        pipeline.__enter__()  # libpq enters pipeline mode: nothing is sent
-        conn._pipeline = pipeline
-        try:
-            try:
-                yield pipeline
-            except BaseException:
-                with suppress(psycopg.Error):  # what was queued before the block failed (its BEGIN)
-                    pipeline.sync()
-                raise
-            pipeline.sync()  # one write, one wait: the server's error, if any, is raised here
-        finally:
-            if not _exit_mode(conn, pipeline):
-                conn.close()
-
-    def _read_only(self, run: Callable[[], Any]) -> None:
-        """Run one statement as BEGIN READ ONLY / statement / ROLLBACK, pipelined: one round trip."""
-        conn: Any = self._conn
-        conn._precog_busy = True
-        try:
-            with self._pipeline():
-                self._plain(_BEGIN)
-                run()
-                self._plain(_END)
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            self._end()
-            conn._precog_busy = False
-            error = _forgot_commit(conn, exc)
-            if error is exc:
-                raise
-        except psycopg.Error:  # the server's error, or SessionStateError before anything was sent
-            self._end()
-            conn._precog_busy = False
-            raise
-        except BaseException:
-            self._end()  # an interrupt: _precog_busy stays set, so the pool closes the connection
-            raise
-        else:
-            conn._precog_busy = False
-            return
-        raise error.with_traceback(None)
-
-    def execute(
-        self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
-    ) -> Any:
-        if not self._outside_transaction():
-            return super().execute(query, params, prepare=False, binary=binary)
-        self._read_only(partial(PrecogCursor.execute, self, query, params, prepare=False, binary=binary))
-        return self
-
-    def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
-        if not self._outside_transaction():
-            return super().executemany(query, params_seq, returning=returning)
-        self._read_only(partial(PrecogCursor.executemany, self, query, params_seq, returning=returning))
-        return None
-
-    @contextmanager
-    def copy(self, statement: Any, params: Any = None, *, writer: Any = None) -> Iterator[Any]:
-        """COPY outside a transaction runs in its own read-only transaction (two more round trips)."""
-        if not self._outside_transaction():
-            with super().copy(statement, params, writer=writer) as copy:
-                yield copy
-            return
-        self._plain(_BEGIN)
-        try:
-            with super().copy(statement, params, writer=writer) as copy:
-                yield copy
-        except psycopg.errors.ReadOnlySqlTransaction as exc:
-            self._end()  # the read-only transaction is this cursor's: once it is over, say what to do
-            if (error := _forgot_commit(self._conn, exc)) is exc:
-                raise
-        except BaseException:
-            self._end()
-            raise
-        else:
-            self._end()
-            return
-        raise error.with_traceback(None)
-
-    def stream(self, query: Any, params: Any = None, *, binary: bool | None = None, size: int = 1) -> Iterator[Any]:
-        """A streamed query outside a transaction runs in its own read-only transaction."""
-        if not self._outside_transaction():
-            yield from super().stream(query, params, binary=binary, size=size)
-            return
-        self._plain(_BEGIN)
-        try:
-            yield from super().stream(query, params, binary=binary, size=size)
-        finally:
-            self._end()
-
-
-class PoolerFirstStatementCursor(FirstStatementCursor, PoolerCursor):
-    """A ``commit=True`` block's cursor behind a transaction-mode pooler: BEGIN with the first statement.
-
-    The first statement is converted by `PoolerCursor` (a session-state statement is refused
-    before anything is sent) and never prepared, then queued behind the block's BEGIN.
-    """
-
-    __slots__ = ()
-    _PREPARE = False

@@ -1,4 +1,8 @@
-"""precog_db.aio under faults: cancellation at every point, dead and terminated backends, exhaustion, restarts."""
+"""precog_db.aio under faults: the cancellation storm, bounded acquisition, restarts, the silent path.
+
+Cancellation mid-statement and in COMMIT, for both layers: tests/test_cancellation_common_async.py;
+dead and terminated backends and exhaustion: tests/test_pool_common_async.py.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,6 @@ import pytest_asyncio
 from precog_db import (
     CommitOutcomeUnknownError,
     ConnectionLostError,
-    DatabaseUnavailableError,
-    PoolExhaustedError,
     PrecogDBError,
     aio,
 )
@@ -83,12 +85,6 @@ class TestBoundedAcquisition:
         stats = await settled(small_pool)
         assert stats["pool_available"] == 2
 
-    async def test_exhaustion_says_what_to_change(self, small_pool: AsyncPrecogPool) -> None:
-        """With every connection busy, a checkout with a short timeout raises PoolExhaustedError naming the fix."""
-        async with aio.get_connection(), aio.get_connection():
-            with pytest.raises(PoolExhaustedError, match="DB_POOL_MAX_CONN"):
-                await small_pool.lend(timeout=0.1)
-
     async def test_cancelled_as_it_is_served_the_connection_goes_back(self, small_pool: AsyncPrecogPool) -> None:
         """A waiter handed a connection and cancelled before it runs gets CancelledError; the connection is not lost."""
         holder = aio.get_connection()
@@ -108,73 +104,6 @@ class TestBoundedAcquisition:
 
 
 class TestCancellation:
-    async def test_cancelled_statement_is_cancelled_on_the_server(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """A task cancelled in a long statement cancels it on the server; no connection leaks."""
-
-        async def sleeper() -> None:
-            async with aio.get_cursor() as cur:
-                await cur.execute("SELECT pg_sleep(30)")
-
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(sleeper(), 0.5)
-        with pg_server.connect(test_db) as admin:
-            running = admin.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(30)%' AND state = 'active'"
-            ).fetchone()
-        assert running == (0,)
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-    async def test_cancelled_write_block_is_rolled_back(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """A commit=True block cancelled mid-statement commits nothing and leaves no session in a transaction."""
-        async with aio.get_cursor(commit=True) as cur:
-            await cur.execute("DROP TABLE IF EXISTS aio_cancel")
-            await cur.execute("CREATE TABLE aio_cancel (x int)")
-
-        async def writer() -> None:
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("INSERT INTO aio_cancel VALUES (1)")
-                await cur.execute("SELECT pg_sleep(30)")
-
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(writer(), 0.5)
-        async with aio.get_cursor() as cur:
-            await cur.execute("SELECT count(*) AS n FROM aio_cancel")
-            assert await cur.fetchone() == {"n": 0}
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-    async def test_cancelled_commit_is_an_unknown_outcome(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """A task cancelled while COMMIT is in flight raises CommitOutcomeUnknownError; the connection is replaced."""
-        async with aio.get_cursor(commit=True) as cur:
-            await cur.execute("DROP TABLE IF EXISTS aio_slow_commit")
-            await cur.execute("CREATE TABLE aio_slow_commit (x int)")
-            # A deferred constraint trigger runs at COMMIT: this one makes COMMIT take 1 s.
-            await cur.execute(
-                "CREATE OR REPLACE FUNCTION aio_slow() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN PERFORM pg_sleep(1); RETURN NULL; END $$"
-            )
-            await cur.execute(
-                "CREATE CONSTRAINT TRIGGER aio_slow AFTER INSERT ON aio_slow_commit "
-                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION aio_slow()"
-            )
-
-        async def writer() -> None:
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("INSERT INTO aio_slow_commit VALUES (1)")
-
-        task = asyncio.create_task(writer())
-        await asyncio.sleep(0.4)  # the INSERT is instant; COMMIT is now running its trigger
-        task.cancel()
-        with pytest.raises(CommitOutcomeUnknownError, match="cancelled while COMMIT was in flight") as info:
-            await task
-        assert isinstance(info.value.__cause__, asyncio.CancelledError)
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
     async def test_cancellation_storm(self, test_settings: DatabaseSettings, pg_server: Server, test_db: str) -> None:
         """Thousands of random cancellations (queued, mid-statement, COMMIT): no leak, none idle in transaction."""
         pool = await aio.initialize_pool(settings=test_settings.replace(pool_min=4, pool_max=4, pool_timeout=5.0))
@@ -240,54 +169,7 @@ class TestCancellation:
             await aio.close_pool()
 
 
-class TestDeadConnections:
-    async def test_terminated_idle_connection_is_skipped_without_a_round_trip(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """An idle connection whose backend was terminated is discarded at checkout; the caller gets a live one."""
-        async with aio.get_cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid() AS pid")
-            row = await cur.fetchone()
-            assert row is not None
-            victim = row["pid"]
-        with pg_server.connect(test_db) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (victim,))
-        await asyncio.sleep(0.2)  # the FATAL message reaches the idle socket
-        lost_before = small_pool.get_stats().get("connections_lost", 0)
-        async with aio.get_cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid() AS pid")
-            row = await cur.fetchone()
-        assert row is not None and row["pid"] != victim
-        assert small_pool.get_stats().get("connections_lost", 0) == lost_before + 1
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-    async def test_backend_terminated_mid_block(
-        self, small_pool: AsyncPrecogPool, pg_server: Server, test_db: str
-    ) -> None:
-        """A backend terminated while a block uses it raises ConnectionLostError; the pool replaces it."""
-        with pytest.raises(ConnectionLostError, match="retry the operation") as info:
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("SELECT pg_backend_pid() AS pid")
-                row = await cur.fetchone()
-                assert row is not None
-                with pg_server.connect(test_db) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s)", (row["pid"],))
-                await cur.execute("SELECT 1")
-        assert not isinstance(info.value, CommitOutcomeUnknownError)
-        assert_no_leak(small_pool, await settled(small_pool), pg_server, test_db)
-
-
 class TestServerDown:
-    async def test_unreachable_server_is_database_unavailable_without_password(
-        self, test_settings: DatabaseSettings
-    ) -> None:
-        """Opening the pool on a port nobody listens on raises DatabaseUnavailableError, password not shown."""
-        settings = test_settings.replace(port=1, password="s3cret-pw")
-        with pytest.raises(DatabaseUnavailableError) as info:
-            await aio.initialize_pool(settings=settings)
-        assert "s3cret-pw" not in str(info.value)
-        assert aio.get_pool is not None
-
     @pytest.mark.slow
     @pytest.mark.fault
     async def test_restart_under_load(self) -> None:

@@ -1,176 +1,44 @@
-"""precog_db.aio keeps the sync API's safety rules: chokepoint, guard, stamp, gates, fork, secrets."""
+"""precog_db.aio's own shape, and fork() with an asyncio pool.
+
+The chokepoint, the production guard, the stamp and the gates, for both layers:
+tests/test_rules_common_async.py.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
 import subprocess
 import sys
-import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-import pytest_asyncio
-
-from precog_db import (
-    DatabaseUnavailableError,
-    EnvironmentMismatchError,
-    EnvironmentNotAllowedError,
-    ProductionAccessError,
-    aio,
-    dangerous_operation,
-    stamp_database,
-)
-from precog_db.apool import AsyncPrecogPool
-from precog_db.environment import Environment
-from precog_db.settings import DatabaseSettings
-from tests._helpers.faults import wait_until
+from precog_db import aio, dangerous_operation
 from tests._helpers.server import Server
-from tests.test_chokepoint import drop_database, make_database, sessions_on
 
 REPO = Path(__file__).resolve().parent.parent
-UNIQUE = uuid.uuid4().hex[:8]
-
-
-def rows_in(pg_server: Server, dbname: str) -> int:
-    with pg_server.connect(dbname) as conn:
-        row = conn.execute("SELECT count(*) FROM accounts").fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-@pytest.fixture
-def staging_db(pg_server: Server) -> Iterator[tuple[str, DatabaseSettings]]:
-    """A stamped staging database with 4 rows in ``accounts``, and its settings."""
-    name = make_database(pg_server, f"aio_staging_{UNIQUE}", rows=4)
-    settings = pg_server.settings(name, env=Environment.STAGING)
-    stamp_database(settings=settings)
-    # The setup's own sessions are closed, but their backends may still be listed for a moment
-    # under load: start from none, so that a session counted by the test is one the test opened.
-    assert wait_until(lambda: sessions_on(pg_server, name) == 0, timeout=10), "setup sessions did not end"
-    yield name, settings
-    drop_database(pg_server, name)
-
-
-@pytest_asyncio.fixture
-async def closing() -> AsyncIterator[None]:
-    """Close the asyncio pool after the test, whatever it opened."""
-    yield
-    await aio.close_pool()
-
-
-@pytest.mark.asyncio
-class TestChokepoint:
-    async def test_production_needs_confirmation_before_any_connection(self, pg_server: Server, closing: None) -> None:
-        """aio.initialize_pool on prod without PRECOG_PROD_CONFIRMED=yes is refused and opens no session."""
-        name = make_database(pg_server, f"aio_prod_{UNIQUE}")
-        assert wait_until(lambda: sessions_on(pg_server, name) == 0, timeout=10), "setup sessions did not end"
-        try:
-            settings = pg_server.settings(name, env=Environment.PROD, sslmode="disable")
-            with pytest.raises(ProductionAccessError):
-                await aio.initialize_pool(settings=settings)
-            assert sessions_on(pg_server, name) == 0
-        finally:
-            drop_database(pg_server, name)
-
-    async def test_a_database_stamped_for_another_environment_is_refused(
-        self, pg_server: Server, closing: None
-    ) -> None:
-        """A database stamped dev is refused when opened as test (the probe runs the shared stamp decision)."""
-        name = make_database(pg_server, f"aio_devstamp_{UNIQUE}")
-        try:
-            stamp_database(settings=pg_server.settings(name, env=Environment.DEV))
-            with pytest.raises(EnvironmentMismatchError, match="stamped dev"):
-                await aio.initialize_pool(settings=pg_server.settings(name, env=Environment.TEST))
-        finally:
-            drop_database(pg_server, name)
-
-    async def test_repr_and_errors_never_show_the_password(self, test_settings: DatabaseSettings) -> None:
-        """The pool's repr and a connection failure name the database, never the password."""
-        secret = "pw-" + UNIQUE
-        pool = AsyncPrecogPool(test_settings.replace(password=secret))
-        assert secret not in repr(pool) and "precog-test" in repr(pool)
-        with pytest.raises(DatabaseUnavailableError) as info:
-            await aio.initialize_pool(settings=test_settings.replace(port=1, password=secret))
-        assert secret not in str(info.value)
-        assert test_settings.dbname in str(info.value)
-
-
-@pytest.mark.asyncio
-class TestGates:
-    async def test_refused_before_the_body_runs(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        """In staging, a gated async def raises EnvironmentNotAllowedError and its body never runs."""
-        monkeypatch.setenv("PRECOG_ENV", "staging")
-        ran: list[bool] = []
-
-        @dangerous_operation()
-        async def wipe() -> None:
-            ran.append(True)
-
-        with pytest.raises(EnvironmentNotAllowedError, match="allowed only in dev, test"):
-            await wipe()
-        assert ran == []
-
-    async def test_the_gate_covers_the_awaited_body(
-        self, pg_server: Server, staging_db: tuple[str, DatabaseSettings], closing: None
-    ) -> None:
-        """After an await inside the body, opening a staging pool is still refused, before any session opens."""
-        name, settings = staging_db
-
-        @dangerous_operation()
-        async def wipe() -> None:
-            await asyncio.sleep(0)
-            await aio.initialize_pool(settings=settings)
-
-        with pytest.raises(EnvironmentNotAllowedError, match="about to use a staging database"):
-            await wipe()
-        assert sessions_on(pg_server, name) == 0
-
-    async def test_async_truncate_refused_on_a_staging_pool(
-        self, pg_server: Server, staging_db: tuple[str, DatabaseSettings], closing: None
-    ) -> None:
-        """With the asyncio pool open on staging, aio.truncate_tables refuses and the rows stay."""
-        name, settings = staging_db
-        await aio.initialize_pool(settings=settings)
-        with pytest.raises(EnvironmentNotAllowedError, match="staging"):
-            await aio.truncate_tables("accounts")
-        with pytest.raises(EnvironmentNotAllowedError, match="staging"):
-            await aio.delete_all("accounts")
-        assert rows_in(pg_server, name) == 4
-
-    async def test_async_truncate_and_delete_in_test(self, pg_server: Server, closing: None) -> None:
-        """In test, aio.truncate_tables and aio.delete_all empty the table and report the row counts."""
-        name = make_database(pg_server, f"aio_wipe_{UNIQUE}", rows=3)
-        try:
-            await aio.initialize_pool(settings=pg_server.settings(name, env=Environment.TEST))
-            assert await aio.truncate_tables("accounts") == {"accounts": 3}
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute("INSERT INTO accounts VALUES (1, 0), (2, 0)")
-            assert await aio.delete_all("accounts") == 2
-            assert rows_in(pg_server, name) == 0
-        finally:
-            await aio.close_pool()
-            drop_database(pg_server, name)
 
 
 class TestShape:
     def test_only_the_chokepoint_opens_async_connections(self) -> None:
-        """No module but precog_db/_aconnection.py calls AsyncConnection.connect (psycopg_pool's worker aside)."""
+        """No module but precog_db/_connection_async.py calls AsyncConnection.connect (psycopg_pool's worker aside)."""
         offenders = [
             p.name
             for p in (REPO / "precog_db").rglob("*.py")
-            if p.name != "_aconnection.py" and "AsyncConnection.connect(" in p.read_text()
+            if p.name != "_connection_async.py" and "AsyncConnection.connect(" in p.read_text()
         ]
         assert offenders == []
 
     def test_the_module_exports_exactly_the_issue_names(self) -> None:
-        """precog_db.aio's public names are the seven of the issue, and the class a connection_class= subclasses."""
+        """precog_db.aio's public names are the seven of the issue, and the class a connection_class= subclasses.
+
+        ``PrecogAsyncConnection`` is that class's deprecated old name, the same object.
+        """
+        assert aio.PrecogAsyncConnection is aio.AsyncPrecogConnection
         assert sorted(aio.__all__) == sorted(
             [
+                "AsyncPrecogConnection",
                 "PrecogAsyncConnection",
                 "get_cursor",
                 "get_connection",

@@ -434,7 +434,7 @@ class TestProviderErrorsStaySecret:
         texts = [str(e) + repr(e) for e in chain] + ["".join(traceback.format_exception(error))]
         assert all(self.LEAK not in t for t in texts), texts
 
-    @pytest.mark.parametrize("entry", ["connect", "aconnect", "pool", "aio pool", "tool_connection_args"])
+    @pytest.mark.parametrize("entry", ["connect", "connect_async", "pool", "aio pool", "tool_connection_args"])
     def test_the_secret_in_the_message_reaches_no_error_chain_or_log(
         self, role: Server, entry: str, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
     ) -> None:
@@ -445,7 +445,7 @@ class TestProviderErrorsStaySecret:
         from structlog.testing import capture_logs
 
         from precog_db import aio
-        from precog_db._aconnection import aconnect
+        from precog_db._connection_async import connect as connect_async
 
         settings = self._settings(role)
 
@@ -457,8 +457,8 @@ class TestProviderErrorsStaySecret:
             finally:
                 await aio.close_pool()
 
-        async def through_aconnect() -> None:
-            conn = await aconnect(settings, operation="test")
+        async def through_connect_async() -> None:
+            conn = await connect_async(settings, operation="test")
             await conn.close()
 
         def through_pool() -> None:
@@ -471,7 +471,7 @@ class TestProviderErrorsStaySecret:
 
         calls: dict[str, Callable[[], object]] = {
             "connect": lambda: connect(settings, operation="test").close(),
-            "aconnect": lambda: asyncio.run(through_aconnect()),
+            "connect_async": lambda: asyncio.run(through_connect_async()),
             "pool": through_pool,
             "aio pool": lambda: asyncio.run(through_aio_pool()),
             "tool_connection_args": lambda: tool_connection_args(settings),
@@ -498,22 +498,22 @@ class TestProviderErrorsStaySecret:
         """21.9b: a secret in plain words (a letters-only token, a passphrase) is not shown: no word is."""
         import asyncio
 
-        from precog_db._aconnection import aconnect
+        from precog_db._connection_async import connect as connect_async
 
         def provider() -> str:
             raise RuntimeError(message)
 
         settings = app_settings(role, password_provider=provider)
 
-        async def through_aconnect() -> None:
-            conn = await aconnect(settings, operation="test")
+        async def through_connect_async() -> None:
+            conn = await connect_async(settings, operation="test")
             await conn.close()
 
         with pytest.raises(DatabaseUnavailableError) as raised:
             if layer == "sync":
                 connect(settings, operation="test").close()
             else:
-                asyncio.run(through_aconnect())
+                asyncio.run(through_connect_async())
         self.LEAK = secret
         self._assert_clean(raised.value)
         own_words = {"password", "credential"}  # the error's own wording ("the password provider", "credentials")

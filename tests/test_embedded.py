@@ -342,7 +342,7 @@ class TestEmbeddedServer:
                 sys.executable,
                 "-m",
                 "pytest",
-                "tests/test_cursors.py",
+                "tests/test_cursor_common.py",
                 "-p",
                 "no:cacheprovider",
                 f"--basetemp={tmp_path / 'inner'}",

@@ -17,7 +17,7 @@ from precog_db.plugin import derived_name
 from tests._helpers.server import REPO, Server
 
 _CHILD_TIMEOUT = 240.0  # seconds for the whole second run (a throwaway-free pytest session of one test)
-_CHILD_TEST = "tests/test_cursors.py::TestHarness::test_table_fixture_leaves_a_full_pool_that_never_grew"
+_CHILD_TEST = "tests/test_cursor_common.py::TestHarness::test_table_fixture_leaves_a_full_pool_that_never_grew"
 
 
 def _test_databases(pg_server: Server) -> set[str]:

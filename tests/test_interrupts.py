@@ -8,7 +8,6 @@ checkout, a cursor's creation, the block, the checkin or the reset. A real
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import random
 import signal
@@ -25,7 +24,6 @@ from psycopg.pq import TransactionStatus
 from precog_db import (
     CommitOutcomeUnknownError,
     PoolExhaustedError,
-    aio,
     close_pool,
     get_connection,
     get_cursor,
@@ -263,40 +261,6 @@ def _sync_interrupted_commit(kind: type[BaseException], pipelined: bool, proxy: 
     return caught, raised[0] if raised else None, pid
 
 
-async def _aio_cancelled_commit(pipelined: bool, proxy: FaultProxy, settings: DatabaseSettings) -> tuple[Any, Any, int]:
-    """The asyncio twin: the task is cancelled once the block's COMMIT is at the server, its reply held."""
-    await aio.initialize_pool(settings=settings)
-    pid = {"pid": 0}
-    try:
-
-        async def writer() -> None:
-            async with aio.get_cursor(commit=True, pipeline=pipelined) as cur:
-                pid["pid"] = cur._conn.info.backend_pid
-                await cur.execute("INSERT INTO irq_commit VALUES (1)")
-                proxy.hold_replies(_HOLD)
-
-        task = asyncio.create_task(writer())
-        for _ in range(_POLLS):
-            if proxy.sent_while_held or task.done():
-                break
-            await asyncio.sleep(0.02)
-        task.cancel()
-        try:
-            await task
-        except BaseException as exc:
-            caught: BaseException | None = exc
-        else:
-            caught = None
-        proxy.hold_replies(0)
-        async with aio.get_cursor() as cur:  # the pool replaced the connection it closed
-            await cur.execute("SELECT pg_backend_pid() AS pid")
-            row = await cur.fetchone()
-            assert row is not None and row["pid"] != pid["pid"]
-    finally:
-        await aio.close_pool()
-    return caught, caught.__cause__ if caught is not None else None, pid["pid"]
-
-
 class TestInterruptWhileCommitIsInFlight:
     """Issue 21.4: an interrupt that lands while COMMIT is in flight is reported as an unknown outcome.
 
@@ -308,33 +272,25 @@ class TestInterruptWhileCommitIsInFlight:
     """
 
     @pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipeline"])
-    @pytest.mark.parametrize(
-        "interrupt",
-        ["sync-job-timeout", "sync-keyboard-interrupt", "aio-cancellation"],
-    )
-    def test_interrupt_during_commit_is_an_unknown_outcome(
-        self, interrupt: str, pipelined: bool, test_settings: DatabaseSettings, pg_server: Server, test_db: str
+    def test_keyboard_interrupt_during_commit_is_an_unknown_outcome(
+        self, pipelined: bool, test_settings: DatabaseSettings, pg_server: Server, test_db: str
     ) -> None:
+        """KeyboardInterrupt (a job timeout or a cancelled task: tests/test_cancellation_common_async.py)."""
         with pg_server.connect(test_db) as admin:
             admin.execute("DROP TABLE IF EXISTS irq_commit")
             admin.execute("CREATE TABLE irq_commit (i int)")
         with fault_proxy(pg_server.host, pg_server.port) as proxy:
             settings = test_settings.replace(port=proxy.port, pool_min=1, pool_max=1)
-            if interrupt == "aio-cancellation":
-                caught, cause, pid = asyncio.run(_aio_cancelled_commit(pipelined, proxy, settings))
-                assert isinstance(cause, asyncio.CancelledError), repr(caught)
-            else:
-                kind: type[BaseException] = _JobTimeout if interrupt == "sync-job-timeout" else KeyboardInterrupt
-                initialize_pool(settings=settings).wait(timeout=10)
-                caught, cause, pid = _sync_interrupted_commit(kind, pipelined, proxy)
-                assert isinstance(cause, kind), (repr(caught), cause)  # the handler did raise, in the window
-                proxy.hold_replies(0)
-                with get_cursor() as cur:  # the connection was closed: the pool lends a new one
-                    cur.execute("SELECT pg_backend_pid() AS pid")
-                    row = cur.fetchone()
-                    assert row is not None and row["pid"] != pid
-                assert get_pool().get_stats()["pool_size"] == 1
-                close_pool()
+            initialize_pool(settings=settings).wait(timeout=10)
+            caught, cause, pid = _sync_interrupted_commit(KeyboardInterrupt, pipelined, proxy)
+            assert isinstance(cause, KeyboardInterrupt), (repr(caught), cause)  # the handler did raise, in the window
+            proxy.hold_replies(0)
+            with get_cursor() as cur:  # the connection was closed: the pool lends a new one
+                cur.execute("SELECT pg_backend_pid() AS pid")
+                row = cur.fetchone()
+                assert row is not None and row["pid"] != pid
+            assert get_pool().get_stats()["pool_size"] == 1
+            close_pool()
             assert isinstance(caught, CommitOutcomeUnknownError), repr(caught)
             assert caught.__cause__ is cause
             assert "while COMMIT was in flight" in str(caught) and "may have committed" in str(caught)

@@ -7,7 +7,6 @@ rows 16.8-16.13) and asserts the rule, not a behaviour.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -15,8 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from precog_db import _aconnection, aio, close_pool, get_connection, get_cursor, initialize_pool
-from precog_db._pipelining import _Queueing, abegin_pending
+from precog_db import _connection_async, aio, close_pool, get_connection, get_cursor, initialize_pool
+from precog_db._pipeline_async import begin_pending
+from precog_db._pipelining import _Queueing
 from precog_db.errors import CommitOutcomeUnknownError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -51,7 +51,7 @@ class JobTimeout(Exception):
 def test_job_timeout_while_first_statement_is_queued_surfaces_as_itself(
     test_settings: DatabaseSettings, table: str
 ) -> None:
-    """_first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
+    """first_gen's ``except Exception`` takes the interrupt for a "refusal", syncs anyway, and clears busy.
 
     The signal is simulated deterministically where a real SIGALRM can land (seen with
     tests/test_interrupts._Alarm): after ``popleft()`` took the INSERT's command off the queue in
@@ -90,7 +90,7 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 ) -> None:
     """``async with cur.connection.transaction()`` as the block's first I/O, cancelled at a random moment.
 
-    PrecogAsyncConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
+    AsyncPrecogConnection.wait sends the block's BEGIN inside the transaction's own wait. psycopg 3.3
     finishes the statement after a cancellation (status INTRANS, connection OK), so the wait does not
     close the connection; AsyncTransaction.__aenter__ then "undoes" its own enter, which never ran,
     pops the block's transaction off the stack and raises OutOfOrderTransactionNesting instead of
@@ -104,12 +104,12 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
 
     async def counted(conn: Any, block: Any) -> None:
         try:
-            await abegin_pending(conn, block)
+            await begin_pending(conn, block)
         except asyncio.CancelledError:
             in_window["tries"] += 1
             raise
 
-    monkeypatch.setattr(_aconnection, "abegin_pending", counted)
+    monkeypatch.setattr(_connection_async, "begin_pending", counted)
 
     async def body(i: int) -> None:
         async with aio.get_cursor(commit=True) as cur, cur.connection.transaction():
@@ -136,106 +136,8 @@ async def test_cancel_during_deferred_begin_of_nested_transaction_stays_a_cancel
     assert in_window["tries"] >= 1, "no try was cancelled inside the deferred BEGIN: the test proved nothing"
 
 
-# --- 3. A failed pipelined first statement leaves psycopg a prepared statement the server never made -------
-
-
-def _make(pg_server: Server, test_db: str) -> None:
-    with pg_server.connect(test_db) as admin:
-        admin.execute("DROP TABLE IF EXISTS rv16")
-        admin.execute("CREATE TABLE rv16 (id int)")
-
-
-def _drop(pg_server: Server, test_db: str) -> None:
-    with pg_server.connect(test_db) as admin:
-        admin.execute("DROP TABLE rv16")
-
-
-def test_failed_first_statement_leaves_no_phantom_prepared_statement(
-    test_settings: DatabaseSettings, pg_server: Server, test_db: str, table: str
-) -> None:
-    """The 6th execution (psycopg prepares it) fails at Parse inside the first-statement pipeline.
-
-    In pipeline mode psycopg records ``_pg3_0`` before the reply and never checks it for a query it
-    had already counted; the caller catches the error, the block ends cleanly (COMMIT of an aborted
-    transaction: no cache reset). The NEXT borrower's same query then binds ``_pg3_0``: "prepared
-    statement does not exist". With the BEGIN sent alone (cur.connection first) it does not happen.
-    """
-    initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
-    try:
-        for i in range(5):
-            with get_cursor(commit=True) as cur:
-                cur.execute(INSERT, (i,))
-        _drop(pg_server, test_db)
-        with get_cursor(commit=True) as cur, pytest.raises(psycopg.errors.UndefinedTable):
-            cur.execute(INSERT, (5,))
-        _make(pg_server, test_db)
-        with get_cursor(commit=True) as cur:  # another borrower: no "prepared statement does not exist"
-            cur.execute(INSERT, (6,))
-    finally:
-        close_pool()
-
-
-@pytest.mark.asyncio
-async def test_failed_first_statement_leaves_no_phantom_prepared_statement_aio(
-    test_settings: DatabaseSettings, pg_server: Server, test_db: str, table: str
-) -> None:
-    await aio.initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
-    try:
-        for i in range(5):
-            async with aio.get_cursor(commit=True) as cur:
-                await cur.execute(INSERT, (i,))
-        _drop(pg_server, test_db)
-        async with aio.get_cursor(commit=True) as cur:
-            with pytest.raises(psycopg.errors.UndefinedTable):
-                await cur.execute(INSERT, (5,))
-        _make(pg_server, test_db)
-        async with aio.get_cursor(commit=True) as cur:  # another borrower: no phantom prepared statement
-            await cur.execute(INSERT, (6,))
-    finally:
-        await aio.close_pool()
-
-
-# --- 4. A nested conn.pipeline() left entered: the connection is lent in libpq pipeline mode ----------------
-
-
-def test_unexited_nested_pipeline_is_not_lent(test_settings: DatabaseSettings, table: str) -> None:
-    """_exit_mode sets conn._pipeline = None although the pipeline's level is still 1 (libpq still in it)."""
-    initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1)).wait(timeout=10)
-    kept = []
-    try:
-        with contextlib.suppress(psycopg.Error), get_cursor(commit=True, pipeline=True) as cur:
-            cur.execute(INSERT, (1,))
-            nested = cur.connection.pipeline()
-            nested.__enter__()
-            kept.append(nested)
-        with get_cursor() as cur:
-            assert cur._conn.pgconn.pipeline_status == 0
-            cur.execute("SELECT 1")
-    finally:
-        close_pool()
-        for nested in kept:  # finish the abandoned generator now, not when some later test collects it
-            with contextlib.suppress(BaseException):
-                nested.__exit__(None, None, None)
-
-
-@pytest.mark.asyncio
-async def test_unexited_nested_pipeline_is_not_lent_aio(test_settings: DatabaseSettings, table: str) -> None:
-    await aio.initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
-    kept = []
-    try:
-        with contextlib.suppress(psycopg.Error):
-            async with aio.get_cursor(commit=True, pipeline=True) as cur:
-                await cur.execute(INSERT, (1,))
-                nested = cur.connection.pipeline()
-                await nested.__aenter__()
-                kept.append(nested)
-        async with aio.get_cursor() as cur:
-            assert cur._conn.pgconn.pipeline_status == 0
-    finally:
-        await aio.close_pool()
-        for nested in kept:  # finish the abandoned generator now, not when some later test collects it
-            with contextlib.suppress(BaseException):
-                await nested.__aexit__(None, None, None)
+# --- 3. A failed pipelined first statement leaves a phantom prepared statement, and
+# --- 4. a nested conn.pipeline() left entered: both layers, tests/test_pipeline_common_async.py::TestAttacks
 
 
 # --- 5. Behind DB_POOLER=transaction: a write after an explicit COMMIT runs read-write in autocommit -------
