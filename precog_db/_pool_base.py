@@ -201,6 +201,26 @@ def check_still_read_only(conn: Connection[Any] | AsyncConnection[Any]) -> None:
         )
 
 
+def left_by_check(conn: Connection[Any] | AsyncConnection[Any]) -> psycopg.ProgrammingError | None:
+    """After a ``check=`` callback returned: why the connection cannot be lent as it is, else None (no I/O).
+
+    A check that closed the connection, left a transaction open or turned
+    autocommit off fails like a check that raised: the connection is replaced.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != _OK:
+        what = "closed"
+    elif pgconn.transaction_status != _IDLE:
+        what = f"in a transaction ({TransactionStatus(pgconn.transaction_status).name})"
+    elif not conn.autocommit:
+        what = "with autocommit off"
+    else:
+        return None
+    return psycopg.ProgrammingError(
+        f"the check= callback left the connection {what}: discarded; a check must leave it idle, in autocommit"
+    )
+
+
 def check_backoff(attempt: AttemptWithBackoff | None, deadline: float, now: float) -> tuple[AttemptWithBackoff, float]:
     """After a lent connection failed the ``check=`` callback: the back-off state and the pause before the next
     check (no I/O); `PoolTimeout` once the deadline passed or the back-off gives up.

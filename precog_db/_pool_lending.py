@@ -30,7 +30,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from precog_db._compat import AddConnection, AttemptWithBackoff, MaintenanceTask
-from precog_db._pool_base import PoolBase, check_backoff, connection_is_usable, lent_ms, refuse_foreign
+from precog_db._pool_base import PoolBase, check_backoff, connection_is_usable, left_by_check, lent_ms, refuse_foreign
 from precog_db.connection import check_gate
 from precog_db.log import get_logger
 from precog_db.metrics import FOLD_AT
@@ -180,12 +180,15 @@ class Lending(PoolBase, ConnectionPool[Connection[Any]]):
 
         The check runs here, with the connection already in the holder, rather
         than through psycopg_pool's `getconn`: an interrupt during it is then
-        covered by `lend`'s handler like any other point. A failure is appended to ``rejected``.
+        covered by `lend`'s handler like any other point. A failure is appended to ``rejected``; so is
+        a check that left the connection closed, in a transaction or out of autocommit (`left_by_check`).
         """
         conn = holder._conn
         assert conn is not None and self._check is not None
         try:
             self._check(conn)
+            if (left := left_by_check(conn)) is not None:
+                raise left
         except Exception as exc:
             log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
             rejected.append(exc)

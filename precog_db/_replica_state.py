@@ -26,16 +26,23 @@ log = get_logger()
 CHECK_INTERVAL = 0.2
 #: Seconds a replica that could not be reached or measured is left alone (reads go elsewhere meanwhile).
 RETRY_AFTER = 5.0
-#: Longest wait, in seconds, for a connection to measure a replica: a replica that is down costs a read this much.
+#: Longest wait, in seconds, for a connection to measure a replica, and for its reply: a replica that is down
+#: or silent costs a read about this much (twice at most).
 MEASURE_WAIT = 0.5
 #: The WAL position this context must see: None (no write), True (wrote, position not asked yet), or an LSN.
 NEED: contextvars.ContextVar[int | bool | None] = contextvars.ContextVar("precog_db_replica_need", default=None)
 
-#: On a replica: its replay position, and its lag in ms (0 when it has replayed all it received).
+#: On a replica: its replay position (NULL once it is not in recovery: promoted, or never a standby),
+#: and its lag in ms. A promoted standby keeps reporting the last position it replayed, so
+#: ``pg_is_in_recovery()`` is what tells. The lag is 0 when it has replayed all its WAL receiver
+#: received; with no WAL receiver (cut off from its primary: it cannot know what it is missing) it is
+#: the age of its last replayed transaction, infinite if it replayed none; else that age too.
 PROBE = (
-    "SELECT pg_last_wal_replay_lsn() - '0/0'::pg_lsn,"
-    " CASE WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0"
-    " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000, 0) END"
+    "SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() - '0/0'::pg_lsn END,"
+    " CASE WHEN NOT EXISTS (SELECT FROM pg_stat_wal_receiver)"
+    " THEN coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 * 1000, 'Infinity')"
+    " WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0"
+    " ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 * 1000, 0) END"
 )
 #: On the primary: its WAL insert position, at or past every commit it acknowledged.
 PRIMARY_LSN = "SELECT pg_current_wal_insert_lsn() - '0/0'::pg_lsn"

@@ -55,15 +55,27 @@ class _Lent:
 
 
 async def _first_row(pool: pools.AsyncPrecogPool, sql: str, timeout: float | None = None) -> tuple[Any, ...] | None:
-    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens."""
+    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens.
+
+    ``timeout`` bounds the wait for the connection and, for the statement, the silence of the server
+    (the connection's reply bound, `precog_db.connection.reply_timeout`, lowered meanwhile): a server
+    that stops answering costs that much, and its connection is closed and replaced.
+    """
     lent = _Lent()
     try:
         if True:  # ASYNC
             conn = lent._conn = await pool.lend(timeout)
         else:
             conn = pool.lend(lent, timeout)
-        cursor = await conn.execute(sql, prepare=False)
-        return await cursor.fetchone()
+        bound = getattr(conn, "reply_timeout", None)
+        if timeout is not None:
+            conn.reply_timeout = timeout if bound is None else min(bound, timeout)  # type: ignore[attr-defined]
+        try:
+            cursor = await conn.execute(sql, prepare=False)
+            return await cursor.fetchone()
+        finally:
+            if timeout is not None:
+                conn.reply_timeout = bound  # type: ignore[attr-defined]
     finally:
         if lent._conn is not None:
             if True:  # ASYNC
@@ -83,19 +95,30 @@ class Replica(ReplicaState):
         else:
             self.lock = threading.Lock()
 
-    async def usable(self, need: int | None, max_lag_ms: int) -> pools.AsyncPrecogPool | None:
-        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale."""
+    async def usable(
+        self, need: int | None, max_lag_ms: int, owner: pools.AsyncPrecogPool
+    ) -> pools.AsyncPrecogPool | None:
+        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale.
+
+        ``owner`` is the pool it reads for: a replica pool opened after ``owner`` was closed is closed at once
+        (``owner``'s close sets its flag before it closes the replica pools, so one of the two closes it).
+        """
         now = monotonic()
         if self.resting(now):
             return None
         pool = self.pool
         if pool is None:
+            if self.lock.locked():
+                return None  # another reader is opening it (a silent replica takes DB_CONNECT_TIMEOUT): not this one
             async with self.lock:  # one pool per replica, whoever asks first
                 if (pool := self.pool) is None:
                     try:
                         pool = self.pool = await pools.create_pool(self.settings, prod_confirmed=production_confirmed())
                     except (psycopg.Error, PrecogDBError) as exc:
                         self.failed(exc)
+                        return None
+                    if owner.closed:  # closed while this one opened: it must not outlive it
+                        await pool.close(timeout=1.0)
                         return None
         if self.must_measure(need, now):
             try:
@@ -115,8 +138,9 @@ async def choose(primary: pools.AsyncPrecogPool) -> pools.AsyncPrecogPool:
         return primary
     replicas: list[Replica] | None = getattr(primary, "_precog_replicas", None)
     if replicas is None:
-        replicas = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
-        primary._precog_replicas = replicas  # type: ignore[attr-defined]  # closed with it (its close)
+        fresh = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
+        # Closed with it (its close). setdefault: two threads that get here at once share one list.
+        replicas = vars(primary).setdefault("_precog_replicas", fresh)
     need = NEED.get()
     if need is True:
         need = await _primary_position(primary)
@@ -124,7 +148,7 @@ async def choose(primary: pools.AsyncPrecogPool) -> pools.AsyncPrecogPool:
             return primary
         NEED.set(need)
     for replica in replicas:
-        pool = await replica.usable(need, settings.replica_max_lag_ms)
+        pool = await replica.usable(need, settings.replica_max_lag_ms, primary)
         if pool is not None:
             settle(need, replicas)  # every replica has this context's write: no more checks for it
             return pool

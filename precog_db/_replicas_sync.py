@@ -51,12 +51,24 @@ class _Lent:
 
 
 def _first_row(pool: pools.PrecogPool, sql: str, timeout: float | None = None) -> tuple[Any, ...] | None:
-    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens."""
+    """The first row of ``sql``, run on a connection ``pool`` lends and gets back whatever happens.
+
+    ``timeout`` bounds the wait for the connection and, for the statement, the silence of the server
+    (the connection's reply bound, `precog_db.connection.reply_timeout`, lowered meanwhile): a server
+    that stops answering costs that much, and its connection is closed and replaced.
+    """
     lent = _Lent()
     try:
         conn = pool.lend(lent, timeout)
-        cursor = conn.execute(sql, prepare=False)
-        return cursor.fetchone()
+        bound = getattr(conn, "reply_timeout", None)
+        if timeout is not None:
+            conn.reply_timeout = timeout if bound is None else min(bound, timeout)  # type: ignore[attr-defined]
+        try:
+            cursor = conn.execute(sql, prepare=False)
+            return cursor.fetchone()
+        finally:
+            if timeout is not None:
+                conn.reply_timeout = bound  # type: ignore[attr-defined]
     finally:
         if lent._conn is not None:
             pool.give_back(lent)
@@ -70,19 +82,28 @@ class Replica(ReplicaState):
         self.pool: pools.PrecogPool | None = None
         self.lock = threading.Lock()
 
-    def usable(self, need: int | None, max_lag_ms: int) -> pools.PrecogPool | None:
-        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale."""
+    def usable(self, need: int | None, max_lag_ms: int, owner: pools.PrecogPool) -> pools.PrecogPool | None:
+        """Its pool, if it is fresh enough and has replayed ``need``; measured first when that is stale.
+
+        ``owner`` is the pool it reads for: a replica pool opened after ``owner`` was closed is closed at once
+        (``owner``'s close sets its flag before it closes the replica pools, so one of the two closes it).
+        """
         now = monotonic()
         if self.resting(now):
             return None
         pool = self.pool
         if pool is None:
+            if self.lock.locked():
+                return None  # another reader is opening it (a silent replica takes DB_CONNECT_TIMEOUT): not this one
             with self.lock:  # one pool per replica, whoever asks first
                 if (pool := self.pool) is None:
                     try:
                         pool = self.pool = pools.create_pool(self.settings, prod_confirmed=production_confirmed())
                     except (psycopg.Error, PrecogDBError) as exc:
                         self.failed(exc)
+                        return None
+                    if owner.closed:  # closed while this one opened: it must not outlive it
+                        pool.close(timeout=1.0)
                         return None
         if self.must_measure(need, now):
             try:
@@ -102,8 +123,9 @@ def choose(primary: pools.PrecogPool) -> pools.PrecogPool:
         return primary
     replicas: list[Replica] | None = getattr(primary, "_precog_replicas", None)
     if replicas is None:
-        replicas = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
-        primary._precog_replicas = replicas  # type: ignore[attr-defined]  # closed with it (its close)
+        fresh = [Replica(replica_settings(settings, entry)) for entry in settings.replica_hosts]
+        # Closed with it (its close). setdefault: two threads that get here at once share one list.
+        replicas = vars(primary).setdefault("_precog_replicas", fresh)
     need = NEED.get()
     if need is True:
         need = _primary_position(primary)
@@ -111,7 +133,7 @@ def choose(primary: pools.PrecogPool) -> pools.PrecogPool:
             return primary
         NEED.set(need)
     for replica in replicas:
-        pool = replica.usable(need, settings.replica_max_lag_ms)
+        pool = replica.usable(need, settings.replica_max_lag_ms, primary)
         if pool is not None:
             settle(need, replicas)  # every replica has this context's write: no more checks for it
             return pool

@@ -75,7 +75,9 @@ def get_connection() -> AbstractAsyncContextManager[AsyncConnection[Any]]:
     """Borrow a pooled asyncio connection (autocommit, read-only by default).
 
     Use ``async with conn.transaction():`` to write. The connection goes back
-    to the pool when the block ends, whatever happened in it.
+    to the pool when the block ends, whatever happened in it. With read
+    replicas configured, the block counts as a write for this task's
+    read-your-writes (`precog_db.replicas`).
     """
     return _ConnectionBlock()
 
@@ -147,6 +149,8 @@ class _ConnectionBlock:
     ) -> None:
         conn, self._conn = self._conn, None
         if conn is not None and self._pool is not None:
+            if self._pool.settings.replica_hosts:
+                note_commit()  # it may have committed (conn.transaction()): read-your-writes counts it as a write
             await self._pool.give_back(conn)
 
 
@@ -237,6 +241,8 @@ class _CursorBlock:
                     if pool.settings.replica_hosts:
                         note_commit()  # this task's next replica read must see the write
             except psycopg.OperationalError as exc:
+                if committing and pool.settings.replica_hosts:
+                    note_commit()  # the COMMIT may have been applied: the next replica read must not miss it
                 if et is not None and not issubclass(et, Exception):
                     return False  # a cancellation (or an interrupt) ended the block: it propagates, not this
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the whole block).
@@ -246,6 +252,8 @@ class _CursorBlock:
             except BaseException as exc:
                 # A cancellation (or an interrupt) while the COMMIT was in flight: the sync layer's decision.
                 if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    if pool.settings.replica_hosts:
+                        note_commit()  # the COMMIT may have been applied: the next replica read must not miss it
                     await conn.close()  # no suspension: psycopg's close only finishes the socket
                     if outcome is not exc:
                         raise outcome from exc

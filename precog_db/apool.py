@@ -56,6 +56,7 @@ from precog_db._pool_base import (
     check_still_read_only,
     checkin_verdict,
     connection_is_usable,
+    left_by_check,
     log_closed,
     log_opened,
     refuse_foreign,
@@ -197,11 +198,11 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
 
     async def close(self, timeout: float = 5.0) -> None:
         """Close the pool and the pools of its read replicas (as `precog_db.pool.PrecogPool.close` does)."""
+        await super().close(timeout=timeout)  # first: a replica pool opening meanwhile sees it closed
         for replica in getattr(self, "_precog_replicas", None) or ():
             if replica.pool is not None:
                 with contextlib.suppress(Exception):
                     await replica.pool.close(timeout=1.0)
-        await super().close(timeout=timeout)
 
     @classmethod
     async def worker(cls, q: asyncio.Queue[MaintenanceTask]) -> None:
@@ -339,12 +340,15 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
     async def _passes_check(self, conn: AsyncConnection[Any], rejected: list[BaseException]) -> bool:
         """Await psycopg_pool's ``check=`` callback on a connection about to be lent; replace it if the check fails.
 
-        A failure is appended to ``rejected``. A cancellation during the check closes the connection (the
-        check may have been cut mid-statement) and has it replaced, then propagates.
+        A failure is appended to ``rejected``; so is a check that left the connection closed, in a
+        transaction or out of autocommit (`left_by_check`). A cancellation during the check closes the
+        connection (the check may have been cut mid-statement) and has it replaced, then propagates.
         """
         assert self._check is not None
         try:
             await self._check(conn)
+            if (left := left_by_check(conn)) is not None:
+                raise left
         except Exception as exc:
             log.info("connection_failed_check", pool=self.name, env=self.env.value, error=type(exc).__name__)
             rejected.append(exc)

@@ -104,7 +104,9 @@ def get_connection() -> AbstractContextManager[Connection[Any]]:
     """Borrow a pooled connection (autocommit, read-only by default).
 
     Use ``with conn.transaction():`` for writes. The connection goes back to
-    the pool when the block ends, whatever happened in it.
+    the pool when the block ends, whatever happened in it. With read replicas
+    configured, the block counts as a write for this thread's read-your-writes
+    (`precog_db.replicas`).
     """
     return _ConnectionBlock()
 
@@ -191,6 +193,8 @@ class _ConnectionBlock:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         if self._pool is not None:
+            if self._pool.settings.replica_hosts:
+                replicas.note_commit()  # it may have committed (conn.transaction()): counted as a write
             _give_back(self._pool, self, _ConnectionBlock)
 
 
@@ -301,6 +305,8 @@ class _CursorBlock:
             except psycopg.OperationalError as exc:
                 # With a clean block, what failed here is the COMMIT (with pipeline=True, the
                 # whole block was in flight with it).
+                if committing and pool.settings.replica_hosts:
+                    replicas.note_commit()  # the COMMIT may have been applied: the next replica read must see it
                 if wrapped := _translate(pool, conn, exc, committing):
                     raise wrapped from exc
                 raise
@@ -308,6 +314,8 @@ class _CursorBlock:
                 # An interrupt (a job timeout raised by a signal handler, KeyboardInterrupt) while the
                 # COMMIT was in flight: the row may be committed. The decision is the asyncio layer's too.
                 if (outcome := _commit_interrupted(pool, exc, committing)) is not None:
+                    if pool.settings.replica_hosts:
+                        replicas.note_commit()  # the COMMIT may have been applied: the next replica read must see it
                     conn.close()  # its state is unknown (psycopg may have left it mid-statement)
                     if outcome is not exc:
                         raise outcome from exc

@@ -190,11 +190,11 @@ class PrecogPool(Lending, Janitor, ConnectionPool[Connection[Any]]):
         `precog_db.replicas` opens a replica's pool on first use and keeps the replicas on the pool they
         read for (``_precog_replicas``): their pools live and close with it.
         """
+        super().close(timeout=timeout)  # first: a replica pool opening meanwhile sees it closed
         for replica in getattr(self, "_precog_replicas", None) or ():
             if replica.pool is not None:
                 with contextlib.suppress(Exception):
                     replica.pool.close(timeout=1.0)
-        super().close(timeout=timeout)
 
     def checkout(self, timeout: float | None = None) -> Connection[Any]:
         """Take a live, idle, autocommit connection out of the pool (give it back with `checkin`).

@@ -20,6 +20,11 @@ A read goes to the first replica that is
   otherwise it reads from the primary. No sleep, no waiting: the primary is
   always a correct answer. Other threads and tasks are not held back.
 
+A replica that is not in recovery (promoted while in use) is left alone like
+one that cannot be reached: its data is no longer the primary's.
+A replica with no WAL receiver (cut off from its primary) counts the age of
+its last replayed transaction as its lag: it cannot know what it is missing.
+
 Never a replica: ``commit=True`` blocks (refused), anything inside a
 `dangerous_operation` gate, migrations, backups, restores and the stamp (they
 open their own direct connections and never look at the replicas).

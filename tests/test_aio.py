@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from precog_db import aio
+from precog_db import ConfigurationError, aio
 from precog_db.apool import AsyncPrecogPool
 from precog_db.settings import DatabaseSettings
 
@@ -57,3 +57,24 @@ class TestParity:
             return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
 
         assert shape(getattr(aio, name)) == shape(getattr(precog_db, name))
+
+    @pytest.mark.parametrize(
+        "kwargs",
+        [
+            {"pipeline": True},
+            {"replica": True, "commit": True},
+            {"replica": True, "commit": True, "pipeline": True},
+            {"replica": True, "pipeline": True},
+        ],
+    )
+    def test_aio_refuses_what_its_sync_twin_refuses(self, kwargs: dict[str, bool]) -> None:
+        """22.17: get_cursor's keyword combinations that cannot work are refused alike in both layers (same class,
+        same words but for the ``aio.`` prefix), before anything is borrowed."""
+        import precog_db
+
+        outcomes = []
+        for fn in (precog_db.get_cursor, aio.get_cursor):
+            with pytest.raises((ValueError, ConfigurationError)) as info:
+                fn(**kwargs)
+            outcomes.append((type(info.value), str(info.value).removeprefix("aio.")))
+        assert outcomes[0] == outcomes[1], outcomes

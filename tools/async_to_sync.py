@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODULES: dict[str, str] = {
     "precog_db/_replicas_async.py": "precog_db/_replicas_sync.py",
     "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
+    "tests/test_replica_attacks_async.py": "tests/test_replica_attacks_sync.py",
     "precog_db/_pooler_async.py": "precog_db/_pooler_sync.py",
     "tests/test_pooler_common_async.py": "tests/test_pooler_common.py",
     "precog_db/_connection_async.py": "precog_db/_connection_sync.py",
