@@ -1,4 +1,4 @@
-"""``precog-db migrate new|up|down|status|validate|baseline``: thin commands over `precog_db.migrations`."""
+"""``precog-db migrate new|up|down|status|validate|baseline|lint``: thin commands over `precog_db.migrations`."""
 
 from __future__ import annotations
 
@@ -92,6 +92,18 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     )
     q.add_argument("version", type=int, help="the version the database's current schema corresponds to")
     q.set_defaults(handler=cmd_migrate_baseline)
+    q = add_command(
+        migrate,
+        "lint",
+        "check migration files with squawk: statements that lock or break a live database",
+        parents=mig_parents,
+        description="Run squawk (the `lint` extra: pip install 'precog-db[lint]') over the up section of each "
+        "pending migration file (--all: every file, without connecting) and print, for each finding, the file, "
+        "the line, squawk's rule and what to do instead. Exit 1 when anything is found. Style-only rules are "
+        "off (docs/MIGRATIONS.md, 'Safe migrations').",
+    )
+    q.add_argument("--all", action="store_true", help="lint every migration file, not only the pending ones")
+    q.set_defaults(handler=cmd_migrate_lint)
 
 
 def _add_migrations_dir(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -323,3 +335,31 @@ def cmd_migrate_baseline(ctx: Context) -> int:
         [f"recorded {len(rows)} migration(s) up to {version} as applied (baseline) in the {settings.describe()}"],
     )
     return EXIT_OK
+
+
+def cmd_migrate_lint(ctx: Context) -> int:
+    """``migrate lint``: the thin shell over `precog_db.migrations.lint`."""
+    from precog_db.migrations import lint
+
+    directory = _migrations_dir(ctx)
+    if ctx.args.all:
+        files, findings = lint(None, directory, all_files=True)
+        scope = f"{len(files)} file(s) in {directory}"
+    else:
+        settings = ctx.settings()
+        ctx.show_banner(settings, "migrate lint")
+        files, findings = lint(settings, directory)
+        scope = f"{len(files)} pending file(s) of the {settings.describe()}"
+    lines = [f"{f.path}:{f.line}: {f.rule}: {f.message}\n    instead: {f.advice}" for f in findings]
+    lines.append(f"{len(findings)} finding(s) in {scope}" if findings else f"no findings in {scope}")
+    ctx.emit(
+        {
+            "files": [f.filename for f in files],
+            "findings": [
+                {"file": str(f.path), "line": f.line, "rule": f.rule, "message": f.message, "instead": f.advice}
+                for f in findings
+            ],
+        },
+        lines,
+    )
+    return EXIT_FAILED if findings else EXIT_OK

@@ -57,6 +57,7 @@ One concept per private module, each importing only those above it:
 * `_sections`: the ``-- precog:`` markers, `sections`, `marker_problem`;
 * `_ledger`: the ``precog_meta.schema_migrations`` table, `read_ledger`, `baseline`;
 * `_checks`: `validate`, `pending`, `plan_downgrade`, the promotion check;
+* `_lint`: squawk over each file's up section, `lint`, `lint_files`, `OFF_BY_DEFAULT`;
 * `_lock`: the advisory lock, `migration_lock`;
 * `_apply`: `apply_migration`, `revert_migration`, `run_without_transaction`, `downgrade`;
 * `_options`: `MigrationOptions`, the keyword arguments each workflow accepts;
@@ -71,6 +72,7 @@ from precog_db.migrations._files import MigrationFile, discover, new_migration, 
 from precog_db.migrations._files import checksum_of as checksum_of
 from precog_db.migrations._ledger import LEDGER, AppliedMigration, baseline, ensure_ledger, read_ledger
 from precog_db.migrations._ledger import applied_by as applied_by
+from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, lint, lint_files
 from precog_db.migrations._lock import LOCK_KEY as LOCK_KEY
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import MigrationOptions
@@ -101,8 +103,10 @@ __all__ = [
     "LEDGER",
     "MARKERS",
     "NO_TRANSACTION_MARKER",
+    "OFF_BY_DEFAULT",
     "PREDECESSOR",
     "AppliedMigration",
+    "Finding",
     "Inspection",
     "MigrationFile",
     "MigrationOptions",
@@ -120,6 +124,8 @@ __all__ = [
     "ensure_ledger",
     "find_transaction_control",
     "inspect",
+    "lint",
+    "lint_files",
     "mark_baseline",
     "marker_problem",
     "migration_lock",

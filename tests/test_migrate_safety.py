@@ -1,0 +1,105 @@
+"""Safe migrations: ``migrate lint`` (squawk), enforcement per environment, lock timeouts."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from precog_db.errors import ConfigurationError
+from precog_db.migrations import OFF_BY_DEFAULT, discover, lint_files
+from tests._helpers.cli import Workspace, workspace
+from tests._helpers.server import Server
+
+ORDERS = "CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric NOT NULL);\n"
+UNSAFE_INDEX = "-- an index built the blocking way\n\nCREATE INDEX orders_amount ON orders (amount);\n"
+CONCURRENT = "-- precog:no-transaction\nCREATE INDEX CONCURRENTLY orders_amount ON orders (amount);\n"
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w
+
+
+class TestLint:
+    def test_finding_names_file_line_rule_and_what_to_do(self, tmp_path: Path) -> None:
+        """A blocking CREATE INDEX is reported at its line of the file, with squawk's rule and advice."""
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "0001_orders.sql").write_text(ORDERS)
+        (tmp_path / "m" / "0002_index.sql").write_text(UNSAFE_INDEX)
+        findings = lint_files(discover(tmp_path / "m"))
+        assert [(f.path.name, f.line, f.rule) for f in findings] == [
+            ("0002_index.sql", 3, "require-concurrent-index-creation")
+        ]
+        assert "concurrently" in findings[0].advice.lower()
+
+    def test_new_table_and_concurrent_index_in_no_transaction_file_pass(self, tmp_path: Path) -> None:
+        """CREATE TABLE and CREATE INDEX CONCURRENTLY in a -- precog:no-transaction file have no finding."""
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "0001_orders.sql").write_text(ORDERS)
+        (tmp_path / "m" / "0002_index.sql").write_text(CONCURRENT)
+        assert lint_files(discover(tmp_path / "m")) == []
+
+    def test_only_the_up_section_is_linted_and_lines_are_the_files(self, tmp_path: Path) -> None:
+        """The down section is not linted; a finding after header lines keeps the file's own line number."""
+        (tmp_path / "m").mkdir()
+        body = (
+            "-- header\n-- more header\n\nALTER TABLE orders ADD COLUMN note text;\n"
+            "ALTER TABLE orders RENAME COLUMN amount TO total;\n"
+            "-- precog:down\nALTER TABLE orders DROP COLUMN note;\n"
+        )
+        (tmp_path / "m" / "0001_rename.sql").write_text(body)
+        findings = lint_files(discover(tmp_path / "m"))
+        assert [(f.line, f.rule) for f in findings] == [(5, "renaming-column")]
+
+    def test_style_rules_are_off(self, tmp_path: Path) -> None:
+        """prefer-robust-stmts, prefer-bigint-over-int and the other style rules are not reported."""
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "0001_t.sql").write_text("CREATE TABLE t (id serial PRIMARY KEY, n int, v varchar(3));\n")
+        assert lint_files(discover(tmp_path / "m")) == []
+        assert {"prefer-robust-stmts", "prefer-bigint-over-int", "prefer-identity", "prefer-text-field"} <= set(
+            OFF_BY_DEFAULT
+        )
+
+    def test_missing_squawk_is_one_sentence(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without squawk beside Python or on PATH, lint says what to install."""
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "0001_index.sql").write_text(UNSAFE_INDEX)
+        monkeypatch.setattr(sys, "executable", str(tmp_path / "nowhere" / "python"))
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+        with pytest.raises(ConfigurationError, match=r"pip install 'precog-db\[lint\]'"):
+            lint_files(discover(tmp_path / "m"))
+
+    def test_cli_lints_pending_files_and_exits_1(self, ws: Workspace) -> None:
+        """migrate lint: applied files are not linted; a pending unsafe one gives exit 1 with file:line: rule."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        ws.write_migration("0002_index.sql", UNSAFE_INDEX)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        clean = ws.run("--env", "test", "migrate", "lint")
+        assert clean.code == 0, clean.err
+        assert "no findings in 0 pending file(s)" in clean.out
+        ws.write_migration("0003_rename.sql", "-- rename\nALTER TABLE orders RENAME COLUMN amount TO total;\n")
+        result = ws.run("--env", "test", "migrate", "lint")
+        assert result.code == 1, result.err
+        assert "0003_rename.sql:2: renaming-column" in result.out
+        assert "instead:" in result.out
+        assert "0002_index.sql" not in result.out
+        every = ws.run("migrate", "lint", "--all", "--json")
+        assert every.code == 1
+        assert [(f["file"].rsplit("/", 1)[1], f["line"], f["rule"]) for f in every.json()["findings"]] == [
+            ("0002_index.sql", 3, "require-concurrent-index-creation"),
+            ("0003_rename.sql", 2, "renaming-column"),
+        ]
+
+    def test_cli_without_squawk_exits_1_with_a_sentence(self, ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
+        """No traceback: exit 1 and the install hint on stderr."""
+        ws.write_migration("0001_index.sql", UNSAFE_INDEX)
+        monkeypatch.setattr(sys, "executable", str(ws.root / "nowhere" / "python"))
+        monkeypatch.setenv("PATH", str(ws.root / "empty"))
+        result = ws.run("migrate", "lint", "--all")
+        assert result.code == 1
+        assert "squawk" in result.err and "Traceback" not in result.err
