@@ -103,3 +103,71 @@ class TestLint:
         result = ws.run("migrate", "lint", "--all")
         assert result.code == 1
         assert "squawk" in result.err and "Traceback" not in result.err
+
+
+class TestEnforcement:
+    def test_test_applies_an_unsafe_migration_with_a_warning(self, ws: Workspace) -> None:
+        """On test the blocking index is applied, and stderr names the rule."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        ws.write_migration("0002_index.sql", UNSAFE_INDEX)
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 0, result.err
+        assert "warning: 0002_index.sql, line 3: require-concurrent-index-creation" in result.err
+        assert [v for v, _ in ws.ledger("test")] == [1, 2]
+
+    def test_staging_refuses_until_the_file_acknowledges_the_rule(self, ws: Workspace) -> None:
+        """staging: refused before anything runs (rule named, nothing applied); the acknowledgement is audited."""
+        ws.add("test")
+        ws.add("staging")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert ws.run("--env", "staging", "--yes", "migrate", "up").code == 0
+        ws.write_migration("0002_index.sql", UNSAFE_INDEX)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        refused = ws.run("--env", "staging", "--yes", "migrate", "up")
+        assert refused.code == 1
+        assert "0002_index.sql, line 3: require-concurrent-index-creation" in refused.err
+        assert "-- precog:allow <rule>: <reason>" in refused.err
+        assert [v for v, _ in ws.ledger("staging")] == [1]
+        assert ws.query("staging", "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_amount'") == [(0,)]
+        entry = ws.audit_entries()[-1]
+        assert (entry["operation"], entry["outcome"]) == ("migrate up", "refused")
+
+        # The acknowledgement changes the checksum: test re-applies nothing, so start from a fresh file.
+        acknowledged = "-- precog:allow require-concurrent-index-creation: orders has 200 rows\n" + UNSAFE_INDEX
+        ws.write_migration("0002_index.sql", acknowledged)
+        with ws.server.connect(ws.databases["test"].dbname) as conn:
+            conn.execute("DELETE FROM precog_meta.schema_migrations WHERE version = 2")
+            conn.execute("DROP INDEX orders_amount")
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        ok = ws.run("--env", "staging", "--yes", "migrate", "up")
+        assert ok.code == 0, ok.err
+        assert [v for v, _ in ws.ledger("staging")] == [1, 2]
+        entry = ws.audit_entries()[-1]
+        assert entry["operation"] == "migrate up" and entry["outcome"] == "ok"
+        assert entry["acknowledged"] == [
+            {
+                "file": "0002_index.sql",
+                "rule": "require-concurrent-index-creation",
+                "reason": "orders has 200 rows",
+                "line": 1,
+            }
+        ]
+
+    @pytest.mark.parametrize(
+        ("line", "says"),
+        [
+            ("-- precog:allow require-concurrent-index-creation", "the reason is missing"),
+            ("-- precog:allow require-concurrent-index-creation:   ", "the reason is missing"),
+            ("-- precog:allow no-such-rule: because", "squawk does not know"),
+        ],
+    )
+    def test_bad_acknowledgement_is_refused(self, ws: Workspace, line: str, says: str) -> None:
+        """A missing reason or a rule squawk does not know is refused with a sentence; nothing applied."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS + line + "\n")
+        result = ws.run("--env", "test", "migrate", "up")
+        assert result.code == 1
+        assert says in result.err and "Traceback" not in result.err
+        assert ws.ledger("test") == []

@@ -38,6 +38,9 @@
   run waits for it, saying who holds it, up to a timeout, then fails
   clearly. It re-reads the ledger after getting the lock, so each
   migration is applied exactly once.
+* `migrate up` lints what it is about to apply with squawk (`check_safety`):
+  a warning on dev and test, refused on staging and prod unless the file
+  acknowledges the rule with ``-- precog:allow <rule>: <reason>``.
 * Promotion: staging may only apply what test has applied with the same
   checksum, prod only what staging has (`check_promotion`).
 
@@ -57,7 +60,7 @@ One concept per private module, each importing only those above it:
 * `_sections`: the ``-- precog:`` markers, `sections`, `marker_problem`;
 * `_ledger`: the ``precog_meta.schema_migrations`` table, `read_ledger`, `baseline`;
 * `_checks`: `validate`, `pending`, `plan_downgrade`, the promotion check;
-* `_lint`: squawk over each file's up section, `lint`, `lint_files`, `OFF_BY_DEFAULT`;
+* `_lint`: squawk over each file's up section, `lint`, `lint_files`, `check_safety`, `OFF_BY_DEFAULT`;
 * `_lock`: the advisory lock, `migration_lock`;
 * `_apply`: `apply_migration`, `revert_migration`, `run_without_transaction`, `downgrade`;
 * `_options`: `MigrationOptions`, the keyword arguments each workflow accepts;
@@ -72,7 +75,7 @@ from precog_db.migrations._files import MigrationFile, discover, new_migration, 
 from precog_db.migrations._files import checksum_of as checksum_of
 from precog_db.migrations._ledger import LEDGER, AppliedMigration, baseline, ensure_ledger, read_ledger
 from precog_db.migrations._ledger import applied_by as applied_by
-from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, lint, lint_files
+from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, SafetyCheck, check_safety, lint, lint_files
 from precog_db.migrations._lock import LOCK_KEY as LOCK_KEY
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import MigrationOptions
@@ -112,6 +115,7 @@ __all__ = [
     "MigrationOptions",
     "Problem",
     "RevertResult",
+    "SafetyCheck",
     "Sections",
     "Statement",
     "TransactionControl",
@@ -119,6 +123,7 @@ __all__ = [
     "apply_migration",
     "baseline",
     "check_promotion",
+    "check_safety",
     "discover",
     "downgrade",
     "ensure_ledger",

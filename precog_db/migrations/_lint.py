@@ -19,21 +19,21 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from precog_db.connection import connect
-from precog_db.errors import ConfigurationError, UsageError
+from precog_db.errors import ConfigurationError, MigrationValidationError, UsageError
 from precog_db.migrations._files import MigrationFile, discover
 from precog_db.migrations._ledger import read_ledger
-from precog_db.migrations._sections import sections
+from precog_db.migrations._sections import ALLOW_MARKER, acknowledgements, sections
 
 if TYPE_CHECKING:
     from precog_db.settings import DatabaseSettings
 
-__all__ = ["OFF_BY_DEFAULT", "Finding", "lint", "lint_files", "squawk_path"]
+__all__ = ["OFF_BY_DEFAULT", "Finding", "SafetyCheck", "check_safety", "lint", "lint_files", "squawk_path"]
 
 #: squawk rules not reported, and why: style only, or what precog sets itself.
 OFF_BY_DEFAULT: dict[str, str] = {
@@ -147,3 +147,75 @@ def lint(
         files = [f for f in files if f.version not in ledger]
     binary = squawk_path()
     return files, lint_files(files, squawk=binary)
+
+
+def _unknown_rules(binary: str, rules: Iterable[str]) -> list[str]:
+    """The names in ``rules`` squawk does not know (it refuses them as ``--exclude`` values)."""
+    unknown = []
+    for rule in sorted(set(rules)):
+        done = subprocess.run(
+            [binary, f"--exclude={rule}"],
+            input="",
+            capture_output=True,
+            text=True,
+            timeout=_SQUAWK_TIMEOUT,
+            check=False,
+        )
+        if "invalid rule name" in done.stderr:
+            unknown.append(rule)
+    return unknown
+
+
+@dataclass(frozen=True)
+class SafetyCheck:
+    """What `check_safety` found: findings not acknowledged, and the acknowledgements that covered one."""
+
+    #: Findings no ``-- precog:allow`` line of their file covers.
+    unacknowledged: list[Finding]
+    #: One dict per acknowledged rule of a file: file, rule, reason, line (of the allow line).
+    acknowledged: list[dict[str, object]]
+    #: Set when squawk is not installed and the check was not enforced (dev and test): the sentence why.
+    not_linted: str | None = None
+
+
+def check_safety(files: Sequence[MigrationFile], *, enforce: bool) -> SafetyCheck:
+    """Lint ``files`` before they run (`upgrade`); with ``enforce`` (staging, prod) refuse what is not acknowledged.
+
+    A finding is acknowledged by a line ``-- precog:allow <rule>: <reason>`` in its file. An acknowledged
+    rule squawk does not know is refused (enforced or not). With ``enforce``, any finding not acknowledged
+    raises `MigrationValidationError` naming each (file, line, rule) and how to acknowledge it, and a missing
+    squawk raises `ConfigurationError`; without it, a missing squawk is reported in ``not_linted``.
+    """
+    try:
+        binary = squawk_path()
+    except ConfigurationError as exc:
+        if enforce:
+            raise ConfigurationError(f"{exc}; staging and prod lint every migration before it runs") from None
+        return SafetyCheck([], [], not_linted=str(exc))
+    allowed: dict[Path, dict[str, tuple[int, str]]] = {}
+    for migration in files:
+        acks = acknowledgements(migration.sql())
+        allowed[migration.path] = {a.rule: (a.line, a.reason) for a in acks}
+        unknown = _unknown_rules(binary, (a.rule for a in acks))
+        if unknown:
+            raise MigrationValidationError(
+                f"{migration.path} acknowledges {', '.join(repr(r) for r in unknown)}, which squawk does not know; "
+                "use squawk's rule name as `precog-db migrate lint` prints it (nothing was applied)"
+            )
+    findings = lint_files(files, squawk=binary)
+    open_findings = [f for f in findings if f.rule not in allowed[f.path]]
+    acknowledged: list[dict[str, object]] = []
+    for path, rules in allowed.items():
+        for rule, (line, reason) in rules.items():
+            if any(f.path == path and f.rule == rule for f in findings):
+                acknowledged.append({"file": path.name, "rule": rule, "reason": reason, "line": line})
+    if enforce and open_findings:
+        listed = "; ".join(
+            f"{f.path.name}, line {f.line}: {f.rule} ({f.message} Instead: {f.advice})" for f in open_findings
+        )
+        raise MigrationValidationError(
+            f"refused before anything ran, the migration is unsafe on a live database: {listed}. Make it safe "
+            f"(`precog-db migrate lint` says how), or, if it is safe here, acknowledge it in the file with a line "
+            f"'{ALLOW_MARKER} <rule>: <reason>' (the reason goes to the audit log)"
+        )
+    return SafetyCheck(open_findings, acknowledged)

@@ -14,12 +14,49 @@ from dataclasses import dataclass
 from precog_db.migrations._files import MigrationFile
 from precog_db.migrations._scanner import line_and_column, split_statements
 
-__all__ = ["DOWN_MARKER", "MARKERS", "NO_TRANSACTION_MARKER", "Sections", "marker_problem", "sections"]
+__all__ = [
+    "ALLOW_MARKER",
+    "DOWN_MARKER",
+    "MARKERS",
+    "NO_TRANSACTION_MARKER",
+    "Acknowledgement",
+    "Sections",
+    "acknowledgements",
+    "marker_problem",
+    "sections",
+]
 
 #: First line of a file that runs outside a transaction, statement by statement.
 NO_TRANSACTION_MARKER = "-- precog:no-transaction"
 #: The line that starts a file's down section (what `migrate down` runs to revert it).
 DOWN_MARKER = "-- precog:down"
+#: A line ``-- precog:allow <rule>: <reason>`` acknowledges a lint rule for the file (`acknowledgements`).
+ALLOW_MARKER = "-- precog:allow"
+_ALLOW = re.compile(r"--\s*precog:allow(?:\s+(?P<rule>[A-Za-z0-9_-]+))?\s*(?::\s*(?P<reason>.*?))?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Acknowledgement:
+    """A ``-- precog:allow <rule>: <reason>`` line: the file knowingly does what ``rule`` warns about."""
+
+    line: int
+    rule: str
+    #: Empty when the line has none (refused by `marker_problem`).
+    reason: str
+
+
+def acknowledgements(body: str) -> list[Acknowledgement]:
+    """Every ``-- precog:allow`` line of ``body``, in order (a whole line, blanks around it and case ignored)."""
+    found: list[Acknowledgement] = []
+    for number, line in enumerate(split_lines(body), 1):
+        stripped = line.strip()
+        if not stripped.lower().startswith(ALLOW_MARKER):
+            continue
+        match = _ALLOW.fullmatch(stripped)
+        rule = (match.group("rule") or "") if match else ""
+        reason = (match.group("reason") or "") if match else ""
+        found.append(Acknowledgement(number, rule.lower(), reason.strip()))
+    return found
 
 
 @dataclass(frozen=True)
@@ -173,6 +210,8 @@ def _misspelled_marker(migration: MigrationFile, body: str) -> str | None:
         whole_line = body.split("\n")[number - 1].strip()
         if whole_line.lower() in MARKERS and comment.strip() == whole_line:
             continue
+        if whole_line.lower().startswith(ALLOW_MARKER + " ") and comment.strip() == whole_line:
+            continue
         shown = " ".join(comment.split())
         shown = shown if len(shown) <= 60 else shown[:59] + "…"
         return (
@@ -198,6 +237,13 @@ def marker_problem(migration: MigrationFile, body: str) -> str | None:
     misspelled = _misspelled_marker(migration, body)
     if misspelled is not None:
         return misspelled
+    for ack in acknowledgements(body):
+        if not ack.rule or not ack.reason:
+            return (
+                f"{migration.path}, line {ack.line}: an acknowledgement names squawk's rule and says why, "
+                f"'{ALLOW_MARKER} <rule>: <reason>' (e.g. '{ALLOW_MARKER} require-concurrent-index-creation: "
+                "orders has 200 rows'); " + ("the reason is missing" if ack.rule else "write it so")
+            )
     downs: list[int] = []
     offset = 0
     for number, line in enumerate(split_lines(body), 1):

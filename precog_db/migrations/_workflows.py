@@ -28,6 +28,7 @@ from precog_db.migrations._apply import apply_migration, downgrade
 from precog_db.migrations._checks import PREDECESSOR, Problem, check_promotion, pending, plan_downgrade, validate
 from precog_db.migrations._files import MigrationFile, discover
 from precog_db.migrations._ledger import AppliedMigration, baseline, ensure_ledger, read_ledger
+from precog_db.migrations._lint import check_safety
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import (
     BASELINE_LOCK_TIMEOUT,
@@ -177,6 +178,16 @@ def upgrade(
                     check_promotion(plan, before, env=env, predecessor=predecessor)
                     promotion = f"passed: {predecessor.value} has applied all {len(plan)} with the same checksums"
             info["promotion"] = promotion
+            if plan:
+                safety = check_safety(plan, enforce=env in (Environment.STAGING, Environment.PROD))
+                if safety.acknowledged:
+                    info["acknowledged"] = safety.acknowledged
+                if safety.not_linted is not None:
+                    tell(f"warning: the migrations were not linted: {safety.not_linted}")
+                for f in safety.unacknowledged:
+                    tell(f"warning: {f.path.name}, line {f.line}: {f.rule}: {f.message} Instead: {f.advice}")
+                if safety.unacknowledged:
+                    info["lint_warnings"] = [f"{f.path.name}:{f.line}: {f.rule}" for f in safety.unacknowledged]
             if o.dry_run or not plan:
                 return UpgradeResult(o.dry_run, plan, promotion)
             tell(
