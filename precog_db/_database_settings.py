@@ -51,6 +51,8 @@ def env_defaults(env: Environment) -> dict[str, Any]:
         "sslmode": "require" if env is Environment.PROD else "prefer",
         "connect_timeout": 5,
         "statement_timeout_ms": 0,
+        # Staging and prod: a migration gives up on a lock after 5 s rather than queue every reader behind it.
+        "migration_lock_timeout_ms": 5000 if env in (Environment.STAGING, Environment.PROD) else 0,
         "tcp_user_timeout_ms": 30_000,
         "application_name": f"precog-{env.value}",
         "password_file": "",
@@ -132,6 +134,8 @@ class DatabaseSettings:
     sslmode: str = _UNSET
     connect_timeout: int = _UNSET
     statement_timeout_ms: int = _UNSET
+    #: ``lock_timeout`` (ms) for every migration statement; 0 = none (`precog_db.migrations`).
+    migration_lock_timeout_ms: int = _UNSET
     tcp_user_timeout_ms: int = _UNSET
     application_name: str = _UNSET
     #: A file whose content is the password, re-read for every new connection (docs/OPERATIONS.md).

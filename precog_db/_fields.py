@@ -310,6 +310,13 @@ SPECS: tuple[Spec, ...] = (
         "server-side statement timeout in ms (0 = none)",
     ),
     Spec(
+        "migration_lock_timeout_ms",
+        "DB_MIGRATION_LOCK_TIMEOUT",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "lock_timeout in ms for every migration statement (0 = none)",
+    ),
+    Spec(
         "tcp_user_timeout_ms",
         "DB_TCP_USER_TIMEOUT",
         _integer,

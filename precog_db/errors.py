@@ -51,6 +51,7 @@ __all__ = [
     "LocalClusterError",
     "MigrationError",
     "MigrationLockError",
+    "MigrationLockTimeoutError",
     "MigrationValidationError",
     "PoolExhaustedError",
     "PoolStateError",
@@ -133,6 +134,10 @@ class PromotionError(MigrationError, RefusalError):
 
 class MigrationLockError(MigrationError):
     """Another migration run held the lock for longer than the timeout."""
+
+
+class MigrationLockTimeoutError(MigrationError):
+    """A migration statement waited longer than ``DB_MIGRATION_LOCK_TIMEOUT`` for a table lock; rolled back."""
 
 
 class BackupError(PrecogDBError, RuntimeError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,3 +173,80 @@ class TestEnforcement:
         assert result.code == 1
         assert says in result.err and "Traceback" not in result.err
         assert ws.ledger("test") == []
+
+
+class TestLockTimeout:
+    def test_blocked_migration_gives_up_and_readers_get_through(self, ws: Workspace) -> None:
+        """A session holding a transaction on orders: the ALTER gives up after DB_MIGRATION_LOCK_TIMEOUT, names
+        the blocker's pid and application_name, records nothing; a reader queued behind it completes."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        ws.monkeypatch.setenv("DB_MIGRATION_LOCK_TIMEOUT", "1000")
+        dbname = ws.databases["test"].dbname
+        reader_rows: list[int] = []
+        reader_errors: list[BaseException] = []
+        with ws.server.connect(dbname) as blocker:
+            blocker.execute("SET application_name = 'slow-report'")
+            blocker.execute("BEGIN")
+            blocker.execute("SELECT count(*) FROM orders").fetchall()
+            blocker_pid = blocker.info.backend_pid
+
+            def reader() -> None:
+                try:
+                    with ws.server.connect(dbname) as watch:
+                        watch.autocommit = True
+                        for _ in range(400):  # until the migration is queued for its lock (bounded)
+                            waiting = watch.execute(
+                                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'orders'::regclass"
+                            ).fetchone()
+                            if waiting and waiting[0]:
+                                break
+                            time.sleep(0.01)
+                        watch.execute("SET statement_timeout = '60s'")
+                        row = watch.execute("SELECT count(*) FROM orders").fetchone()
+                        reader_rows.append(int(row[0]) if row else -1)
+                except BaseException as exc:  # reported by the assertions below
+                    reader_errors.append(exc)
+
+            thread = threading.Thread(target=reader)
+            thread.start()
+            result = ws.run("--env", "test", "migrate", "up")
+            thread.join(timeout=60)
+            assert not thread.is_alive()
+            blocker.execute("ROLLBACK")
+        assert result.code == 1
+        assert "0002_note.sql could not get its lock within lock_timeout 1000 ms" in result.err
+        assert f"pid {blocker_pid} (application_name 'slow-report'" in result.err
+        assert "AccessShareLock on orders" in result.err
+        assert reader_errors == [] and reader_rows == [0]
+        assert [v for v, _ in ws.ledger("test")] == [1]
+        assert ws.query("test", "SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'") == [(0,)]
+        # The blocker is gone: the same migration applies.
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert [v for v, _ in ws.ledger("test")] == [1, 2]
+
+    def test_lock_retries_are_bounded(self, ws: Workspace) -> None:
+        """--lock-retries 1 with the blocker staying: two attempts, then the failure says it gave up."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        ws.monkeypatch.setenv("DB_MIGRATION_LOCK_TIMEOUT", "200")
+        with ws.server.connect(ws.databases["test"].dbname) as blocker:
+            blocker.execute("BEGIN")
+            blocker.execute("SELECT count(*) FROM orders").fetchall()
+            result = ws.run("--env", "test", "migrate", "up", "--lock-retries", "1")
+            blocker.execute("ROLLBACK")
+        assert result.code == 1
+        assert result.err.count("retry 1 of 1") == 1
+        assert "gave up after 1 retries" in result.err
+        assert [v for v, _ in ws.ledger("test")] == [1]
+
+    def test_staging_and_prod_default_to_five_seconds(self) -> None:
+        """DB_MIGRATION_LOCK_TIMEOUT: 5000 ms on staging and prod, none on dev and test."""
+        from precog_db.environment import Environment
+        from precog_db.settings import DatabaseSettings
+
+        assert [DatabaseSettings(env=e).migration_lock_timeout_ms for e in Environment] == [0, 0, 5000, 5000]

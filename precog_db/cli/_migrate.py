@@ -52,6 +52,13 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         help="migrate even though the previous environment's ledger cannot be read (needs --reason); "
         "never skips a migration the previous environment is known not to have",
     )
+    q.add_argument(
+        "--lock-retries",
+        type=int,
+        default=0,
+        metavar="N",
+        help="retry a file that hit DB_MIGRATION_LOCK_TIMEOUT up to N times, with backoff (default 0)",
+    )
     q.add_argument("--no-backup", action="store_true", help="prod: do not take the backup first (needs --reason)")
     q.add_argument("--reason", help="why a check or the backup is skipped; recorded in the audit log")
     add_backup_options(q)
@@ -238,6 +245,8 @@ def cmd_migrate_up(ctx: Context) -> int:
         raise UsageError('--no-backup needs --reason "..." (it goes to the audit log)')
     if args.lock_timeout < 0:
         raise UsageError("--lock-timeout must be zero or more seconds")
+    if not 0 <= args.lock_retries <= 20:
+        raise UsageError("--lock-retries must be between 0 and 20")
     settings = ctx.settings()
     ctx.show_banner(settings, "migrate up" + (" --dry-run" if args.dry_run else ""))
     options = MigrationOptions(
@@ -246,6 +255,7 @@ def cmd_migrate_up(ctx: Context) -> int:
         dry_run=bool(args.dry_run),
         lock_timeout=args.lock_timeout,
         skip_promotion_check=bool(args.skip_promotion_check),
+        lock_retries=args.lock_retries,
         take_backup=not args.no_backup,
         reason=reason,
         config_dir=args.config_dir,

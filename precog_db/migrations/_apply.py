@@ -20,7 +20,7 @@ from psycopg import Connection
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
-from precog_db.errors import MigrationError, MigrationValidationError
+from precog_db.errors import MigrationError, MigrationLockTimeoutError, MigrationValidationError
 from precog_db.migrations._checks import plan_downgrade
 from precog_db.migrations._files import MigrationFile, checksum_of, discover, text_of
 from precog_db.migrations._ledger import LEDGER, RETURNING, AppliedMigration, applied_by, applied_from_row, read_ledger
@@ -48,7 +48,9 @@ def _read_checked(migration: MigrationFile, verb: str) -> str:
     return body
 
 
-def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str | None = None) -> AppliedMigration:
+def apply_migration(
+    conn: Connection[Any], migration: MigrationFile, *, who: str | None = None, lock_timeout_ms: int = 0
+) -> AppliedMigration:
     """Run one file's up part and record it. Raises `MigrationError` naming the file on failure.
 
     A normal file runs in one transaction together with its ledger row. A
@@ -62,6 +64,11 @@ def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str
     A file whose first line is ``-- precog:no-transaction`` runs in
     autocommit, statement by statement (`run_without_transaction`), and is
     recorded only after every statement succeeded.
+
+    ``lock_timeout_ms`` (``DB_MIGRATION_LOCK_TIMEOUT``; 0 = none) bounds each
+    statement's wait for a lock; a statement that cannot get its lock in
+    time raises `MigrationLockTimeoutError` naming the sessions that hold
+    locks, after the rollback (nothing recorded).
     """
     body = _read_checked(migration, "applied")
     parts = sections(body)
@@ -77,9 +84,13 @@ def apply_migration(conn: Connection[Any], migration: MigrationFile, *, who: str
         return cur.fetchone()
 
     if parts.no_transaction:
+        if lock_timeout_ms:
+            _set_lock_timeout(conn, lock_timeout_ms, local=False)  # undone by RESET ALL after the file
         row = run_without_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
     else:
-        row = _run_in_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
+        row = _run_in_transaction(
+            conn, migration, body, 0, parts.up_end, record=record, verb="applied", lock_timeout_ms=lock_timeout_ms
+        )
     assert row is not None
     return applied_from_row(row)
 
@@ -93,11 +104,14 @@ def _run_in_transaction(
     *,
     record: Callable[[psycopg.Cursor[Any]], Any],
     verb: str,
+    lock_timeout_ms: int = 0,
 ) -> Any:
     """Run ``body[start:end]`` and then ``record`` in one transaction; ``record``'s result."""
     text = body[start:end]
     try:
         with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+            if lock_timeout_ms:
+                _set_lock_timeout(conn, lock_timeout_ms, local=True)
             before = _transaction_id(cur)
             if text.strip():
                 cur.execute(text.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
@@ -110,6 +124,12 @@ def _run_in_transaction(
                     "transaction control from the file, and run the command again"
                 )
             row = record(cur)
+    except psycopg.errors.LockNotAvailable as exc:
+        raise MigrationLockTimeoutError(
+            f"{migration.filename} could not get its lock within lock_timeout {lock_timeout_ms} ms "
+            f"(DB_MIGRATION_LOCK_TIMEOUT) and was rolled back, nothing recorded: {_describe(exc, body, start)}. "
+            f"{_lock_holders(conn)}. Wait for them to finish (or end them), or retry with --lock-retries N"
+        ) from None
     except psycopg.Error as exc:
         if conn.broken:
             raise MigrationError(
@@ -226,6 +246,40 @@ def run_without_transaction(
         f"{migration.filename} (no-transaction) {cause}; {ran_text}{not_run}{invalid}. It was NOT recorded as "
         f"{verb} and {state}: undo or keep what ran (make those statements idempotent, e.g. IF NOT EXISTS), "
         "fix the cause, and run the command again"
+    )
+
+
+def _set_lock_timeout(conn: Connection[Any], ms: int, *, local: bool) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT set_config('lock_timeout', %s, %s)", (f"{ms}ms", local))
+
+
+_LOCK_HOLDERS = """
+SELECT a.pid, coalesce(nullif(a.application_name, ''), '(no application_name)'), a.state,
+       string_agg(DISTINCT format('%s on %s', l.mode, l.relation::regclass), ', ')
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.granted AND l.locktype = 'relation'
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL
+  AND l.relation NOT IN (SELECT oid FROM pg_class WHERE relnamespace = 'pg_catalog'::regnamespace)
+GROUP BY a.pid, a.application_name, a.state ORDER BY a.pid
+"""
+
+
+def _lock_holders(conn: Connection[Any]) -> str:
+    """The sessions of this database holding table locks in an open transaction: pid, application_name, locks."""
+    if conn.broken or conn.closed:
+        return "the sessions holding locks could not be read (the connection is gone)"
+    try:
+        with conn.cursor(row_factory=tuple_row) as cur:
+            cur.execute(_LOCK_HOLDERS)
+            rows = cur.fetchall()
+    except psycopg.Error as exc:
+        return f"the sessions holding locks could not be read ({_describe(exc)})"
+    if not rows:
+        return "no session holds a table lock any more (the blocker has finished)"
+    return "sessions holding table locks in an open transaction: " + "; ".join(
+        f"pid {pid} (application_name {name!r}, {state}) holds {locks}" for pid, name, state, locks in rows
     )
 
 

@@ -45,7 +45,7 @@ OFF_BY_DEFAULT: dict[str, str] = {
     "prefer-text-field": "style: varchar(n) versus text; changing it later is caught by changing-column-type",
     "prefer-timestamptz": "style: a column type choice, not a locking hazard",
     "ban-char-field": "style: a column type choice, not a locking hazard",
-    "require-lock-timeout": "precog sets lock_timeout for every migration statement (DB_MIGRATION_LOCK_TIMEOUT)",
+    "require-lock-timeout": "migrate up sets lock_timeout for every statement (DB_MIGRATION_LOCK_TIMEOUT)",
     "require-statement-timeout": "a long statement is the point of some migrations; the lock hazard is "
     "covered by lock_timeout and by the rules on the statements themselves",
     "transaction-nesting": "precog refuses BEGIN/COMMIT in a migration file itself, before squawk runs",

@@ -46,6 +46,8 @@ class MigrationOptions:
     dry_run: bool = False
     #: Seconds to wait for another run's migration lock; None: 300 for up and down, 60 for baseline.
     lock_timeout: float | None = None
+    #: ``up``: retries of a file that hit ``DB_MIGRATION_LOCK_TIMEOUT``, with backoff (``--lock-retries``).
+    lock_retries: int = 0
     #: On prod, take a verified backup before changing the schema; False needs a ``reason`` (``--no-backup``).
     take_backup: bool = True
     #: Why the backup or the promotion check is skipped; recorded in the audit log (``--reason``).
@@ -111,6 +113,7 @@ class UpgradeKeywords(RevertKeywords, total=False):
 
     skip_promotion_check: bool
     config_dir: str | os.PathLike[str] | None
+    lock_retries: int
 
 
 def _keys(accepted: type[BaselineKeywords]) -> frozenset[str]:

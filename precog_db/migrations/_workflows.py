@@ -9,6 +9,7 @@ other modules of the package. How a workflow runs is one `MigrationOptions`
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from precog_db.backup import backup_database
 from precog_db.confirm import confirmation
 from precog_db.connection import connect
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PrecogDBError, PromotionError
+from precog_db.errors import ConfigurationError, MigrationLockTimeoutError, PrecogDBError, PromotionError
 from precog_db.migrations._apply import apply_migration, downgrade
 from precog_db.migrations._checks import PREDECESSOR, Problem, check_promotion, pending, plan_downgrade, validate
 from precog_db.migrations._files import MigrationFile, discover
@@ -219,7 +220,7 @@ def upgrade(
                                 "the confirmed plan; run migrate up again"
                             )
                         display.update(f"[{index}/{len(todo)}] applying {migration.filename} ...")
-                        row = apply_migration(conn, migration)
+                        row = _apply_with_retries(conn, migration, settings.migration_lock_timeout_ms, o, tell)
                         applied.append(
                             {
                                 "version": row.version,
@@ -233,6 +234,34 @@ def upgrade(
         finally:
             conn.close()
     return UpgradeResult(o.dry_run, plan, promotion, applied, info.get("backup"))
+
+
+#: Seconds before the first retry of a file that hit its lock timeout; doubled each time, capped.
+_RETRY_BACKOFF, _RETRY_BACKOFF_CAP = 1.0, 30.0
+
+
+def _apply_with_retries(
+    conn: Connection[Any],
+    migration: MigrationFile,
+    lock_timeout_ms: int,
+    o: MigrationOptions,
+    tell: Callable[[str], None],
+) -> AppliedMigration:
+    """`apply_migration` under ``lock_timeout_ms``; a lock timeout is retried ``o.lock_retries`` times with backoff."""
+    if o.lock_retries < 0:
+        raise ConfigurationError("lock_retries must be zero or more")
+    for attempt in range(o.lock_retries + 1):
+        try:
+            return apply_migration(conn, migration, lock_timeout_ms=lock_timeout_ms)
+        except MigrationLockTimeoutError as exc:
+            if attempt == o.lock_retries:
+                if o.lock_retries:
+                    raise MigrationLockTimeoutError(f"{exc} (gave up after {o.lock_retries} retries)") from None
+                raise
+            pause = min(_RETRY_BACKOFF * 2**attempt, _RETRY_BACKOFF_CAP)
+            tell(f"{exc}; retry {attempt + 1} of {o.lock_retries} in {pause:.0f} s")
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def mark_baseline(
