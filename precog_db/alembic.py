@@ -29,7 +29,11 @@ What `run_migrations` does, for every ``alembic`` command that runs env.py:
 6. **Offline** (``--sql``), no connection is opened: the SQL is written for
    the PostgreSQL dialect; the naming rule, the banner and the audit entry
    still apply.
-7. **The audit log** gets one entry per run (``alembic upgrade``,
+7. **Lock timeouts**: online, the session runs under ``lock_timeout`` =
+   ``DB_MIGRATION_LOCK_TIMEOUT`` ms (5000 on staging and prod by default); a
+   revision that cannot get its lock in time fails with PostgreSQL's
+   ``canceling statement due to lock timeout`` and Alembic's transaction rolls back.
+8. **The audit log** gets one entry per run (``alembic upgrade``,
    ``alembic downgrade`` …, with the revision, ``--sql``, the confirmation and
    the outcome), written even when the run is refused or fails.
 
@@ -193,12 +197,17 @@ def _run_online(
 
     def creator() -> Any:
         # The chokepoint: naming rule, gate, production guard, identity stamp, reply bound.
-        return connect(
+        conn = connect(
             settings.replace(application_name=f"precog-db alembic {settings.env.value}"),
             operation=operation,
             autocommit=False,
             direct=True,  # migrations need a session of their own, never a transaction-mode pooler
         )
+        if settings.migration_lock_timeout_ms:
+            # Session-level, so every revision's statements wait at most this long for a lock.
+            conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{settings.migration_lock_timeout_ms}ms",))
+            conn.commit()
+        return conn
 
     engine = create_engine("postgresql+psycopg://", creator=creator, poolclass=NullPool)
     try:

@@ -160,3 +160,31 @@ class TestProduction:
         result = alembic(ws, "-x", "env=prod", "current", env={"PRECOG_PROD_CONFIRMED": "yes"})
         assert result.code == 0, result.err
         assert ws.audit_entries()[-1]["confirmation"] == "PRECOG_PROD_CONFIRMED=yes"
+
+
+LOCK_TIMEOUT_REVISION = '''\
+"""record the lock_timeout the revision runs under"""
+from alembic import op
+
+revision = "a2"
+down_revision = "a1"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.execute("CREATE TABLE seen_lock_timeout AS SELECT current_setting('lock_timeout') AS value")
+
+
+def downgrade():
+    op.execute("DROP TABLE seen_lock_timeout")
+'''
+
+
+def test_revisions_run_under_the_migration_lock_timeout(ws: Workspace) -> None:
+    """DB_MIGRATION_LOCK_TIMEOUT is the lock_timeout of the session the revisions run in."""
+    ws.add("test")
+    (ws.root / "migrations" / "versions" / "a2_lock_timeout.py").write_text(LOCK_TIMEOUT_REVISION)
+    result = alembic(ws, "-x", "env=test", "upgrade", "head", env={"DB_MIGRATION_LOCK_TIMEOUT": "1234"})
+    assert result.code == 0, result.err
+    assert ws.query("test", "SELECT value FROM seen_lock_timeout") == [("1234ms",)]

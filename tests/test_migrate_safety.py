@@ -250,3 +250,20 @@ class TestLockTimeout:
         from precog_db.settings import DatabaseSettings
 
         assert [DatabaseSettings(env=e).migration_lock_timeout_ms for e in Environment] == [0, 0, 5000, 5000]
+
+
+def test_down_section_runs_under_the_lock_timeout(ws: Workspace) -> None:
+    """migrate down: a blocked down section gives up after DB_MIGRATION_LOCK_TIMEOUT and stays applied."""
+    ws.add("test")
+    ws.write_migration("0001_orders.sql", ORDERS + "-- precog:down\nDROP TABLE orders;\n")
+    assert ws.run("--env", "test", "migrate", "up").code == 0
+    ws.monkeypatch.setenv("DB_MIGRATION_LOCK_TIMEOUT", "300")
+    with ws.server.connect(ws.databases["test"].dbname) as blocker:
+        blocker.execute("BEGIN")
+        blocker.execute("SELECT count(*) FROM orders").fetchall()
+        result = ws.run("--env", "test", "migrate", "down")
+        blocker.execute("ROLLBACK")
+    assert result.code == 1
+    assert "0001_orders.sql could not get its lock within lock_timeout 300 ms" in result.err
+    assert [v for v, _ in ws.ledger("test")] == [1]
+    assert ws.has_table("test", "orders")

@@ -314,7 +314,7 @@ def _describe(exc: psycopg.Error, body: str | None = None, start: int = 0) -> st
     return f"{message}{position}{where}{hint}"
 
 
-def revert_migration(conn: Connection[Any], migration: MigrationFile) -> None:
+def revert_migration(conn: Connection[Any], migration: MigrationFile, *, lock_timeout_ms: int = 0) -> None:
     """Run one file's down section and delete its ledger row, in one transaction (autocommit and statement by
     statement for a ``-- precog:no-transaction`` file, the row deleted only after every statement succeeded)."""
     body = _read_checked(migration, "reverted")
@@ -335,8 +335,21 @@ def revert_migration(conn: Connection[Any], migration: MigrationFile) -> None:
             )
         return row
 
-    runner = run_without_transaction if parts.no_transaction else _run_in_transaction
-    runner(conn, migration, body, parts.down_start, len(body), record=record, verb="reverted")
+    if parts.no_transaction:
+        if lock_timeout_ms:
+            _set_lock_timeout(conn, lock_timeout_ms, local=False)  # undone by RESET ALL after the file
+        run_without_transaction(conn, migration, body, parts.down_start, len(body), record=record, verb="reverted")
+    else:
+        _run_in_transaction(
+            conn,
+            migration,
+            body,
+            parts.down_start,
+            len(body),
+            record=record,
+            verb="reverted",
+            lock_timeout_ms=lock_timeout_ms,
+        )
 
 
 def downgrade(
@@ -349,6 +362,7 @@ def downgrade(
     on_lock_wait: Callable[[str], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_reverted: Callable[[dict[str, Any]], None] | None = None,
+    lock_timeout_ms: int = 0,
 ) -> list[dict[str, Any]]:
     """Revert applied migrations newest first (``precog-db migrate down``); one dict per reverted file.
 
@@ -357,7 +371,8 @@ def downgrade(
     ``planned`` (the file names the caller confirmed) differs from that plan,
     `MigrationValidationError` and nothing is reverted. Each file's down
     section runs in its own transaction with the removal of its ledger row
-    (`revert_migration`). Confirmation, the prod backup and the audit entry
+    (`revert_migration`), each statement under ``lock_timeout_ms``
+    (0 = none). Confirmation, the prod backup and the audit entry
     are the caller's, in the same order as ``migrate up``. ``conn`` is an
     autocommit connection from `precog_db.connection.connect`.
     """
@@ -374,7 +389,7 @@ def downgrade(
             if on_progress is not None:
                 on_progress(f"[{index}/{len(todo)}] reverting {migration.filename} ...")
             started = time.monotonic()
-            revert_migration(conn, migration)
+            revert_migration(conn, migration, lock_timeout_ms=lock_timeout_ms)
             done = {
                 "version": migration.version,
                 "file": migration.filename,

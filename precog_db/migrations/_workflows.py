@@ -398,6 +398,7 @@ def revert(
                     on_lock_wait=o.on_lock_wait,
                     on_progress=display.update,
                     on_reverted=result.reverted.append,
+                    lock_timeout_ms=settings.migration_lock_timeout_ms,
                 )
             finally:
                 display.done()
