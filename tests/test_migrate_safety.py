@@ -267,3 +267,31 @@ def test_down_section_runs_under_the_lock_timeout(ws: Workspace) -> None:
     assert "0001_orders.sql could not get its lock within lock_timeout 300 ms" in result.err
     assert [v for v, _ in ws.ledger("test")] == [1]
     assert ws.has_table("test", "orders")
+
+
+def test_the_documented_worked_example_lints_clean_and_applies(ws: Workspace) -> None:
+    """docs/CLI.md's index and NOT NULL steps: no finding, and they apply on a table with rows."""
+    ws.add("test")
+    ws.write_migration("0001_orders.sql", ORDERS + "INSERT INTO orders VALUES (1, 10);\n")
+    ws.write_migration("0002_index.sql", CONCURRENT.replace("INDEX CONCURRENTLY", "INDEX CONCURRENTLY IF NOT EXISTS"))
+    ws.write_migration("0003_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+    ws.write_migration(
+        "0004_check.sql",
+        "ALTER TABLE orders ADD CONSTRAINT orders_note_not_null CHECK (note IS NOT NULL) NOT VALID;\n"
+        "UPDATE orders SET note = '' WHERE note IS NULL;\n",
+    )
+    ws.write_migration("0005_validate.sql", "ALTER TABLE orders VALIDATE CONSTRAINT orders_note_not_null;\n")
+    ws.write_migration(
+        "0006_not_null.sql",
+        "-- precog:allow adding-not-nullable-field: orders_note_not_null was validated by 0005, no scan\n"
+        "-- precog:allow ban-drop-constraint: the CHECK is replaced by the NOT NULL it proved\n"
+        "ALTER TABLE orders ALTER COLUMN note SET NOT NULL;\n"
+        "ALTER TABLE orders DROP CONSTRAINT orders_note_not_null;\n",
+    )
+    lint = ws.run("migrate", "lint", "--all")
+    assert lint.code == 0, lint.out
+    assert "no findings in 6 file(s)" in lint.out
+    up = ws.run("--env", "test", "migrate", "up")
+    assert up.code == 0, up.err
+    assert "warning" not in up.err
+    assert [v for v, _ in ws.ledger("test")] == [1, 2, 3, 4, 5, 6]

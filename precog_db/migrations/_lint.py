@@ -129,7 +129,7 @@ def lint(
     *,
     all_files: bool = False,
 ) -> tuple[list[MigrationFile], list[Finding]]:
-    """The files linted and squawk's findings (``precog-db migrate lint``).
+    """The files linted and squawk's findings not acknowledged in their file (``precog-db migrate lint``).
 
     By default the files not yet in the ledger of ``settings``' database (read
     through the chokepoint); with ``all_files`` every file in ``directory``,
@@ -146,7 +146,8 @@ def lint(
             conn.close()
         files = [f for f in files if f.version not in ledger]
     binary = squawk_path()
-    return files, lint_files(files, squawk=binary)
+    allowed = {f.path: {a.rule for a in acknowledgements(f.sql())} for f in files}
+    return files, [f for f in lint_files(files, squawk=binary) if f.rule not in allowed[f.path]]
 
 
 def _unknown_rules(binary: str, rules: Iterable[str]) -> list[str]:
