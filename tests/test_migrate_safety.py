@@ -295,3 +295,14 @@ def test_the_documented_worked_example_lints_clean_and_applies(ws: Workspace) ->
     assert up.code == 0, up.err
     assert "warning" not in up.err
     assert [v for v, _ in ws.ledger("test")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_down_sections_are_linted_at_their_file_lines(ws: Workspace) -> None:
+    """migrate down on test warns about its down section's finding, at the file's line; up ignores it."""
+    ws.add("test")
+    ws.write_migration("0001_orders.sql", ORDERS + "-- precog:down\n-- drop it\nDROP TABLE orders;\n")
+    up = ws.run("--env", "test", "migrate", "up")
+    assert up.code == 0 and "warning" not in up.err
+    down = ws.run("--env", "test", "migrate", "down")
+    assert down.code == 0, down.err
+    assert "warning: 0001_orders.sql, line 4: ban-drop-table" in down.err

@@ -98,15 +98,19 @@ def _run_squawk(binary: str, sql: str, *, in_transaction: bool, label: str) -> l
     return [f for f in found if isinstance(f, dict)]
 
 
-def lint_files(files: Iterable[MigrationFile], *, squawk: str | None = None) -> list[Finding]:
-    """squawk's findings on each file's up section, in file order, each at the file's own line (1-based)."""
+def lint_files(files: Iterable[MigrationFile], *, squawk: str | None = None, down: bool = False) -> list[Finding]:
+    """squawk's findings on each file's up (``down``: down) section, in file order, at the file's own lines."""
     binary = squawk or squawk_path()
     findings: list[Finding] = []
     for migration in files:
-        parts = sections(migration.sql())
-        if not parts.up.strip():
+        body = migration.sql()
+        parts = sections(body)
+        text = (parts.down or "") if down else parts.up
+        if not text.strip():
             continue
-        for raw in _run_squawk(binary, parts.up, in_transaction=not parts.no_transaction, label=str(migration.path)):
+        # Lines before the section: the down section starts after the `-- precog:down` line.
+        skipped = body[: parts.down_start].count("\n") if down and parts.down_start is not None else 0
+        for raw in _run_squawk(binary, text, in_transaction=not parts.no_transaction, label=str(migration.path)):
             line = raw.get("line")
             message = str(raw.get("message") or "").strip()
             advice = str(raw.get("help") or "").strip() or message
@@ -114,7 +118,7 @@ def lint_files(files: Iterable[MigrationFile], *, squawk: str | None = None) -> 
                 Finding(
                     path=migration.path,
                     # squawk counts lines from 0; the up section starts at the file's first line.
-                    line=(line + 1) if isinstance(line, int) else 1,
+                    line=skipped + ((line + 1) if isinstance(line, int) else 1),
                     rule=str(raw.get("rule_name") or "unknown"),
                     message=message,
                     advice=advice,
@@ -179,10 +183,11 @@ class SafetyCheck:
     not_linted: str | None = None
 
 
-def check_safety(files: Sequence[MigrationFile], *, enforce: bool) -> SafetyCheck:
-    """Lint ``files`` before they run (`upgrade`); with ``enforce`` (staging, prod) refuse what is not acknowledged.
+def check_safety(files: Sequence[MigrationFile], *, enforce: bool, down: bool = False) -> SafetyCheck:
+    """Lint ``files`` before they run (`upgrade`, `revert`); ``enforce`` (staging, prod) refuses the unacknowledged.
 
-    A finding is acknowledged by a line ``-- precog:allow <rule>: <reason>`` in its file. An acknowledged
+    ``down``: the down sections (`revert`). A finding is acknowledged by a line
+    ``-- precog:allow <rule>: <reason>`` in its file. An acknowledged
     rule squawk does not know is refused (enforced or not). With ``enforce``, any finding not acknowledged
     raises `MigrationValidationError` naming each (file, line, rule) and how to acknowledge it, and a missing
     squawk raises `ConfigurationError`; without it, a missing squawk is reported in ``not_linted``.
@@ -203,7 +208,7 @@ def check_safety(files: Sequence[MigrationFile], *, enforce: bool) -> SafetyChec
                 f"{migration.path} acknowledges {', '.join(repr(r) for r in unknown)}, which squawk does not know; "
                 "use squawk's rule name as `precog-db migrate lint` prints it (nothing was applied)"
             )
-    findings = lint_files(files, squawk=binary)
+    findings = lint_files(files, squawk=binary, down=down)
     open_findings = [f for f in findings if f.rule not in allowed[f.path]]
     acknowledged: list[dict[str, object]] = []
     for path, rules in allowed.items():

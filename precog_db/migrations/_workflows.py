@@ -180,15 +180,7 @@ def upgrade(
                     promotion = f"passed: {predecessor.value} has applied all {len(plan)} with the same checksums"
             info["promotion"] = promotion
             if plan:
-                safety = check_safety(plan, enforce=env in (Environment.STAGING, Environment.PROD))
-                if safety.acknowledged:
-                    info["acknowledged"] = safety.acknowledged
-                if safety.not_linted is not None:
-                    tell(f"warning: the migrations were not linted: {safety.not_linted}")
-                for f in safety.unacknowledged:
-                    tell(f"warning: {f.path.name}, line {f.line}: {f.rule}: {f.message} Instead: {f.advice}")
-                if safety.unacknowledged:
-                    info["lint_warnings"] = [f"{f.path.name}:{f.line}: {f.rule}" for f in safety.unacknowledged]
+                _lint_plan(plan, env, info, tell, down=False)
             if o.dry_run or not plan:
                 return UpgradeResult(o.dry_run, plan, promotion)
             tell(
@@ -234,6 +226,22 @@ def upgrade(
         finally:
             conn.close()
     return UpgradeResult(o.dry_run, plan, promotion, applied, info.get("backup"))
+
+
+def _lint_plan(
+    plan: list[MigrationFile], env: Environment, info: dict[str, Any], tell: Callable[[str], None], *, down: bool
+) -> None:
+    """`check_safety` of what is about to run: up refused on staging and prod, otherwise warnings (and audit)."""
+    # A down section undoes its file (dropping what up created is its nature): warned about, never refused.
+    safety = check_safety(plan, enforce=not down and env in (Environment.STAGING, Environment.PROD), down=down)
+    if safety.acknowledged:
+        info["acknowledged"] = safety.acknowledged
+    if safety.not_linted is not None:
+        tell(f"warning: the migrations were not linted: {safety.not_linted}")
+    for f in safety.unacknowledged:
+        tell(f"warning: {f.path.name}, line {f.line}: {f.rule}: {f.message} Instead: {f.advice}")
+    if safety.unacknowledged:
+        info["lint_warnings"] = [f"{f.path.name}:{f.line}: {f.rule}" for f in safety.unacknowledged]
 
 
 #: Seconds before the first retry of a file that hit its lock timeout; doubled each time, capped.
@@ -373,6 +381,8 @@ def revert(
         try:
             plan = plan_downgrade(files, read_ledger(conn), o.target)
             info["planned"] = [m.filename for m in plan]
+            if plan:
+                _lint_plan(plan, settings.env, info, tell, down=True)
             if o.dry_run or not plan:
                 return RevertResult(o.dry_run, plan)
             tell(f"plan: revert {len(plan)} migration(s) of the {settings.describe()}: " + ", ".join(info["planned"]))
