@@ -157,7 +157,7 @@ class TestFailover:
             initialize_pool(settings=primary.settings(host="127.0.0.1", port=standby.port))
         with psycopg.connect(standby.conninfo("precog_test"), autocommit=True) as on_standby:
             assert not connection_is_usable(on_standby)  # in_hot_standby=on, read from the parameters: no round trip
-            on_standby._precog_writer = False  # type: ignore[attr-defined]  # a pool that only reads keeps it
+            on_standby._precog.writer = False  # type: ignore[attr-defined]  # a pool that only reads keeps it
             assert connection_is_usable(on_standby)
         with psycopg.connect(primary.conninfo("precog_test"), autocommit=True) as on_primary:
             assert connection_is_usable(on_primary)
