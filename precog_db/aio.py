@@ -190,7 +190,7 @@ class _CursorBlock:
                     else AsyncFirstStatementCursor
                 )
                 cursor = self._cursor = cls(conn, row_factory=self._row_factory)
-                conn._precog_pending_begin = self  # type: ignore[attr-defined]
+                conn._precog.pending_begin = self  # type: ignore[attr-defined]
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = AsyncTransaction(conn)  # what conn.transaction() wraps, without the generator
@@ -210,7 +210,7 @@ class _CursorBlock:
     ) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
-        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # before any await: never outlives the block
+        conn._precog.pending_begin = None  # type: ignore[attr-defined]  # before any await: never outlives the block
         pipelined = self._pipeline
         transaction = self._transaction
         committing = et is None and (transaction is not None or isinstance(pipelined, AsyncPipelinedBlock))
@@ -269,7 +269,7 @@ class _CursorBlock:
         cursor, conn, pool = self._cursor, self._conn, self._pool
         self._cursor = self._transaction = None
         if conn is not None:
-            conn._precog_pending_begin = None  # type: ignore[attr-defined]
+            conn._precog.pending_begin = None  # type: ignore[attr-defined]
         self._conn = None
         if cursor is not None:
             await cursor.close()

@@ -242,7 +242,7 @@ class _CursorBlock:
                 # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
                 cls = PoolerFirstStatementCursor if pool.settings.pooler == "transaction" else FirstStatementCursor
                 self._cursor = cursor = cls(conn, row_factory=self._row_factory)
-                conn._precog_pending_begin = self  # any other I/O sends it first
+                conn._precog.pending_begin = self  # any other I/O sends it first
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = conn.transaction()
@@ -252,7 +252,7 @@ class _CursorBlock:
         except BaseException as exc:
             conn = self._conn
             if conn is not None:
-                conn._precog_pending_begin = None
+                conn._precog.pending_begin = None
             try:
                 if self._cursor is not None:
                     self._cursor.close()
@@ -270,7 +270,7 @@ class _CursorBlock:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
-        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # never outlives the block
+        conn._precog.pending_begin = None  # type: ignore[attr-defined]  # never outlives the block
         committing = False
         try:
             try:
@@ -362,7 +362,7 @@ def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
     pool = getattr(block, "_pool", None)
     conn = getattr(block, "_conn", None)
     if conn is not None and pool is not None:
-        conn._precog_pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
+        conn._precog.pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
         with contextlib.suppress(Exception):
             pool.give_back(block)
 

@@ -105,7 +105,7 @@ class TestReadOnlyCursor:
         with api.get_cursor() as cur:
             cur.execute("SELECT 1")
             assert cur.connection is first
-            assert not cur.connection._precog_dirty  # type: ignore[attr-defined]
+            assert not cur.connection._precog.dirty  # type: ignore[attr-defined]
 
     def test_cursor_is_closed_after_the_block(self, table: str) -> None:
         """The cursor cannot be used once its block ended (its connection may be someone else's)."""
@@ -291,10 +291,10 @@ class TestNextBorrower:
         with api.get_connection() as conn:
             first = conn
             conn.execute("SELECT 1")
-            assert conn._precog_dirty is True  # type: ignore[attr-defined]
+            assert conn._precog.dirty is True  # type: ignore[attr-defined]
         with api.get_cursor() as cur:
             assert cur.connection is first
-            assert first._precog_dirty is False  # type: ignore[attr-defined]
+            assert first._precog.dirty is False  # type: ignore[attr-defined]
 
     def test_adapters_registered_by_a_borrower_are_undone(self, table: str) -> None:
         """A loader a borrower registers on the connection does not reach the next borrower."""
