@@ -40,6 +40,7 @@ MODULES: dict[str, str] = {
     "tests/test_replicas_async.py": "tests/test_replicas_sync.py",
     "precog_db/_pooler_async.py": "precog_db/_pooler_sync.py",
     "tests/test_pooler_common_async.py": "tests/test_pooler_common.py",
+    "tests/test_pooler_attacks_async.py": "tests/test_pooler_attacks.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
