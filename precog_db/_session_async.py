@@ -21,6 +21,7 @@ from precog_db._session_base import (
     AsyncReconfigure,
     _DeclareMarking,
     _Marking,
+    RestoreFailed,
     _statement_failed,
     restore_gen,
     settled,
@@ -94,6 +95,10 @@ async def restore(conn: AsyncConnection[Any], reconfigure: AsyncReconfigure | No
     may have changed. Everything it decides is `restore_gen`, run through the
     connection's own ``wait``.
     """
+    if conn.lock.locked():
+        # Still in use: a stream() its borrower kept half-read (psycopg holds the lock between rows), or
+        # another thread. Waiting for the lock would never end; the caller closes the connection.
+        raise RestoreFailed("the connection is still in use (a stream kept half-read, or another thread)")
     async with conn.lock:
         discarded = await conn.wait(restore_gen(conn))
     if discarded:

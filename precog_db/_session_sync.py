@@ -21,6 +21,7 @@ from psycopg import Connection
 from precog_db._conn_state import ConnState
 from precog_db._session_base import (
     Reconfigure,
+    RestoreFailed,
     _DeclareMarking,
     _Marking,
     _statement_failed,
@@ -96,6 +97,10 @@ def restore(conn: Connection[Any], reconfigure: Reconfigure | None = None) -> No
     may have changed. Everything it decides is `restore_gen`, run through the
     connection's own ``wait``.
     """
+    if conn.lock.locked():
+        # Still in use: a stream() its borrower kept half-read (psycopg holds the lock between rows), or
+        # another thread. Waiting for the lock would never end; the caller closes the connection.
+        raise RestoreFailed("the connection is still in use (a stream kept half-read, or another thread)")
     with conn.lock:
         discarded = conn.wait(restore_gen(conn))
     if discarded:

@@ -20,6 +20,13 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 
 if True:  # ASYNC
+    import asyncio
+    from collections.abc import Awaitable, Callable
+else:
+    import threading
+    from collections.abc import Callable
+
+if True:  # ASYNC
     from precog_db import aio as api
 else:
     import precog_db as api
@@ -341,3 +348,54 @@ class TestNextBorrower:
             assert cur.connection is first
             await cur.execute("SELECT 1::int4 AS n")
             assert await cur.fetchone() == {"n": 1}
+
+
+if True:  # ASYNC
+
+    async def _within(block: Callable[[], Awaitable[None]], seconds: float) -> None:
+        """Run ``block``; fail if it has not ended after ``seconds`` (a hang shows as a failure, not a stuck suite)."""
+        await asyncio.wait_for(block(), seconds)
+else:
+
+    def _within(block: Callable[[], None], seconds: float) -> None:
+        """Run ``block`` in a thread; fail if it has not ended after ``seconds``."""
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                block()
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(seconds)
+        assert not worker.is_alive(), f"the block did not end within {seconds}s"
+        if errors:
+            raise errors[0]
+
+
+class TestKeptStream:
+    """A ``stream()`` its borrower keeps half-read when the block ends.
+
+    psycopg holds the connection's lock between the rows of a stream, so the return's
+    session reset, which takes that lock, used to wait for ever (22.18, found by the pooler
+    attacks). The block ends, the connection is closed instead of restored (its state is
+    unknown), and the next borrower is served.
+    """
+
+    @pytest.mark.parametrize("commit", [False, True])
+    async def test_a_half_read_stream_does_not_hang_the_block(self, table: str, commit: bool) -> None:
+        kept: list[Any] = []
+
+        async def block() -> None:
+            async with api.get_cursor(commit=commit) as cur:
+                stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                assert await anext(stream) == {"n": 1}
+                kept.append(stream)  # still referenced, half-read, when the block ends
+
+        await _within(block, 15.0)
+        assert await count(table) == 0  # the pool lends a working connection
+        # The kept stream cannot go on reading from a connection the pool may lend again: it was closed.
+        with pytest.raises(psycopg.OperationalError):
+            await anext(kept[0])
