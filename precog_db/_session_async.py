@@ -19,9 +19,9 @@ from psycopg import AsyncConnection
 from precog_db._conn_state import ConnState
 from precog_db._session_base import (
     AsyncReconfigure,
+    RestoreFailed,
     _DeclareMarking,
     _Marking,
-    RestoreFailed,
     _statement_failed,
     restore_gen,
     settled,

@@ -43,7 +43,7 @@ from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db._replica_state import note_commit
 from precog_db._replicas_async import choose
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
-from precog_db.cursors import _commit_interrupted, _translate
+from precog_db.cursors import _commit_interrupted, _kept_stream, _translate
 from precog_db.errors import ConfigurationError, PoolStateError
 from precog_db.gates import (
     dangerous_operation,
@@ -216,6 +216,12 @@ class _CursorBlock:
         committing = et is None and (transaction is not None or isinstance(pipelined, AsyncPipelinedBlock))
         try:
             try:
+                if transaction is not None and conn.lock.locked():
+                    # A stream() of the block kept half-read holds the connection (see precog_db.cursors).
+                    await conn.close()
+                    if et is None:
+                        raise _kept_stream(pool)
+                    return False
                 if isinstance(pipelined, AsyncPipelinedBlock):
                     self._pipeline = True
                     if await pipelined.finish(et, ev, tb):

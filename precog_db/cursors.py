@@ -34,7 +34,13 @@ from precog_db import replicas
 from precog_db._compat import OutOfOrderTransactionNesting
 from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
 from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
-from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
+from precog_db.errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    ConnectionLostError,
+    PoolStateError,
+    TransactionControlError,
+)
 from precog_db.pool import PoolFaults, PrecogPool, get_pool
 from precog_db.session import mark_raw
 from precog_db.topology import PoolerFirstStatementCursor
@@ -276,6 +282,13 @@ class _CursorBlock:
             try:
                 if self._cursor is not None:
                     self._cursor.close()
+                if self._transaction is not None and conn.lock.locked():
+                    # A stream() of the block kept half-read holds the connection: nothing can end the
+                    # transaction on it. Closing it rolls the transaction back on the server.
+                    conn.close()
+                    if et is None:
+                        raise _kept_stream(pool)
+                    return False
                 pipelined = self._pipeline
                 if isinstance(pipelined, PipelinedBlock):
                     self._pipeline = True
@@ -365,6 +378,15 @@ def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
         conn._precog.pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
         with contextlib.suppress(Exception):
             pool.give_back(block)
+
+
+def _kept_stream(pool: PoolFaults) -> TransactionControlError:
+    """A ``commit=True`` block ended while one of its ``stream()`` results was still being read (both layers)."""
+    return TransactionControlError(
+        f"the commit=True block on the {pool.settings.describe()} ended while one of its stream() results was "
+        "still being read: the transaction was not committed (the connection was closed, which rolls it back). "
+        "Read the stream to its end, or close it (contextlib.closing / aclosing), before the block ends"
+    )
 
 
 def _translate(

@@ -22,7 +22,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 
 import precog_db as api
-from precog_db import ReadOnlyWriteError
+from precog_db import ReadOnlyWriteError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 
@@ -343,12 +343,11 @@ class TestKeptStream:
     unknown), and the next borrower is served.
     """
 
-    @pytest.mark.parametrize("commit", [False, True])
-    def test_a_half_read_stream_does_not_hang_the_block(self, table: str, commit: bool) -> None:
+    def test_a_half_read_stream_does_not_hang_a_read_block(self, table: str) -> None:
         kept: list[Any] = []
 
         def block() -> None:
-            with api.get_cursor(commit=commit) as cur:
+            with api.get_cursor() as cur:
                 stream = cur.stream("SELECT generate_series(1, 100000) AS n")
                 assert next(stream) == {"n": 1}
                 kept.append(stream)  # still referenced, half-read, when the block ends
@@ -356,5 +355,20 @@ class TestKeptStream:
         _within(block, 15.0)
         assert count(table) == 0  # the pool lends a working connection
         # The kept stream cannot go on reading from a connection the pool may lend again: it was closed.
+        with pytest.raises(psycopg.OperationalError):
+            next(kept[0])
+
+    def test_a_half_read_stream_in_a_commit_block_commits_nothing_and_says_why(self, table: str) -> None:
+        kept: list[Any] = []
+
+        def block() -> None:
+            with pytest.raises(TransactionControlError, match="stream"), api.get_cursor(commit=True) as cur:
+                cur.execute(f"INSERT INTO {table} (name) VALUES ('kept')")
+                stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                assert next(stream) == {"n": 1}
+                kept.append(stream)
+
+        _within(block, 15.0)
+        assert count(table) == 0  # rolled back, and the pool lends a working connection
         with pytest.raises(psycopg.OperationalError):
             next(kept[0])

@@ -30,7 +30,7 @@ if True:  # ASYNC
     from precog_db import aio as api
 else:
     import precog_db as api
-from precog_db import ReadOnlyWriteError
+from precog_db import ReadOnlyWriteError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 
@@ -384,12 +384,11 @@ class TestKeptStream:
     unknown), and the next borrower is served.
     """
 
-    @pytest.mark.parametrize("commit", [False, True])
-    async def test_a_half_read_stream_does_not_hang_the_block(self, table: str, commit: bool) -> None:
+    async def test_a_half_read_stream_does_not_hang_a_read_block(self, table: str) -> None:
         kept: list[Any] = []
 
         async def block() -> None:
-            async with api.get_cursor(commit=commit) as cur:
+            async with api.get_cursor() as cur:
                 stream = cur.stream("SELECT generate_series(1, 100000) AS n")
                 assert await anext(stream) == {"n": 1}
                 kept.append(stream)  # still referenced, half-read, when the block ends
@@ -397,5 +396,21 @@ class TestKeptStream:
         await _within(block, 15.0)
         assert await count(table) == 0  # the pool lends a working connection
         # The kept stream cannot go on reading from a connection the pool may lend again: it was closed.
+        with pytest.raises(psycopg.OperationalError):
+            await anext(kept[0])
+
+    async def test_a_half_read_stream_in_a_commit_block_commits_nothing_and_says_why(self, table: str) -> None:
+        kept: list[Any] = []
+
+        async def block() -> None:
+            with pytest.raises(TransactionControlError, match="stream"):
+                async with api.get_cursor(commit=True) as cur:
+                    await cur.execute(f"INSERT INTO {table} (name) VALUES ('kept')")
+                    stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                    assert await anext(stream) == {"n": 1}
+                    kept.append(stream)
+
+        await _within(block, 15.0)
+        assert await count(table) == 0  # rolled back, and the pool lends a working connection
         with pytest.raises(psycopg.OperationalError):
             await anext(kept[0])
