@@ -21,7 +21,7 @@ from psycopg.pq.abc import PGconn
 
 from precog_db._compat import PrepareManager
 from precog_db._conn_state import ConnState, state
-from precog_db._sqlclass import CLEAN, classify
+from precog_db._sqlclass import CLEAN, UNREADABLE, classify
 from precog_db.errors import ReadOnlyWriteError, SessionStateError, TransactionControlError
 
 #: A connection of either layer.
@@ -87,6 +87,12 @@ def _mark(conn: Any, query: bytes) -> None:
         return
     st = state(conn)  # a cursor of ours on a connection precog_db did not open: the defaults
     if verdict.session is not None:
+        if st.shared and verdict.session.startswith(UNREADABLE):
+            raise SessionStateError(
+                f"{verdict.session}: behind a transaction-mode pooler (DB_POOLER=transaction) a statement the "
+                "library cannot judge is not sent, since it might change the session other clients share. Fix "
+                "the SQL; if it is valid for your server but newer than the parser (pglast) knows, upgrade pglast"
+            )
         if st.shared:
             raise SessionStateError(
                 f"this statement changes the server session ({verdict.session}), and behind a transaction-mode "
