@@ -12,6 +12,7 @@ async from one source").
 
 from __future__ import annotations
 
+import asyncio  # ASYNC-ONLY
 from typing import Any
 
 import psycopg
@@ -35,6 +36,19 @@ from precog_db._conn_state import ConnState
 from precog_db._pipeline_async import begin_pending
 from precog_db._stamp_async import verify_stamp
 from precog_db.settings import DatabaseSettings
+
+if True:  # ASYNC
+
+    def _cancelled_meanwhile() -> bool:
+        """The running task was asked to cancel while it waited on the server.
+
+        psycopg 3.3.0 takes a ``CancelledError`` in, tries to cancel the statement on the server
+        and, when that fails (a server that went silent), ends with a psycopg error or the reply
+        bound's, swallowing the cancellation (later 3.3 releases re-raise it). The cancellation
+        must reach the caller: it is raised again here.
+        """
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
 
 class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
@@ -90,6 +104,10 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
         except _Silent as silent:
             waited = silent.waited
         except psycopg.Error:
+            if True:  # ASYNC
+                if _cancelled_meanwhile():
+                    await self.close()  # psycopg took the cancellation in and answered with an error
+                    raise asyncio.CancelledError() from None
             raise  # the server's answer (or psycopg's): the statement is over
         except BaseException:
             # An interrupt: a task's cancellation, or whatever a signal handler raised (a job timeout,
@@ -99,6 +117,9 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
         # Outside the except block: the half-finished statement leaves the
         # protocol out of step, so the connection cannot be reused.
         await self.close()
+        if True:  # ASYNC
+            if _cancelled_meanwhile():
+                raise asyncio.CancelledError()
         raise silent_error(self.description, waited)
 
     async def _cancel_on_server(self) -> None:
