@@ -1,8 +1,9 @@
 """What precog_db keeps on one psycopg connection: one typed object, `ConnState`, at ``conn._precog``.
 
 Every pooled connection of either layer carries one (`state`), created on
-first use (a connection precog_db opened has it from its setup, a foreign one
-gets it when the library first looks). Each field is written by the module
+first use (a connection precog_db opened has it from its construction, by
+`AsyncPrecogConnection` / `PrecogConnection`; a foreign one gets it when the
+library first looks, `precog_db.session.adopt` at the latest). Each field is written by the module
 named beside it; nothing else lives on the connection under a ``_precog``
 name. Plain attributes with ``__slots__``: the checkout/checkin path reads
 several of them per block (docs/PERFORMANCE.md).

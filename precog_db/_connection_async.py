@@ -12,6 +12,7 @@ async from one source").
 
 from __future__ import annotations
 
+import asyncio  # ASYNC-ONLY
 from typing import Any
 
 import psycopg
@@ -31,9 +32,23 @@ from precog_db._chokepoint import (
     silent_error,
     unavailable_error,
 )
+from precog_db._conn_state import ConnState
 from precog_db._pipeline_async import begin_pending
 from precog_db._stamp_async import verify_stamp
 from precog_db.settings import DatabaseSettings
+
+if True:  # ASYNC
+
+    def _cancelled_meanwhile() -> bool:
+        """The running task was asked to cancel while it waited on the server.
+
+        psycopg 3.3.0 takes a ``CancelledError`` in, tries to cancel the statement on the server
+        and, when that fails (a server that went silent), ends with a psycopg error or the reply
+        bound's, swallowing the cancellation (later 3.3 releases re-raise it). The cancellation
+        must reach the caller: it is raised again here.
+        """
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0
 
 
 class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
@@ -57,21 +72,27 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
     busy.
     """
 
-    #: A ``commit=True`` block whose ``BEGIN`` is not sent yet: it waits for the block's first
-    #: statement (`precog_db._pipelining`); any other I/O sends it here first.
-    _precog_pending_begin: Any = None
+    #: precog_db's state of this connection (`precog_db._conn_state`), here from construction; its
+    #: ``pending_begin`` is a ``commit=True`` block whose ``BEGIN`` is not sent yet: it waits for the
+    #: block's first statement (`precog_db._pipelining`); any other I/O sends it here first.
+    _precog: ConnState
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._precog = ConnState()
 
     async def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        block = self._precog_pending_begin
+        st = self._precog
+        block = st.pending_begin
         if block is not None:
-            self._precog_pending_begin = None
+            st.pending_begin = None
             try:
                 await begin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
             except BaseException:
                 # Cut short (a cancellation, an interrupt, a lost server): a transaction psycopg counts
                 # may be half entered. Close, so that the caller's own transaction() sees a dead
                 # connection and re-raises the cancellation itself, and the pool replaces it.
-                self._precog_busy = True
+                st.busy = True
                 await self.close()
                 raise
         limit = self.reply_timeout
@@ -83,6 +104,10 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
         except _Silent as silent:
             waited = silent.waited
         except psycopg.Error:
+            if True:  # ASYNC
+                if _cancelled_meanwhile():
+                    await self.close()  # psycopg took the cancellation in and answered with an error
+                    raise asyncio.CancelledError() from None
             raise  # the server's answer (or psycopg's): the statement is over
         except BaseException:
             # An interrupt: a task's cancellation, or whatever a signal handler raised (a job timeout,
@@ -92,6 +117,9 @@ class AsyncPrecogConnection(BoundedConnection, AsyncConnection[Any]):
         # Outside the except block: the half-finished statement leaves the
         # protocol out of step, so the connection cannot be reused.
         await self.close()
+        if True:  # ASYNC
+            if _cancelled_meanwhile():
+                raise asyncio.CancelledError()
         raise silent_error(self.description, waited)
 
     async def _cancel_on_server(self) -> None:

@@ -33,6 +33,7 @@ from precog_db._chokepoint import (
     silent_error,
     unavailable_error,
 )
+from precog_db._conn_state import ConnState
 from precog_db._pipeline_sync import begin_pending
 from precog_db._stamp_sync import verify_stamp
 from precog_db.settings import DatabaseSettings
@@ -59,21 +60,27 @@ class PrecogConnection(BoundedConnection, Connection[Any]):
     busy.
     """
 
-    #: A ``commit=True`` block whose ``BEGIN`` is not sent yet: it waits for the block's first
-    #: statement (`precog_db._pipelining`); any other I/O sends it here first.
-    _precog_pending_begin: Any = None
+    #: precog_db's state of this connection (`precog_db._conn_state`), here from construction; its
+    #: ``pending_begin`` is a ``commit=True`` block whose ``BEGIN`` is not sent yet: it waits for the
+    #: block's first statement (`precog_db._pipelining`); any other I/O sends it here first.
+    _precog: ConnState
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._precog = ConnState()
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
-        block = self._precog_pending_begin
+        st = self._precog
+        block = st.pending_begin
         if block is not None:
-            self._precog_pending_begin = None
+            st.pending_begin = None
             try:
                 begin_pending(self, block)  # BEGIN READ WRITE on its own, then what was asked
             except BaseException:
                 # Cut short (a cancellation, an interrupt, a lost server): a transaction psycopg counts
                 # may be half entered. Close, so that the caller's own transaction() sees a dead
                 # connection and re-raises the cancellation itself, and the pool replaces it.
-                self._precog_busy = True
+                st.busy = True
                 self.close()
                 raise
         limit = self.reply_timeout

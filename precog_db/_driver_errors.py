@@ -47,4 +47,8 @@ class SessionStateError(PrecogDBError, psycopg.ProgrammingError):
 
 
 class TransactionControlError(PrecogDBError, psycopg.ProgrammingError):
-    """A BEGIN, COMMIT or ROLLBACK statement inside a block whose transaction the library manages."""
+    """A block's transaction cannot be ended as the library manages it.
+
+    A BEGIN, COMMIT or ROLLBACK statement inside a block whose transaction the library manages; or a
+    ``commit=True`` block that ended with one of its ``stream()`` results half-read (nothing committed).
+    """

@@ -9,7 +9,7 @@ deferred ``BEGIN`` before any other I/O. The decisions and the psycopg
 generators they drive are in `precog_db._pipeline_base` (no I/O).
 
 The deferred BEGIN has one design in both layers: a ``commit=True`` block
-marks its connection with itself (``conn._precog_pending_begin``); the
+marks its connection with itself (``conn._precog.pending_begin``); the
 block's cursor takes the mark on its first statement, and sends it with the
 statement in one pipeline when it can; anything else (a statement that cannot
 be pipelined, ``copy``, ``stream``, a server cursor, whatever runs through
@@ -25,6 +25,7 @@ import psycopg
 from psycopg import AsyncConnection, AsyncPipeline, AsyncTransaction
 from psycopg.abc import PQGen
 
+from precog_db._conn_state import ConnState
 from precog_db._pipeline_base import SUPPORTED, Block, Queueing, exit_mode, first_gen, idle, outcome, pipelinable
 from precog_db._pipeline_base import unleavable as _unleavable
 from precog_db._session_async import AsyncPrecogCursor
@@ -49,15 +50,15 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
             # A cursor kept from an ended block: refused before its connection's wait (which would
             # send the pending BEGIN of whoever borrows the connection now).
             raise psycopg.InterfaceError("the cursor is closed")
-        conn: Any = self._conn
-        block: Block | None = conn._precog_pending_begin
-        conn._precog_pending_begin = None
+        st: ConnState = self._conn._precog
+        block: Block | None = st.pending_begin
+        st.pending_begin = None
         return block
 
     async def _first(self, block: Block, statement: PQGen[None]) -> None:
         """Run `first_gen` (one write, one wait), leave pipeline mode, raise what went wrong."""
         conn: Any = self._conn
-        conn._precog_busy = True  # cleared only when the pipeline is done or failed with a server error
+        conn._precog.busy = True  # cleared only when the pipeline is done or failed with a server error
         pipeline = AsyncQueueingPipeline(conn)
         refused: Exception | None = None
         synced: psycopg.Error | None = None
@@ -81,7 +82,7 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
                     block, self._execute_gen(query, params, prepare=prepare if self._PREPARE else False, binary=binary)
                 )
                 return self
-            self._conn._precog_pending_begin = block  # the wait sends it first
+            self._conn._precog.pending_begin = block  # the wait sends it first
         return await super().execute(query, params, prepare=prepare, binary=binary)
 
     async def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
@@ -91,7 +92,7 @@ class AsyncFirstStatementCursor(AsyncPrecogCursor):
                 # psycopg runs executemany in a pipeline of its own; here it rides ours.
                 await self._first(block, self._executemany_gen_pipeline(query, params_seq, returning))
                 return
-            self._conn._precog_pending_begin = block
+            self._conn._precog.pending_begin = block
         await super().executemany(query, params_seq, returning=returning)
 
 
@@ -115,7 +116,7 @@ class AsyncPipelinedBlock:
     async def start(self) -> None:
         """Enter pipeline mode and queue ``BEGIN READ WRITE`` (nothing is sent)."""
         conn: Any = self._conn
-        conn._precog_busy = True  # until the block's end collected every result
+        conn._precog.busy = True  # until the block's end collected every result
         await self._pipeline.__aenter__()
         conn._pipeline = self._pipeline
         transaction = AsyncTransaction(conn)
@@ -129,8 +130,9 @@ class AsyncPipelinedBlock:
         A server error found at the sync is raised after the transaction was rolled back.
         """
         conn: Any = self._conn
+        st: ConnState = conn._precog
         transaction, self.transaction = self.transaction, None
-        conn._precog_busy = True  # cleared only once every result is collected (or a server error ended it)
+        st.busy = True  # cleared only once every result is collected (or a server error ended it)
         if et is None and transaction is not None:
             error: psycopg.Error | None = None
             try:
@@ -145,7 +147,7 @@ class AsyncPipelinedBlock:
                 conn._prepared.dirty = True  # see outcome(): the return resets the session
             if error is not None and not (conn.broken or conn.closed):
                 await _roll_back_failed(conn)
-            conn._precog_busy = False
+            st.busy = False
             if error is not None:
                 raise error  # the caller tells a lost COMMIT apart
             return False
@@ -161,7 +163,7 @@ class AsyncPipelinedBlock:
         swallow = False
         if transaction is not None:
             swallow = bool(await transaction.__aexit__(et, ev, tb))
-        conn._precog_busy = False
+        st.busy = False
         return swallow
 
 

@@ -114,14 +114,14 @@ def unleavable() -> psycopg.OperationalError:
 def outcome(conn: Any, refused: Exception | None, synced: psycopg.Error | None, left: bool) -> None:
     """After a first statement's sync: clear the busy flag when the connection is consistent; raise the error."""
     if left and not synced and not refused:
-        conn._precog_busy = False
+        conn._precog.busy = False
         return
     if synced is not None:
         # psycopg records a statement it prepares in pipeline mode before the reply, and does not
         # forget it when the Parse failed: the return must reset the session (DISCARD ALL).
         conn._prepared.dirty = True
     if left:
-        conn._precog_busy = False  # a server error (or a refusal) ended it cleanly
+        conn._precog.busy = False  # a server error (or a refusal) ended it cleanly
     error = synced or refused
     if error is not None:
         raise error

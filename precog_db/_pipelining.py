@@ -14,7 +14,7 @@ both layers (`precog_db.cursors`, `precog_db.aio`):
   pipelined safely (a statement string holding several statements, ``COPY``,
   ``stream``, a server cursor, anything run through ``cur.connection``) first
   gets a plain ``BEGIN`` of its own, as before this change: the block marks
-  its connection (``_precog_pending_begin``), the cursor's first statement
+  its connection (``_precog.pending_begin``), the cursor's first statement
   takes the mark, and any other I/O meets it in the connection's ``wait``
   (`PrecogConnection` / `AsyncPrecogConnection`), which sends the ``BEGIN``
   first. One design in both layers.
@@ -35,7 +35,7 @@ message in libpq and writes them all at the sync, then waits once. That is
 what makes the saved round trip cheaper than the one it saves
 (docs/PERFORMANCE.md).
 
-Safety: while a pipeline is being synced the connection's ``_precog_busy`` flag
+Safety: while a pipeline is being synced the connection's ``_precog.busy`` flag
 is set (`precog_db.session`), so an interrupt raised by a signal handler (or a
 cancellation) in the middle leaves the connection marked and the pool closes it
 instead of lending it again; a connection still in pipeline mode (``_pipeline``

@@ -39,6 +39,7 @@ from psycopg_pool import PoolTimeout
 
 from precog_db import audit
 from precog_db._compat import AttemptWithBackoff
+from precog_db._conn_state import ConnState
 from precog_db.connection import check_target, connection_kwargs, failure_reason, reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -107,18 +108,19 @@ def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
     pgconn = conn.pgconn
     if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
         return False
-    if pgconn.parameter_status(_HOT_STANDBY) == _ON and getattr(conn, "_precog_writer", True):
+    st: ConnState | None = getattr(conn, "_precog", None)  # None: a connection precog_db did not open
+    if pgconn.parameter_status(_HOT_STANDBY) == _ON and (st is None or st.writer):
         return False  # `precog_db.topology.cannot_write`, inlined: this runs on every checkout
     try:
         fd = pgconn.socket
         if not _HAS_POLL:
             return not select.select([fd], [], [], 0)[0]
-        poller = getattr(conn, "_precog_poller", None)
+        poller = None if st is None else st.poller
         if poller is None or poller[0] != fd:
             poller = (fd, select.poll())
             poller[1].register(fd, _POLL_MASK)
-            with contextlib.suppress(AttributeError):
-                conn._precog_poller = poller  # type: ignore[union-attr]
+            if st is not None:
+                st.poller = poller
         return not poller[1].poll(0)
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
@@ -188,7 +190,7 @@ def refuse_foreign(conn: Connection[Any] | AsyncConnection[Any], pool: object) -
 
 
 def lent_ms(lent: float, now: float) -> int:
-    """Milliseconds a connection was lent, from the `_precog_lent` mark (negative: lent after a wait); no I/O."""
+    """Milliseconds a connection was lent, from the `_precog.lent` mark (negative: lent after a wait); no I/O."""
     return int(1000.0 * (now - abs(lent)))
 
 
@@ -418,7 +420,7 @@ class PoolBase:
         """A physical connection opened (``started``: when the attempt began): remember it, count it."""
         self._last_connect_ok = now = monotonic()
         self.metrics.created(now - started)
-        conn._precog_lent = None  # type: ignore[union-attr]  # set by lend, cleared by give_back
+        conn._precog.lent = None  # type: ignore[union-attr]  # set by lend, cleared by give_back
 
     def _connect_failed(self, exc: BaseException) -> None:
         # Remember why the server could not be reached, so that a caller who
@@ -464,7 +466,7 @@ class PoolBase:
         """A writer pool never keeps a connection to a hot standby (no I/O): mark the connection, or raise."""
         # libpq already refuses one on PostgreSQL 14+ for read-write/primary; this also covers a node
         # that reports it later (`connection_is_usable` reads the mark on every checkout).
-        conn._precog_writer = self._writer  # type: ignore[union-attr]
+        conn._precog.writer = self._writer  # type: ignore[union-attr]
         if self._writer and cannot_write(conn.pgconn):
             raise DatabaseUnavailableError(
                 f"the {self.settings.describe()} is a hot standby (in_hot_standby=on) and cannot take writes; "
@@ -485,12 +487,12 @@ class PoolBase:
     def _lent_after_wait(self, conn: _C, started: float) -> _C:
         """Metrics for a connection obtained after queueing (the slow path): record the wait now; ``conn``."""
         now = monotonic()
-        conn._precog_lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
+        conn._precog.lent = -now  # type: ignore[attr-defined]  # negative: the wait is recorded here
         self.metrics.waited(now - started)
         return conn
 
     def _returned(self, lent: float, usage: bool) -> None:
-        """Metrics for a connection given back (``lent``: its `_precog_lent` mark). The sync `give_back`
+        """Metrics for a connection given back (``lent``: its `_precog.lent` mark). The sync `give_back`
         inlines this (the fast path); an interrupt in it loses a sample, never a connection."""
         returns = self.metrics.returns
         now = monotonic()

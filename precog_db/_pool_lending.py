@@ -161,7 +161,7 @@ class Lending(PoolBase, ConnectionPool[Connection[Any]]):
                     conn = holder._conn  # not None: _lend_once stored one (no assert on the fast path)
                     if waited:
                         return self._lent_after_wait(conn, started)  # type: ignore[arg-type]
-                    conn._precog_lent = started  # type: ignore[union-attr]  # for the metrics (give_back)
+                    conn._precog.lent = started  # type: ignore[union-attr]  # for the metrics (give_back)
                     return conn  # type: ignore[return-value]
                 # The check failed: back off before the next one, as psycopg_pool's getconn does.
                 attempt, pause = check_backoff(attempt, deadline, monotonic())
@@ -303,8 +303,9 @@ class Lending(PoolBase, ConnectionPool[Connection[Any]]):
             # Detached from the pool first, as psycopg_pool's own return path does: closing it below is
             # then a plain close, never (with close_returns=True) another return to this pool.
             conn._pool = None
-            lent = conn._precog_lent  # type: ignore[attr-defined]  # set in _connect, by lend
-            conn._precog_lent = None  # type: ignore[attr-defined]
+            st = conn._precog  # type: ignore[attr-defined]  # lent by lend, from _connect None
+            lent = st.lent
+            st.lent = None
             pgconn = conn.pgconn
             if pgconn.transaction_status != _IDLE or needs_restore(conn):
                 try:

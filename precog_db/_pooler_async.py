@@ -20,7 +20,7 @@ with ``shared=True``; that also keeps the pool's return path from sending
 
 What differs between the layers is one thing, written below as an ``if True:  #
 ASYNC`` branch: a ``commit=True`` block of `precog_db.aio` defers its ``BEGIN``
-on the connection (``_precog_pending_begin``) until the first I/O, so a pending
+on the connection (``_precog.pending_begin``) until the first I/O, so a pending
 ``BEGIN`` means the statement runs inside the block's transaction.
 """
 
@@ -34,6 +34,7 @@ from typing import Any
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from precog_db._conn_state import ConnState
 from precog_db._pipelining import AsyncFirstStatementCursor, AsyncQueueingPipeline, _exit_mode
 from precog_db.session import AsyncPrecogCursor, _forgot_commit
 
@@ -51,7 +52,7 @@ class AsyncPoolerCursor(AsyncPrecogCursor):
         conn: Any = self._conn
         # A commit=True block whose BEGIN is deferred: the connection's wait sends that BEGIN READ WRITE
         # before this statement (precog_db._connection_async), so it runs inside.
-        if conn._precog_pending_begin is not None:
+        if conn._precog.pending_begin is not None:
             return False
         # A transaction() entered in pipeline mode has its BEGIN queued, not yet sent: inside all the same.
         # (Only in pipeline mode: after an explicit COMMIT statement psycopg still counts the transaction.)
@@ -111,7 +112,8 @@ class AsyncPoolerCursor(AsyncPrecogCursor):
     async def _read_only(self, run: partial[Any]) -> None:
         """Run one statement as BEGIN READ ONLY / statement / ROLLBACK, pipelined: one round trip."""
         conn: Any = self._conn
-        conn._precog_busy = True
+        st: ConnState = conn._precog
+        st.busy = True
         try:
             async with self._pipeline():
                 await self._plain(_BEGIN)
@@ -119,19 +121,19 @@ class AsyncPoolerCursor(AsyncPrecogCursor):
                 await self._plain(_END)
         except psycopg.errors.ReadOnlySqlTransaction as exc:
             await self._end()
-            conn._precog_busy = False
+            st.busy = False
             error = _forgot_commit(conn, exc)
             if error is exc:
                 raise
         except psycopg.Error:  # the server's error, or SessionStateError before anything was sent
             await self._end()
-            conn._precog_busy = False
+            st.busy = False
             raise
         except BaseException:
-            await self._end()  # an interrupt or a cancellation: _precog_busy stays set, the pool closes it
+            await self._end()  # an interrupt or a cancellation: _precog.busy stays set, the pool closes it
             raise
         else:
-            conn._precog_busy = False
+            st.busy = False
             return
         raise error.with_traceback(None)
 

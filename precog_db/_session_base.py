@@ -20,7 +20,8 @@ from psycopg.pq import TransactionStatus
 from psycopg.pq.abc import PGconn
 
 from precog_db._compat import PrepareManager
-from precog_db._sqlclass import CLEAN, classify
+from precog_db._conn_state import ConnState, state
+from precog_db._sqlclass import CLEAN, UNREADABLE, classify
 from precog_db.errors import ReadOnlyWriteError, SessionStateError, TransactionControlError
 
 #: A connection of either layer.
@@ -59,12 +60,8 @@ def _in_read_only_default(conn: Any) -> bool:
     A transaction the borrower opened with its own ``BEGIN`` statement, or a pipeline of its own,
     counts as none (``BEGIN`` then ``SET TRANSACTION READ WRITE`` would otherwise write).
     """
-    return (
-        bool(conn._autocommit)
-        and not conn._num_transactions
-        and getattr(conn, "_precog_pending_begin", None) is None
-        and not getattr(conn, "_precog_setup", False)
-    )
+    st = state(conn)
+    return bool(conn._autocommit) and not conn._num_transactions and st.pending_begin is None and not st.setup
 
 
 @contextmanager
@@ -75,12 +72,12 @@ def user_setup(conn: AnyConnection) -> Iterator[None]:
     default_transaction_read_only``): the pool checks the result instead
     (`precog_db._pool_base.check_still_read_only` refuses a connection left writable).
     """
-    c: Any = conn
-    c._precog_setup = True
+    st = state(conn)
+    st.setup = True
     try:
         yield
     finally:
-        c._precog_setup = False
+        st.setup = False
 
 
 def _mark(conn: Any, query: bytes) -> None:
@@ -88,17 +85,24 @@ def _mark(conn: Any, query: bytes) -> None:
     verdict = classify(query)
     if verdict is CLEAN:
         return
+    st = state(conn)  # a cursor of ours on a connection precog_db did not open: the defaults
     if verdict.session is not None:
-        if getattr(conn, "_precog_shared", False):
+        if st.shared and verdict.session.startswith(UNREADABLE):
+            raise SessionStateError(
+                f"{verdict.session}: behind a transaction-mode pooler (DB_POOLER=transaction) a statement the "
+                "library cannot judge is not sent, since it might change the session other clients share. Fix "
+                "the SQL; if it is valid for your server but newer than the parser (pglast) knows, upgrade pglast"
+            )
+        if st.shared:
             raise SessionStateError(
                 f"this statement changes the server session ({verdict.session}), and behind a transaction-mode "
                 "pooler (DB_POOLER=transaction) the session is shared with other clients; the statement was not "
                 "sent. Use SET LOCAL, set_config(..., true) or pg_advisory_xact_lock inside "
                 "get_cursor(commit=True), ON COMMIT DROP for temporary tables, or DB_POOLER=session"
             )
-        conn._precog_dirty = True
-    elif verdict.ends_transaction and not conn._precog_shared:
-        conn._precog_dirty = True  # a BEGIN its borrower may leave open: checked and undone on return
+        st.dirty = True
+    elif verdict.ends_transaction and not st.shared:
+        st.dirty = True  # a BEGIN its borrower may leave open: checked and undone on return
     if verdict.escapes is not None and _in_read_only_default(conn):
         raise ReadOnlyWriteError(
             f"refused before it was sent: {verdict.escapes}, which would get past the read-only default of "
@@ -120,23 +124,25 @@ def _owned(conn: Any, start: PQGen[None]) -> PQGen[None]:
     The flag is down again however the generator ends, so a pool cursor that fails before
     reaching the connection (a closed cursor) leaves no pass for a hand-built one.
     """
-    conn._precog_own = True
+    st: ConnState = conn._precog
+    st.own = True
     try:
         return (yield from start)
     finally:
-        conn._precog_own = False
+        st.own = False
 
 
 def _untracked_statement(conn: Any) -> None:
     """A statement from a cursor the pool did not make (a hand-built psycopg cursor, a changed cursor_factory)."""
-    if conn._precog_shared:
+    st: ConnState = conn._precog
+    if st.shared:
         raise SessionStateError(
             "behind a transaction-mode pooler (DB_POOLER=transaction) statements run only through the pool's own "
             "cursors (get_cursor(), conn.execute(), conn.cursor()), which keep them read-only outside a "
             "transaction and refuse session state; a hand-built psycopg cursor or a replaced cursor_factory "
             "would bypass both. The statement was not sent"
         )
-    conn._precog_dirty = True  # its statement was not judged: the session may have changed
+    st.dirty = True  # its statement was not judged: the session may have changed
 
 
 def _watch_statements(conn: AnyConnection) -> None:
@@ -144,7 +150,7 @@ def _watch_statements(conn: AnyConnection) -> None:
 
     psycopg's cursors, all of them, call ``conn._start_query()`` before sending a
     statement (``execute``, ``stream``, a server cursor's ``DECLARE``, ``copy``);
-    the pool's cursors raise ``_precog_own`` just before. The hook is an
+    the pool's cursors raise ``_precog.own`` just before. The hook is an
     instance attribute holding only a weak reference, so the connection is
     still freed by reference counting, never left for the garbage collector.
     """
@@ -153,14 +159,15 @@ def _watch_statements(conn: AnyConnection) -> None:
 
     def _start_query() -> PQGen[None]:
         c: Any = ref()
-        if c._precog_own:
-            c._precog_own = False
+        st: ConnState = c._precog
+        if st.own:
+            st.own = False
         else:
             _untracked_statement(c)
         return start(c)
 
     c: Any = conn
-    c._precog_own = False
+    state(conn).own = False
     c._start_query = _start_query
 
 
@@ -180,7 +187,7 @@ class _TrackingPrepareManager(PrepareManager):
     def get(self, query: Any, prepare: bool | None = None) -> Any:
         if (conn := self._conn()) is not None:
             _mark(conn, query.query)
-            if conn._precog_shared:
+            if conn._precog.shared:
                 prepare = False  # behind a transaction pooler, whatever prepare_threshold a borrower set
         elif not self.dirty and changes_session(query.query):
             self.dirty = True
@@ -216,7 +223,7 @@ class _Marking:
 
 def _statement_failed(conn: Any, exc: psycopg.Error) -> BaseException:
     """After a server error: the statement ended cleanly; the error to raise (``exc`` or a `ReadOnlyWriteError`)."""
-    conn._precog_busy = False
+    state(conn).busy = False
     if isinstance(exc, psycopg.errors.ReadOnlySqlTransaction) and not isinstance(exc, ReadOnlyWriteError):
         return _forgot_commit(conn, exc)
     return exc
@@ -234,7 +241,7 @@ class _DeclareMarking:
     _withhold: bool
 
     def _make_declare_statement(self, query: Any) -> Any:
-        if self._withhold and getattr(self._conn, "_precog_shared", False):
+        if self._withhold and state(self._conn).shared:
             raise SessionStateError(
                 "a WITH HOLD cursor outlives its transaction in the server session, which a transaction-mode "
                 "pooler (DB_POOLER=transaction) shares with other clients; the statement was not sent. "
@@ -274,17 +281,18 @@ def _reported_changed(pgconn: PGconn, base: tuple[bytes | None, ...]) -> bool:
 def baseline(conn: AnyConnection) -> None:
     """Record the connection's state once its setup is complete: what every later borrower must find."""
     c: Any = conn
-    c._precog_dirty = False
-    c._precog_reported = reported(conn.pgconn)
-    c._precog_row_factory = conn.row_factory
-    c._precog_prepare_threshold = conn.prepare_threshold
-    c._precog_handlers = (len(c._notice_handlers), len(c._notify_handlers))
+    st: ConnState = c._precog
+    st.dirty = False
+    st.reported = reported(conn.pgconn)
+    st.row_factory = conn.row_factory
+    st.prepare_threshold = conn.prepare_threshold
+    st.handlers = (len(c._notice_handlers), len(c._notify_handlers))
     c._prepared.dirty = False
     # Client-side adapters: the borrower gets a child map of the configured one, so a loader or
     # dumper it registers (copy-on-write in psycopg) replaces a table, which is noticed and undone on return.
-    c._precog_adapters_template = conn.adapters
+    st.adapters_template = conn.adapters
     c._adapters = AdaptersMap(conn.adapters)
-    c._precog_adapters_owned = _adapters_owned(c._adapters)
+    st.adapters_owned = _adapters_owned(c._adapters)
 
 
 def mark_raw(conn: AnyConnection) -> None:
@@ -296,7 +304,7 @@ def mark_raw(conn: AnyConnection) -> None:
     whose statements the trackers do see, keep their single round trip.
     """
     c: Any = conn
-    c._precog_dirty = True
+    c._precog.dirty = True
 
 
 def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
@@ -322,24 +330,26 @@ def _adapters_owned(adapters: Any) -> tuple[Any, ...]:
 def needs_restore(conn: AnyConnection) -> bool:
     """True if the borrower changed anything: no round trip, a few attribute reads."""
     c: Any = conn
+    st: ConnState = c._precog
+    factories: Any = st.factories  # set by adopt, before any lending
     return bool(
-        c._precog_dirty
+        st.dirty
         or c._prepared.dirty
         or c._adapters is None
-        or _adapters_owned(c._adapters) != c._precog_adapters_owned
+        or _adapters_owned(c._adapters) != st.adapters_owned
         or not c._autocommit
         or c._read_only is not False
         or c._isolation_level is not None
         or c._deferrable is not None
-        or c.cursor_factory is not c._precog_factories[0]
-        or c.server_cursor_factory is not c._precog_factories[1]
-        or c.row_factory is not c._precog_row_factory
-        or c._prepared.prepare_threshold != c._precog_prepare_threshold
-        or (len(c._notice_handlers), len(c._notify_handlers)) != c._precog_handlers
-        or c._precog_busy
+        or c.cursor_factory is not factories[0]
+        or c.server_cursor_factory is not factories[1]
+        or c.row_factory is not st.row_factory
+        or c._prepared.prepare_threshold != st.prepare_threshold
+        or (len(c._notice_handlers), len(c._notify_handlers)) != st.handlers
+        or st.busy
         or c._num_transactions
         or c._pipeline is not None
-        or _reported_changed(c.pgconn, c._precog_reported)
+        or _reported_changed(c.pgconn, st.reported)
     )
 
 
@@ -367,10 +377,11 @@ def restore_gen(conn: AnyConnection) -> PQGen[bool]:
     Returns True when it ran ``DISCARD ALL`` (the user's setup must then run again).
     """
     c: Any = conn
+    st: ConnState = c._precog
     status = conn.pgconn.transaction_status
     if status == TransactionStatus.ACTIVE or status == TransactionStatus.UNKNOWN:
         raise RestoreFailed(f"connection returned {TransactionStatus(status).name}")
-    if c._precog_busy or c._num_transactions or c._pipeline is not None:
+    if st.busy or c._num_transactions or c._pipeline is not None:
         # A statement, transaction() or pipeline() block was cut short (an
         # interrupt or a cancelled task in its bookkeeping): psycopg's own state
         # may be inconsistent, the connection must go.
@@ -382,26 +393,27 @@ def restore_gen(conn: AnyConnection) -> PQGen[bool]:
     yield from c._set_read_only_gen(False)
     yield from c._set_isolation_level_gen(None)
     yield from c._set_deferrable_gen(None)
-    cursor_factory, server_cursor_factory = c._precog_factories
+    factories: Any = st.factories  # set by adopt, before any lending
+    cursor_factory, server_cursor_factory = factories
     if c.cursor_factory is not cursor_factory or c.server_cursor_factory is not server_cursor_factory:
-        c._precog_dirty = True  # statements may have run unseen
+        st.dirty = True  # statements may have run unseen
         c.cursor_factory, c.server_cursor_factory = cursor_factory, server_cursor_factory
-    c.row_factory = c._precog_row_factory
-    c.prepare_threshold = c._precog_prepare_threshold
-    del c._notice_handlers[c._precog_handlers[0] :]
-    del c._notify_handlers[c._precog_handlers[1] :]
-    if c._adapters is None or _adapters_owned(c._adapters) != c._precog_adapters_owned:
-        c._adapters = AdaptersMap(c._precog_adapters_template)
-        c._precog_adapters_owned = _adapters_owned(c._adapters)
-    if c._precog_shared:
+    c.row_factory = st.row_factory
+    c.prepare_threshold = st.prepare_threshold
+    del c._notice_handlers[st.handlers[0] :]
+    del c._notify_handlers[st.handlers[1] :]
+    if c._adapters is None or _adapters_owned(c._adapters) != st.adapters_owned:
+        c._adapters = AdaptersMap(st.adapters_template)
+        st.adapters_owned = _adapters_owned(c._adapters)
+    if st.shared:
         # Behind a transaction-mode pooler the server session is not ours to reset (see `adopt`);
         # session-changing statements were refused or rolled back (precog_db.topology).
-        c._precog_dirty = False
+        st.dirty = False
         c._prepared.dirty = False
-        if reported(conn.pgconn) != c._precog_reported:
+        if reported(conn.pgconn) != st.reported:
             raise RestoreFailed("session parameters differ from the baseline behind a transaction-mode pooler")
         return False
-    if not (c._precog_dirty or c._prepared.dirty or reported(conn.pgconn) != c._precog_reported):
+    if not (st.dirty or c._prepared.dirty or reported(conn.pgconn) != st.reported):
         return False
     yield from c._exec_command(b"DISCARD ALL")
     _forget_prepared(conn)
@@ -411,7 +423,8 @@ def restore_gen(conn: AnyConnection) -> PQGen[bool]:
 def settled(conn: AnyConnection) -> None:
     """After ``DISCARD ALL`` and the user's setup: the session is back at its baseline, or raise."""
     c: Any = conn
-    if reported(conn.pgconn) != c._precog_reported:
+    st: ConnState = c._precog
+    if reported(conn.pgconn) != st.reported:
         raise RestoreFailed("session parameters differ from the baseline after DISCARD ALL")
-    c._precog_dirty = False
+    st.dirty = False
     c._prepared.dirty = False

@@ -18,8 +18,10 @@ from typing import Any
 import psycopg
 from psycopg import Connection
 
+from precog_db._conn_state import ConnState
 from precog_db._session_base import (
     Reconfigure,
+    RestoreFailed,
     _DeclareMarking,
     _Marking,
     _statement_failed,
@@ -31,7 +33,7 @@ from precog_db._session_base import (
 class PrecogCursor(_Marking, psycopg.Cursor[Any]):
     """The pool's client-side cursor: marks the connection dirty before a session-changing statement is sent.
 
-    ``_precog_busy`` stays set if something other than a server error (an
+    ``_precog.busy`` stays set if something other than a server error (an
     interrupt raised by a signal handler, a cancelled task) ends a statement
     half-way: psycopg's own bookkeeping (its prepared-statement cache) may then
     disagree with the server, so checkin closes that connection instead of lending it again.
@@ -43,27 +45,29 @@ class PrecogCursor(_Marking, psycopg.Cursor[Any]):
         self, query: Any, params: Any = None, *, prepare: bool | None = None, binary: bool | None = None
     ) -> Any:
         conn: Any = self._conn
-        conn._precog_busy = True
+        st: ConnState = conn._precog  # the connection was adopted (`precog_db.session.adopt`)
+        st.busy = True
         try:
             rv = super().execute(query, params, prepare=prepare, binary=binary)
         except psycopg.Error as exc:
             if (error := _statement_failed(conn, exc)) is exc:
                 raise
         else:
-            conn._precog_busy = False
+            st.busy = False
             return rv
         raise error.with_traceback(None)
 
     def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
         conn: Any = self._conn
-        conn._precog_busy = True
+        st: ConnState = conn._precog  # the connection was adopted (`precog_db.session.adopt`)
+        st.busy = True
         try:
             super().executemany(query, params_seq, returning=returning)
         except psycopg.Error as exc:
             if (error := _statement_failed(conn, exc)) is exc:
                 raise
         else:
-            conn._precog_busy = False
+            st.busy = False
             return
         raise error.with_traceback(None)
 
@@ -93,6 +97,10 @@ def restore(conn: Connection[Any], reconfigure: Reconfigure | None = None) -> No
     may have changed. Everything it decides is `restore_gen`, run through the
     connection's own ``wait``.
     """
+    if conn.lock.locked():
+        # Still in use: a stream() its borrower kept half-read (psycopg holds the lock between rows), or
+        # another thread. Waiting for the lock would never end; the caller closes the connection.
+        raise RestoreFailed("the connection is still in use (a stream kept half-read, or another thread)")
     with conn.lock:
         discarded = conn.wait(restore_gen(conn))
     if discarded:

@@ -44,7 +44,7 @@ from pglast import ast, parse_sql
 from pglast.enums import OnCommitAction, TransactionStmtKind, VariableSetKind
 from pglast.parser import ParseError
 
-__all__ = ["CLEAN", "Verdict", "classify"]
+__all__ = ["CLEAN", "UNREADABLE", "Verdict", "classify"]
 
 _HOLD = 0x0020  # CURSOR_OPT_HOLD in PostgreSQL's parsenodes.h
 
@@ -151,11 +151,15 @@ class _Findings:
             self.escapes = why
 
 
+#: The start of a verdict's reason when the text is not SQL PostgreSQL's parser can read (a typo, say).
+UNREADABLE = "PostgreSQL's parser cannot read it"
+
+
 def _judge(query: bytes) -> Verdict:
     try:
         statements = parse_sql(query.decode("utf-8", "replace"))
     except ParseError as exc:
-        why = f"PostgreSQL's parser cannot read it ({str(exc).splitlines()[0]})"
+        why = f"{UNREADABLE} ({str(exc).splitlines()[0]})"
         return Verdict(session=why, escapes=why)
     found = _Findings()
     for raw in statements:

@@ -43,7 +43,7 @@ from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db._replica_state import note_commit
 from precog_db._replicas_async import choose
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
-from precog_db.cursors import _commit_interrupted, _translate
+from precog_db.cursors import _commit_interrupted, _kept_stream, _translate
 from precog_db.errors import ConfigurationError, PoolStateError
 from precog_db.gates import (
     dangerous_operation,
@@ -190,7 +190,7 @@ class _CursorBlock:
                     else AsyncFirstStatementCursor
                 )
                 cursor = self._cursor = cls(conn, row_factory=self._row_factory)
-                conn._precog_pending_begin = self  # type: ignore[attr-defined]
+                conn._precog.pending_begin = self  # type: ignore[attr-defined]
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = AsyncTransaction(conn)  # what conn.transaction() wraps, without the generator
@@ -210,12 +210,18 @@ class _CursorBlock:
     ) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
-        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # before any await: never outlives the block
+        conn._precog.pending_begin = None  # type: ignore[attr-defined]  # before any await: never outlives the block
         pipelined = self._pipeline
         transaction = self._transaction
         committing = et is None and (transaction is not None or isinstance(pipelined, AsyncPipelinedBlock))
         try:
             try:
+                if transaction is not None and conn.lock.locked():
+                    # A stream() of the block kept half-read holds the connection (see precog_db.cursors).
+                    await conn.close()
+                    if et is None:
+                        raise _kept_stream(pool)
+                    return False
                 if isinstance(pipelined, AsyncPipelinedBlock):
                     self._pipeline = True
                     if await pipelined.finish(et, ev, tb):
@@ -269,7 +275,7 @@ class _CursorBlock:
         cursor, conn, pool = self._cursor, self._conn, self._pool
         self._cursor = self._transaction = None
         if conn is not None:
-            conn._precog_pending_begin = None  # type: ignore[attr-defined]
+            conn._precog.pending_begin = None  # type: ignore[attr-defined]
         self._conn = None
         if cursor is not None:
             await cursor.close()

@@ -278,7 +278,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         self._stats[self._REQUESTS_NUM] += 1
         conn = self._take_idle()
         if conn is not None and self._check is None:
-            conn._precog_lent = monotonic()  # type: ignore[attr-defined]  # for the metrics (give_back)
+            conn._precog.lent = monotonic()  # type: ignore[attr-defined]  # for the metrics (give_back)
             return conn
         wait = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
@@ -293,7 +293,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
             if self._check is None or await self._passes_check(conn, rejected):
                 if waited:
                     return self._lent_after_wait(conn, requested)
-                conn._precog_lent = requested  # type: ignore[attr-defined]
+                conn._precog.lent = requested  # type: ignore[attr-defined]
                 return conn
             # The check failed (the connection is being replaced): back off as psycopg_pool's getconn does.
             try:
@@ -390,8 +390,9 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
         ``usage_ms`` statistic, as its ``connection()`` does.
         """
         refuse_foreign(conn, self)
-        lent: float | None = getattr(conn, "_precog_lent", None)
-        conn._precog_lent = None  # type: ignore[attr-defined]
+        st = conn._precog  # type: ignore[attr-defined]  # every connection of the pool has one (its class)
+        lent: float | None = st.lent
+        st.lent = None
         if lent is not None:  # an interrupt after this loses a sample, never a connection
             self._returned(lent, usage)
         pgconn = conn.pgconn

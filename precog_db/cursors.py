@@ -34,7 +34,13 @@ from precog_db import replicas
 from precog_db._compat import OutOfOrderTransactionNesting
 from precog_db._pipelining import SUPPORTED as _PIPELINE_SUPPORTED
 from precog_db._pipelining import FirstStatementCursor, PipelinedBlock
-from precog_db.errors import CommitOutcomeUnknownError, ConfigurationError, ConnectionLostError, PoolStateError
+from precog_db.errors import (
+    CommitOutcomeUnknownError,
+    ConfigurationError,
+    ConnectionLostError,
+    PoolStateError,
+    TransactionControlError,
+)
 from precog_db.pool import PoolFaults, PrecogPool, get_pool
 from precog_db.session import mark_raw
 from precog_db.topology import PoolerFirstStatementCursor
@@ -242,7 +248,7 @@ class _CursorBlock:
                 # Behind a transaction-mode pooler the cursor is also the pooler's (session state refused unsent).
                 cls = PoolerFirstStatementCursor if pool.settings.pooler == "transaction" else FirstStatementCursor
                 self._cursor = cursor = cls(conn, row_factory=self._row_factory)
-                conn._precog_pending_begin = self  # any other I/O sends it first
+                conn._precog.pending_begin = self  # any other I/O sends it first
             else:
                 cursor = self._cursor = conn.cursor(row_factory=self._row_factory)
                 transaction = conn.transaction()
@@ -252,7 +258,7 @@ class _CursorBlock:
         except BaseException as exc:
             conn = self._conn
             if conn is not None:
-                conn._precog_pending_begin = None
+                conn._precog.pending_begin = None
             try:
                 if self._cursor is not None:
                     self._cursor.close()
@@ -270,12 +276,19 @@ class _CursorBlock:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> bool:
         pool, conn = self._pool, self._conn
         assert pool is not None and conn is not None, "get_cursor() block exited without being entered"
-        conn._precog_pending_begin = None  # type: ignore[attr-defined]  # never outlives the block
+        conn._precog.pending_begin = None  # type: ignore[attr-defined]  # never outlives the block
         committing = False
         try:
             try:
                 if self._cursor is not None:
                     self._cursor.close()
+                if self._transaction is not None and conn.lock.locked():
+                    # A stream() of the block kept half-read holds the connection: nothing can end the
+                    # transaction on it. Closing it rolls the transaction back on the server.
+                    conn.close()
+                    if et is None:
+                        raise _kept_stream(pool)
+                    return False
                 pipelined = self._pipeline
                 if isinstance(pipelined, PipelinedBlock):
                     self._pipeline = True
@@ -362,9 +375,18 @@ def _reclaim(block: _ConnectionBlock | _CursorBlock) -> None:
     pool = getattr(block, "_pool", None)
     conn = getattr(block, "_conn", None)
     if conn is not None and pool is not None:
-        conn._precog_pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
+        conn._precog.pending_begin = None  # a commit=True block's BEGIN, never sent: not the next borrower's
         with contextlib.suppress(Exception):
             pool.give_back(block)
+
+
+def _kept_stream(pool: PoolFaults) -> TransactionControlError:
+    """A ``commit=True`` block ended while one of its ``stream()`` results was still being read (both layers)."""
+    return TransactionControlError(
+        f"the commit=True block on the {pool.settings.describe()} ended while one of its stream() results was "
+        "still being read: the transaction was not committed (the connection was closed, which rolls it back). "
+        "Read the stream to its end, or close it (contextlib.closing / aclosing), before the block ends"
+    )
 
 
 def _translate(

@@ -49,6 +49,7 @@ from typing import Any
 
 import psycopg
 
+from precog_db._conn_state import state
 from precog_db._session_async import AsyncPrecogCursor, AsyncPrecogServerCursor
 from precog_db._session_base import (
     AnyConnection,
@@ -97,17 +98,18 @@ def adopt(conn: AnyConnection, cursor_factory: type[Any] | None = None, *, share
     of every cursor, hand-built ones included.
     """
     c: Any = conn
+    st = state(conn)  # a connection precog_db opened has it already; any other gets it here
     if isinstance(conn, psycopg.AsyncConnection):
-        c._precog_factories = (cursor_factory or AsyncPrecogCursor, AsyncPrecogServerCursor)
+        st.factories = (cursor_factory or AsyncPrecogCursor, AsyncPrecogServerCursor)
     else:
-        c._precog_factories = (cursor_factory or PrecogCursor, PrecogServerCursor)
+        st.factories = (cursor_factory or PrecogCursor, PrecogServerCursor)
     tracker = _TrackingPrepareManager()
     tracker.prepare_threshold = c._prepared.prepare_threshold
     tracker.prepared_max = c._prepared.prepared_max
     tracker._conn = weakref.ref(c)
     c._prepared = tracker
-    c.cursor_factory, c.server_cursor_factory = c._precog_factories
-    c._precog_shared = shared
+    c.cursor_factory, c.server_cursor_factory = st.factories
+    st.shared = shared
     _watch_statements(conn)
-    c._precog_dirty = False
-    c._precog_busy = False
+    st.dirty = False
+    st.busy = False

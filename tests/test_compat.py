@@ -59,7 +59,7 @@ _ACCESSORS = {"getattr", "setattr", "hasattr", "delattr"}
 
 
 def is_private(name: str) -> bool:
-    """A private member name that is not a dunder and not one of the `_precog_*` marks precog_db sets on objects."""
+    """A private member name that is not a dunder nor precog_db's own `_precog` (`ConnState`) or `_precog_*` mark."""
     return name.startswith("_") and not name.startswith("__") and not name.startswith("_precog")
 
 

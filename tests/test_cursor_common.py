@@ -11,6 +11,8 @@ branch says so.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any, assert_type
 
 import psycopg
@@ -20,7 +22,7 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 
 import precog_db as api
-from precog_db import ReadOnlyWriteError
+from precog_db import ReadOnlyWriteError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 
@@ -105,7 +107,7 @@ class TestReadOnlyCursor:
         with api.get_cursor() as cur:
             cur.execute("SELECT 1")
             assert cur.connection is first
-            assert not cur.connection._precog_dirty  # type: ignore[attr-defined]
+            assert not cur.connection._precog.dirty  # type: ignore[attr-defined]
 
     def test_cursor_is_closed_after_the_block(self, table: str) -> None:
         """The cursor cannot be used once its block ended (its connection may be someone else's)."""
@@ -291,10 +293,10 @@ class TestNextBorrower:
         with api.get_connection() as conn:
             first = conn
             conn.execute("SELECT 1")
-            assert conn._precog_dirty is True  # type: ignore[attr-defined]
+            assert conn._precog.dirty is True  # type: ignore[attr-defined]
         with api.get_cursor() as cur:
             assert cur.connection is first
-            assert first._precog_dirty is False  # type: ignore[attr-defined]
+            assert first._precog.dirty is False  # type: ignore[attr-defined]
 
     def test_adapters_registered_by_a_borrower_are_undone(self, table: str) -> None:
         """A loader a borrower registers on the connection does not reach the next borrower."""
@@ -312,3 +314,61 @@ class TestNextBorrower:
             assert cur.connection is first
             cur.execute("SELECT 1::int4 AS n")
             assert cur.fetchone() == {"n": 1}
+
+
+def _within(block: Callable[[], None], seconds: float) -> None:
+    """Run ``block`` in a thread; fail if it has not ended after ``seconds``."""
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            block()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"the block did not end within {seconds}s"
+    if errors:
+        raise errors[0]
+
+
+class TestKeptStream:
+    """A ``stream()`` its borrower keeps half-read when the block ends.
+
+    psycopg holds the connection's lock between the rows of a stream, so the return's
+    session reset, which takes that lock, used to wait for ever (22.18, found by the pooler
+    attacks). The block ends, the connection is closed instead of restored (its state is
+    unknown), and the next borrower is served.
+    """
+
+    def test_a_half_read_stream_does_not_hang_a_read_block(self, table: str) -> None:
+        kept: list[Any] = []
+
+        def block() -> None:
+            with api.get_cursor() as cur:
+                stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                assert next(stream) == {"n": 1}
+                kept.append(stream)  # still referenced, half-read, when the block ends
+
+        _within(block, 15.0)
+        assert count(table) == 0  # the pool lends a working connection
+        # The kept stream cannot go on reading from a connection the pool may lend again: it was closed.
+        with pytest.raises(psycopg.OperationalError):
+            next(kept[0])
+
+    def test_a_half_read_stream_in_a_commit_block_commits_nothing_and_says_why(self, table: str) -> None:
+        kept: list[Any] = []
+
+        def block() -> None:
+            with pytest.raises(TransactionControlError, match="stream"), api.get_cursor(commit=True) as cur:
+                cur.execute(f"INSERT INTO {table} (name) VALUES ('kept')")
+                stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                assert next(stream) == {"n": 1}
+                kept.append(stream)
+
+        _within(block, 15.0)
+        assert count(table) == 0  # rolled back, and the pool lends a working connection
+        with pytest.raises(psycopg.OperationalError):
+            next(kept[0])

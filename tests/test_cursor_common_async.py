@@ -20,10 +20,17 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 
 if True:  # ASYNC
+    import asyncio
+    from collections.abc import Awaitable, Callable
+else:
+    import threading
+    from collections.abc import Callable
+
+if True:  # ASYNC
     from precog_db import aio as api
 else:
     import precog_db as api
-from precog_db import ReadOnlyWriteError
+from precog_db import ReadOnlyWriteError, TransactionControlError
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
 
@@ -124,7 +131,7 @@ class TestReadOnlyCursor:
         async with api.get_cursor() as cur:
             await cur.execute("SELECT 1")
             assert cur.connection is first
-            assert not cur.connection._precog_dirty  # type: ignore[attr-defined]
+            assert not cur.connection._precog.dirty  # type: ignore[attr-defined]
 
     async def test_cursor_is_closed_after_the_block(self, table: str) -> None:
         """The cursor cannot be used once its block ended (its connection may be someone else's)."""
@@ -320,10 +327,10 @@ class TestNextBorrower:
         async with api.get_connection() as conn:
             first = conn
             await conn.execute("SELECT 1")
-            assert conn._precog_dirty is True  # type: ignore[attr-defined]
+            assert conn._precog.dirty is True  # type: ignore[attr-defined]
         async with api.get_cursor() as cur:
             assert cur.connection is first
-            assert first._precog_dirty is False  # type: ignore[attr-defined]
+            assert first._precog.dirty is False  # type: ignore[attr-defined]
 
     async def test_adapters_registered_by_a_borrower_are_undone(self, table: str) -> None:
         """A loader a borrower registers on the connection does not reach the next borrower."""
@@ -341,3 +348,69 @@ class TestNextBorrower:
             assert cur.connection is first
             await cur.execute("SELECT 1::int4 AS n")
             assert await cur.fetchone() == {"n": 1}
+
+
+if True:  # ASYNC
+
+    async def _within(block: Callable[[], Awaitable[None]], seconds: float) -> None:
+        """Run ``block``; fail if it has not ended after ``seconds`` (a hang shows as a failure, not a stuck suite)."""
+        await asyncio.wait_for(block(), seconds)
+else:
+
+    def _within(block: Callable[[], None], seconds: float) -> None:
+        """Run ``block`` in a thread; fail if it has not ended after ``seconds``."""
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                block()
+            except BaseException as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(seconds)
+        assert not worker.is_alive(), f"the block did not end within {seconds}s"
+        if errors:
+            raise errors[0]
+
+
+class TestKeptStream:
+    """A ``stream()`` its borrower keeps half-read when the block ends.
+
+    psycopg holds the connection's lock between the rows of a stream, so the return's
+    session reset, which takes that lock, used to wait for ever (22.18, found by the pooler
+    attacks). The block ends, the connection is closed instead of restored (its state is
+    unknown), and the next borrower is served.
+    """
+
+    async def test_a_half_read_stream_does_not_hang_a_read_block(self, table: str) -> None:
+        kept: list[Any] = []
+
+        async def block() -> None:
+            async with api.get_cursor() as cur:
+                stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                assert await anext(stream) == {"n": 1}
+                kept.append(stream)  # still referenced, half-read, when the block ends
+
+        await _within(block, 15.0)
+        assert await count(table) == 0  # the pool lends a working connection
+        # The kept stream cannot go on reading from a connection the pool may lend again: it was closed.
+        with pytest.raises(psycopg.OperationalError):
+            await anext(kept[0])
+
+    async def test_a_half_read_stream_in_a_commit_block_commits_nothing_and_says_why(self, table: str) -> None:
+        kept: list[Any] = []
+
+        async def block() -> None:
+            with pytest.raises(TransactionControlError, match="stream"):
+                async with api.get_cursor(commit=True) as cur:
+                    await cur.execute(f"INSERT INTO {table} (name) VALUES ('kept')")
+                    stream = cur.stream("SELECT generate_series(1, 100000) AS n")
+                    assert await anext(stream) == {"n": 1}
+                    kept.append(stream)
+
+        await _within(block, 15.0)
+        assert await count(table) == 0  # rolled back, and the pool lends a working connection
+        with pytest.raises(psycopg.OperationalError):
+            await anext(kept[0])

@@ -21,6 +21,7 @@ from precog_db import (
     read_stamp,
     stamp_database,
 )
+from precog_db._conn_state import state
 from precog_db.environment import Environment
 from precog_db.local.cluster import LocalCluster
 from precog_db.pool import connection_is_usable
@@ -157,7 +158,7 @@ class TestFailover:
             initialize_pool(settings=primary.settings(host="127.0.0.1", port=standby.port))
         with psycopg.connect(standby.conninfo("precog_test"), autocommit=True) as on_standby:
             assert not connection_is_usable(on_standby)  # in_hot_standby=on, read from the parameters: no round trip
-            on_standby._precog_writer = False  # type: ignore[attr-defined]  # a pool that only reads keeps it
+            state(on_standby).writer = False  # a pool that only reads keeps it (a plain psycopg connection: created)
             assert connection_is_usable(on_standby)
         with psycopg.connect(primary.conninfo("precog_test"), autocommit=True) as on_primary:
             assert connection_is_usable(on_primary)

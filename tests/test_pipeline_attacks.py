@@ -185,11 +185,11 @@ async def test_stale_cursor_does_not_send_another_blocks_begin(test_settings: Da
             pass
         async with aio.get_cursor(commit=True) as cur:
             conn: Any = cur._conn
-            assert conn._precog_pending_begin is not None
+            assert conn._precog.pending_begin is not None
             assert id(conn) == id(stale._conn)  # the same connection (one in the pool)
             with pytest.raises(psycopg.InterfaceError):
                 await stale.execute(INSERT, (1,))
-            assert conn._precog_pending_begin is not None  # still this block's, not sent by the stale cursor
+            assert conn._precog.pending_begin is not None  # still this block's, not sent by the stale cursor
             assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
             await cur.execute(INSERT, (2,))
     finally:

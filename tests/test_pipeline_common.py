@@ -326,7 +326,7 @@ class TestTransparent:
         """
         with api.get_cursor(commit=True) as cur:
             conn = cur._conn
-        assert getattr(conn, "_precog_pending_begin", None) is None
+        assert conn._precog.pending_begin is None  # type: ignore[attr-defined]
         with pytest.raises(ReadOnlyWriteError), api.get_cursor() as cur:
             cur.execute(INSERT, (25, 1))
         with api.get_connection() as raw:

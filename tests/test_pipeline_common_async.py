@@ -353,7 +353,7 @@ class TestTransparent:
         """
         async with api.get_cursor(commit=True) as cur:
             conn = cur._conn
-        assert getattr(conn, "_precog_pending_begin", None) is None
+        assert conn._precog.pending_begin is None  # type: ignore[attr-defined]
         with pytest.raises(ReadOnlyWriteError):
             async with api.get_cursor() as cur:
                 await cur.execute(INSERT, (25, 1))

@@ -34,6 +34,7 @@ from precog_db import (
     ProductionAccessError,
     stamp_database,
 )
+from precog_db._conn_state import ConnState
 from precog_db.local.cluster import free_port
 from precog_db.settings import DatabaseSettings
 from tests._helpers.server import Server
@@ -408,3 +409,23 @@ class TestStatistics:
             row = await cur.fetchone()
             assert row is not None and row["pid"] != pid
         assert pool.get_stats().get("requests_num", 0) == before + 1
+
+
+class TestConnState:
+    async def test_a_pooled_connection_carries_its_state_as_one_object(self, test_settings: DatabaseSettings) -> None:
+        """precog_db's per-connection state is one `ConnState` at ``conn._precog``, no loose ``_precog_*`` attribute."""
+        pool = await api.initialize_pool(settings=test_settings.replace(pool_min=1, pool_max=1))
+        async with api.get_cursor(commit=True) as cur:
+            await cur.execute("SELECT 1")
+            conn: Any = cur.connection
+            assert conn._precog.pending_begin is None  # the block's BEGIN went with its first statement
+        conn = await _take(pool)
+        try:
+            st = conn._precog
+            assert isinstance(st, ConnState)
+            assert st.lent is not None and st.writer is True and not st.busy and not st.shared
+            assert st.factories is not None and conn.cursor_factory is st.factories[0]  # adopted
+            assert [name for name in vars(conn) if name.startswith("_precog_")] == []
+        finally:
+            await _give(pool, conn)
+        assert conn._precog is st and st.lent is None  # the same object, through the return

@@ -259,6 +259,18 @@ class TestTransactionMode:
         with _raw(bouncer) as other:
             assert _one(other, "SHOW search_path") == '"$user", public'
 
+    async def test_a_typo_is_refused_with_its_own_words(self, tx_settings: DatabaseSettings, bouncer: int) -> None:
+        """SQL the parser cannot read is not sent (it might change the shared session), and the error says to
+        fix the SQL, not to use SET LOCAL; the connection goes on working."""
+        await initialize_pool(settings=tx_settings)
+        with pytest.raises(SessionStateError, match="Fix the SQL") as refused:
+            async with get_cursor() as cur:
+                await cur.execute("SELEC 1")
+        assert "SET LOCAL" not in str(refused.value) and "syntax error" in str(refused.value)
+        async with get_cursor() as cur:
+            await cur.execute("SELECT 1 AS one")
+            assert await cur.fetchone() == {"one": 1}
+
     async def test_session_state_does_not_leak(self, tx_settings: DatabaseSettings, bouncer: int) -> None:
         """A session SET is refused unsent and a set_config() in a read is rolled back: no other client sees them."""
         await initialize_pool(settings=tx_settings)

@@ -53,6 +53,7 @@ MODULES: dict[str, str] = {
     "tests/test_cancellation_common_async.py": "tests/test_cancellation_common.py",
     "tests/test_faults_pool_common_async.py": "tests/test_faults_pool_common.py",
     "tests/test_rules_common_async.py": "tests/test_rules_common.py",
+    "tests/test_pooler_attacks_async.py": "tests/test_pooler_attacks.py",
 }
 
 #: Names the transform renames (NAME tokens only: strings and comments are left as written).
