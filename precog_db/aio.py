@@ -43,8 +43,8 @@ from precog_db._pipelining import AsyncFirstStatementCursor, AsyncPipelinedBlock
 from precog_db._replica_state import note_commit
 from precog_db._replicas_async import choose
 from precog_db.apool import AsyncPrecogPool, close_pool, get_pool, initialize_pool
-from precog_db.cursors import _commit_interrupted, _kept_stream, _translate
-from precog_db.errors import ConfigurationError, PoolStateError
+from precog_db.cursors import _commit_interrupted, _kept_stream, _translate, refuse_options
+from precog_db.errors import PoolStateError
 from precog_db.gates import (
     dangerous_operation,
     delete_statement,
@@ -115,15 +115,8 @@ def get_cursor(
     replica that is fresh enough and has this task's own writes, else from the
     primary (`precog_db.replicas`).
     """
-    if pipeline and not commit:
-        raise ValueError(
-            "aio.get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
-            "BEGIN, statements and COMMIT together; a read-only block already costs one round trip per statement"
-        )
-    if replica and commit:
-        raise ConfigurationError(
-            "aio.get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
-        )
+    if pipeline or replica:
+        refuse_options(commit, pipeline, replica, "aio.")
     block = _CursorBlock(commit, row_factory, pipeline)
     block._replica = replica
     return block

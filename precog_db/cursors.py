@@ -153,18 +153,24 @@ def get_cursor(
     primary (`precog_db.replicas`). All are keyword-only: ``get_cursor(commit=True)``
     reads as what it does.
     """
+    if pipeline or replica:
+        refuse_options(commit, pipeline, replica)
+    block = _CursorBlock(commit, row_factory, pipeline)
+    block._replica = replica
+    return block
+
+
+def refuse_options(commit: bool, pipeline: bool, replica: bool, api: str = "") -> None:
+    """The keyword combinations ``get_cursor`` refuses, in both layers (``api``: ``"aio."`` for `precog_db.aio`)."""
     if pipeline and not commit:
         raise ValueError(
-            "get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
+            f"{api}get_cursor(pipeline=True) needs commit=True: pipelining sends a write transaction's "
             "BEGIN, statements and COMMIT together; a read-only block already costs one round trip per statement"
         )
     if replica and commit:
         raise ConfigurationError(
-            "get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
+            f"{api}get_cursor(commit=True, replica=True): a replica cannot take writes; drop replica=True"
         )
-    block = _CursorBlock(commit, row_factory, pipeline)
-    block._replica = replica
-    return block
 
 
 # The blocks are classes rather than @contextmanager generators: they sit on
