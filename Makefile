@@ -12,7 +12,7 @@ CONFIRM ?=
 # Appended after the command, where precog-db takes both global and command options (`ARGS="--keep 3"`).
 DB_ARGS = $(if $(strip $(CONFIRM)), --confirm-database $(strip $(CONFIRM)))$(if $(strip $(ARGS)), $(strip $(ARGS)))
 
-.PHONY: install demo test test-lowest lint typecheck pytest generate check-generated clean check migrate migrate-status backup local-up local-down bench bench-quick
+.PHONY: install demo test test-lowest lint typecheck pytest generate check-generated clean check migrate migrate-status backup local-up local-down bench bench-quick docs
 
 # The virtualenv is rebuilt whenever pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -30,12 +30,24 @@ demo: install
 ## Lint, type-check and run the whole test suite against real PostgreSQL.
 test: check-generated lint typecheck pytest
 
-## The sync modules generated from their asyncio sources (tools/async_to_sync.py, docs/DESIGN.md).
+## The generated files: the sync modules from their asyncio sources (tools/async_to_sync.py,
+## docs/DESIGN.md) and the settings table of docs/CONFIGURATION.md (tools/config_reference.py).
 generate: install
 	$(BIN)/python tools/async_to_sync.py
+	$(BIN)/python tools/config_reference.py
 
 check-generated: install
 	$(BIN)/python tools/async_to_sync.py --check
+	$(BIN)/python tools/config_reference.py --check
+
+## The documentation site (mkdocs.yml, docs/) into site/: strict, so a warning or a broken link fails.
+## Installs the `docs` extra into .venv only (never into .venv-lowest).
+docs: $(BIN)/.docs-installed
+	$(BIN)/mkdocs build --strict
+
+$(BIN)/.docs-installed: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
+	touch $@
 
 lint: install
 	$(BIN)/ruff check precog_db tests examples bench tools
@@ -85,7 +97,7 @@ local-down: install
 	$(BIN)/precog-db --env $(ENV) local down$(DB_ARGS)
 
 ## Benchmark get_cursor against the bare driver, psycopg_pool, psycopg2, asyncpg and pgbench
-## (about 8 minutes on 2 cores; see docs/PERFORMANCE.md). `make bench BENCH_ARGS=--quick` is a smoke run.
+## (about 6 minutes on 2 cores; see docs/PERFORMANCE.md). `make bench BENCH_ARGS=--quick` is a smoke run.
 bench: $(BIN)/.bench-installed
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
@@ -97,4 +109,4 @@ $(BIN)/.bench-installed: $(BIN)/.installed
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) $(LOWEST_VENV) site .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -321,8 +321,8 @@ class TestSettings:
         from precog_db.settings import ENV_VARS
 
         assert "DB_PASSWORD_FILE" in ENV_VARS and "DB_PASSFILE" in ENV_VARS
-        readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-        assert "DB_PASSWORD_FILE" in readme and "DB_PASSFILE" in readme
+        page = (Path(__file__).resolve().parent.parent / "docs" / "CONFIGURATION.md").read_text()
+        assert "DB_PASSWORD_FILE" in page and "DB_PASSFILE" in page
 
 
 def test_a_fixed_password_works_as_before(role: Server) -> None:
@@ -366,7 +366,7 @@ class TestAsyncPool:
 
 
 class TestUrlPasswordPrecedence:
-    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (README)."""
+    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (docs/CONFIGURATION.md)."""
 
     @pytest.mark.parametrize("variable", ["DB_PASSWORD_FILE", "DB_PASSFILE"])
     def test_process_url_password_beats_a_files_password_source(
