@@ -366,7 +366,7 @@ class TestAsyncPool:
 
 
 class TestUrlPasswordPrecedence:
-    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (docs/CONFIGURATION.md)."""
+    """21.8: a process DATABASE_URL's password beats a .env file's DB_PASSWORD_FILE / DB_PASSFILE (CONFIGURATION)."""
 
     @pytest.mark.parametrize("variable", ["DB_PASSWORD_FILE", "DB_PASSFILE"])
     def test_process_url_password_beats_a_files_password_source(
