@@ -43,7 +43,7 @@ check-generated: install
 ## The documentation site (mkdocs.yml, docs/) into site/: strict, so a warning or a broken link fails.
 ## Installs the `docs` extra into .venv only (never into .venv-lowest).
 docs: $(BIN)/.docs-installed
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 $(BIN)/.docs-installed: $(BIN)/.installed
 	$(BIN)/python -m pip install --quiet -e '.[dev,docs]'
