@@ -64,7 +64,8 @@ One concept per private module, each importing only those above it:
 * `_lock`: the advisory lock, `migration_lock`;
 * `_apply`: `apply_migration`, `revert_migration`, `run_without_transaction`, `downgrade`;
 * `_options`: `MigrationOptions`, the keyword arguments each workflow accepts;
-* `_workflows`: `upgrade`, `revert`, `mark_baseline`, `inspect`, `predecessor_ledger`.
+* `_workflows`: `upgrade`, `revert`, `mark_baseline`, `inspect`, `predecessor_ledger`;
+* `_rehearse`: `rehearse`, the pending files applied to a restored copy (``migrate rehearse``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, SafetyCheck, che
 from precog_db.migrations._lock import LOCK_KEY as LOCK_KEY
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import MigrationOptions
+from precog_db.migrations._rehearse import RehearsalResult, RehearsedFile, rehearse
 from precog_db.migrations._scanner import Statement, TransactionControl, find_transaction_control, split_statements
 from precog_db.migrations._scanner import line_and_column as line_and_column
 from precog_db.migrations._scanner import transaction_control_problem as transaction_control_problem
@@ -114,6 +116,8 @@ __all__ = [
     "MigrationFile",
     "MigrationOptions",
     "Problem",
+    "RehearsalResult",
+    "RehearsedFile",
     "RevertResult",
     "SafetyCheck",
     "Sections",
@@ -139,6 +143,7 @@ __all__ = [
     "plan_downgrade",
     "predecessor_ledger",
     "read_ledger",
+    "rehearse",
     "revert",
     "revert_migration",
     "run_without_transaction",

@@ -49,7 +49,12 @@ def _read_checked(migration: MigrationFile, verb: str) -> str:
 
 
 def apply_migration(
-    conn: Connection[Any], migration: MigrationFile, *, who: str | None = None, lock_timeout_ms: int = 0
+    conn: Connection[Any],
+    migration: MigrationFile,
+    *,
+    who: str | None = None,
+    lock_timeout_ms: int = 0,
+    observe: Callable[[psycopg.Cursor[Any]], None] | None = None,
 ) -> AppliedMigration:
     """Run one file's up part and record it. Raises `MigrationError` naming the file on failure.
 
@@ -69,6 +74,10 @@ def apply_migration(
     statement's wait for a lock; a statement that cannot get its lock in
     time raises `MigrationLockTimeoutError` naming the sessions that hold
     locks, after the rollback (nothing recorded).
+
+    ``observe(cursor)`` (a normal file only) runs inside the file's
+    transaction after its statements and before its ledger row, while the
+    file's locks are still held (`precog_db.migrations.rehearse` reads them).
     """
     body = _read_checked(migration, "applied")
     parts = sections(body)
@@ -89,7 +98,15 @@ def apply_migration(
         row = run_without_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
     else:
         row = _run_in_transaction(
-            conn, migration, body, 0, parts.up_end, record=record, verb="applied", lock_timeout_ms=lock_timeout_ms
+            conn,
+            migration,
+            body,
+            0,
+            parts.up_end,
+            record=record,
+            verb="applied",
+            lock_timeout_ms=lock_timeout_ms,
+            observe=observe,
         )
     assert row is not None
     return applied_from_row(row)
@@ -105,8 +122,9 @@ def _run_in_transaction(
     record: Callable[[psycopg.Cursor[Any]], Any],
     verb: str,
     lock_timeout_ms: int = 0,
+    observe: Callable[[psycopg.Cursor[Any]], None] | None = None,
 ) -> Any:
-    """Run ``body[start:end]`` and then ``record`` in one transaction; ``record``'s result."""
+    """Run ``body[start:end]``, ``observe`` and then ``record`` in one transaction; ``record``'s result."""
     text = body[start:end]
     try:
         with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
@@ -123,6 +141,8 @@ def _run_in_transaction(
                     "any after it may have been committed on their own. Check the database by hand, remove the "
                     "transaction control from the file, and run the command again"
                 )
+            if observe is not None:
+                observe(cur)
             row = record(cur)
     except psycopg.errors.LockNotAvailable as exc:
         raise MigrationLockTimeoutError(
