@@ -76,7 +76,15 @@ from precog_db.migrations._files import MigrationFile, discover, new_migration, 
 from precog_db.migrations._files import checksum_of as checksum_of
 from precog_db.migrations._ledger import LEDGER, AppliedMigration, baseline, ensure_ledger, read_ledger
 from precog_db.migrations._ledger import applied_by as applied_by
-from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, SafetyCheck, check_safety, lint, lint_files
+from precog_db.migrations._lint import (
+    OFF_BY_DEFAULT,
+    Finding,
+    SafetyCheck,
+    check_safety,
+    lint,
+    lint_files,
+    lint_sql,
+)
 from precog_db.migrations._lock import LOCK_KEY as LOCK_KEY
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import MigrationOptions
@@ -135,6 +143,7 @@ __all__ = [
     "inspect",
     "lint",
     "lint_files",
+    "lint_sql",
     "mark_baseline",
     "marker_problem",
     "migration_lock",
