@@ -62,6 +62,7 @@ One concept per private module, each importing only those above it:
 * `_checks`: `validate`, `pending`, `plan_downgrade`, the promotion check;
 * `_lint`: squawk over each file's up section, `lint`, `lint_files`, `check_safety`, `OFF_BY_DEFAULT`;
 * `_lock`: the advisory lock, `migration_lock`;
+* `_lockwatch`: `LockWatch`, what a file waits for (lock, blockers) seen from a second connection;
 * `_apply`: `apply_migration`, `revert_migration`, `run_without_transaction`, `downgrade`;
 * `_options`: `MigrationOptions`, the keyword arguments each workflow accepts;
 * `_workflows`: `upgrade`, `revert`, `mark_baseline`, `inspect`, `predecessor_ledger`;
