@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from precog_db.errors import BackupError
-from precog_db.migrations import rehearse
+from precog_db.migrations import RehearsalResult, rehearse
 from precog_db.migrations._rehearse import REHEARSAL_INFIX, strongest_lock
 from tests._helpers.cli import Workspace, workspace
 from tests._helpers.server import REPO, Server
@@ -194,6 +195,42 @@ class TestRehearse:
         assert [(f["file"], f["lock"]) for f in passed.json()["files"]] == [("0002_index.sql", "ShareLock")]
         assert ws.ledger("staging")[-1][0] == 1
         assert copies(ws, "staging") == []
+
+    def test_two_rehearsals_at_once(self, ws: Workspace) -> None:
+        """Two rehearsals of one database at the same time: two different copies, both report, both dropped."""
+        prepared(ws)
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        settings = ws.databases["test"]
+        results: list[RehearsalResult] = []
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                results.append(rehearse(settings, ws.root / "migrations", backup_root=ws.root / "backups"))
+            except BaseException as exc:  # reported by the assertions below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == [] and len(results) == 2
+        assert results[0].database != results[1].database
+        assert all([(f.file, f.status) for f in r.files] == [("0002_note.sql", "applied")] for r in results)
+        assert copies(ws, "test") == []
+        assert ws.ledger("test")[-1][0] == 1
+
+    def test_prod_without_the_confirmation_is_refused_before_anything(self, ws: Workspace) -> None:
+        """prod: the usual PRECOG_PROD_CONFIRMED=yes is needed (refused at the first connection, nothing made)."""
+        ws.add("prod")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED", raising=False)
+        result = ws.run("--env", "prod", "migrate", "rehearse")
+        assert result.code == 1
+        assert "PRECOG_PROD_CONFIRMED" in result.err and "Traceback" not in result.err
+        assert copies(ws, "prod") == []
+        assert ws.audit_entries()[-1]["outcome"] == "refused"
 
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_interrupted_rehearsal_drops_its_copy(self, ws: Workspace, sig: signal.Signals) -> None:

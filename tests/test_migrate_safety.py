@@ -293,9 +293,10 @@ def test_blocked_down_section_names_the_lock_and_the_blocker(ws: Workspace) -> N
     ) in result.err
     assert [v for v, _ in ws.ledger("test")] == [1]
     # The watch's own session is gone once the command is over.
-    assert ws.query("test", "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE '%(lock watch)'") == [
-        (0,)
-    ]
+    watches = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE '%watch)'"
+    )
+    assert ws.query("test", watches) == [(0,)]
 
 
 def test_the_documented_worked_example_lints_clean_and_applies(ws: Workspace) -> None:
