@@ -153,8 +153,10 @@ class TestRehearse:
         prepared(ws)
         ws.write_migration("0002_not_null.sql", "ALTER TABLE orders ALTER COLUMN email SET NOT NULL;\n")
         settings = ws.databases["test"]
+        handler = signal.getsignal(signal.SIGTERM)
         done = rehearse(settings, ws.root / "migrations", backup_root=ws.root / "backups")
         assert [(f.file, f.status) for f in done.failed] == [("0002_not_null.sql", "failed")]
+        assert signal.getsignal(signal.SIGTERM) is handler  # the caller's SIGTERM handler is put back
         assert copies(ws, "test") == []
         with pytest.raises(BackupError, match="precog-db --env test backup"):
             rehearse(settings, ws.root / "migrations", backup_root=ws.root / "nothing-here")

@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from precog_db import audit
-from precog_db.backup import newest_verified, restore_copy
+from precog_db.backup import backup_dir, newest_verified, restore_copy
 from precog_db.connection import connect, direct_settings, pin_of
 from precog_db.environment import Environment
 from precog_db.errors import BackupError, MigrationError
@@ -191,7 +191,7 @@ def rehearse(
         found = newest_verified(settings, server_major=major, root=backup_root)
         if found is None:
             raise BackupError(
-                f"no verified backup of the {settings.describe()} in {backup_root or 'the backup directory'} "
+                f"no verified backup of the {settings.describe()} in {backup_dir(backup_root) / env.value} "
                 "(PRECOG_BACKUP_DIR, --backup-dir) to rehearse on; nothing was created. Make one with "
                 f"`precog-db --env {env.value} backup` and run the rehearsal again"
             )
@@ -208,18 +208,24 @@ def rehearse(
         )
         tell(f"rehearsing on {copy.dbname}, restored from {dump}")
         results: list[RehearsedFile] = []
-        info["files"] = results
         with _sigterm_interrupts():
-            created = False
+            # Set before CREATE DATABASE: an interrupt right after the server made it still drops it (IF EXISTS).
+            created = True
             try:
-                _create(settings, copy.dbname, pin)
-                created = True
+                try:
+                    _create(settings, copy.dbname, pin)
+                except psycopg.errors.DuplicateDatabase:
+                    created = False  # not ours: never dropped
+                    raise MigrationError(
+                        f"a database named {copy.dbname} exists already, so no rehearsal copy was made; run the "
+                        "rehearsal again (the name is random)"
+                    ) from None
                 restore_copy(copy, dump, server_major=major, pin=pin)
-                results.extend(_apply_all(copy, pin, directory, files, target, env, info, tell))
+                _apply_all(copy, pin, directory, files, target, env, info, tell, results)
             finally:
+                info["files"] = [r.as_dict() for r in results]
                 if created:
                     _drop(settings, copy.dbname, pin)
-        info["files"] = [r.as_dict() for r in results]
         failed = [r.file for r in results if r.status == "failed"]
         info["result"] = f"failed: {', '.join(failed)}" if failed else f"passed: {len(results)} file(s) applied"
     return RehearsalResult(dump, copy.dbname, results)
@@ -229,6 +235,11 @@ def _create(settings: DatabaseSettings, name: str, pin: Any) -> None:
     conn = connect(settings, operation="create the rehearsal database", pin=pin)
     try:
         conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    except psycopg.errors.InsufficientPrivilege:
+        raise MigrationError(
+            f"the role {settings.user!r} may not create databases, and a rehearsal restores into a throwaway "
+            "database on the same server; grant it CREATEDB (or rehearse as a role that has it). Nothing was made"
+        ) from None
     finally:
         conn.close()
 
@@ -257,16 +268,17 @@ def _apply_all(
     env: Environment,
     info: dict[str, Any],
     tell: Callable[[str], None],
-) -> list[RehearsedFile]:
+    results: list[RehearsedFile],
+) -> None:
+    """Apply what the copy has pending, appending each file's report to ``results``."""
     # The restored copy carries the target's stamp (another database name): not verified, it is ours.
     conn = connect(copy, operation="rehearse migrations", verify=False, pin=pin)
     try:
         plan = pending(files, read_ledger(conn), target)
         info["planned"] = [m.filename for m in plan]
         if not plan:
-            return []
+            return
         _lint_plan(plan, env, info, tell, down=False)
-        results: list[RehearsedFile] = []
         failed = False
         for migration in plan:
             if failed:
@@ -299,6 +311,5 @@ def _apply_all(
                     locks[name] = m
             results.append(RehearsedFile(migration.filename, "applied", ms, None, mode, table, locks))
             tell(f"applied {migration.filename} ({ms} ms)" + (f", {mode} on {table}" if mode else ""))
-        return results
     finally:
         conn.close()
