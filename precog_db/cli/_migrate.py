@@ -107,7 +107,7 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         description="Run squawk (the `lint` extra: pip install 'precog-db[lint]') over the up section of each "
         "pending migration file (--all: every file, without connecting) and print, for each finding, the file, "
         "the line, squawk's rule and what to do instead. Exit 1 when anything is found. Style-only rules are "
-        "off (docs/MIGRATIONS.md, 'Safe migrations').",
+        "off (docs/CLI.md, 'Safe migrations').",
     )
     q.add_argument("--all", action="store_true", help="lint every migration file, not only the pending ones")
     q.set_defaults(handler=cmd_migrate_lint)
