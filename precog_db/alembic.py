@@ -35,7 +35,7 @@ What `run_migrations` does, for every ``alembic`` command that runs env.py:
    ``canceling statement due to lock timeout`` and Alembic's transaction rolls back.
 8. **The lint** (``upgrade`` online only): the SQL of the revisions between
    the database's current revision and the destination is rendered the way
-   ``alembic upgrade --sql`` renders it (offline, in this process) and given
+   ``alembic upgrade --sql`` renders it (a second ``alembic`` process, offline) and given
    to squawk like a migration file (`precog_db.migrations.lint_sql`): on dev
    and test a warning per finding, on staging and prod refused before any
    revision runs unless the revision file acknowledges the rule with a line
@@ -50,12 +50,12 @@ Needs SQLAlchemy 2 (its ``postgresql+psycopg`` dialect, psycopg 3) and Alembic.
 
 from __future__ import annotations
 
-import io
+import os
 import re
+import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +74,9 @@ log = get_logger()
 #: Alembic commands that run env.py without changing the schema: no typed confirmation.
 READ_ONLY_COMMANDS = frozenset({"current", "history", "heads", "branches", "show", "check"})
 
-#: Set while `_lint_revisions` renders the pending revisions' SQL: env.py only writes the SQL into it.
-_RENDERING: ContextVar[io.StringIO | None] = ContextVar("precog_alembic_rendering", default=None)
+#: Set in the environment of the ``alembic upgrade --sql`` process `_lint_revisions` runs: env.py only renders.
+_RENDER_VAR = "PRECOG_ALEMBIC_LINT_RENDER"
+_RENDER_TIMEOUT = 120.0
 _RUNNING = re.compile(r"^-- Running upgrade (?P<start>\S*) -> (?P<rev>\S+)\s*$", re.MULTILINE)
 
 
@@ -123,14 +124,13 @@ def run_migrations(context: Any, *, target_metadata: Any = None, **configure: An
     ``target_metadata`` and ``configure`` go to ``context.configure``. See
     the module docstring for the order of the checks.
     """
-    rendering = _RENDERING.get()
-    if rendering is not None:  # `_lint_revisions` asked for the SQL only: no checks, no audit, nothing run
+    if os.environ.get(_RENDER_VAR) == "1" and context.is_offline_mode():
+        # The lint's own `--sql` process (`_lint_revisions`): only the SQL on stdout; offline, nothing connects.
         context.configure(
             dialect_name="postgresql",
             target_metadata=target_metadata,
             literal_binds=True,
             dialect_opts={"paramstyle": "named"},
-            output_buffer=rendering,
             **configure,
         )
         with context.begin_transaction():
@@ -276,7 +276,6 @@ def _lint_revisions(
 
     Returns the audit details: ``acknowledged`` and ``lint_warnings``, or ``not_linted`` with the reason.
     """
-    from alembic import command as alembic_command
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -296,23 +295,33 @@ def _lint_revisions(
         _warn(f"the revisions were not linted: {reason}")
         return {"not_linted": reason}
     source = context.config
-    rendered = io.StringIO()
-    config = Config(
-        source.config_file_name,
-        ini_section=source.config_ini_section,
-        output_buffer=rendered,
-        cmd_opts=source.cmd_opts,
-    )
     if source.config_file_name is None:
-        config.set_main_option("script_location", source.get_main_option("script_location") or "")
-    token = _RENDERING.set(rendered)
-    # The rendering runs env.py in an EnvironmentContext of its own, which takes over the module-level
-    # ``alembic.context`` proxy and removes it on exit: the one of this run is put back afterwards.
-    outer = getattr(context, "_proxy", None)
+        reason = "the Alembic configuration has no file, so its revisions cannot be rendered in a second process"
+        if enforce:
+            raise MigrationValidationError(f"refused before anything ran: {reason}; run alembic with -c alembic.ini")
+        _warn(f"the revisions were not linted: {reason}")
+        return {"not_linted": reason}
+    # Rendered by a second `alembic ... --sql` process: the offline run of env.py needs an EnvironmentContext
+    # of its own, which cannot share this process's module-level `alembic.context` with the running one.
+    argv = [sys.executable, "-m", "alembic", "-c", str(source.config_file_name), "-n", source.config_ini_section]
+    for key, value in _x_arguments(context).items():
+        argv += ["-x", f"{key}={value}"]
+    argv += ["upgrade", f"{heads[0]}:{destination}" if heads else destination, "--sql"]
     try:
-        alembic_command.upgrade(config, f"{heads[0]}:{destination}" if heads else destination, sql=True)
-    except Exception as exc:  # any failure to render means: not linted, and said so
-        reason = f"alembic could not render the SQL of the revisions offline ({type(exc).__name__}: {exc})"
+        done = subprocess.run(
+            argv,
+            env={**os.environ, _RENDER_VAR: "1"},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=_RENDER_TIMEOUT,
+            check=False,
+        )
+        problem = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no message"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+    if problem is not None:
+        reason = f"alembic could not render the SQL of the revisions offline ({problem})"
         if enforce:
             raise MigrationValidationError(
                 f"refused before anything ran: {reason}, so they could not be linted; render them with "
@@ -320,12 +329,9 @@ def _lint_revisions(
             ) from None
         _warn(f"the revisions were not linted: {reason}")
         return {"not_linted": reason}
-    finally:
-        _RENDERING.reset(token)
-        if outer is not None:
-            outer._install_proxy()
+    config = Config(source.config_file_name, ini_section=source.config_ini_section)
     script = ScriptDirectory.from_config(config)
-    text = rendered.getvalue()
+    text = done.stdout
     marks = list(_RUNNING.finditer(text))
     open_findings: list[tuple[str, Any]] = []
     acknowledged: list[dict[str, object]] = []
