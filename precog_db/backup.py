@@ -90,9 +90,12 @@ __all__ = [
     "backup",
     "backup_database",
     "backup_dir",
+    "dumps_of",
     "find_tool",
+    "newest_verified",
     "prune",
     "restore",
+    "restore_copy",
     "restore_database",
     "retention",
     "same_stamp",
@@ -368,6 +371,38 @@ def prune(directory: Path, settings: DatabaseSettings, keep: int) -> list[Path]:
     return doomed
 
 
+def dumps_of(settings: DatabaseSettings, root: Path | None = None) -> list[Path]:
+    """The dumps `backup` wrote of ``settings``' database (same host, port and name), newest first.
+
+    ``settings`` are those the dump was named after (``DB_DIRECT_HOST`` behind
+    a transaction pooler, `precog_db.connection.direct_settings`).
+    """
+    directory = backup_dir(root) / settings.env.value
+    if not directory.is_dir():
+        return []
+    pattern = _archive_pattern(settings)
+    return sorted((p for p in directory.iterdir() if p.is_file() and pattern.match(p.name)), reverse=True)
+
+
+def newest_verified(
+    settings: DatabaseSettings, *, server_major: int, root: Path | None = None
+) -> tuple[Path, int] | None:
+    """The newest dump of ``settings``' database that `verify` accepts, with its entry count; None when none does.
+
+    A dump that does not verify (truncated, another database's) is passed over for the next older one.
+    """
+    dumps = dumps_of(settings, root)
+    if not dumps:
+        return None
+    pg_restore = find_tool("pg_restore", server_major)
+    for path in dumps:
+        try:
+            return path, verify(path, settings, tool=pg_restore, expect_dbname=settings.dbname)
+        except BackupError:
+            continue
+    return None
+
+
 def backup(
     settings: DatabaseSettings,
     *,
@@ -471,6 +506,12 @@ def _restore(
     pg_restore = find_tool("pg_restore", server_major)
     entries = verify(path, settings, tool=pg_restore)
     brought = archive_stamp(path, settings, tool=pg_restore)
+    _pg_restore(pg_restore, path, target)
+    return _Restore(entries, target, brought)
+
+
+def _pg_restore(pg_restore: Path, path: Path, target: _Target) -> None:
+    """The one pg_restore that changes a database: all or nothing (one transaction, stop at the first error)."""
     _run(
         [
             str(pg_restore),
@@ -482,11 +523,26 @@ def _restore(
             "--exit-on-error",
             str(path),
         ],
-        settings,
-        what=f"pg_restore of {path.name} into {settings.describe()}",
+        target.settings,
+        what=f"pg_restore of {path.name} into {target.settings.describe()}",
         target=target,
     )
-    return _Restore(entries, target, brought)
+
+
+def restore_copy(copy: DatabaseSettings, path: Path, *, server_major: int, pin: Pin) -> None:
+    """Restore ``path`` into ``copy``, an empty database the caller just created on the server ``pin`` names.
+
+    For `precog_db.migrations.rehearse`: the copy may belong to any
+    environment (it is not the environment's database, and has no stamp of
+    its own yet), so the dev/test rule of `restore` does not apply; the
+    naming rule, the gate and the production guard do (`check_target`). The
+    same pg_restore as `restore`, pinned to ``pin``.
+    """
+    from precog_db.connection import check_target, tool_args
+
+    check_target(copy, operation="restore a rehearsal copy")
+    args, environ = tool_args(copy, pin)
+    _pg_restore(find_tool("pg_restore", server_major), path, _Target(copy, args, environ, pin))
 
 
 _STAMP_COPY = re.compile(r"^COPY precog_meta\.stamp \(([^)]*)\) FROM stdin;$")

@@ -218,8 +218,11 @@ class TestLockTimeout:
             blocker.execute("ROLLBACK")
         assert result.code == 1
         assert "0002_note.sql could not get its lock within lock_timeout 1000 ms" in result.err
-        assert f"pid {blocker_pid} (application_name 'slow-report'" in result.err
-        assert "AccessShareLock on orders" in result.err
+        # Observed from a second connection while it waited: the exact lock, and who blocked it.
+        assert (
+            f"it waited for AccessExclusiveLock on orders, blocked by pid {blocker_pid} "
+            "(application_name 'slow-report', idle in transaction)"
+        ) in result.err
         assert reader_errors == [] and reader_rows == [0]
         assert [v for v, _ in ws.ledger("test")] == [1]
         assert ws.query("test", "SELECT count(*) FROM information_schema.columns WHERE column_name = 'note'") == [(0,)]
@@ -267,6 +270,33 @@ def test_down_section_runs_under_the_lock_timeout(ws: Workspace) -> None:
     assert "0001_orders.sql could not get its lock within lock_timeout 300 ms" in result.err
     assert [v for v, _ in ws.ledger("test")] == [1]
     assert ws.has_table("test", "orders")
+
+
+def test_blocked_down_section_names_the_lock_and_the_blocker(ws: Workspace) -> None:
+    """migrate down: the lock timeout message says which lock the down section waited for and whose session
+    blocked it (pid, application_name), as observed from a second connection while it waited."""
+    ws.add("test")
+    ws.write_migration("0001_orders.sql", ORDERS + "-- precog:down\nDROP TABLE orders;\n")
+    assert ws.run("--env", "test", "migrate", "up").code == 0
+    ws.monkeypatch.setenv("DB_MIGRATION_LOCK_TIMEOUT", "2000")
+    with ws.server.connect(ws.databases["test"].dbname) as blocker:
+        blocker.execute("SET application_name = 'o''dd report'")
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE orders IN ROW EXCLUSIVE MODE")
+        pid = blocker.info.backend_pid
+        result = ws.run("--env", "test", "migrate", "down")
+        blocker.execute("ROLLBACK")
+    assert result.code == 1
+    assert (
+        f'it waited for AccessExclusiveLock on orders, blocked by pid {pid} (application_name "o\'dd report", '
+        "idle in transaction)"
+    ) in result.err
+    assert [v for v, _ in ws.ledger("test")] == [1]
+    # The watch's own session is gone once the command is over.
+    watches = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name LIKE '%watch)'"
+    )
+    assert ws.query("test", watches) == [(0,)]
 
 
 def test_the_documented_worked_example_lints_clean_and_applies(ws: Workspace) -> None:

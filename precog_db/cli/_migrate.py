@@ -1,4 +1,4 @@
-"""``precog-db migrate new|up|down|status|validate|baseline|lint``: thin commands over `precog_db.migrations`."""
+"""``precog-db migrate new|up|down|status|validate|baseline|lint|rehearse``: thin commands over `migrations`."""
 
 from __future__ import annotations
 
@@ -107,10 +107,29 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         description="Run squawk (the `lint` extra: pip install 'precog-db[lint]') over the up section of each "
         "pending migration file (--all: every file, without connecting) and print, for each finding, the file, "
         "the line, squawk's rule and what to do instead. Exit 1 when anything is found. Style-only rules are "
-        "off (docs/MIGRATIONS.md, 'Safe migrations').",
+        "off (docs/CLI.md, 'Safe migrations').",
     )
     q.add_argument("--all", action="store_true", help="lint every migration file, not only the pending ones")
     q.set_defaults(handler=cmd_migrate_lint)
+    q = add_command(
+        migrate,
+        "rehearse",
+        "apply the pending migrations to a restored copy of the newest verified backup; the target is not changed",
+        parents=mig_parents,
+        description="Restore the newest verified backup of the target (the dumps `precog-db backup` writes, "
+        "in --backup-dir) into a throwaway database <db>_rehearse_<random> on the same server, apply the "
+        "pending migrations there as migrate up would (lint, DB_MIGRATION_LOCK_TIMEOUT), and report per file: "
+        "applied or failed, the time taken and the strongest lock it took on which table. The throwaway "
+        "database is always dropped. Exit 1 when a file fails.",
+    )
+    q.add_argument("--target", type=int, metavar="VERSION", help="rehearse up to and including this version")
+    q.add_argument(
+        "--backup-dir",
+        default=None,
+        metavar="DIR",
+        help="where the dumps are (default: PRECOG_BACKUP_DIR or ./backups)",
+    )
+    q.set_defaults(handler=cmd_migrate_rehearse)
 
 
 def _add_migrations_dir(parser: argparse.ArgumentParser, *, top: bool) -> None:
@@ -373,3 +392,43 @@ def cmd_migrate_lint(ctx: Context) -> int:
         lines,
     )
     return EXIT_FAILED if findings else EXIT_OK
+
+
+def cmd_migrate_rehearse(ctx: Context) -> int:
+    """``migrate rehearse``: the thin shell over `precog_db.migrations.rehearse`."""
+    from precog_db.migrations import rehearse
+
+    settings = ctx.settings()
+    ctx.show_banner(settings, "migrate rehearse")
+    root = ctx.args.backup_dir
+    result = rehearse(
+        settings,
+        _migrations_dir(ctx),
+        backup_root=Path(root) if root else None,
+        target=ctx.args.target,
+        notify=ctx.notify,
+    )
+    lines = [f"rehearsal on a copy of {result.backup.name} (database {result.database}, dropped)"]
+    for f in result.files:
+        took = f" ({f.duration_ms} ms)" if f.duration_ms is not None else ""
+        lock = f"; strongest lock: {f.lock} on {f.table}" if f.lock else ""
+        lines.append(f"  {f.status:<8} {f.file}{took}{lock}")
+        if f.error:
+            lines.append(f"    error: {f.error}")
+    failed = [f.file for f in result.failed]
+    if failed:
+        lines.append(f"FAILED: {', '.join(failed)}; the target database was not changed")
+    elif result.files:
+        lines.append(f"passed: {len(result.files)} migration(s) applied to the copy; the target was not changed")
+    else:
+        lines.append("nothing pending on the copy; the target was not changed")
+    ctx.emit(
+        {
+            "backup": str(result.backup),
+            "database": result.database,
+            "files": [f.as_dict() for f in result.files],
+            "failed": failed,
+        },
+        lines,
+    )
+    return EXIT_FAILED if failed else EXIT_OK

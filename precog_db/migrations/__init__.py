@@ -62,9 +62,11 @@ One concept per private module, each importing only those above it:
 * `_checks`: `validate`, `pending`, `plan_downgrade`, the promotion check;
 * `_lint`: squawk over each file's up section, `lint`, `lint_files`, `check_safety`, `OFF_BY_DEFAULT`;
 * `_lock`: the advisory lock, `migration_lock`;
+* `_lockwatch`: `LockWatch`, what a file waits for (lock, blockers) seen from a second connection;
 * `_apply`: `apply_migration`, `revert_migration`, `run_without_transaction`, `downgrade`;
 * `_options`: `MigrationOptions`, the keyword arguments each workflow accepts;
-* `_workflows`: `upgrade`, `revert`, `mark_baseline`, `inspect`, `predecessor_ledger`.
+* `_workflows`: `upgrade`, `revert`, `mark_baseline`, `inspect`, `predecessor_ledger`;
+* `_rehearse`: `rehearse`, the pending files applied to a restored copy (``migrate rehearse``).
 """
 
 from __future__ import annotations
@@ -75,10 +77,19 @@ from precog_db.migrations._files import MigrationFile, discover, new_migration, 
 from precog_db.migrations._files import checksum_of as checksum_of
 from precog_db.migrations._ledger import LEDGER, AppliedMigration, baseline, ensure_ledger, read_ledger
 from precog_db.migrations._ledger import applied_by as applied_by
-from precog_db.migrations._lint import OFF_BY_DEFAULT, Finding, SafetyCheck, check_safety, lint, lint_files
+from precog_db.migrations._lint import (
+    OFF_BY_DEFAULT,
+    Finding,
+    SafetyCheck,
+    check_safety,
+    lint,
+    lint_files,
+    lint_sql,
+)
 from precog_db.migrations._lock import LOCK_KEY as LOCK_KEY
 from precog_db.migrations._lock import migration_lock
 from precog_db.migrations._options import MigrationOptions
+from precog_db.migrations._rehearse import RehearsalResult, RehearsedFile, rehearse
 from precog_db.migrations._scanner import Statement, TransactionControl, find_transaction_control, split_statements
 from precog_db.migrations._scanner import line_and_column as line_and_column
 from precog_db.migrations._scanner import transaction_control_problem as transaction_control_problem
@@ -114,6 +125,8 @@ __all__ = [
     "MigrationFile",
     "MigrationOptions",
     "Problem",
+    "RehearsalResult",
+    "RehearsedFile",
     "RevertResult",
     "SafetyCheck",
     "Sections",
@@ -131,6 +144,7 @@ __all__ = [
     "inspect",
     "lint",
     "lint_files",
+    "lint_sql",
     "mark_baseline",
     "marker_problem",
     "migration_lock",
@@ -139,6 +153,7 @@ __all__ = [
     "plan_downgrade",
     "predecessor_ledger",
     "read_ledger",
+    "rehearse",
     "revert",
     "revert_migration",
     "run_without_transaction",

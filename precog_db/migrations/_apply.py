@@ -25,6 +25,7 @@ from precog_db.migrations._checks import plan_downgrade
 from precog_db.migrations._files import MigrationFile, checksum_of, discover, text_of
 from precog_db.migrations._ledger import LEDGER, RETURNING, AppliedMigration, applied_by, applied_from_row, read_ledger
 from precog_db.migrations._lock import migration_lock
+from precog_db.migrations._lockwatch import LockWatch
 from precog_db.migrations._scanner import Statement, line_and_column, split_statements, transaction_control_problem
 from precog_db.migrations._sections import DOWN_MARKER, marker_problem, sections
 
@@ -49,7 +50,13 @@ def _read_checked(migration: MigrationFile, verb: str) -> str:
 
 
 def apply_migration(
-    conn: Connection[Any], migration: MigrationFile, *, who: str | None = None, lock_timeout_ms: int = 0
+    conn: Connection[Any],
+    migration: MigrationFile,
+    *,
+    who: str | None = None,
+    lock_timeout_ms: int = 0,
+    observe: Callable[[psycopg.Cursor[Any]], None] | None = None,
+    watch: Callable[[], Connection[Any]] | None = None,
 ) -> AppliedMigration:
     """Run one file's up part and record it. Raises `MigrationError` naming the file on failure.
 
@@ -69,6 +76,14 @@ def apply_migration(
     statement's wait for a lock; a statement that cannot get its lock in
     time raises `MigrationLockTimeoutError` naming the sessions that hold
     locks, after the rollback (nothing recorded).
+
+    ``observe(cursor)`` (a normal file only) runs inside the file's
+    transaction after its statements and before its ledger row, while the
+    file's locks are still held (`precog_db.migrations.rehearse` reads them).
+
+    ``watch`` (with ``lock_timeout_ms``) opens a second connection to the same
+    database (through the chokepoint) from which a `LockWatch` observes what
+    the file waits for; a lock timeout then names that lock and its blockers.
     """
     body = _read_checked(migration, "applied")
     parts = sections(body)
@@ -89,7 +104,16 @@ def apply_migration(
         row = run_without_transaction(conn, migration, body, 0, parts.up_end, record=record, verb="applied")
     else:
         row = _run_in_transaction(
-            conn, migration, body, 0, parts.up_end, record=record, verb="applied", lock_timeout_ms=lock_timeout_ms
+            conn,
+            migration,
+            body,
+            0,
+            parts.up_end,
+            record=record,
+            verb="applied",
+            lock_timeout_ms=lock_timeout_ms,
+            observe=observe,
+            watch=watch,
         )
     assert row is not None
     return applied_from_row(row)
@@ -105,30 +129,43 @@ def _run_in_transaction(
     record: Callable[[psycopg.Cursor[Any]], Any],
     verb: str,
     lock_timeout_ms: int = 0,
+    observe: Callable[[psycopg.Cursor[Any]], None] | None = None,
+    watch: Callable[[], Connection[Any]] | None = None,
 ) -> Any:
-    """Run ``body[start:end]`` and then ``record`` in one transaction; ``record``'s result."""
+    """Run ``body[start:end]``, ``observe`` and then ``record`` in one transaction; ``record``'s result."""
     text = body[start:end]
+    watcher = None
+    if watch is not None and lock_timeout_ms:
+        # First look after a quarter of the timeout (at most 0.2 s): a file that gets its locks at once costs nothing.
+        watcher = LockWatch(watch, conn.info.backend_pid, delay=min(0.2, lock_timeout_ms / 4000))
     try:
-        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
-            if lock_timeout_ms:
-                _set_lock_timeout(conn, lock_timeout_ms, local=True)
-            before = _transaction_id(cur)
-            if text.strip():
-                cur.execute(text.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
-            status = conn.info.transaction_status
-            if status != TransactionStatus.INTRANS or _transaction_id(cur) != before:
-                raise MigrationError(
-                    f"{migration.path} ended the migration's transaction itself, so it was NOT recorded as "
-                    f"{verb}: the statements before that point were committed or rolled back by the file, and "
-                    "any after it may have been committed on their own. Check the database by hand, remove the "
-                    "transaction control from the file, and run the command again"
-                )
-            row = record(cur)
+        with contextlib.ExitStack() as stack:
+            if watcher is not None:
+                stack.enter_context(watcher)
+            with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
+                if lock_timeout_ms:
+                    _set_lock_timeout(conn, lock_timeout_ms, local=True)
+                before = _transaction_id(cur)
+                if text.strip():
+                    cur.execute(text.encode("utf-8"))  # no parameters: simple protocol, several statements allowed
+                status = conn.info.transaction_status
+                if status != TransactionStatus.INTRANS or _transaction_id(cur) != before:
+                    raise MigrationError(
+                        f"{migration.path} ended the migration's transaction itself, so it was NOT recorded as "
+                        f"{verb}: the statements before that point were committed or rolled back by the file, and "
+                        "any after it may have been committed on their own. Check the database by hand, remove "
+                        "the transaction control from the file, and run the command again"
+                    )
+                if observe is not None:
+                    observe(cur)
+                row = record(cur)
     except psycopg.errors.LockNotAvailable as exc:
+        seen = watcher.last if watcher is not None else None
+        blockers = seen.describe() if seen is not None else _lock_holders(conn)
         raise MigrationLockTimeoutError(
             f"{migration.filename} could not get its lock within lock_timeout {lock_timeout_ms} ms "
             f"(DB_MIGRATION_LOCK_TIMEOUT) and was rolled back, nothing recorded: {_describe(exc, body, start)}. "
-            f"{_lock_holders(conn)}. Wait for them to finish (or end them), or retry with --lock-retries N"
+            f"{blockers}. Wait for them to finish (or end them), or retry with --lock-retries N"
         ) from None
     except psycopg.Error as exc:
         if conn.broken:
@@ -314,7 +351,13 @@ def _describe(exc: psycopg.Error, body: str | None = None, start: int = 0) -> st
     return f"{message}{position}{where}{hint}"
 
 
-def revert_migration(conn: Connection[Any], migration: MigrationFile, *, lock_timeout_ms: int = 0) -> None:
+def revert_migration(
+    conn: Connection[Any],
+    migration: MigrationFile,
+    *,
+    lock_timeout_ms: int = 0,
+    watch: Callable[[], Connection[Any]] | None = None,
+) -> None:
     """Run one file's down section and delete its ledger row, in one transaction (autocommit and statement by
     statement for a ``-- precog:no-transaction`` file, the row deleted only after every statement succeeded)."""
     body = _read_checked(migration, "reverted")
@@ -349,6 +392,7 @@ def revert_migration(conn: Connection[Any], migration: MigrationFile, *, lock_ti
             record=record,
             verb="reverted",
             lock_timeout_ms=lock_timeout_ms,
+            watch=watch,
         )
 
 
@@ -363,6 +407,7 @@ def downgrade(
     on_progress: Callable[[str], None] | None = None,
     on_reverted: Callable[[dict[str, Any]], None] | None = None,
     lock_timeout_ms: int = 0,
+    watch: Callable[[], Connection[Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Revert applied migrations newest first (``precog-db migrate down``); one dict per reverted file.
 
@@ -389,7 +434,7 @@ def downgrade(
             if on_progress is not None:
                 on_progress(f"[{index}/{len(todo)}] reverting {migration.filename} ...")
             started = time.monotonic()
-            revert_migration(conn, migration, lock_timeout_ms=lock_timeout_ms)
+            revert_migration(conn, migration, lock_timeout_ms=lock_timeout_ms, watch=watch)
             done = {
                 "version": migration.version,
                 "file": migration.filename,

@@ -33,7 +33,16 @@ from precog_db.migrations._sections import ALLOW_MARKER, acknowledgements, secti
 if TYPE_CHECKING:
     from precog_db.settings import DatabaseSettings
 
-__all__ = ["OFF_BY_DEFAULT", "Finding", "SafetyCheck", "check_safety", "lint", "lint_files", "squawk_path"]
+__all__ = [
+    "OFF_BY_DEFAULT",
+    "Finding",
+    "SafetyCheck",
+    "check_safety",
+    "lint",
+    "lint_files",
+    "lint_sql",
+    "squawk_path",
+]
 
 #: squawk rules not reported, and why: style only, or what precog sets itself.
 OFF_BY_DEFAULT: dict[str, str] = {
@@ -124,6 +133,24 @@ def lint_files(files: Iterable[MigrationFile], *, squawk: str | None = None, dow
                     advice=advice,
                 )
             )
+    return findings
+
+
+def lint_sql(sql: str, path: Path, *, squawk: str | None = None, in_transaction: bool = True) -> list[Finding]:
+    """squawk's findings on ``sql`` (not a migration file: e.g. the SQL Alembic renders), lines of ``sql``."""
+    findings: list[Finding] = []
+    for raw in _run_squawk(squawk or squawk_path(), sql, in_transaction=in_transaction, label=str(path)):
+        line = raw.get("line")
+        message = str(raw.get("message") or "").strip()
+        findings.append(
+            Finding(
+                path=path,
+                line=(line + 1) if isinstance(line, int) else 1,
+                rule=str(raw.get("rule_name") or "unknown"),
+                message=message,
+                advice=str(raw.get("help") or "").strip() or message,
+            )
+        )
     return findings
 
 

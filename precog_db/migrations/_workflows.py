@@ -212,7 +212,7 @@ def upgrade(
                                 "the confirmed plan; run migrate up again"
                             )
                         display.update(f"[{index}/{len(todo)}] applying {migration.filename} ...")
-                        row = _apply_with_retries(conn, migration, settings.migration_lock_timeout_ms, o, tell)
+                        row = _apply_with_retries(conn, migration, settings, o, tell)
                         applied.append(
                             {
                                 "version": row.version,
@@ -251,16 +251,19 @@ _RETRY_BACKOFF, _RETRY_BACKOFF_CAP = 1.0, 30.0
 def _apply_with_retries(
     conn: Connection[Any],
     migration: MigrationFile,
-    lock_timeout_ms: int,
+    settings: DatabaseSettings,
     o: MigrationOptions,
     tell: Callable[[str], None],
 ) -> AppliedMigration:
-    """`apply_migration` under ``lock_timeout_ms``; a lock timeout is retried ``o.lock_retries`` times with backoff."""
+    """`apply_migration` under ``DB_MIGRATION_LOCK_TIMEOUT``; a lock timeout is retried ``o.lock_retries`` times
+    with backoff. The wait is watched from a second connection (`watcher`), so a timeout names its lock."""
     if o.lock_retries < 0:
         raise ConfigurationError("lock_retries must be zero or more")
     for attempt in range(o.lock_retries + 1):
         try:
-            return apply_migration(conn, migration, lock_timeout_ms=lock_timeout_ms)
+            return apply_migration(
+                conn, migration, lock_timeout_ms=settings.migration_lock_timeout_ms, watch=watcher(settings)
+            )
         except MigrationLockTimeoutError as exc:
             if attempt == o.lock_retries:
                 if o.lock_retries:
@@ -270,6 +273,12 @@ def _apply_with_retries(
             tell(f"{exc}; retry {attempt + 1} of {o.lock_retries} in {pause:.0f} s")
             time.sleep(pause)
     raise AssertionError("unreachable")
+
+
+def watcher(settings: DatabaseSettings) -> Callable[[], Connection[Any]]:
+    """The factory of the second connection a `LockWatch` observes a migration's lock wait from (the chokepoint)."""
+    watching = settings.replace(application_name=f"precog-db migrate {settings.env.value} (lock watch)")
+    return lambda: connect(watching, operation="watch the migration's lock wait", direct=True)
 
 
 def mark_baseline(
@@ -409,6 +418,7 @@ def revert(
                     on_progress=display.update,
                     on_reverted=result.reverted.append,
                     lock_timeout_ms=settings.migration_lock_timeout_ms,
+                    watch=watcher(settings),
                 )
             finally:
                 display.done()

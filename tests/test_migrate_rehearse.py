@@ -1,0 +1,292 @@
+"""``migrate rehearse``: pending migrations applied to a restored copy of the newest verified backup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from precog_db.errors import BackupError
+from precog_db.migrations import RehearsalResult, rehearse
+from precog_db.migrations._rehearse import REHEARSAL_INFIX, strongest_lock
+from tests._helpers.cli import Workspace, workspace
+from tests._helpers.server import REPO, Server
+
+ORDERS = "CREATE TABLE orders (id bigint PRIMARY KEY, email text);\n"
+ROWS = "INSERT INTO orders VALUES (1, 'a@example.com'), (2, 'a@example.com'), (3, NULL)"
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w
+
+
+def copies(ws: Workspace, env: str) -> list[str]:
+    """Rehearsal databases of ``env``'s database still on the server."""
+    prefix = ws.databases[env].dbname + REHEARSAL_INFIX
+    with ws.server.connect() as conn:
+        rows = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def schema(ws: Workspace, env: str) -> list[tuple[object, ...]]:
+    """Every column and constraint of the public schema, and the ledger: what a rehearsal must not change."""
+    columns = ws.query(
+        env,
+        "SELECT table_name, column_name, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = 'public' ORDER BY 1, 2",
+    )
+    constraints = ws.query(env, "SELECT conname FROM pg_constraint WHERE connamespace = 'public'::regnamespace")
+    return [*columns, *sorted(constraints), *ws.ledger(env)]
+
+
+def prepared(ws: Workspace) -> None:
+    """A test database with orders applied, rows that break UNIQUE and NOT NULL, and a verified backup of it."""
+    ws.add("test")
+    ws.write_migration("0001_orders.sql", ORDERS)
+    assert ws.run("--env", "test", "migrate", "up").code == 0
+    with ws.server.connect(ws.databases["test"].dbname) as conn:
+        conn.execute(ROWS)
+    made = ws.run("--env", "test", "backup")
+    assert made.code == 0, made.err
+
+
+class TestRehearse:
+    def test_unique_over_duplicates_fails_on_the_copy_and_the_target_is_unchanged(self, ws: Workspace) -> None:
+        """The backup has duplicate emails: the UNIQUE file fails on the copy (named, exit 1), the next is not
+        run, the target keeps its schema and ledger, no copy is left, and start and result are audited."""
+        prepared(ws)
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        ws.write_migration("0003_unique.sql", "ALTER TABLE orders ADD CONSTRAINT orders_email UNIQUE (email);\n")
+        ws.write_migration("0004_more.sql", "ALTER TABLE orders ADD COLUMN more text;\n")
+        before = schema(ws, "test")
+        result = ws.run("--env", "test", "--json", "migrate", "rehearse")
+        assert result.code == 1, result.err
+        data = result.json()
+        assert [(f["file"], f["status"]) for f in data["files"]] == [
+            ("0002_note.sql", "applied"),
+            ("0003_unique.sql", "failed"),
+            ("0004_more.sql", "not run"),
+        ]
+        assert data["failed"] == ["0003_unique.sql"]
+        assert "could not create unique index" in data["files"][1]["error"]
+        assert data["files"][0]["lock"] == "AccessExclusiveLock" and data["files"][0]["table"] == "public.orders"
+        assert data["database"].startswith(ws.databases["test"].dbname + REHEARSAL_INFIX)
+        assert schema(ws, "test") == before
+        assert copies(ws, "test") == []
+        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
+        assert [e["outcome"] for e in entries] == ["started", "ok"]
+        assert entries[1]["result"] == "failed: 0003_unique.sql"
+        assert entries[0]["backup"] == entries[1]["backup"] == data["backup"]
+
+    def test_text_output_names_the_failed_file(self, ws: Workspace) -> None:
+        """Without --json: the failed file, its error, and the closing FAILED line."""
+        prepared(ws)
+        ws.write_migration("0002_not_null.sql", "ALTER TABLE orders ALTER COLUMN email SET NOT NULL;\n")
+        result = ws.run("--env", "test", "migrate", "rehearse")
+        assert result.code == 1
+        assert "failed   0002_not_null.sql" in result.out
+        assert 'column "email" of relation "orders" contains null values' in result.out
+        assert "FAILED: 0002_not_null.sql" in result.out
+        assert copies(ws, "test") == []
+
+    def test_safe_migrations_pass_with_their_locks(self, ws: Workspace) -> None:
+        """Files that work on the data pass (exit 0) with the strongest lock each took; the target is unchanged."""
+        prepared(ws)
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        ws.write_migration(
+            "0003_index.sql",
+            "-- precog:allow require-concurrent-index-creation: rehearsal test\n"
+            "CREATE INDEX orders_email ON orders (email);\n",
+        )
+        ws.write_migration("0004_new.sql", "CREATE TABLE notes (id bigint PRIMARY KEY);\n")
+        before = schema(ws, "test")
+        result = ws.run("--env", "test", "--json", "migrate", "rehearse")
+        assert result.code == 0, result.err
+        files = result.json()["files"]
+        assert [(f["file"], f["status"], f["lock"], f["table"]) for f in files] == [
+            ("0002_note.sql", "applied", "AccessExclusiveLock", "public.orders"),
+            ("0003_index.sql", "applied", "ShareLock", "public.orders"),
+            ("0004_new.sql", "applied", "AccessExclusiveLock", "public.notes"),
+        ]
+        assert files[2]["locks"] == {
+            "public.notes (new)": "AccessExclusiveLock",
+            "public.notes_pkey (new)": ("AccessExclusiveLock"),
+        }
+        assert all(f["duration_ms"] >= 0 for f in files)
+        assert schema(ws, "test") == before
+        assert copies(ws, "test") == []
+
+    def test_refused_without_a_backup(self, ws: Workspace) -> None:
+        """No dump of the target: exit 1, the message says `precog-db ... backup`; nothing created; audited."""
+        ws.add("test")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        result = ws.run("--env", "test", "migrate", "rehearse", "--backup-dir", str(ws.root / "empty"))
+        assert result.code == 1
+        assert "precog-db --env test backup" in result.err and "Traceback" not in result.err
+        assert copies(ws, "test") == []
+        assert ws.ledger("test") == []
+        entry = ws.audit_entries()[-1]
+        assert entry["operation"] == "migrate rehearse" and entry["outcome"] == "failed"
+
+    def test_a_corrupt_newest_dump_is_passed_over(self, ws: Workspace) -> None:
+        """A newer dump that does not verify is skipped for the older verified one."""
+        prepared(ws)
+        (dump,) = (ws.root / "backups" / "test").iterdir()
+        newer = dump.with_name(dump.name[: -len("20260101T000000.000Z.dump")] + "29991231T235959.999Z.dump")
+        newer.write_bytes(b"not a dump")
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        result = ws.run("--env", "test", "--json", "migrate", "rehearse")
+        assert result.code == 0, result.err
+        assert result.json()["backup"] == str(Path("backups") / "test" / dump.name)
+
+    def test_python_entry_point(self, ws: Workspace) -> None:
+        """`rehearse` is the function the CLI calls: same result, the copy gone, and it raises without a backup."""
+        prepared(ws)
+        ws.write_migration("0002_not_null.sql", "ALTER TABLE orders ALTER COLUMN email SET NOT NULL;\n")
+        settings = ws.databases["test"]
+        handler = signal.getsignal(signal.SIGTERM)
+        done = rehearse(settings, ws.root / "migrations", backup_root=ws.root / "backups")
+        assert [(f.file, f.status) for f in done.failed] == [("0002_not_null.sql", "failed")]
+        assert signal.getsignal(signal.SIGTERM) is handler  # the caller's SIGTERM handler is put back
+        assert copies(ws, "test") == []
+        with pytest.raises(BackupError, match="precog-db --env test backup"):
+            rehearse(settings, ws.root / "migrations", backup_root=ws.root / "nothing-here")
+
+    def test_odd_database_name(self, ws: Workspace) -> None:
+        """A long database name with a quote and a space: the copy's name stays within 63 bytes, and is dropped."""
+        ws.add("test", dbname=("test o'dd " + "x" * 60)[:63])
+        ws.write_migration("0001_orders.sql", ORDERS)
+        assert ws.run("--env", "test", "migrate", "up").code == 0
+        assert ws.run("--env", "test", "backup").code == 0
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        result = ws.run("--env", "test", "--json", "migrate", "rehearse")
+        assert result.code == 0, result.err
+        name = result.json()["database"]
+        assert len(name.encode()) <= 63 and REHEARSAL_INFIX in name
+        with ws.server.connect() as conn:
+            assert name not in [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
+        assert copies(ws, "test") == []
+
+    def test_staging_needs_no_typed_confirmation_but_refuses_unacknowledged_findings(self, ws: Workspace) -> None:
+        """staging: no --yes needed (the target is not changed); an unacknowledged finding is refused as by
+        migrate up, the rule named, and the copy is dropped anyway."""
+        ws.add("staging")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        assert ws.run("--env", "staging", "--yes", "migrate", "up", "--skip-promotion-check", "--reason", "t").code == 0
+        assert ws.run("--env", "staging", "backup").code == 0
+        ws.write_migration("0002_index.sql", "CREATE INDEX orders_email ON orders (email);\n")
+        refused = ws.run("--env", "staging", "migrate", "rehearse")
+        assert refused.code == 1
+        assert "require-concurrent-index-creation" in refused.err
+        assert copies(ws, "staging") == []
+        ws.write_migration(
+            "0002_index.sql",
+            "-- precog:allow require-concurrent-index-creation: 3 rows\n" + "CREATE INDEX i ON orders (email);\n",
+        )
+        passed = ws.run("--env", "staging", "--json", "migrate", "rehearse")
+        assert passed.code == 0, passed.err
+        assert [(f["file"], f["lock"]) for f in passed.json()["files"]] == [("0002_index.sql", "ShareLock")]
+        assert ws.ledger("staging")[-1][0] == 1
+        assert copies(ws, "staging") == []
+
+    def test_two_rehearsals_at_once(self, ws: Workspace) -> None:
+        """Two rehearsals of one database at the same time: two different copies, both report, both dropped."""
+        prepared(ws)
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        settings = ws.databases["test"]
+        results: list[RehearsalResult] = []
+        errors: list[BaseException] = []
+
+        def one() -> None:
+            try:
+                results.append(rehearse(settings, ws.root / "migrations", backup_root=ws.root / "backups"))
+            except BaseException as exc:  # reported by the assertions below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert errors == [] and len(results) == 2
+        assert results[0].database != results[1].database
+        assert all([(f.file, f.status) for f in r.files] == [("0002_note.sql", "applied")] for r in results)
+        assert copies(ws, "test") == []
+        assert ws.ledger("test")[-1][0] == 1
+
+    def test_prod_without_the_confirmation_is_refused_before_anything(self, ws: Workspace) -> None:
+        """prod: the usual PRECOG_PROD_CONFIRMED=yes is needed (refused at the first connection, nothing made)."""
+        ws.add("prod")
+        ws.write_migration("0001_orders.sql", ORDERS)
+        ws.monkeypatch.delenv("PRECOG_PROD_CONFIRMED", raising=False)
+        result = ws.run("--env", "prod", "migrate", "rehearse")
+        assert result.code == 1
+        assert "PRECOG_PROD_CONFIRMED" in result.err and "Traceback" not in result.err
+        assert copies(ws, "prod") == []
+        assert ws.audit_entries()[-1]["outcome"] == "refused"
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_interrupted_rehearsal_drops_its_copy(self, ws: Workspace, sig: signal.Signals) -> None:
+        """A real signal while a file runs on the copy: the process ends and no copy is left; the target unchanged."""
+        prepared(ws)
+        ws.write_migration("0002_slow.sql", "SELECT pg_sleep(60);\nALTER TABLE orders ADD COLUMN note text;\n")
+        before = schema(ws, "test")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "precog_db", "--env", "test", "migrate", "rehearse"],
+            cwd=ws.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            prefix = ws.databases["test"].dbname + REHEARSAL_INFIX
+            sleeping = False
+            for _ in range(600):  # until the file is running on the copy (bounded: 60 s)
+                with ws.server.connect() as conn:
+                    rows = conn.execute(
+                        "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+                        "AND query LIKE 'SELECT pg_sleep(60)%%'",
+                        (prefix,),
+                    ).fetchone()
+                if rows is not None and rows[0] > 0:
+                    sleeping = True
+                    break
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert sleeping, proc.communicate(timeout=30)
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode != 0
+        assert "Traceback" not in err, err
+        assert copies(ws, "test") == []
+        assert schema(ws, "test") == before
+        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
+        assert [e["outcome"] for e in entries] == ["started", "failed"]
+        assert "interrupted" in entries[1]["error"]
+
+
+def test_strongest_lock_prefers_tables_that_existed() -> None:
+    """AccessExclusive on a new table does not hide a ShareLock on an existing one."""
+    locks = [("public.t_new", "AccessExclusiveLock", True), ("public.orders", "ShareLock", False)]
+    assert strongest_lock(locks) == ("ShareLock", "public.orders")
+    assert strongest_lock([("public.t", "AccessShareLock", False), ("public.t", "RowExclusiveLock", False)]) == (
+        "RowExclusiveLock",
+        "public.t",
+    )
+    assert strongest_lock([]) == (None, None)
