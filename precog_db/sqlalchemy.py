@@ -141,7 +141,13 @@ class _Borrower:
             pool = await _replicas_async.choose(pool)
         conn = await pool.lend()
         mark_raw(conn)
-        return self._prepare(conn)  # type: ignore[return-value]
+        try:
+            await conn.set_autocommit(False)  # see _prepare
+            await conn.set_read_only(self.read_only)
+        except BaseException:
+            await pool.give_back(conn)
+            raise
+        return conn
 
     def _prepare(self, conn: Any) -> Any:
         try:
@@ -150,10 +156,7 @@ class _Borrower:
             conn.autocommit = False
             conn.read_only = self.read_only
         except BaseException:
-            lender = conn._pool
-            if isinstance(lender, _apool.AsyncPrecogPool):
-                raise
-            lender.checkin(conn)
+            conn._pool.checkin(conn)
             raise
         return conn
 
