@@ -1,0 +1,68 @@
+"""The SQLAlchemy row: a plain engine (its own QueuePool) against ``precog_db.sqlalchemy``, interleaved.
+
+    .venv/bin/python -m bench.sa [--rounds 7] [--duration 0.5] [--dsn ...]
+
+Both engines stay open on one server (each with a pool of 10); each round runs every
+(workload, threads) cell for both, in alternating order, and the report gives per cell the median
+over rounds of precog's throughput divided by the plain engine's measured right next to it: on a
+shared, noisy machine paired ratios move far less than raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+from bench import contenders as C
+from bench.run import _quiet_logging
+from bench.server import BenchServer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.sa", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--duration", type=float, default=0.5)
+    p.add_argument("--warmup", type=float, default=0.15)
+    p.add_argument("--threads", default="1,8")
+    p.add_argument("--dsn", default=os.environ.get("PRECOG_BENCH_DSN"))
+    args = p.parse_args(argv)
+    _quiet_logging()
+    threads = [int(x) for x in args.threads.split(",")]
+    qps: dict[str, dict[str, list[float]]] = {}
+    with BenchServer(args.dsn) as server:
+        server.prepare()
+        plain, precog = C.SAPlain(), C.SAPrecog()
+        plain.open(server.bench, max(threads))
+        precog.open(server.bench, max(threads))
+        try:
+            for r in range(min(args.rounds, 20)):
+                for workload in C.SAPlain.workloads:
+                    for n in threads:
+                        pair = (plain, precog) if r % 2 == 0 else (precog, plain)
+                        for contender in pair:
+                            cell = contender.run(workload, n, args.duration, args.warmup)
+                            qps.setdefault(f"{workload}@{n}", {}).setdefault(contender.name, []).append(cell["qps"])
+                print(f"round {r + 1} done", file=sys.stderr)
+        finally:
+            precog.close()
+            plain.close()
+    report: dict[str, Any] = {"load_average": os.getloadavg(), "cells": {}}
+    for cell, by in qps.items():
+        ratios = [b / a for a, b in zip(by["sa_plain"], by["sa_precog"], strict=True) if a > 0]
+        report["cells"][cell] = {
+            "sa_plain_qps_median": round(statistics.median(by["sa_plain"]), 1),
+            "sa_precog_qps_median": round(statistics.median(by["sa_precog"]), 1),
+            "ratio_median": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3),
+            "ratio_max": round(max(ratios), 3),
+        }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
