@@ -129,7 +129,8 @@ class _Borrower:
         if self.replica:
             pool = replicas.choose(pool)
         conn = pool.checkout()
-        return self._prepare(conn)
+        self._prepare(conn)
+        return conn
 
     async def aconnect(self) -> AsyncConnection[Any]:
         pool = _apool.active_pool()
@@ -149,16 +150,16 @@ class _Borrower:
             raise
         return conn
 
-    def _prepare(self, conn: Any) -> Any:
+    def _prepare(self, conn: Connection[Any]) -> None:
         try:
             # SQLAlchemy's transactions are DBAPI ones: autocommit off, so its implicit BEGIN happens;
             # READ WRITE, or READ ONLY on a read-only engine. The pool's give_back restores autocommit.
             conn.autocommit = False
             conn.read_only = self.read_only
         except BaseException:
-            conn._pool.checkin(conn)
+            lender: Any = conn._pool
+            lender.checkin(conn)
             raise
-        return conn
 
 
 def _engine_kwargs(settings: DatabaseSettings, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -167,9 +168,7 @@ def _engine_kwargs(settings: DatabaseSettings, kwargs: dict[str, Any]) -> dict[s
 
 def _url(settings: DatabaseSettings, driver: str) -> sqlalchemy.URL:
     # Only the dialect is read from it (and shown by repr(engine)); connections come from the creator.
-    return sqlalchemy.URL.create(
-        f"postgresql+{driver}", host=settings.host, port=settings.port, database=settings.dbname
-    )
+    return sqlalchemy.URL.create(f"postgresql+{driver}", database=settings.dbname)
 
 
 def _listen(engine: Engine, read_only: bool) -> None:

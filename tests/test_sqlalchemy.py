@@ -170,8 +170,7 @@ def test_more_borrowers_than_pool_max_wait_then_time_out_with_precog_error(pg_se
             with engine.connect() as conn:
                 got.append(conn.execute(text("SELECT 1")).scalar_one())
 
-        engine_wait = create_engine(settings=dev_settings(pg_server, dev_db, pool_min=1, pool_max=2, pool_timeout=5))
-        t = threading.Thread(target=lambda: engine_wait and waiter())
+        t = threading.Thread(target=waiter)
         t.start()
         held.pop().close()
         t.join(10)
@@ -232,7 +231,7 @@ def test_fork_child_uses_its_own_connections(pg_server: Server, dev_db: str) -> 
 
 def test_async_engine_under_asyncio_run_exits(pg_server: Server, dev_db: str) -> None:
     """A fresh process: the async engine reads and writes under asyncio.run and the process exits."""
-    script = f"""
+    script = """
 import asyncio
 from sqlalchemy import text
 from precog_db import aio
