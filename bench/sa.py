@@ -15,11 +15,43 @@ import json
 import os
 import statistics
 import sys
+from time import perf_counter
 from typing import Any
 
 from bench import contenders as C
+from bench import extras
 from bench.run import _quiet_logging
 from bench.server import BenchServer
+
+CHECKOUTS = 2000
+
+
+def _checkouts(server: BenchServer, rounds: int) -> dict[str, Any]:
+    """Microseconds per ``with engine.connect(): pass`` (checkout and return, no statement), interleaved."""
+    plain, precog = C.SAPlain(), C.SAPrecog()
+    plain.open(server.bench, 1)
+    precog.open(server.bench, 1)
+    out: dict[str, list[float]] = {"sa_plain": [], "sa_precog": []}
+    try:
+        for r in range(min(rounds, 20)):
+            for contender in (plain, precog) if r % 2 == 0 else (precog, plain):
+                engine = contender.engine
+                t = perf_counter()
+                for _ in range(CHECKOUTS):
+                    with engine.connect():
+                        pass
+                out[contender.name].append((perf_counter() - t) / CHECKOUTS * 1e6)
+    finally:
+        precog.close()
+        plain.close()
+    ratios = [b / a for a, b in zip(out["sa_plain"], out["sa_precog"], strict=True)]
+    return {
+        "sa_plain_us_median": round(statistics.median(out["sa_plain"]), 1),
+        "sa_precog_us_median": round(statistics.median(out["sa_precog"]), 1),
+        "ratio_median": round(statistics.median(ratios), 2),
+        "ratio_min": round(min(ratios), 2),
+        "ratio_max": round(max(ratios), 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     qps: dict[str, dict[str, list[float]]] = {}
     with BenchServer(args.dsn) as server:
         server.prepare()
+        trips = extras.round_trips([C.SAPlain, C.SAPrecog], server.bench, warm=100, count=50)
+        checkout_us = _checkouts(server, args.rounds)
         plain, precog = C.SAPlain(), C.SAPrecog()
         plain.open(server.bench, max(threads))
         precog.open(server.bench, max(threads))
@@ -50,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             precog.close()
             plain.close()
-    report: dict[str, Any] = {"load_average": os.getloadavg(), "cells": {}}
+    report: dict[str, Any] = {
+        "load_average": os.getloadavg(),
+        "round_trips": trips,
+        "checkout_us": checkout_us,
+        "cells": {},
+    }
     for cell, by in qps.items():
         ratios = [b / a for a, b in zip(by["sa_plain"], by["sa_precog"], strict=True) if a > 0]
         report["cells"][cell] = {
