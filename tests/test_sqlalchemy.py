@@ -280,3 +280,22 @@ def test_async_engine_exhaustion_and_read_only(pg_server: Server, dev_db: str) -
             await aio.close_pool()
 
     asyncio.run(main())
+
+
+def test_replica_engine_without_replicas_reads_the_primary_read_only(pg_server: Server, dev_db: str) -> None:
+    engine = create_engine(settings=dev_settings(pg_server, dev_db), replica=True)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT current_database()")).scalar_one() == dev_db
+        with pytest.raises(sqlalchemy.exc.InternalError, match="read-only"):
+            conn.execute(text("INSERT INTO sa_notes VALUES (9, 'no')"))
+
+
+def test_async_engine_prod_refused_before_any_session(pg_server: Server) -> None:
+    name = make_database(pg_server, f"x_precogprod_{UNIQUE}a")
+    try:
+        settings = load_settings(environ={**pg_server.env_vars(name), "DB_SSLMODE": "disable"})
+        with pytest.raises(ProductionAccessError, match="PRECOG_PROD_CONFIRMED"):
+            asyncio.run(create_async_engine(settings=settings))
+        assert sessions_on(pg_server, name) == 0
+    finally:
+        drop_database(pg_server, name)
