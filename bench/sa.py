@@ -16,7 +16,9 @@ import os
 import statistics
 import sys
 from time import perf_counter
-from typing import Any
+from typing import Any, ClassVar
+
+from sqlalchemy.pool import NullPool
 
 from bench import contenders as C
 from bench import extras
@@ -26,32 +28,60 @@ from bench.server import BenchServer
 CHECKOUTS = 2000
 
 
+class _ListBridge(NullPool):
+    """The NullPool design without precog_db: a creator taking a kept connection, a close putting it back.
+
+    Against a QueuePool it isolates what the design choice itself costs in SQLAlchemy (a new
+    connection record and the dialect's connect events per checkout), with no pool restore.
+    """
+
+    kept: ClassVar[list[Any]] = []
+
+    def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
+        self.kept.append(connection)
+
+
+def _list_bridge_engine(target: Any) -> Any:
+    import psycopg
+    import sqlalchemy
+
+    _ListBridge.kept[:] = [psycopg.connect(target.conninfo())]
+    return sqlalchemy.create_engine("postgresql+psycopg://", poolclass=_ListBridge, creator=_ListBridge.kept.pop)
+
+
 def _checkouts(server: BenchServer, rounds: int) -> dict[str, Any]:
     """Microseconds per ``with engine.connect(): pass`` (checkout and return, no statement), interleaved."""
     plain, precog = C.SAPlain(), C.SAPrecog()
     plain.open(server.bench, 1)
     precog.open(server.bench, 1)
-    out: dict[str, list[float]] = {"sa_plain": [], "sa_precog": []}
+    engines = {
+        "sa_plain": plain.engine,
+        "sa_precog": precog.engine,
+        "nullpool_design": _list_bridge_engine(server.bench),
+    }
+    out: dict[str, list[float]] = {name: [] for name in engines}
     try:
         for r in range(min(rounds, 20)):
-            for contender in (plain, precog) if r % 2 == 0 else (precog, plain):
-                engine = contender.engine
+            names = list(engines) if r % 2 == 0 else list(reversed(engines))
+            for name in names:
+                engine = engines[name]
                 t = perf_counter()
                 for _ in range(CHECKOUTS):
                     with engine.connect():
                         pass
-                out[contender.name].append((perf_counter() - t) / CHECKOUTS * 1e6)
+                out[name].append((perf_counter() - t) / CHECKOUTS * 1e6)
     finally:
+        engines["nullpool_design"].dispose()
+        for conn in _ListBridge.kept:
+            conn.close()
         precog.close()
         plain.close()
-    ratios = [b / a for a, b in zip(out["sa_plain"], out["sa_precog"], strict=True)]
-    return {
-        "sa_plain_us_median": round(statistics.median(out["sa_plain"]), 1),
-        "sa_precog_us_median": round(statistics.median(out["sa_precog"]), 1),
-        "ratio_median": round(statistics.median(ratios), 2),
-        "ratio_min": round(min(ratios), 2),
-        "ratio_max": round(max(ratios), 2),
-    }
+    report: dict[str, Any] = {f"{name}_us_median": round(statistics.median(v), 1) for name, v in out.items()}
+    for name in ("sa_precog", "nullpool_design"):
+        ratios = [b / a for a, b in zip(out["sa_plain"], out[name], strict=True)]
+        report[f"{name}_ratio_median"] = round(statistics.median(ratios), 2)
+        report[f"{name}_ratio_range"] = [round(min(ratios), 2), round(max(ratios), 2)]
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=0.15)
     p.add_argument("--threads", default="1,8")
     p.add_argument("--dsn", default=os.environ.get("PRECOG_BENCH_DSN"))
+    p.add_argument("--checkouts-only", action="store_true", help="round trips and checkout cost only")
     args = p.parse_args(argv)
     _quiet_logging()
     threads = [int(x) for x in args.threads.split(",")]
@@ -69,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         server.prepare()
         trips = extras.round_trips([C.SAPlain, C.SAPrecog], server.bench, warm=100, count=50)
         checkout_us = _checkouts(server, args.rounds)
+        if args.checkouts_only:
+            print(json.dumps({"round_trips": trips, "checkout_us": checkout_us}, indent=2))
+            return 0
         plain, precog = C.SAPlain(), C.SAPrecog()
         plain.open(server.bench, max(threads))
         precog.open(server.bench, max(threads))
