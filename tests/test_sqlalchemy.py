@@ -299,3 +299,24 @@ def test_async_engine_prod_refused_before_any_session(pg_server: Server) -> None
         assert sessions_on(pg_server, name) == 0
     finally:
         drop_database(pg_server, name)
+
+
+def test_two_engines_share_one_pool_and_isolation_does_not_leak(pg_server: Server, dev_db: str) -> None:
+    settings = dev_settings(pg_server, dev_db, pool_min=1, pool_max=1)
+    first = create_engine(settings=settings)
+    pool = precog_pool.active_pool()
+    second = create_engine(settings=settings, read_only=True)
+    assert precog_pool.active_pool() is pool
+    with first.connect() as conn:
+        conn = conn.execution_options(isolation_level="SERIALIZABLE")
+        assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == "serializable"
+        conn.execute(text("SET application_name = 'leaky'"))
+    with second.connect() as conn:  # pool_max=1: the same physical connection
+        assert conn.execute(text("SHOW transaction_isolation")).scalar_one() == "read committed"
+        assert conn.execute(text("SHOW application_name")).scalar_one() != "leaky"
+    from precog_db.cursors import get_cursor
+
+    with get_cursor(commit=True) as cur:
+        row = cur.execute("SHOW transaction_isolation").fetchone()
+        assert row is not None and row["transaction_isolation"] == "read committed"
+    assert precog_pool.active_pool() is pool
