@@ -89,7 +89,7 @@ class PrecogPoolBridge(NullPool):
     """
 
     def _close_connection(self, connection: Any, *, terminate: bool = False) -> None:
-        conn: Any = getattr(connection, "_connection", connection)  # the async dialect's adapter wraps it
+        conn: Any = getattr(connection, "driver_connection", connection)  # the async dialect's adapter wraps it
         lender = getattr(conn, "_pool", None)
         if terminate or lender is None:
             # Invalidated by SQLAlchemy (a disconnect) or not lent: closed; a lender replaces it on return.

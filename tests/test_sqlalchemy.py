@@ -275,6 +275,9 @@ def test_async_engine_exhaustion_and_read_only(pg_server: Server, dev_db: str) -
                 await conn.execute(text("SET search_path TO pg_catalog"))
             async with engine.connect() as conn:
                 assert await conn.scalar(text("SHOW search_path")) == '"$user", public'
+                first_pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+            async with reports.connect() as conn:  # given back to precog_db's pool, not closed
+                assert await conn.scalar(text("SELECT pg_backend_pid()")) == first_pid
         finally:
             await engine.dispose()
             await aio.close_pool()
