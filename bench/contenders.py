@@ -697,6 +697,113 @@ class AsyncpgPool(Contender):
         return self.loop.run_until_complete(go())
 
 
+# --- SQLAlchemy Core: a plain engine (its own QueuePool) against precog_db.sqlalchemy ----------
+
+
+class SAPlain(Contender):
+    """``sqlalchemy.create_engine("postgresql+psycopg://...")``: its own QueuePool of `POOL_SIZE`, Core ``text()``."""
+
+    name = "sa_plain"
+    label = "SQLAlchemy engine, own QueuePool (postgresql+psycopg)"
+    rows = "Row"
+    workloads = ("pk", "insert", "txn3")
+
+    def open(self, target: Target, max_threads: int) -> None:
+        import sqlalchemy
+
+        url = sqlalchemy.URL.create(
+            "postgresql+psycopg",
+            username=target.user,
+            password=target.password or None,
+            host=target.host,
+            port=target.port,
+            database=target.dbname,
+            query={"sslmode": "disable"},
+        )
+        self.engine = sqlalchemy.create_engine(url, pool_size=POOL_SIZE, max_overflow=0, pool_timeout=60)
+        self._warm()
+
+    def _warm(self) -> None:
+        conns = [self.engine.connect() for _ in range(POOL_SIZE)]
+        for conn in conns:
+            conn.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _op(self, workload: str, thread: int) -> Op:
+        from sqlalchemy import text
+
+        engine = self.engine
+        pk_q, insert_q = text(_named(PK, "k")), text(_named(INSERT, "i", "q"))
+        sel_q, upd_q = text(_named(TX_SELECT, "a")), text(_named(TX_UPDATE, "m", "a"))
+        if workload == "pk":
+
+            def pk(rng: random.Random) -> float:
+                key = _key(rng)
+                with engine.connect() as conn:
+                    t = perf_counter()
+                    conn.execute(pk_q, {"k": key}).fetchone()
+                return t
+
+            return pk
+        if workload == "insert":
+
+            def insert(rng: random.Random) -> float:
+                args = {"i": _key(rng), "q": rng.randint(1, 100)}
+                with engine.begin() as conn:
+                    t = perf_counter()
+                    conn.execute(insert_q, args)
+                return t
+
+            return insert
+
+        def txn3(rng: random.Random) -> float:
+            account, amount, item = _account(rng), rng.randint(1, 100), _key(rng)
+            with engine.begin() as conn:
+                t = perf_counter()
+                conn.execute(sel_q, {"a": account}).fetchone()
+                conn.execute(upd_q, {"m": amount, "a": account})
+                conn.execute(insert_q, {"i": item, "q": amount})
+            return t
+
+        return txn3
+
+    def fetch_rows(self, n: int) -> int:
+        from sqlalchemy import text
+
+        with self.engine.connect() as conn:
+            return len(conn.execute(text(_named(FIRST_N, "n")), {"n": n}).fetchall())
+
+
+class SAPrecog(SAPlain):
+    """``precog_db.sqlalchemy.create_engine()``: every connection borrowed from precog_db's pool of `POOL_SIZE`."""
+
+    name = "sa_precog"
+    label = "precog_db.sqlalchemy engine (precog_db's pool)"
+
+    def open(self, target: Target, max_threads: int) -> None:
+        import precog_db
+        from precog_db.sqlalchemy import create_engine
+
+        open_precog_pool(precog_db, target)
+        self.engine = create_engine(settings=precog_db.get_pool().settings)
+        self._warm()
+
+    def close(self) -> None:
+        from precog_db import close_pool
+
+        self.engine.dispose()
+        close_pool()
+
+
+def _named(query: str, *names: str) -> str:
+    """``%s`` placeholders as SQLAlchemy's ``:name`` ones, in order."""
+    for name in names:
+        query = query.replace("%s", f":{name}", 1)
+    return query
+
+
 ALL: tuple[type[Contender], ...] = (
     Precog,
     PrecogCommit,
@@ -707,5 +814,7 @@ ALL: tuple[type[Contender], ...] = (
     PsycopgPool,
     Psycopg2Pool,
     AsyncpgPool,
+    SAPlain,
+    SAPrecog,
 )
 SCALING: tuple[type[Contender], ...] = (Precog, PrecogTuple, Bare, BareDict, PsycopgPool, Psycopg2Pool, AsyncpgPool)
