@@ -1,0 +1,335 @@
+"""A guarded database console: one statement through the library (`run_statement`), or psql (`run_shell`).
+
+Both go through the chokepoint every precog_db connection takes (the naming
+rule, the production guard, the identity stamp) before anything runs, and both
+are read-only unless asked to write.
+
+* `run_statement` runs one statement with `precog_db.get_cursor`
+  (``get_cursor(commit=True)`` with ``write=True``); a write without
+  ``write=True`` is refused by the read-only transaction and raised as
+  `WriteRefusedError`.
+* `prepare_shell` checks the target (one connection through
+  `precog_db.connection.pin_target`, closed again) and builds psql's command
+  line and environment; `run_shell` runs psql and returns its exit code. The
+  password reaches psql only through a temporary ``0600`` passfile
+  (``PGPASSFILE``), removed when psql ends, also on a failure or ``SIGTERM``;
+  never in its argv or environment. psql is pinned to the server whose stamp
+  was checked (``PGHOST``/``PGPORT``/``PGHOSTADDR``), behind a transaction
+  pooler that is ``DB_DIRECT_HOST``. The session runs with
+  ``default_transaction_read_only=on`` unless ``write``, and with
+  ``DB_SHELL_STATEMENT_TIMEOUT`` (default 60 s on staging and prod).
+
+``precog-db sql`` and ``precog-db shell`` are thin commands over these (docs/CLI.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from precog_db.environment import Environment
+from precog_db.errors import ConfigurationError, PrecogDBError, RefusalError
+from precog_db.settings import DatabaseSettings
+
+__all__ = [
+    "PsqlNotFoundError",
+    "ShellPlan",
+    "StatementResult",
+    "WriteRefusedError",
+    "find_psql",
+    "passfile_line",
+    "prepare_shell",
+    "run_shell",
+    "run_statement",
+    "shell_environment_summary",
+]
+
+
+class WriteRefusedError(RefusalError):
+    """A statement that writes was run read-only (without ``write=True`` / ``--write``); nothing was written."""
+
+
+class PsqlNotFoundError(PrecogDBError, RuntimeError):
+    """``psql`` is not on ``PATH``."""
+
+
+@dataclass(frozen=True)
+class StatementResult:
+    """What one statement returned: column names and rows (empty for a statement without rows), and its status."""
+
+    columns: tuple[str, ...]
+    rows: tuple[dict[str, Any], ...]
+    rowcount: int
+    status: str
+
+
+def run_statement(settings: DatabaseSettings, statement: str, *, write: bool = False) -> StatementResult:
+    """Run one ``statement`` on ``settings``' database through the library's pool and `precog_db.get_cursor`.
+
+    Read-only unless ``write``: a write then raises `WriteRefusedError` and
+    nothing is written. With ``write`` the statement runs in one transaction,
+    committed when it succeeds. A pool this opens (none was open) is closed
+    again; an open pool for other settings raises `precog_db.errors.PoolStateError`.
+    """
+    from precog_db.cursors import get_cursor
+    from precog_db.errors import ReadOnlyWriteError
+    from precog_db.pool import active_pool, close_pool, initialize_pool
+
+    if not statement.strip():
+        raise ConfigurationError("the statement is empty; give one SQL statement")
+    opened = active_pool() is None
+    initialize_pool(settings=settings, min_size=1, max_size=1)  # the chokepoint: guard, naming rule, stamp
+    try:
+        try:
+            with get_cursor(commit=write) as cur:
+                cur.execute(statement)
+                columns = tuple(d.name for d in cur.description) if cur.description else ()
+                rows = tuple(cur.fetchall()) if cur.description else ()
+                return StatementResult(columns, rows, cur.rowcount, cur.statusmessage or "")
+        except ReadOnlyWriteError as exc:
+            raise WriteRefusedError(
+                f"the statement writes, and it ran read-only on the {settings.describe()}: nothing was written. "
+                f"Add --write (write=True) to run it in a read-write transaction ({_first_line(exc)})"
+            ) from None
+    finally:
+        if opened:
+            close_pool()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --- psql ------------------------------------------------------------------------------------------------------
+
+#: The prompt colours, like the banner's (`precog_db.confirm`); dev and test get none.
+_PROMPT_COLOURS = {Environment.PROD: "1;97;41", Environment.STAGING: "1;30;43"}
+_INSTALL_HINT = (
+    "psql (the PostgreSQL client) is not on PATH. Install the PostgreSQL client package "
+    "(Debian/Ubuntu: apt-get install postgresql-client; macOS: brew install libpq; RHEL: dnf install postgresql), "
+    "or put the bin directory of a PostgreSQL installation on PATH; `precog-db sql` needs no psql"
+)
+#: conninfo keys psql gets as PG* environment variables (the rest, such as keepalives, are not needed).
+_ENV_OF = {
+    "host": "PGHOST",
+    "hostaddr": "PGHOSTADDR",
+    "port": "PGPORT",
+    "dbname": "PGDATABASE",
+    "user": "PGUSER",
+    "sslmode": "PGSSLMODE",
+    "connect_timeout": "PGCONNECT_TIMEOUT",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "passfile": "PGPASSFILE",
+    "sslrootcert": "PGSSLROOTCERT",
+    "sslcert": "PGSSLCERT",
+    "sslkey": "PGSSLKEY",
+}
+
+
+def find_psql(path: str | None = None) -> str:
+    """The ``psql`` executable on ``path`` (default ``PATH``); `PsqlNotFoundError` with the fix when there is none."""
+    found = shutil.which("psql", path=path)
+    if found is None:
+        raise PsqlNotFoundError(_INSTALL_HINT)
+    return found
+
+
+def _escape_pgpass(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def passfile_line(host: str, port: int | str, user: str, password: str) -> str:
+    """One ``.pgpass`` line for any database on ``host``:``port`` as ``user``, ``:`` and ``\\`` escaped."""
+    if "\n" in password or "\r" in password:
+        raise ConfigurationError("the password contains a line break, which a libpq passfile cannot hold")
+    return (
+        ":".join(_escape_pgpass(str(x)) for x in (host, port))
+        + f":*:{_escape_pgpass(user)}:"
+        + (_escape_pgpass(password) + "\n")
+    )
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _prompt(settings: DatabaseSettings, write: bool, colour: bool) -> tuple[str, str]:
+    mode = "WRITE" if write else "read-only"
+    label = f"{settings.env.value} {mode}"
+    code = _PROMPT_COLOURS.get(settings.env)
+    if colour and code is not None:
+        tag = f"%[%033[{code}m%]{label}%[%033[0m%]"
+    elif colour and write:
+        tag = f"%[%033[1;31m%]{label}%[%033[0m%]"
+    else:
+        tag = f"[{label}]"
+    return f"{tag} %/%R%x%# ", f"{tag} %/%R%x%# "
+
+
+@dataclass
+class ShellPlan:
+    """psql's command line and environment for one session, and the password for its passfile (never printed)."""
+
+    settings: DatabaseSettings
+    write: bool
+    argv: list[str]
+    env: dict[str, str]
+    pin_host: str
+    pin_port: int
+    statement_timeout_ms: int
+    password: str = field(default="", repr=False)
+
+    @property
+    def mode(self) -> str:
+        return "write" if self.write else "read-only"
+
+
+def prepare_shell(
+    settings: DatabaseSettings,
+    *,
+    write: bool = False,
+    psql_args: Sequence[str] = (),
+    prod_confirmed: bool | None = None,
+    colour: bool = False,
+    psql: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ShellPlan:
+    """Check the target like any precog_db connection and build the psql session for it; psql does not start yet.
+
+    Order: psql is looked up first (`PsqlNotFoundError`: nothing connects);
+    then one connection through the chokepoint (naming rule, production guard,
+    identity stamp; behind ``DB_POOLER=transaction`` to ``DB_DIRECT_HOST`` or
+    refused) is opened and closed, and psql is pinned to the server it reached.
+    The password is resolved now (``DB_PASSWORD``, ``DB_PASSWORD_FILE``, a
+    provider); a ``DB_PASSFILE`` is handed over as ``PGPASSFILE`` as it is.
+    """
+    from precog_db.connection import connection_kwargs, pin_target
+
+    executable = psql or find_psql()
+    target, pin = pin_target(settings, operation="open a psql shell", prod_confirmed=prod_confirmed)
+    params: dict[str, Any] = dict(connection_kwargs(target))
+    password = str(params.pop("password", "") or "")
+    params.pop("options", None)
+    params.pop("host", None)
+    params.pop("hostaddr", None)
+    params.pop("port", None)
+    params.update(pin.params())
+    base = os.environ if environ is None else environ
+    env = {k: v for k, v in base.items() if not k.startswith("PG")}  # PGPASSWORD, PGSERVICE … never reach psql
+    for key, var in _ENV_OF.items():
+        value = params.get(key)
+        if value not in (None, ""):
+            env[var] = str(value)
+    timeout = settings.shell_statement_timeout_ms
+    options = [f"-c default_transaction_read_only={'off' if write else 'on'}"]
+    if timeout:
+        options.append(f"-c statement_timeout={timeout}")
+    env["PGOPTIONS"] = " ".join(options)
+    env["PGAPPNAME"] = f"precog-db shell ({_who()})"
+    prompt1, prompt2 = _prompt(settings, write, colour)
+    argv = [executable, f"--set=PROMPT1={prompt1}", f"--set=PROMPT2={prompt2}", *psql_args]
+    return ShellPlan(
+        settings=target,
+        write=write,
+        argv=argv,
+        env=env,
+        pin_host=pin.host,
+        pin_port=pin.port,
+        statement_timeout_ms=timeout,
+        password=password,
+    )
+
+
+@contextlib.contextmanager
+def _passfile(plan: ShellPlan) -> Iterator[str | None]:
+    """A private directory with a ``0600`` passfile for ``plan``'s password, removed when the block ends."""
+    if not plan.password:
+        yield None
+        return
+    directory = tempfile.mkdtemp(prefix="precog-shell-")  # 0700
+    path = os.path.join(directory, "pgpass")
+    try:
+        lines = [passfile_line(plan.pin_host, plan.pin_port, plan.settings.user, plan.password)]
+        if plan.pin_host.startswith("/"):  # a socket directory: libpq matches the passfile on "localhost"
+            lines.append(passfile_line("localhost", plan.pin_port, plan.settings.user, plan.password))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write("".join(lines))
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+
+
+def run_shell(plan: ShellPlan) -> int:
+    """Run psql for ``plan`` and return its exit code; the passfile is removed when psql ends, however it ends.
+
+    While psql runs, ``SIGINT`` is left to psql (it cancels the running query)
+    and ``SIGTERM`` to this process is forwarded to psql, so the cleanup still
+    runs. The exit code of psql killed by a signal is ``128 + signal``.
+    """
+    env = dict(plan.env)
+    env.pop("PGPASSWORD", None)
+    main_thread = threading.current_thread() is threading.main_thread()
+    with _passfile(plan) as passfile:
+        if passfile is not None:
+            env["PGPASSFILE"] = passfile
+        proc: subprocess.Popen[bytes] | None = None
+        received: list[int] = []
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            received.append(signum)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+        previous: dict[int, Any] = {}
+        if main_thread:
+            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if hasattr(signal, "SIGHUP"):
+                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
+        try:
+            proc = subprocess.Popen(plan.argv, env=env)
+            if received:  # a signal between installing the handler and the child existing
+                proc.send_signal(received[0])
+            code = proc.wait()
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+    return 128 - code if code < 0 else code
+
+
+def shell_environment_summary(plan: ShellPlan) -> dict[str, Any]:
+    """What the audit log records about a session (never the password or the passfile's path)."""
+    return {
+        "mode": plan.mode,
+        "statement_timeout_ms": plan.statement_timeout_ms,
+        "server": f"{plan.pin_host}:{plan.pin_port}",
+        "application_name": plan.env.get("PGAPPNAME", ""),
+    }
