@@ -39,7 +39,7 @@ from types import FrameType
 from typing import Any
 
 from precog_db.environment import Environment
-from precog_db.errors import ConfigurationError, PrecogDBError, RefusalError
+from precog_db.errors import ConfigurationError, PrecogDBError, RefusalError, UsageError
 from precog_db.settings import DatabaseSettings
 
 __all__ = [
@@ -47,12 +47,14 @@ __all__ = [
     "ShellPlan",
     "StatementResult",
     "WriteRefusedError",
+    "check_psql_args",
     "find_psql",
     "passfile_line",
     "prepare_shell",
     "run_shell",
     "run_statement",
     "shell_environment_summary",
+    "signal_names",
 ]
 
 
@@ -138,6 +140,70 @@ _ENV_OF = {
 }
 
 
+#: psql options that take a value (short and long), so the value is not read as a positional argument.
+_PSQL_VALUE_SHORT = frozenset("cdfvFhLopPRTU")
+_PSQL_VALUE_LONG = frozenset(
+    {
+        "command",
+        "dbname",
+        "file",
+        "variable",
+        "set",
+        "field-separator",
+        "host",
+        "log-file",
+        "output",
+        "port",
+        "pset",
+        "record-separator",
+        "table-attr",
+        "username",
+    }
+)
+#: psql options that would connect somewhere other than the checked database.
+_PSQL_TARGET_SHORT = frozenset("dhpU")
+_PSQL_TARGET_LONG = frozenset({"dbname", "host", "port", "username"})
+
+
+def check_psql_args(args: Sequence[str]) -> None:
+    """Refuse psql arguments that would connect elsewhere than the checked database (`UsageError`).
+
+    ``-h``/``-p``/``-U``/``-d`` (and their long forms) and psql's positional
+    database and user names would bypass the checks made on the resolved
+    target; choose the target with ``--env`` / ``--database`` instead.
+    """
+    refused: str | None = None
+    i = 0
+    while i < len(args) and refused is None:
+        arg = args[i]
+        if arg == "--":
+            refused = args[i + 1] if i + 1 < len(args) else None
+            break
+        if arg.startswith("--"):
+            name, has_value, _ = arg[2:].partition("=")
+            if name in _PSQL_TARGET_LONG:
+                refused = arg
+            elif name in _PSQL_VALUE_LONG and not has_value:
+                i += 1
+        elif arg.startswith("-") and len(arg) > 1:
+            for pos, letter in enumerate(arg[1:], 1):
+                if letter in _PSQL_TARGET_SHORT:
+                    refused = arg
+                    break
+                if letter in _PSQL_VALUE_SHORT:
+                    if pos == len(arg) - 1:
+                        i += 1  # the value is the next argument
+                    break
+        else:
+            refused = arg
+        i += 1
+    if refused is not None:
+        raise UsageError(
+            f"psql argument {refused!r} would choose the database, host, port or user, which precog-db checked "
+            "and set; choose the target with --env or --database instead (nothing was run)"
+        )
+
+
 def find_psql(path: str | None = None) -> str:
     """The ``psql`` executable on ``path`` (default ``PATH``); `PsqlNotFoundError` with the fix when there is none."""
     found = shutil.which("psql", path=path)
@@ -150,15 +216,15 @@ def _escape_pgpass(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
-def passfile_line(host: str, port: int | str, user: str, password: str) -> str:
-    """One ``.pgpass`` line for any database on ``host``:``port`` as ``user``, ``:`` and ``\\`` escaped."""
-    if "\n" in password or "\r" in password:
-        raise ConfigurationError("the password contains a line break, which a libpq passfile cannot hold")
-    return (
-        ":".join(_escape_pgpass(str(x)) for x in (host, port))
-        + f":*:{_escape_pgpass(user)}:"
-        + (_escape_pgpass(password) + "\n")
-    )
+def passfile_line(host: str, port: int | str, dbname: str, user: str, password: str) -> str:
+    """One ``.pgpass`` line for ``dbname`` on ``host``:``port`` as ``user``, ``:`` and ``\\`` escaped.
+
+    Only that database: a ``\\c`` to another one inside psql gets no password from it.
+    """
+    fields = (str(host), str(port), dbname, user, password)
+    if any("\n" in f or "\r" in f for f in fields):
+        raise ConfigurationError("a line break in the host, database, user or password cannot go in a libpq passfile")
+    return ":".join(_escape_pgpass(f) for f in fields) + "\n"
 
 
 def _who() -> str:
@@ -194,6 +260,8 @@ class ShellPlan:
     pin_port: int
     statement_timeout_ms: int
     password: str = field(default="", repr=False)
+    #: Signals `run_shell` received (and forwarded to psql) while the session ran.
+    signals: list[int] = field(default_factory=list)
 
     @property
     def mode(self) -> str:
@@ -221,6 +289,7 @@ def prepare_shell(
     """
     from precog_db.connection import connection_kwargs, pin_target
 
+    check_psql_args(psql_args)
     executable = psql or find_psql()
     target, pin = pin_target(settings, operation="open a psql shell", prod_confirmed=prod_confirmed)
     params: dict[str, Any] = dict(connection_kwargs(target))
@@ -265,9 +334,10 @@ def _passfile(plan: ShellPlan) -> Iterator[str | None]:
     directory = tempfile.mkdtemp(prefix="precog-shell-")  # 0700
     path = os.path.join(directory, "pgpass")
     try:
-        lines = [passfile_line(plan.pin_host, plan.pin_port, plan.settings.user, plan.password)]
+        target = plan.settings
+        lines = [passfile_line(plan.pin_host, plan.pin_port, target.dbname, target.user, plan.password)]
         if plan.pin_host.startswith("/"):  # a socket directory: libpq matches the passfile on "localhost"
-            lines.append(passfile_line("localhost", plan.pin_port, plan.settings.user, plan.password))
+            lines.append(passfile_line("localhost", plan.pin_port, target.dbname, target.user, plan.password))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write("".join(lines))
@@ -282,46 +352,55 @@ def _passfile(plan: ShellPlan) -> Iterator[str | None]:
 def run_shell(plan: ShellPlan) -> int:
     """Run psql for ``plan`` and return its exit code; the passfile is removed when psql ends, however it ends.
 
-    While psql runs, ``SIGINT`` is left to psql (it cancels the running query)
-    and ``SIGTERM`` to this process is forwarded to psql, so the cleanup still
-    runs. The exit code of psql killed by a signal is ``128 + signal``.
+    From before the passfile exists until it is gone, ``SIGTERM`` and
+    ``SIGHUP`` to this process are forwarded to psql (or, before psql started,
+    stop it from starting), so the cleanup always runs; they are noted in
+    ``plan.signals``. ``SIGINT`` (Ctrl-C) is left to psql, which cancels the
+    running query. The exit code of psql ended by a signal is ``128 + signal``.
+    Signals are only handled in the main thread (Python's rule); elsewhere the
+    passfile is still removed by the ``finally``.
     """
     env = dict(plan.env)
     env.pop("PGPASSWORD", None)
-    main_thread = threading.current_thread() is threading.main_thread()
-    with _passfile(plan) as passfile:
-        if passfile is not None:
-            env["PGPASSFILE"] = passfile
-        proc: subprocess.Popen[bytes] | None = None
-        received: list[int] = []
+    proc: subprocess.Popen[bytes] | None = None
+    received = plan.signals
 
-        def forward(signum: int, _frame: FrameType | None) -> None:
-            received.append(signum)
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signum)
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
 
-        previous: dict[int, Any] = {}
-        if main_thread:
-            previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
-            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            if hasattr(signal, "SIGHUP"):
-                previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
-        try:
-            proc = subprocess.Popen(plan.argv, env=env)
-            if received:  # a signal between installing the handler and the child existing
-                proc.send_signal(received[0])
-            code = proc.wait()
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+    def ignore(_signum: int, _frame: FrameType | None) -> None:
+        """Ctrl-C reaches psql from the terminal; this process waits for it (unlike SIG_IGN, not inherited)."""
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, forward)
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, ignore)
+    try:
+        with _passfile(plan) as passfile:
+            if passfile is not None:
+                env["PGPASSFILE"] = passfile
+            if received:  # a signal before psql started: it does not start
+                return 128 + received[0]
+            try:
+                proc = subprocess.Popen(plan.argv, env=env)
+                if received:  # a signal while the child was being created
+                    proc.send_signal(received[0])
+                code = proc.wait()
+            finally:
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=5)
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 128 - code if code < 0 else code
 
 
@@ -333,3 +412,8 @@ def shell_environment_summary(plan: ShellPlan) -> dict[str, Any]:
         "server": f"{plan.pin_host}:{plan.pin_port}",
         "application_name": plan.env.get("PGAPPNAME", ""),
     }
+
+
+def signal_names(plan: ShellPlan) -> list[str]:
+    """The names of the signals `run_shell` received (``SIGTERM`` …), for the audit log."""
+    return [signal.Signals(s).name for s in plan.signals]

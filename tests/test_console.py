@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from psycopg import sql
 
-from precog_db.console import ShellPlan, passfile_line, prepare_shell, run_shell
+from precog_db.console import ShellPlan, check_psql_args, passfile_line, prepare_shell, run_shell
 from precog_db.environment import Environment
-from precog_db.errors import ProductionAccessError
+from precog_db.errors import ConfigurationError, ProductionAccessError, UsageError
 from precog_db.stamp import stamp_database
 from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
 from tests._helpers.faults import own_server
@@ -383,11 +383,32 @@ class TestPassword:
             capfd.readouterr()
             code = run_shell(plan)
             out = capfd.readouterr().out
+            # The same from DB_PASSWORD_FILE (resolved in Python, written to the passfile) and from a provider.
+            secret = tmp_path / "secret"
+            secret.write_text(password + "\n", encoding="utf-8")
+            secret.chmod(0o600)
+            outs = []
+            for source in ({"password_file": str(secret)}, {"password_provider": lambda: password}):
+                other = server.settings(dbname, env=Environment.TEST, user=role, password="", **source)
+                capfd.readouterr()
+                outs.append(
+                    (
+                        run_shell(prepare_shell(other, psql_args=["-At", "-c", "select current_user"])),
+                        capfd.readouterr().out.strip(),
+                    )
+                )
+            # A wrong password is refused by the server, not silently accepted (the passfile is really read).
+            wrong = server.settings(dbname, env=Environment.TEST, user=role, password="not-it")
+            with pytest.raises(Exception, match="password authentication failed"):
+                prepare_shell(wrong)
         assert code == 0
         assert out.strip() == f"{role}|{dbname}"
+        assert outs == [(0, role), (0, role)]
 
     def test_passfile_line_escapes(self) -> None:
-        assert passfile_line("h:1", 5432, "u\\:", "p:w\\") == "h\\:1:5432:*:u\\\\\\::p\\:w\\\\\n"
+        assert passfile_line("h:1", 5432, "d\\b", "u:", "p:w\\") == "h\\:1:5432:d\\\\b:u\\::p\\:w\\\\\n"
+        with pytest.raises(ConfigurationError):
+            passfile_line("h", 5432, "d", "u", "two\nlines")
 
 
 class TestAttacks:
@@ -422,7 +443,8 @@ class TestAttacks:
         assert not passfile.exists()
         entries = ws.audit_entries()
         assert [(e["operation"], e["outcome"]) for e in entries] == [("shell start", "ok"), ("shell end", "failed")]
-        assert entries[1]["exit_code"] == proc.returncode
+        assert entries[1]["exit_code"] == proc.returncode == 128 + signal.SIGTERM
+        assert entries[1]["signals"] == ["SIGTERM"]
         assert not os.path.exists(f"/proc/{psql_pid}") or _psql_child(proc.pid) is None
 
     def test_odd_database_name_through_the_cli(self, ws: Workspace) -> None:
@@ -452,3 +474,57 @@ def test_prod_python_api_refuses_without_the_guard(ws: Workspace) -> None:
     with pytest.raises(ProductionAccessError):
         prepare_shell(settings, psql="/bin/false")
     assert sessions_on(ws.server, settings.dbname) == before
+
+
+def _edit_env(ws: Workspace, env: str, **values: str) -> None:
+    path = ws.config / f".env.{env}"
+    lines = [line for line in path.read_text().splitlines() if line.split("=", 1)[0] not in values]
+    path.write_text("\n".join([*lines, *(f"{k}={v}" for k, v in values.items())]) + "\n")
+
+
+class TestTargets:
+    def test_psql_arguments_that_choose_the_target_are_refused(self, ws: Workspace) -> None:
+        """-h/-p/-U/-d, their long forms and positional names would bypass the checks: usage error, no psql."""
+        ws.add("dev")
+        for args in (
+            ["-d", "postgres"],
+            ["-At", "-h", "elsewhere"],
+            ["--port=1"],
+            ["-Upostgres"],
+            ["postgres"],
+            ["-c", "select 1", "otherdb"],
+            ["--", "otherdb"],
+            ["--dbname", "x"],
+        ):
+            with pytest.raises(UsageError):
+                check_psql_args(args)
+            result = ws.run("--env", "dev", "shell", "--", *args)
+            assert result.code == 2, (args, result.err)
+            assert "--env or --database" in result.err
+        for fine in (
+            ["-At", "-c", "select 1"],
+            ["-v", "ON_ERROR_STOP=1", "-f", "x.sql"],
+            ["-F|", "-Xc", "-d"],
+            ["--set=X=1", "--command", "-h"],
+        ):
+            check_psql_args(fine)
+
+    def test_multi_host_is_pinned_to_the_checked_server(self, ws: Workspace) -> None:
+        """DB_HOST lists a dead host first: psql goes to the server whose stamp was checked."""
+        settings = ws.add("dev")
+        _edit_env(ws, "dev", DB_HOST=f"127.0.0.1,{settings.host}", DB_PORT=f"1,{settings.port}")
+        out = shell(ws, "--env", "dev", "--", "-At", "-c", "select inet_server_port()")
+        assert out.code == 0, out.err
+        assert out.out.strip() == str(settings.port)
+
+    def test_transaction_pooler_goes_direct_or_is_refused(self, ws: Workspace) -> None:
+        """DB_POOLER=transaction: to DB_DIRECT_HOST/PORT; without them refused with the reason, psql not run."""
+        settings = ws.add("dev")
+        _edit_env(ws, "dev", DB_POOLER="transaction", DB_HOST="127.0.0.1", DB_PORT="1")
+        refused = shell(ws, "--env", "dev", "--", "-At", "-c", "select 1")
+        assert refused.code == 1
+        assert "DB_DIRECT_HOST" in refused.err
+        _edit_env(ws, "dev", DB_DIRECT_HOST=settings.host, DB_DIRECT_PORT=str(settings.port))
+        out = shell(ws, "--env", "dev", "--", "-At", "-c", "select current_database()")
+        assert out.code == 0, out.err
+        assert out.out.strip() == settings.dbname

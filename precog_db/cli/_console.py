@@ -95,7 +95,7 @@ def cmd_sql(ctx: Context) -> int:
 
 
 def cmd_shell(ctx: Context) -> int:
-    from precog_db.console import find_psql, prepare_shell, run_shell, shell_environment_summary
+    from precog_db.console import find_psql, prepare_shell, run_shell, shell_environment_summary, signal_names
 
     psql_args = list(ctx.args.psql_args)
     if psql_args[:1] == ["--"]:
@@ -121,6 +121,7 @@ def cmd_shell(ctx: Context) -> int:
             confirmation=confirmation,
             duration_s=time.monotonic() - started,
             exit_code=code,
+            signals=signal_names(plan),
             **shell_environment_summary(plan),
         )
     return code
