@@ -121,7 +121,8 @@ _PROMPT_COLOURS = {Environment.PROD: "1;97;41", Environment.STAGING: "1;30;43"}
 _INSTALL_HINT = (
     "psql (the PostgreSQL client) is not on PATH. Install the PostgreSQL client package "
     "(Debian/Ubuntu: apt-get install postgresql-client; macOS: brew install libpq; RHEL: dnf install postgresql), "
-    "or put the bin directory of a PostgreSQL installation on PATH; `precog-db sql` needs no psql"
+    "or put the bin directory of a PostgreSQL installation on PATH or in PRECOG_PG_BINDIR; "
+    "`precog-db sql` needs no psql"
 )
 #: conninfo keys psql gets as PG* environment variables (the rest, such as keepalives, are not needed).
 _ENV_OF = {
@@ -205,11 +206,31 @@ def check_psql_args(args: Sequence[str]) -> None:
 
 
 def find_psql(path: str | None = None) -> str:
-    """The ``psql`` executable on ``path`` (default ``PATH``); `PsqlNotFoundError` with the fix when there is none."""
+    """The ``psql`` to run: on ``path`` (default ``PATH``), else in ``PRECOG_PG_BINDIR``, else the embedded one.
+
+    The embedded PostgreSQL of the ``local`` extra is used when it ships a
+    psql (not with ``PRECOG_PG_SEARCH=system``). `PsqlNotFoundError`, whose message says how to install one, when
+    there is none.
+    """
     found = shutil.which("psql", path=path)
-    if found is None:
-        raise PsqlNotFoundError(_INSTALL_HINT)
-    return found
+    if found is not None:
+        return found
+    from precog_db.local import binaries, embedded
+
+    dirs = []
+    explicit = os.environ.get(binaries.BINDIR_ENV, "").strip()
+    if explicit:
+        dirs.append(explicit)
+    if binaries.search_mode() != "system":  # PRECOG_PG_SEARCH=system: installed binaries only
+        with contextlib.suppress(PrecogDBError):
+            bundled = embedded.embedded_bindir(shared=False)
+            if bundled is not None:
+                dirs.append(str(bundled))
+    for directory in dirs:
+        candidate = os.path.join(directory, "psql")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise PsqlNotFoundError(_INSTALL_HINT)
 
 
 def _escape_pgpass(value: str) -> str:

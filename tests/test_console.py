@@ -253,11 +253,49 @@ class TestShell:
         ws.add("dev")
         empty = tmp_path / "empty-bin"
         empty.mkdir()
+        ws.monkeypatch.setenv("PRECOG_PG_SEARCH", "system")  # not the embedded server's psql either
         result = _run_module(ws, ["--env", "dev", "shell"], path=str(empty))
         assert result.returncode == 1
         assert "psql" in result.stderr and "apt-get install postgresql-client" in result.stderr
         assert "Traceback" not in result.stderr
         assert result.stderr.count("\n") == 1
+
+    def test_psql_from_precog_pg_bindir_when_not_on_path(self, ws: Workspace, tmp_path: Path) -> None:
+        ws.add("dev")
+        bindir = tmp_path / "pgbin"
+        bindir.mkdir()
+        wrapper = bindir / "psql"
+        wrapper.write_text(f'#!/bin/sh\nPATH="{os.environ["PATH"]}" exec {PSQL} "$@"\n')
+        wrapper.chmod(0o755)
+        empty = tmp_path / "empty-bin"
+        empty.mkdir()
+        ws.monkeypatch.setenv("PRECOG_PG_BINDIR", str(bindir))
+        result = _run_module(ws, ["--env", "dev", "shell", "--", "-At", "-c", "select 42"], path=str(empty))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "42"
+
+    def test_the_embedded_servers_psql_when_there_is_no_other(self, ws: Workspace, tmp_path: Path) -> None:
+        """With the local extra's embedded PostgreSQL (pgserver) installed, its psql is used when PATH has none."""
+        from precog_db.local.embedded import embedded_bindir
+
+        bindir = embedded_bindir(shared=False)
+        assert bindir is not None and (bindir / "psql").is_file(), "the dev extra installs the embedded server"
+        ws.add("dev")
+        empty = tmp_path / "empty-bin"
+        empty.mkdir()
+        result = _run_module(ws, ["--env", "dev", "shell", "--", "-At", "-c", "select 42"], path=str(empty))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "42"
+        assert ws.audit_entries()[0]["operation"] == "shell start"
+
+    def test_the_prompt_shows_environment_and_mode(self, ws: Workspace) -> None:
+        settings = ws.add("staging")
+        out = shell(ws, "--env", "staging", "--", "-At", "-c", "\\echo :PROMPT1")
+        assert out.code == 0, out.err
+        assert out.out.startswith("[staging read-only] ")
+        plan = prepare_shell(settings, write=True, colour=True, psql="/bin/false")
+        prompt = next(a for a in plan.argv if a.startswith("--set=PROMPT1="))
+        assert "%[%033[1;30;43m%]staging WRITE%[%033[0m%]" in prompt
 
     def test_unstamped_database_is_refused_before_psql(self, ws: Workspace) -> None:
         ws.add("staging", stamp=False)
