@@ -14,8 +14,8 @@ are read-only unless asked to write.
   password reaches psql only through a temporary ``0600`` passfile
   (``PGPASSFILE``), removed when psql ends, also on a failure or ``SIGTERM``;
   never in its argv or environment. psql is pinned to the server whose stamp
-  was checked (``PGHOST``/``PGPORT``/``PGHOSTADDR``), behind a transaction
-  pooler that is ``DB_DIRECT_HOST``. The session runs with
+  was checked (``PGHOST``/``PGPORT``/``PGHOSTADDR``); behind a pooler
+  (``DB_POOLER``) that is ``DB_DIRECT_HOST``, else refused. The session runs with
   ``default_transaction_read_only=on`` unless ``write``, and with
   ``DB_SHELL_STATEMENT_TIMEOUT`` (default 60 s on staging and prod).
 
@@ -303,7 +303,7 @@ def prepare_shell(
 
     Order: psql is looked up first (`PsqlNotFoundError`: nothing connects);
     then one connection through the chokepoint (naming rule, production guard,
-    identity stamp; behind ``DB_POOLER=transaction`` to ``DB_DIRECT_HOST`` or
+    identity stamp; behind any ``DB_POOLER`` to ``DB_DIRECT_HOST`` or
     refused) is opened and closed, and psql is pinned to the server it reached.
     The password is resolved now (``DB_PASSWORD``, ``DB_PASSWORD_FILE``, a
     provider); a ``DB_PASSFILE`` is handed over as ``PGPASSFILE`` as it is.
@@ -312,6 +312,16 @@ def prepare_shell(
 
     check_psql_args(psql_args)
     executable = psql or find_psql()
+    if settings.pooler != "none":
+        # The session's read-only default and timeout travel as startup options, which PgBouncer does not
+        # pass on (the library's own pool sends none behind a pooler either): psql goes to the server itself.
+        if not settings.direct_host:
+            raise ConfigurationError(
+                f"cannot open a psql shell through PgBouncer (DB_POOLER={settings.pooler}): the session's "
+                "read-only default and statement timeout are startup options, which PgBouncer does not pass on. "
+                "Set DB_DIRECT_HOST and DB_DIRECT_PORT to the database server itself; psql was not started"
+            )
+        settings = settings.replace(host=settings.direct_host, port=settings.direct_port, pooler="none")
     target, pin = pin_target(settings, operation="open a psql shell", prod_confirmed=prod_confirmed)
     params: dict[str, Any] = dict(connection_kwargs(target))
     password = str(params.pop("password", "") or "")

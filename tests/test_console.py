@@ -555,14 +555,16 @@ class TestTargets:
         assert out.code == 0, out.err
         assert out.out.strip() == str(settings.port)
 
-    def test_transaction_pooler_goes_direct_or_is_refused(self, ws: Workspace) -> None:
-        """DB_POOLER=transaction: to DB_DIRECT_HOST/PORT; without them refused with the reason, psql not run."""
+    @pytest.mark.parametrize("mode", ["transaction", "session"])
+    def test_behind_a_pooler_goes_direct_or_is_refused(self, ws: Workspace, mode: str) -> None:
+        """DB_POOLER set: to DB_DIRECT_HOST/PORT (PgBouncer drops startup options); without them refused."""
         settings = ws.add("dev")
-        _edit_env(ws, "dev", DB_POOLER="transaction", DB_HOST="127.0.0.1", DB_PORT="1")
+        _edit_env(ws, "dev", DB_POOLER=mode, DB_HOST="127.0.0.1", DB_PORT="1")
         refused = shell(ws, "--env", "dev", "--", "-At", "-c", "select 1")
         assert refused.code == 1
         assert "DB_DIRECT_HOST" in refused.err
+        assert "psql was not started" in refused.err
         _edit_env(ws, "dev", DB_DIRECT_HOST=settings.host, DB_DIRECT_PORT=str(settings.port))
-        out = shell(ws, "--env", "dev", "--", "-At", "-c", "select current_database()")
+        out = shell(ws, "--env", "dev", "--", "-At", "-c", "select current_database(), inet_server_port()")
         assert out.code == 0, out.err
-        assert out.out.strip() == settings.dbname
+        assert out.out.strip() == f"{settings.dbname}|{settings.port}"
