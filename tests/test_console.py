@@ -568,3 +568,21 @@ class TestTargets:
         out = shell(ws, "--env", "dev", "--", "-At", "-c", "select current_database(), inet_server_port()")
         assert out.code == 0, out.err
         assert out.out.strip() == f"{settings.dbname}|{settings.port}"
+
+
+def test_run_statement_uses_an_open_pool_and_refuses_another_target(ws: Workspace) -> None:
+    """The Python entry point: an open pool for the same target is used and left open; another target is refused."""
+    from precog_db import initialize_pool
+    from precog_db.console import run_statement
+    from precog_db.errors import PoolStateError
+    from precog_db.pool import active_pool
+
+    dev = ws.add("dev")
+    other = ws.add("test")
+    initialize_pool(settings=dev)
+    result = run_statement(dev, "select 7 as n")
+    assert (result.columns, result.rows) == (("n",), ({"n": 7},))
+    assert active_pool() is not None
+    with pytest.raises(PoolStateError):
+        run_statement(other, "select 1")
+    assert active_pool() is not None and active_pool().settings.dbname == dev.dbname  # type: ignore[union-attr]
