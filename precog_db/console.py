@@ -25,7 +25,6 @@ are read-only unless asked to write.
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
 import shutil
 import signal
@@ -249,11 +248,10 @@ def passfile_line(host: str, port: int | str, dbname: str, user: str, password: 
 
 
 def _who() -> str:
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = str(os.getuid()) if hasattr(os, "getuid") else "unknown"
-    return f"{user}@{socket.gethostname()}"
+    """``<os user>@<host>``, the user as the audit log names it."""
+    from precog_db._secrets import current_os_user
+
+    return f"{current_os_user()}@{socket.gethostname()}"
 
 
 def _prompt(settings: DatabaseSettings, write: bool, colour: bool) -> tuple[str, str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -160,7 +161,7 @@ class TestShell:
         assert out.code == 0, out.err
         db, app, timeout = out.out.strip().split("|")
         assert db == settings.dbname
-        assert app.startswith("precog-db shell (") and "@" in app
+        assert app == f"precog-db shell ({ws.audit_entries()[0]['who']}@{socket.gethostname()})"
         assert timeout == "0"
 
     def test_staging_has_a_statement_timeout_banner_and_needs_confirmation_to_write(self, ws: Workspace) -> None:
