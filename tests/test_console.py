@@ -587,3 +587,12 @@ def test_run_statement_uses_an_open_pool_and_refuses_another_target(ws: Workspac
     with pytest.raises(PoolStateError):
         run_statement(other, "select 1")
     assert active_pool() is not None and active_pool().settings.dbname == dev.dbname  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("command", ["sql", "shell"])
+def test_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from precog_db.cli import main
+
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--write" in out and "read-only" in out

@@ -30,7 +30,11 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         "--confirm-database NAME).",
     )
     p.add_argument("statement", help="the SQL statement")
-    p.add_argument("--write", action="store_true", help="run it in a read-write transaction, committed at the end")
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="run it in a read-write transaction, committed at the end (default: read-only)",
+    )
     p.set_defaults(handler=cmd_sql)
 
     p = add_command(
