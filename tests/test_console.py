@@ -364,7 +364,7 @@ def _start_sleeping_shell(ws: Workspace, *extra: str, seconds: int = 2) -> subpr
 
 
 def _wait_for_psql(proc: subprocess.Popen[str]) -> int:
-    for _ in range(500):  # bounded
+    for _ in range(3000):  # bounded: 30 s for precog-db to check the target and start psql
         child = _psql_child(proc.pid)
         if child is not None:
             return child
