@@ -51,6 +51,8 @@ def env_defaults(env: Environment) -> dict[str, Any]:
         "sslmode": "require" if env is Environment.PROD else "prefer",
         "connect_timeout": 5,
         "statement_timeout_ms": 0,
+        # Staging and prod: a console statement (precog-db shell) gives up after a minute.
+        "shell_statement_timeout_ms": 60_000 if env in (Environment.STAGING, Environment.PROD) else 0,
         # Staging and prod: a migration gives up on a lock after 5 s rather than queue every reader behind it.
         "migration_lock_timeout_ms": 5000 if env in (Environment.STAGING, Environment.PROD) else 0,
         "tcp_user_timeout_ms": 30_000,
@@ -134,6 +136,8 @@ class DatabaseSettings:
     sslmode: str = _UNSET
     connect_timeout: int = _UNSET
     statement_timeout_ms: int = _UNSET
+    #: ``statement_timeout`` (ms) of a ``precog-db shell`` session; 0 = none (`precog_db.console`).
+    shell_statement_timeout_ms: int = _UNSET
     #: ``lock_timeout`` (ms) for every migration statement; 0 = none (`precog_db.migrations`).
     migration_lock_timeout_ms: int = _UNSET
     tcp_user_timeout_ms: int = _UNSET

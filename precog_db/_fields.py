@@ -310,6 +310,13 @@ SPECS: tuple[Spec, ...] = (
         "server-side statement timeout in ms (0 = none)",
     ),
     Spec(
+        "shell_statement_timeout_ms",
+        "DB_SHELL_STATEMENT_TIMEOUT",
+        _integer,
+        _int_range(0, _INT32_MAX, " milliseconds"),
+        "statement_timeout in ms of a precog-db shell session (0 = none)",
+    ),
+    Spec(
         "migration_lock_timeout_ms",
         "DB_MIGRATION_LOCK_TIMEOUT",
         _integer,

@@ -10,7 +10,7 @@ The CLI is thin, and its modules are private: `_app` (parser, `main`, exit
 codes), `_context` (the `Context` every command gets: arguments, output,
 settings, banner, confirmation) and one module per command group
 (`_database`: env, check, stamp; `_local`; `_migrate`; `_backups`: backup,
-restore; `_audit_log`). The
+restore; `_console`: sql, shell; `_audit_log`). The
 workflows are library functions a Python caller can use too
 (`precog_db.migrations.upgrade`, `precog_db.backup.restore_database` …).
 

@@ -19,7 +19,7 @@ import structlog
 
 from precog_db import audit
 from precog_db._secrets import scrub_argv, scrub_text
-from precog_db.cli import _audit_log, _backups, _database, _local, _migrate
+from precog_db.cli import _audit_log, _backups, _console, _database, _local, _migrate
 from precog_db.cli._context import EXIT_FAILED, EXIT_OK, EXIT_USAGE, PROG, Context
 from precog_db.errors import AuditLogError, PrecogDBError, UsageError
 from precog_db.log import mask_secrets
@@ -36,6 +36,8 @@ commands:
   migrate new|up|down|status|validate|baseline   SQL migrations with a ledger and a promotion check
   backup                  pg_dump -Fc to backups/<env>/, verified with pg_restore --list, old dumps pruned
   restore FILE            restore a dump into dev or test (never staging or prod)
+  sql [--write] STATEMENT  one statement through the library, read-only unless --write; rows as a table or --json
+  shell [--write] [-- ARGS]  psql after the checks, read-only unless --write, password via a temporary passfile
   audit tail              the latest audit-log entries
 
 safety:
@@ -111,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_global_options(common, top=False)
     parents = [common]
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # The order of --help: env, check, stamp, local, migrate, backup, restore, audit.
-    for group in (_database, _local, _migrate, _backups, _audit_log):
+    # The order of --help: env, check, stamp, local, migrate, backup, restore, sql, shell, audit.
+    for group in (_database, _local, _migrate, _backups, _console, _audit_log):
         group.register(commands, parents)
     return parser
 
