@@ -111,7 +111,7 @@ def check_name_matches(settings: DatabaseSettings) -> None:
         raise EnvironmentMismatchError(
             f"environment is {settings.env.value} but database {settings.dbname!r} (from {origin}) belongs to "
             f"{named.value} by its name; fix DB_NAME or PRECOG_ENV (a stale shell export is the usual cause). "
-            "A name containing 'prod' or 'stag' anywhere names production or staging"
+            "Whole words of the name decide (prod/production, staging/stag, test/testing/ci, dev/development)"
         )
 
 

@@ -17,7 +17,7 @@ from datetime import datetime
 import psycopg
 
 from precog_db._steps import Query, Steps
-from precog_db.environment import STRICT, Environment, parse_environment
+from precog_db.environment import STRICT, Environment, ambiguous_environment, parse_environment
 from precog_db.errors import (
     EnvironmentMismatchError,
     RestoredCopyError,
@@ -229,6 +229,14 @@ def judge_stamp(settings: DatabaseSettings, stamp: Stamp | None, *, quiet: bool 
     env = settings.env
     where = settings.describe()
     if stamp is None:
+        hinted = ambiguous_environment(settings.dbname)
+        if hinted is not None and hinted is not env:
+            raise UnstampedDatabaseError(
+                f"the {where} carries no identity stamp, and its name mentions {hinted.value} inside a word "
+                f"({settings.dbname!r}), so the name cannot say whether it is a {env.value} database or a "
+                f"{hinted.value} one under a careless name. If it is the {env.value} database, stamp it once "
+                f"with `{stamp_command(env)}` (or {_call(env)} in Python) and try again"
+            )
         if env in STRICT:
             raise UnstampedDatabaseError(
                 f"the {where} carries no identity stamp, and {env.value} databases must: "

@@ -4,7 +4,8 @@ Resolution, first match wins: the explicit argument, ``PRECOG_ENV`` (process,
 then ``config/.env``), an inference from the database name, then ``dev``
 (`resolve_environment`). One naming rule (`environment_named_by`) serves both
 the inference and the consistency check, and errs toward the stricter
-environment: a name containing ``prod`` anywhere is production.
+environment: a whole word ``prod`` in the name is production, and a name with ``prod``
+inside a word is decided by its identity stamp.
 
 `environment_resolution` (and `get_environment`, built on it) reads the
 shared ``config/.env`` through `precog_db._dotenv`, as `load_settings` does:
@@ -28,6 +29,7 @@ __all__ = [
     "STRICTNESS",
     "Environment",
     "Resolution",
+    "ambiguous_environment",
     "environment_named_by",
     "environment_resolution",
     "get_environment",
@@ -96,19 +98,20 @@ def environment_named_by(dbname: str) -> Environment | None:
     another environment than the resolved one is refused) use this function,
     so a name can never be inferred as one environment and yet pass as another.
 
-    It errs toward the stricter environment: ``prod`` or ``stag`` *anywhere*
-    in the name (``precog_prod``, ``x_precogprod``, ``products``) names
-    production or staging; ``test``/``testing``/``ci`` and
-    ``dev``/``development`` count only as whole words (``precog_test_gw0``
-    is test, ``contest`` names nothing). When a name mentions several, the
-    strictest wins.
+    Whole words decide (the name is lowercased and split on everything but
+    letters, so ``precog_prod2`` is ``precog`` + ``prod``): ``prod`` or
+    ``production`` names production, ``staging`` or ``stag`` staging,
+    ``test``/``testing``/``ci`` test and ``dev``/``development`` dev. When a
+    name mentions several, the strictest wins. A name that has ``prod`` or
+    ``stag`` only *inside* a word (``products_dev``, ``backstage``,
+    ``x_precogprod``) is ambiguous (`ambiguous_environment`): its whole words
+    decide here, and its identity stamp must agree before it is opened.
     """
-    name = dbname.lower()
-    if "prod" in name:
+    words = set(_WORD.findall(dbname.lower()))
+    if words & _PROD_WORDS:
         return Environment.PROD
-    if "stag" in name:
+    if words & _STAGING_WORDS:
         return Environment.STAGING
-    words = set(_WORD.findall(name))
     if words & _TEST_WORDS:
         return Environment.TEST
     if words & _DEV_WORDS:
@@ -116,12 +119,37 @@ def environment_named_by(dbname: str) -> Environment | None:
     return None
 
 
+def ambiguous_environment(dbname: str) -> Environment | None:
+    """The stricter environment a name mentions only inside a word, or None when its words are clear.
+
+    ``products_dev``, ``reproduction``, ``productivity`` → production;
+    ``stagger``, ``backstage`` → staging; ``x_precogprod`` → production. Such a
+    name cannot be trusted either way: it may be an ordinary word, or a
+    production database under a careless name. So its identity stamp decides:
+    `precog_db.stamp.judge_stamp` refuses to open an unstamped one in any
+    environment (stamp it once to say which it is), and a stamp of another
+    environment is refused as always. Nothing is inferred as ``dev`` from it:
+    `infer_environment` picks this stricter environment when no whole word
+    names one.
+    """
+    name = dbname.lower()
+    words = set(_WORD.findall(name))
+    if "prod" in name and not words & _PROD_WORDS:
+        return Environment.PROD
+    if "stag" in name and not words & (_STAGING_WORDS | _PROD_WORDS):
+        return Environment.STAGING
+    return None
+
+
 def infer_environment(dbname: str) -> Environment:
-    """Infer the environment from a database name with `environment_named_by`; ``dev`` when it names none."""
-    return environment_named_by(dbname) or Environment.DEV
+    """Infer the environment from a database name: its whole words (`environment_named_by`), else the
+    environment it mentions inside a word (`ambiguous_environment`), else ``dev``."""
+    return environment_named_by(dbname) or ambiguous_environment(dbname) or Environment.DEV
 
 
 _WORD = re.compile(r"[a-z]+")
+_PROD_WORDS = frozenset({"prod", "production"})
+_STAGING_WORDS = frozenset({"staging", "stag"})
 _TEST_WORDS = frozenset({"test", "testing", "ci"})
 _DEV_WORDS = frozenset({"dev", "development"})
 

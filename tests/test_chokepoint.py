@@ -31,6 +31,7 @@ from precog_db import (
     EnvironmentMismatchError,
     EnvironmentNotAllowedError,
     ProductionAccessError,
+    UnstampedDatabaseError,
     dangerous_operation,
     initialize_pool,
     load_settings,
@@ -76,8 +77,16 @@ def tamper(settings: DatabaseSettings, **fields: Any) -> DatabaseSettings:
 
 
 @pytest.fixture
+def prod_named(pg_server: Server) -> Iterator[str]:
+    """An unstamped database whose name has the whole word prod: chk_prod_<id>."""
+    name = make_database(pg_server, f"chk_prod_{UNIQUE}", rows=3)
+    yield name
+    drop_database(pg_server, name)
+
+
+@pytest.fixture
 def prod_like(pg_server: Server) -> Iterator[str]:
-    """An unstamped database whose name says prod only to the substring rule: x_precogprod_<id>."""
+    """An unstamped database whose name has prod only inside a word (ambiguous): x_precogprod_<id>."""
     name = make_database(pg_server, f"x_precogprod_{UNIQUE}", rows=3)
     yield name
     drop_database(pg_server, name)
@@ -154,11 +163,27 @@ class TestHandBuiltSettings:
         ],
     )
     def test_tampered_settings_never_reach_a_prod_named_database(
-        self, pg_server: Server, prod_like: str, opener: Callable[[DatabaseSettings], object]
+        self, pg_server: Server, prod_named: str, opener: Callable[[DatabaseSettings], object]
     ) -> None:
         """Settings changed behind the validation still get the naming rule at the chokepoint: no session opens."""
-        settings = tamper(pg_server.settings("scratch_dev", env=Environment.DEV), dbname=prod_like)
+        settings = tamper(pg_server.settings("scratch_dev", env=Environment.DEV), dbname=prod_named)
         with pytest.raises(EnvironmentMismatchError, match="belongs to prod"):
+            opener(settings)
+        assert sessions_on(pg_server, prod_named) == 0
+
+    @pytest.mark.parametrize(
+        "opener",
+        [
+            pytest.param(lambda s: initialize_pool(settings=s), id="initialize_pool"),
+            pytest.param(lambda s: create_pool(s, prod_confirmed=False), id="create_pool"),
+        ],
+    )
+    def test_tampered_settings_never_open_an_unstamped_ambiguous_database(
+        self, pg_server: Server, prod_like: str, opener: Callable[[DatabaseSettings], object]
+    ) -> None:
+        """x_precogprod behind dev settings is refused by its (missing) stamp; the checking session is closed."""
+        settings = tamper(pg_server.settings("scratch_dev", env=Environment.DEV), dbname=prod_like)
+        with pytest.raises(UnstampedDatabaseError, match="inside a word"):
             opener(settings)
         assert sessions_on(pg_server, prod_like) == 0
 
@@ -189,11 +214,40 @@ class TestOneNamingRule:
             create_pool(settings, prod_confirmed=False)
         assert sessions_on(pg_server, prod_like) == 0
 
-    def test_inferred_prod_name_under_dev_is_a_mismatch(self, pg_server: Server, prod_like: str) -> None:
-        """PRECOG_ENV=dev with DB_NAME=x_precogprod… is a mismatch (it used to open without confirmation)."""
-        environ = {**pg_server.env_vars(prod_like), "PRECOG_ENV": "dev"}
-        with pytest.raises(EnvironmentMismatchError, match="belongs to prod"):
-            load_settings(environ=environ)
+    def test_ambiguous_prod_name_under_dev_is_decided_by_its_stamp(
+        self, pg_server: Server, prod_like: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """PRECOG_ENV=dev, DB_NAME=x_precogprod…: unstamped refused with the fix; stamped prod refused."""
+        environ = {**pg_server.env_vars(prod_like), "PRECOG_ENV": "dev", "DB_SSLMODE": "disable"}
+        settings = load_settings(environ=environ)
+        assert settings.env is Environment.DEV
+        with pytest.raises(UnstampedDatabaseError, match=r"precog-db --env dev stamp"):
+            create_pool(settings, prod_confirmed=False)
+        assert sessions_on(pg_server, prod_like) == 0
+        monkeypatch.setenv("PRECOG_PROD_CONFIRMED", "yes")
+        stamp_database(settings=settings.replace(env="prod", sslmode="disable"))
+        monkeypatch.delenv("PRECOG_PROD_CONFIRMED")
+        with pytest.raises(EnvironmentMismatchError, match="refusing to open a prod database as dev"):
+            create_pool(settings, prod_confirmed=False)
+        assert sessions_on(pg_server, prod_like) == 0
+
+    @pytest.mark.parametrize("word", ["products", "reproduction", "productivity", "stagger", "backstage"])
+    def test_ambiguous_dev_name_opens_once_stamped_dev(self, pg_server: Server, word: str) -> None:
+        """The false positives of the old rule: usable in dev once stamped dev (refused before, with the fix)."""
+        name = make_database(pg_server, f"{word}_{UNIQUE}", rows=1)
+        try:
+            settings = pg_server.settings(name, env=Environment.DEV)
+            with pytest.raises(UnstampedDatabaseError, match="stamp it once"):
+                create_pool(settings, prod_confirmed=False)
+            stamp_database(settings=settings)
+            pool = create_pool(settings, prod_confirmed=False)
+            try:
+                with pool.connection() as conn:
+                    assert conn.execute("SELECT count(*) FROM accounts").fetchone() is not None
+            finally:
+                pool.close()
+        finally:
+            drop_database(pg_server, name)
 
 
 class TestSettingsFiles:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from precog_db import ConfigurationError, Environment, EnvironmentNotAllowedError, get_environment, require_environment
-from precog_db.environment import environment_named_by, infer_environment, resolve_environment
+from precog_db.environment import ambiguous_environment, environment_named_by, infer_environment, resolve_environment
 from precog_db.errors import EnvironmentMismatchError
 from precog_db.settings import load_settings
 
@@ -87,19 +87,23 @@ class TestInference:
             ("precog_dev", Environment.DEV),
             ("precog_test_gw0", Environment.TEST),
             ("precog-prod2", Environment.PROD),
-            ("x_precogprod", Environment.PROD),
-            ("products", Environment.PROD),
-            ("precogstaging", Environment.STAGING),
+            ("precog_prod2", Environment.PROD),
+            ("prod_x", Environment.PROD),
+            ("x-staging", Environment.STAGING),
+            ("precog_production", Environment.PROD),
+            ("x_precogprod", None),  # prod only inside a word: ambiguous, the stamp decides
+            ("products", None),
+            ("precogstaging", None),
             ("contest", None),
             ("devices", None),
             ("precog", None),
         ],
     )
     def test_one_naming_rule(self, name: str, expected: Environment | None) -> None:
-        """prod/stag anywhere name the strict environments; test/dev only as whole words."""
+        """Whole words decide: prod/production, staging/stag, test/testing/ci, dev/development."""
         assert environment_named_by(name) is expected
 
-    @pytest.mark.parametrize("name", ["x_precogprod", "products", "precogstaging", "precog_test_gw0", "precog_dev"])
+    @pytest.mark.parametrize("name", ["precog_prod", "precog-prod2", "x_staging", "precog_test_gw0", "precog_dev"])
     def test_inference_and_mismatch_use_the_same_rule(self, name: str, tmp_path: Path) -> None:
         """A DB_NAME inferred as one environment is refused under every other one (x_precogprod under dev was not)."""
         inferred = load_settings(config_dir=tmp_path, environ={"DB_NAME": name}).env
@@ -110,6 +114,32 @@ class TestInference:
             else:
                 with pytest.raises(EnvironmentMismatchError, match=f"belongs to {inferred.value}"):
                     load_settings(env, config_dir=tmp_path, environ={"DB_NAME": name})
+
+    @pytest.mark.parametrize(
+        ("name", "hinted"),
+        [
+            ("products_dev", Environment.PROD),
+            ("reproduction", Environment.PROD),
+            ("productivity", Environment.PROD),
+            ("x_precogprod", Environment.PROD),
+            ("stagger", Environment.STAGING),
+            ("backstage", Environment.STAGING),
+            ("precog_prod", None),
+            ("backstage_prod", None),  # a whole word decides
+            ("precog_dev", None),
+        ],
+    )
+    def test_prod_or_stag_inside_a_word_is_ambiguous(self, name: str, hinted: Environment | None) -> None:
+        """The names the old substring rule refused in dev are ambiguous now: the stamp decides, not the name."""
+        assert ambiguous_environment(name) is hinted
+
+    @pytest.mark.parametrize("name", ["products_dev", "reproduction", "stagger", "backstage", "x_precogprod"])
+    def test_an_ambiguous_name_loads_under_dev_and_is_never_inferred_dev(self, name: str, tmp_path: Path) -> None:
+        """PRECOG_ENV=dev accepts the name (its stamp is checked at connect); alone it infers the stricter one."""
+        assert load_settings("dev", config_dir=tmp_path, environ={"DB_NAME": name}).dbname == name
+        inferred = load_settings(config_dir=tmp_path, environ={"DB_NAME": name}).env
+        assert inferred is (environment_named_by(name) or ambiguous_environment(name))
+        assert inferred is not Environment.DEV or environment_named_by(name) is Environment.DEV
 
 
 class TestResolution:
