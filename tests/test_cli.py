@@ -57,8 +57,32 @@ class TestOptions:
         """--help prints the commands, the safety rules and the exit codes."""
         assert main(["--help"]) == 0
         text = capsys.readouterr().out
-        for word in ("migrate", "backup", "restore", "audit tail", "--confirm-database", "exit codes"):
+        for word in ("migrate", "backup", "restore", "audit", "--confirm-database", "exit codes"):
             assert word in text
+
+    def test_help_lists_each_command_once(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """Each command appears once in --help's list (the epilog used to repeat the whole list)."""
+        assert main(["--help"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        for command in ("env", "check", "stamp", "local", "migrate", "backup", "restore", "sql", "shell", "audit"):
+            assert sum(1 for line in lines if line.split()[:1] == [command]) == 1, command
+
+    @pytest.mark.parametrize(
+        ("group", "actions"),
+        [
+            ("migrate", "new, up, down, status, validate, baseline, lint, rehearse"),
+            ("local", "up, down"),
+            ("audit", "tail"),
+        ],
+    )
+    def test_a_group_without_an_action_lists_its_actions(
+        self, group: str, actions: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """`precog-db migrate` alone is a usage error that names the actions, not argparse's bare ACTION line."""
+        assert main([group]) == 2
+        err = capsys.readouterr().err
+        assert f"which action? one of: {actions}" in err
+        assert "the following arguments are required" not in err
 
     @pytest.mark.parametrize("command", [["migrate", "up"], ["migrate", "status"], ["local", "up"], ["restore"]])
     def test_each_subcommand_has_help(self, command: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -28,18 +28,6 @@ from precog_db.settings import DatabaseSettings
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 _EPILOG = """\
-commands:
-  env                     resolved settings, where each came from, and the precedence (password masked)
-  check                   connect; server version, latency, identity stamp, pool settings, environment match
-  stamp                   write the identity stamp (which environment this database belongs to)
-  local up|down|status|url  a throwaway PostgreSQL under .precog/ with precog_dev and precog_test
-  migrate new|up|down|status|validate|baseline   SQL migrations with a ledger and a promotion check
-  backup                  pg_dump -Fc to backups/<env>/, verified with pg_restore --list, old dumps pruned
-  restore FILE            restore a dump into dev or test (never staging or prod)
-  sql [--write] STATEMENT  one statement through the library, read-only unless --write; rows as a table or --json
-  shell [--write] [-- ARGS]  psql after the checks, read-only unless --write, password via a temporary passfile
-  audit tail              the latest audit-log entries
-
 safety:
   Commands on staging and prod print a banner first. Destructive or schema-changing commands on prod
   need PRECOG_PROD_CONFIRMED=yes and the database name typed at the prompt, or --confirm-database NAME

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from precog_db import audit
-from precog_db.cli._context import EXIT_OK, Context, add_command
+from precog_db.cli._context import EXIT_OK, Context, add_actions, add_command
 from precog_db.errors import UsageError
 
 __all__ = ["register"]
@@ -17,7 +17,7 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     """Add this group's commands to ``commands``."""
     parents = list(parents)
     p = add_command(commands, "audit", "read the audit log", parents=parents)
-    audit_cmds = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    audit_cmds = add_actions(p, "audit_command")
     q = add_command(audit_cmds, "tail", "print the most recent audit-log entries", parents=parents)
     q.add_argument("-n", "--lines", type=int, default=20, metavar="N", help="how many entries (default 20)")
     q.set_defaults(handler=cmd_audit_tail)

@@ -24,7 +24,17 @@ from precog_db.settings import DatabaseSettings, environment_resolution, load_se
 if TYPE_CHECKING:
     from psycopg import Connection
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "PROG", "Context", "Progress", "add_backup_options", "add_command"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "PROG",
+    "Context",
+    "Progress",
+    "add_actions",
+    "add_backup_options",
+    "add_command",
+]
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -57,6 +67,22 @@ def add_command(
         **kw,
     )
     return parser
+
+
+def add_actions(parser: argparse.ArgumentParser, dest: str) -> Any:
+    """The ACTION subparsers of a command group (``migrate``, ``local``, ``audit``).
+
+    Without an action the command says which actions there are (a usage error, exit 2), instead of
+    argparse's bare "the following arguments are required: ACTION".
+    """
+    actions = parser.add_subparsers(dest=dest, metavar="ACTION")
+
+    def missing_action(_ctx: Any) -> int:
+        names = ", ".join(actions.choices)
+        raise UsageError(f"which action? one of: {names} (`{parser.prog} ACTION --help` describes each)")
+
+    parser.set_defaults(handler=missing_action)
+    return actions
 
 
 def add_backup_options(parser: argparse.ArgumentParser) -> None:

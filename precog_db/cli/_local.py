@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from precog_db.cli._context import EXIT_OK, PROG, Context, add_command
+from precog_db.cli._context import EXIT_OK, PROG, Context, add_actions, add_command
 from precog_db.environment import Environment
 from precog_db.settings import resolve_config_dir
 
@@ -18,7 +18,7 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     """Add this group's commands to ``commands``."""
     parents = list(parents)
     p = add_command(commands, "local", "a throwaway local PostgreSQL cluster under .precog/", parents=parents)
-    local = p.add_subparsers(dest="local_command", metavar="ACTION", required=True)
+    local = add_actions(p, "local_command")
     local_parents = [*parents, _root_option()]
     q = add_command(
         local,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from precog_db.cli._context import EXIT_FAILED, EXIT_OK, Context, Progress, add_backup_options, add_command
+from precog_db.cli._context import EXIT_FAILED, EXIT_OK, Context, Progress, add_actions, add_backup_options, add_command
 from precog_db.errors import UsageError
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
     parents = list(parents)
     p = add_command(commands, "migrate", "SQL migrations in migrations/ with a ledger in precog_meta", parents=parents)
     _add_migrations_dir(p, top=True)
-    migrate = p.add_subparsers(dest="migrate_command", metavar="ACTION", required=True)
+    migrate = add_actions(p, "migrate_command")
     mig_parents = [*parents, _migrations_dir_option()]
     q = add_command(migrate, "new", "create the next numbered migration file", parents=mig_parents)
     q.add_argument("name", help="what the migration does, e.g. create_markets")
