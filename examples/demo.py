@@ -74,7 +74,7 @@ def open_dev_pool() -> tuple[str, LocalCluster | None]:
     try:
         initialize_pool(settings=settings)
     except DatabaseUnavailableError as exc:
-        print(f"no dev database reachable: {exc}")
+        print(f"the configured dev database is not usable here ({exc}); using a local one instead")
     else:
         cluster = local_cluster_serving(settings.host, settings.port)
         if cluster is None:

@@ -226,7 +226,7 @@ def unavailable_error(settings: DatabaseSettings, detail: str) -> DatabaseUnavai
     return DatabaseUnavailableError(
         f"cannot connect to the {settings.describe()}: {detail}.{hint} "
         "Check that the server is running and that DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD "
-        "and DB_SSLMODE are right (`precog-db env` shows where each value came from)"
+        f"and DB_SSLMODE are right (`precog-db --env {settings.env.value} env` shows where each value came from)"
     )
 
 

@@ -237,6 +237,19 @@ def _maintenance(settings: DatabaseSettings, config: pytest.Config) -> DatabaseS
     return settings.replace(dbname=str(config.getini("precog_maintenance_db") or "postgres"))
 
 
+def _connect_maintenance(settings: DatabaseSettings, config: pytest.Config) -> Connection[Any]:
+    """The admin connection to the maintenance database; a failure says it is not the test database itself."""
+    admin = _maintenance(settings, config)
+    try:
+        return connect(admin, operation="manage test databases", verify=False, direct=True)
+    except DatabaseUnavailableError as exc:
+        raise DatabaseUnavailableError(
+            f"under pytest-xdist the plugin creates each worker's copy of the test database {settings.dbname!r} "
+            f"from the maintenance database {admin.dbname!r} (ini option precog_maintenance_db), and that failed. "
+            f"{exc}"
+        ) from None
+
+
 def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker: str, run: str) -> DatabaseSettings:
     """Build (once per run) the template and clone this worker's database from it."""
     config = session.config
@@ -245,7 +258,7 @@ def _worker_database(session: pytest.Session, settings: DatabaseSettings, worker
     marker = f"precog_db test template built from {settings.dbname} for run {run}"
     reuse, recreate = _reuse(config), _recreate(config)
     notes = config.stash.setdefault(_SUMMARY, [])
-    admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
+    admin = _connect_maintenance(settings, config)
     step = f"build the template database {template!r} from {settings.dbname!r}"
     try:
         admin.execute("SELECT pg_advisory_lock(%s)", (_lock_key(template),))
@@ -301,7 +314,7 @@ def _schema_fingerprint(settings: DatabaseSettings) -> str:
 def _drop_database(settings: DatabaseSettings, config: pytest.Config, name: str, *, marker: str | None = None) -> None:
     """Drop ``name`` (only if its comment starts with ``marker``, when given); never fails the run."""
     try:
-        admin = connect(_maintenance(settings, config), operation="manage test databases", verify=False, direct=True)
+        admin = _connect_maintenance(settings, config)
     except PrecogDBError as exc:
         log.warning("test_database_not_dropped", dbname=name, reason=str(exc))
         return

@@ -311,7 +311,7 @@ class Lending(PoolBase, ConnectionPool[Connection[Any]]):
                 try:
                     restore(conn, self._reconfigure)
                 except Exception as exc:
-                    log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
+                    log.debug("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                     conn.close()
                     if not isinstance(exc, (psycopg.Error, RestoreFailed)):
                         raise  # e.g. a job timeout raised by a signal handler: the caller must see it

@@ -400,7 +400,7 @@ class AsyncPrecogPool(PoolBase, AsyncConnectionPool[AsyncConnection[Any]]):
             try:
                 await restore(conn, self._reconfigure)
             except BaseException as exc:
-                log.info("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
+                log.debug("closing_unrestorable_connection", pool=self.name, reason=type(exc).__name__)
                 self._replace(conn, None, "unrestorable")
                 if not isinstance(exc, (psycopg.Error, RestoreFailed)):
                     raise  # a cancellation: the caller must see it

@@ -193,13 +193,18 @@ def db_cursor(db_pool: PrecogPool) -> Iterator[Cursor[dict[str, Any]]]:
 
 
 @pytest.fixture
-def clean_test_data(db_pool: PrecogPool, request: pytest.FixtureRequest) -> list[str]:
-    """Truncate the ``precog_clean_tables`` tables, children first, before the test; return them in that order.
+def clean_test_data(db_pool: PrecogPool, request: pytest.FixtureRequest) -> Iterator[list[str]]:
+    """Truncate the ``precog_clean_tables`` tables, children first, before and after the test; yield them in that order.
 
     One ``TRUNCATE … RESTART IDENTITY`` statement, so foreign keys between the
-    listed tables never get in the way. Refuses outside the test environment.
+    listed tables never get in the way. Cleaning after the test as well means a
+    row the last test of a run committed does not survive into the next run.
+    Refuses outside the test environment.
     """
-    return cast(list[str], _impl().clean_test_data(db_pool, request))
+    impl = _impl()
+    tables = cast(list[str], impl.clean_test_data(db_pool, request))
+    yield tables
+    impl.clean_test_data(db_pool, request)
 
 
 @pytest.fixture

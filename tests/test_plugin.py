@@ -272,6 +272,23 @@ class TestFixtures:
         run().assert_outcomes(passed=1)
         assert admin(pg_server, DB, "SELECT count(*) FROM parent") == [(0,)]
 
+    def test_clean_test_data_also_cleans_after_the_test(
+        self, pytester: pytest.Pytester, run: Run, pg_server: Server
+    ) -> None:
+        """A row the (last) test committed is gone when the run ends, not only when the next test starts."""
+        pytester.makeini("[pytest]\nprecog_clean_tables =\n    parent\n    public.child\n    events\n")
+        pytester.makepyfile(
+            test_commits="""
+            from precog_db import get_cursor
+
+            def test_commits_a_row(clean_test_data):
+                with get_cursor(commit=True) as cur:
+                    cur.execute("INSERT INTO parent (name) VALUES ('kept?')")
+            """
+        )
+        run().assert_outcomes(passed=1)
+        assert admin(pg_server, DB, "SELECT count(*) FROM parent") == [(0,)]
+
     def test_clean_test_data_refusals(self, pytester: pytest.Pytester, run: Run, pg_server: Server) -> None:
         """clean_test_data refuses outside test and when a referencing table is not listed, truncating nothing."""
         admin(pg_server, DB, "INSERT INTO parent (name) VALUES ('a'); INSERT INTO child (parent_id) VALUES (1)")
