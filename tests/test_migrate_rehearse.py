@@ -15,7 +15,7 @@ import pytest
 
 from precog_db.errors import BackupError
 from precog_db.migrations import RehearsalResult, rehearse
-from precog_db.migrations._rehearse import REHEARSAL_INFIX, strongest_lock
+from precog_db.migrations._rehearse import REHEARSAL_INFIX, _dump_major, strongest_lock
 from tests._helpers.cli import Workspace, workspace
 from tests._helpers.server import REPO, Server
 
@@ -335,6 +335,10 @@ class TestRehearseLocal:
         assert entries[1]["cluster"] == str(done.cluster)
         assert cluster_gone(done.cluster, int(entries[1]["cluster_port"]))
         assert any("throwaway local cluster" in line for line in told)
+        with ws.server.connect() as conn:
+            major = conn.info.server_version // 10000
+        assert _dump_major(done.backup) == major  # the archive header picks the cluster's version
+        assert f"PostgreSQL {major}" in entries[1]["cluster_server"]
         assert schema(ws, "test") == before
         assert copies(ws, "test") == []
 
@@ -354,7 +358,7 @@ class TestRehearseLocal:
         assert schema(ws, "test") == before
         assert copies(ws, "test") == []
 
-    @pytest.mark.parametrize("sig", [signal.SIGTERM])
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_interrupted_local_rehearsal_removes_its_cluster(self, ws: Workspace, sig: signal.Signals) -> None:
         """SIGTERM while a file runs in the local cluster: the process ends, the cluster is stopped and deleted."""
         import re
@@ -410,3 +414,14 @@ class TestRehearseLocal:
         entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
         assert [e["outcome"] for e in entries] == ["started", "failed"]
         assert "interrupted" in entries[1]["error"]
+
+
+def test_local_refused_without_binaries_of_the_dumps_version() -> None:
+    """A dump from a server newer than every installed one: a sentence naming the version, before anything."""
+    from precog_db.errors import MigrationError
+    from precog_db.migrations._rehearse import _local_binaries
+
+    with pytest.raises(
+        MigrationError, match=r"needs PostgreSQL 99 server binaries .* cannot load a dump into an older"
+    ):
+        _local_binaries(99)

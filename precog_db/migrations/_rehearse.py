@@ -12,6 +12,13 @@ as ``migrate up`` (`apply_migration`, the lint of `check_safety`,
 commit). The throwaway database is dropped in every case (``finally``; SIGTERM
 is turned into `KeyboardInterrupt` while it runs, in the main thread). The
 target database is only read (its stamp, its server version).
+
+With ``local=True`` the copy lives in a throwaway `LocalCluster` instead
+(`_local_copy`: a temporary directory of its own, a free port, server binaries
+of the dump's major version, else a newer one), stopped and deleted in every
+case. Where the copy lives is the only difference: `_server_copy` and
+`_local_copy` each yield the copy's settings and server, and the restore, the
+per-file apply and the report are the same code for both.
 """
 
 from __future__ import annotations
