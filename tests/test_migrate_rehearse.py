@@ -175,6 +175,10 @@ class TestRehearse:
         with ws.server.connect() as conn:
             assert name not in [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
         assert copies(ws, "test") == []
+        local = ws.run("--env", "test", "--json", "migrate", "rehearse", "--local")  # the same name, in a cluster
+        assert local.code == 0, local.err
+        assert [f["status"] for f in local.json()["files"]] == ["applied"]
+        assert not Path(local.json()["cluster"]).exists()
 
     def test_staging_needs_no_typed_confirmation_but_refuses_unacknowledged_findings(self, ws: Workspace) -> None:
         """staging: no --yes needed (the target is not changed); an unacknowledged finding is refused as by
