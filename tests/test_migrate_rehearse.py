@@ -15,7 +15,7 @@ import pytest
 
 from precog_db.errors import BackupError
 from precog_db.migrations import RehearsalResult, rehearse
-from precog_db.migrations._rehearse import REHEARSAL_INFIX, strongest_lock
+from precog_db.migrations._rehearse import REHEARSAL_INFIX, _dump_major, strongest_lock
 from tests._helpers.cli import Workspace, workspace
 from tests._helpers.server import REPO, Server
 
@@ -175,6 +175,10 @@ class TestRehearse:
         with ws.server.connect() as conn:
             assert name not in [r[0] for r in conn.execute("SELECT datname FROM pg_database").fetchall()]
         assert copies(ws, "test") == []
+        local = ws.run("--env", "test", "--json", "migrate", "rehearse", "--local")  # the same name, in a cluster
+        assert local.code == 0, local.err
+        assert [f["status"] for f in local.json()["files"]] == ["applied"]
+        assert not Path(local.json()["cluster"]).exists()
 
     def test_staging_needs_no_typed_confirmation_but_refuses_unacknowledged_findings(self, ws: Workspace) -> None:
         """staging: no --yes needed (the target is not changed); an unacknowledged finding is refused as by
@@ -290,3 +294,138 @@ def test_strongest_lock_prefers_tables_that_existed() -> None:
         "public.t",
     )
     assert strongest_lock([]) == (None, None)
+
+
+def cluster_gone(data_dir: Path, port: int) -> bool:
+    """The local cluster's files are deleted, nothing listens on its port and no process runs in its directory."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        listening = s.connect_ex(("127.0.0.1", port)) == 0
+    inside = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cwd = os.readlink(entry / "cwd")
+            except OSError:
+                continue
+            if cwd.startswith(str(data_dir)):
+                inside.append(entry.name)
+    return not data_dir.exists() and not data_dir.parent.exists() and not listening and inside == []
+
+
+@pytest.mark.slow
+class TestRehearseLocal:
+    def test_local_rehearsal_passes_target_unchanged_cluster_gone(self, ws: Workspace) -> None:
+        """--local (Python entry point): the files apply in a throwaway cluster, the target keeps its schema,
+        no copy is made on the target's server, the cluster is stopped and deleted, and the audit says local."""
+        prepared(ws)
+        ws.write_migration("0002_note.sql", "ALTER TABLE orders ADD COLUMN note text;\n")
+        before = schema(ws, "test")
+        told: list[str] = []
+        done = rehearse(
+            ws.databases["test"],
+            ws.root / "migrations",
+            backup_root=ws.root / "backups",
+            local=True,
+            notify=told.append,
+        )
+        assert [(f.file, f.status, f.lock, f.table) for f in done.files] == [
+            ("0002_note.sql", "applied", "AccessExclusiveLock", "public.orders")
+        ]
+        assert done.cluster is not None
+        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
+        assert [(e["outcome"], e["local"]) for e in entries] == [("started", True), ("ok", True)]
+        assert entries[1]["cluster"] == str(done.cluster)
+        assert cluster_gone(done.cluster, int(entries[1]["cluster_port"]))
+        assert any("throwaway local cluster" in line for line in told)
+        with ws.server.connect() as conn:
+            major = conn.info.server_version // 10000
+        assert _dump_major(done.backup) == major  # the archive header picks the cluster's version
+        assert f"PostgreSQL {major}" in entries[1]["cluster_server"]
+        assert schema(ws, "test") == before
+        assert copies(ws, "test") == []
+
+    def test_local_rehearsal_fails_on_real_data_naming_the_file(self, ws: Workspace) -> None:
+        """--local via the CLI: NOT NULL over NULLs fails in the local copy, exit 1, the file named; cluster gone."""
+        prepared(ws)
+        ws.write_migration("0002_not_null.sql", "ALTER TABLE orders ALTER COLUMN email SET NOT NULL;\n")
+        before = schema(ws, "test")
+        result = ws.run("--env", "test", "--json", "migrate", "rehearse", "--local")
+        assert result.code == 1, result.err
+        data = result.json()
+        assert data["failed"] == ["0002_not_null.sql"]
+        assert "contains null values" in data["files"][0]["error"]
+        entry = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"][-1]
+        assert entry["result"] == "failed: 0002_not_null.sql" and entry["local"] is True
+        assert cluster_gone(Path(data["cluster"]), int(entry["cluster_port"]))
+        assert schema(ws, "test") == before
+        assert copies(ws, "test") == []
+
+    @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+    def test_interrupted_local_rehearsal_removes_its_cluster(self, ws: Workspace, sig: signal.Signals) -> None:
+        """SIGTERM while a file runs in the local cluster: the process ends, the cluster is stopped and deleted."""
+        import re
+
+        import psycopg
+
+        prepared(ws)
+        ws.write_migration("0002_slow.sql", "SELECT pg_sleep(60);\nALTER TABLE orders ADD COLUMN note text;\n")
+        before = schema(ws, "test")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "precog_db", "--env", "test", "migrate", "rehearse", "--local"],
+            cwd=ws.root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            found = None
+            for _ in range(200):  # the notice naming the cluster's port and data directory (bounded)
+                line = proc.stderr.readline()
+                found = re.search(r"local cluster on 127\.0\.0\.1:(\d+) \(.*; data in (.+)\), restored", line)
+                if found or not line:
+                    break
+            assert found, proc.communicate(timeout=30)
+            port, data_dir = int(found[1]), Path(found[2])
+            sleeping = False
+            for _ in range(600):  # until the file runs in the cluster (bounded: 60 s)
+                try:
+                    with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres") as conn:
+                        row = conn.execute(
+                            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%%'"
+                        ).fetchone()
+                    sleeping = row is not None and row[0] > 0
+                except psycopg.OperationalError:
+                    sleeping = False
+                if sleeping or proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+            assert sleeping, proc.communicate(timeout=30)
+            proc.send_signal(sig)
+            _out, err = proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode != 0
+        assert "Traceback" not in err, err
+        assert cluster_gone(data_dir, port)
+        assert schema(ws, "test") == before
+        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
+        assert [e["outcome"] for e in entries] == ["started", "failed"]
+        assert "interrupted" in entries[1]["error"]
+
+
+def test_local_refused_without_binaries_of_the_dumps_version() -> None:
+    """A dump from a server newer than every installed one: a sentence naming the version, before anything."""
+    from precog_db.errors import MigrationError
+    from precog_db.migrations._rehearse import _local_binaries
+
+    with pytest.raises(
+        MigrationError, match=r"needs PostgreSQL 99 server binaries .* cannot load a dump into an older"
+    ):
+        _local_binaries(99)

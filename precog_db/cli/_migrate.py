@@ -120,9 +120,16 @@ def register(commands: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
         "in --backup-dir) into a throwaway database <db>_rehearse_<random> on the same server, apply the "
         "pending migrations there as migrate up would (lint, DB_MIGRATION_LOCK_TIMEOUT), and report per file: "
         "applied or failed, the time taken and the strongest lock it took on which table. The throwaway "
-        "database is always dropped. Exit 1 when a file fails.",
+        "database is always dropped. With --local the copy lives in a throwaway local cluster instead (its own "
+        "temporary directory and port, the dump's PostgreSQL major version), stopped and deleted afterwards. "
+        "Exit 1 when a file fails.",
     )
     q.add_argument("--target", type=int, metavar="VERSION", help="rehearse up to and including this version")
+    q.add_argument(
+        "--local",
+        action="store_true",
+        help="restore into a throwaway local cluster (initdb in a temporary directory) instead of the target's server",
+    )
     q.add_argument(
         "--backup-dir",
         default=None,
@@ -407,8 +414,10 @@ def cmd_migrate_rehearse(ctx: Context) -> int:
         backup_root=Path(root) if root else None,
         target=ctx.args.target,
         notify=ctx.notify,
+        local=ctx.args.local,
     )
-    lines = [f"rehearsal on a copy of {result.backup.name} (database {result.database}, dropped)"]
+    where = "in a throwaway local cluster, removed" if result.cluster is not None else "dropped"
+    lines = [f"rehearsal on a copy of {result.backup.name} (database {result.database}, {where})"]
     for f in result.files:
         took = f" ({f.duration_ms} ms)" if f.duration_ms is not None else ""
         lock = f"; strongest lock: {f.lock} on {f.table}" if f.lock else ""
@@ -426,6 +435,7 @@ def cmd_migrate_rehearse(ctx: Context) -> int:
         {
             "backup": str(result.backup),
             "database": result.database,
+            "cluster": str(result.cluster) if result.cluster is not None else None,
             "files": [f.as_dict() for f in result.files],
             "failed": failed,
         },

@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 
 from precog_db.errors import LocalClusterError
-from precog_db.local.binaries import find_server_binaries, has_server, is_root
+from precog_db.local.binaries import ServerBinaries, find_server_binaries, has_server, is_root
 
 __all__ = [
     "LocalCluster",
@@ -85,6 +85,8 @@ class LocalCluster:
 
     root: Path
     server_options: dict[str, str] = field(default_factory=dict)
+    #: The binaries a new cluster is created with (None: `find_server_binaries` decides); ignored once it exists.
+    binaries: ServerBinaries | None = None
     _state: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     recovered: str | None = field(default=None, init=False, repr=False)
 
@@ -98,6 +100,11 @@ class LocalCluster:
                 raise LocalClusterError(
                     f"{state_file} is damaged; delete {self.root} to start over (this deletes local data)"
                 ) from None
+        if self.binaries is not None and "bindir" not in self._state:
+            found = self.binaries
+            self._state.update(
+                bindir=str(found.bindir), kind=found.kind, found_by=found.found_by, server=found.describe()
+            )
 
     # -- paths and identity ----------------------------------------------------
 

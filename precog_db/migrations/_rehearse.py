@@ -12,6 +12,13 @@ as ``migrate up`` (`apply_migration`, the lint of `check_safety`,
 commit). The throwaway database is dropped in every case (``finally``; SIGTERM
 is turned into `KeyboardInterrupt` while it runs, in the main thread). The
 target database is only read (its stamp, its server version).
+
+With ``local=True`` the copy lives in a throwaway `LocalCluster` instead
+(`_local_copy`: a temporary directory of its own, a free port, server binaries
+of the dump's major version, else a newer one), stopped and deleted in every
+case. Where the copy lives is the only difference: `_server_copy` and
+`_local_copy` each yield the copy's settings and server, and the restore, the
+per-file apply and the report are the same code for both.
 """
 
 from __future__ import annotations
@@ -109,6 +116,8 @@ class RehearsalResult:
     #: The throwaway database (dropped by the time this is returned).
     database: str
     files: list[RehearsedFile]
+    #: With ``local=True``: the throwaway local cluster's data directory (stopped and deleted by now).
+    cluster: Path | None = None
 
     @property
     def failed(self) -> list[RehearsedFile]:
@@ -162,6 +171,7 @@ def rehearse(
     backup_root: Path | None = None,
     target: int | None = None,
     notify: Callable[[str], None] | None = None,
+    local: bool = False,
 ) -> RehearsalResult:
     """Apply the pending migrations of ``directory`` to a restored copy of ``settings``' database; report per file.
 
@@ -197,38 +207,149 @@ def rehearse(
             )
         dump, _entries = found
         copy = settings.replace(dbname=_copy_name(settings.dbname), application_name="precog-db migrate rehearse")
-        info.update(backup=str(dump), database=copy.dbname)
+        info.update(backup=str(dump), database=copy.dbname, local=local)
         audit.record(
             "migrate rehearse",
             outcome="started",
             settings=settings,
             backup=str(dump),
             database=copy.dbname,
+            local=local,
             migrations_dir=str(directory),
         )
-        tell(f"rehearsing on {copy.dbname}, restored from {dump}")
+        if not local:
+            tell(f"rehearsing on {copy.dbname}, restored from {dump}")
         results: list[RehearsedFile] = []
         with _sigterm_interrupts():
-            # Set before CREATE DATABASE: an interrupt right after the server made it still drops it (IF EXISTS).
-            created = True
             try:
-                try:
-                    _create(settings, copy.dbname, pin)
-                except psycopg.errors.DuplicateDatabase:
-                    created = False  # not ours: never dropped
-                    raise MigrationError(
-                        f"a database named {copy.dbname} exists already, so no rehearsal copy was made; run the "
-                        "rehearsal again (the name is random)"
-                    ) from None
-                restore_copy(copy, dump, server_major=major, pin=pin)
-                _apply_all(copy, pin, directory, files, target, env, info, tell, results)
+                place = _local_copy(copy, dump, tell) if local else _server_copy(settings, copy, pin, major)
+                with place as (where, where_pin, where_major, facts):
+                    info.update(facts)
+                    restore_copy(where, dump, server_major=where_major, pin=where_pin)
+                    _apply_all(where, where_pin, directory, files, target, env, info, tell, results)
             finally:
                 info["files"] = [r.as_dict() for r in results]
-                if created:
-                    _drop(settings, copy.dbname, pin)
         failed = [r.file for r in results if r.status == "failed"]
         info["result"] = f"failed: {', '.join(failed)}" if failed else f"passed: {len(results)} file(s) applied"
-    return RehearsalResult(dump, copy.dbname, results)
+    return RehearsalResult(dump, copy.dbname, results, Path(info["cluster"]) if local else None)
+
+
+#: Where the copy lives: its settings, the `Pin` of its server, that server's major version, and facts for the audit.
+_Where = tuple[DatabaseSettings, Any, int, dict[str, Any]]
+
+
+@contextlib.contextmanager
+def _server_copy(settings: DatabaseSettings, copy: DatabaseSettings, pin: Any, major: int) -> Iterator[_Where]:
+    """A throwaway database on the target's own server, dropped on the way out (also when interrupted)."""
+    # Set before CREATE DATABASE: an interrupt right after the server made it still drops it (IF EXISTS).
+    created = True
+    try:
+        try:
+            _create(settings, copy.dbname, pin)
+        except psycopg.errors.DuplicateDatabase:
+            created = False  # not ours: never dropped
+            raise MigrationError(
+                f"a database named {copy.dbname} exists already, so no rehearsal copy was made; run the "
+                "rehearsal again (the name is random)"
+            ) from None
+        yield copy, pin, major, {}
+    finally:
+        if created:
+            _drop(settings, copy.dbname, pin)
+
+
+def _dump_major(dump: Path) -> int | None:
+    """The major version of the server ``dump`` was taken from (its archive header), None if unreadable."""
+    import re
+    import subprocess
+
+    from precog_db.backup import find_tool
+
+    try:
+        listing = subprocess.run(
+            [str(find_tool("pg_restore", 1)), "--list", str(dump)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired, BackupError):
+        return None
+    found = re.search(r"Dumped from database version: (\d+)", listing)
+    return int(found[1]) if found else None
+
+
+def _local_binaries(dump_major: int | None) -> Any:
+    """Server binaries of the dump's major version, else a newer one; a clear error when neither exists."""
+    from precog_db.errors import LocalClusterError
+    from precog_db.local.binaries import find_server_binaries, server_major
+
+    if dump_major is None:
+        return find_server_binaries()
+    try:
+        return find_server_binaries(major=dump_major)
+    except LocalClusterError as exact:
+        try:
+            other = find_server_binaries()
+        except LocalClusterError:
+            other = None
+        newer = other is not None and (server_major(other.bindir) or 0) > dump_major
+        if newer:
+            return other
+        have = f"; the only server found is PostgreSQL {server_major(other.bindir)}" if other is not None else ""
+        raise MigrationError(
+            f"a local rehearsal needs PostgreSQL {dump_major} server binaries (the backup was dumped from "
+            f"PostgreSQL {dump_major}, and pg_restore cannot load a dump into an older server){have}. Install "
+            f"PostgreSQL {dump_major} (e.g. `apt-get install postgresql-{dump_major}`) or set PRECOG_PG_BINDIR to "
+            f"its bin directory, or rehearse on the target's server without --local. Nothing was created "
+            f"({exact})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _local_copy(copy: DatabaseSettings, dump: Path, tell: Callable[[str], None]) -> Iterator[_Where]:
+    """A throwaway local cluster (own temporary directory, free port) holding the copy; stopped and deleted after."""
+    import tempfile
+
+    from precog_db.connection import Pin
+    from precog_db.local.cluster import SUPERUSER, LocalCluster
+
+    dump_major = _dump_major(dump)
+    binaries = _local_binaries(dump_major)
+    cluster = LocalCluster(Path(tempfile.mkdtemp(prefix="precog-rehearse-")), binaries=binaries)
+    try:
+        cluster.init()
+        cluster.start()
+        major = int((cluster.data_dir / "PG_VERSION").read_text().strip())
+        cluster.create_database(copy.dbname, template="template0")
+        where = copy.replace(
+            host=cluster.host,
+            port=cluster.port,
+            user=SUPERUSER,
+            password="",
+            password_file="",
+            passfile="",
+            password_provider=None,
+            sslmode="disable",
+            pooler="none",
+            direct_host="",
+            target_session_attrs="any",
+            replica_hosts=(),
+        )
+        tell(
+            f"rehearsing on {copy.dbname} in a throwaway local cluster on {cluster.host}:{cluster.port} "
+            f"({cluster.source}; data in {cluster.data_dir}), restored from {dump}"
+        )
+        facts = {"cluster": str(cluster.data_dir), "cluster_server": cluster.source, "cluster_port": cluster.port}
+        yield where, Pin(cluster.host, cluster.port, cluster.host), major, facts
+    finally:
+        data_dir = cluster.data_dir
+        cluster.destroy()
+        if data_dir.exists() or cluster.root.exists():
+            raise MigrationError(
+                f"the rehearsal's local cluster could not be removed completely; stop it "
+                f"(pg_ctl stop -D {data_dir}) and delete {data_dir.parent} and {cluster.root}"
+            )
 
 
 def _create(settings: DatabaseSettings, name: str, pin: Any) -> None:
