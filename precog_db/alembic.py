@@ -118,6 +118,19 @@ def _alembic_wording(exc: PrecogDBError) -> PrecogDBError:
     return type(exc)(text)
 
 
+def _render_offline(context: Any, target_metadata: Any, configure: dict[str, Any]) -> None:
+    """``--sql``: render the pending revisions as PostgreSQL SQL on stdout; nothing connects."""
+    context.configure(
+        dialect_name="postgresql",
+        target_metadata=target_metadata,
+        literal_binds=True,
+        dialect_opts={"paramstyle": "named"},
+        **configure,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
 def run_migrations(context: Any, *, target_metadata: Any = None, **configure: Any) -> None:
     """Run the Alembic migrations of ``context`` (``from alembic import context``) against the resolved environment.
 
@@ -126,15 +139,7 @@ def run_migrations(context: Any, *, target_metadata: Any = None, **configure: An
     """
     if os.environ.get(_RENDER_VAR) == "1" and context.is_offline_mode():
         # The lint's own `--sql` process (`_lint_revisions`): only the SQL on stdout; offline, nothing connects.
-        context.configure(
-            dialect_name="postgresql",
-            target_metadata=target_metadata,
-            literal_binds=True,
-            dialect_opts={"paramstyle": "named"},
-            **configure,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+        _render_offline(context, target_metadata, configure)
         return
     command, revision = _command(context)
     offline = bool(context.is_offline_mode())
@@ -161,15 +166,7 @@ def run_migrations(context: Any, *, target_metadata: Any = None, **configure: An
             sys.stderr.flush()
         if offline:
             confirmation = "not required (--sql: nothing is run)"
-            context.configure(
-                dialect_name="postgresql",
-                target_metadata=target_metadata,
-                literal_binds=True,
-                dialect_opts={"paramstyle": "named"},
-                **configure,
-            )
-            with context.begin_transaction():
-                context.run_migrations()
+            _render_offline(context, target_metadata, configure)
         else:
             # Every check that needs no connection, before the prompt: PRECOG_PROD_CONFIRMED first.
             check_target(settings, operation=operation)
