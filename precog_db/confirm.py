@@ -74,10 +74,12 @@ def require_confirmation(
     stdin: TextIO | None = None,
     prompt_to: TextIO | None = None,
     environ: Mapping[str, str] | None = None,
+    typed_only: bool = False,
 ) -> str:
     """Demand the confirmation ``action`` on ``settings`` needs; return how it was given (for the audit log).
 
-    Call this only for destructive or schema-changing actions. Raises
+    ``typed_only``: ``yes`` (``--yes``) is not enough on staging either, as on prod
+    (the guarded console's ``--write``). Call this only for destructive or schema-changing actions. Raises
     `ConfirmationError` (or `ProductionAccessError` without
     ``PRECOG_PROD_CONFIRMED=yes``) when the confirmation is missing or wrong.
     """
@@ -99,13 +101,17 @@ def require_confirmation(
         given.append("--confirm-database")
         return " + ".join(given)
 
-    if settings.env is not Environment.PROD and yes:
+    if settings.env is not Environment.PROD and yes and not typed_only:
         given.append("--yes")
         return " + ".join(given)
 
     if not _is_tty(source):
-        if settings.env is Environment.PROD:
-            hint = "--yes is not enough for production. " if yes else ""
+        if settings.env is Environment.PROD or typed_only:
+            hint = (
+                f"--yes is not enough {'for production' if settings.env is Environment.PROD else 'here'}. "
+                if yes
+                else ""
+            )
             raise ConfirmationError(
                 f"refusing to {action} on the {settings.describe()} without a typed confirmation. "
                 f"{hint}There is no terminal to type the name at, so pass --confirm-database {name}; "
@@ -136,6 +142,7 @@ def confirmation(
     confirm_database: str | None = None,
     stdin: TextIO | None = None,
     prompt_to: TextIO | None = None,
+    typed_only: bool = False,
 ) -> str:
     """The confirmation a destructive or schema-changing ``action`` needs; how it was given (for the audit log).
 
@@ -145,5 +152,11 @@ def confirmation(
     if settings.env not in STRICT and not always:
         return "not required"
     return require_confirmation(
-        settings, action, yes=yes, confirm_database=confirm_database, stdin=stdin, prompt_to=prompt_to
+        settings,
+        action,
+        yes=yes,
+        confirm_database=confirm_database,
+        stdin=stdin,
+        prompt_to=prompt_to,
+        typed_only=typed_only,
     )

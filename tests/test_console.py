@@ -104,6 +104,15 @@ class TestSql:
         missing = ws.run("--env", "staging", "sql", "--write", "insert into t values (1)")
         assert missing.code == 1 and "--confirm-database" in missing.err
         assert ws.query("staging", "select count(*) from t") == [(0,)]
+        # --yes is not the typed confirmation: refused on staging too, nothing written
+        yes = ws.run("--env", "staging", "--yes", "sql", "--write", "insert into t values (1)")
+        assert yes.code == 1 and "--yes is not enough here" in yes.err, yes.err
+        assert ws.query("staging", "select count(*) from t") == [(0,)]
+        named = ws.run(
+            "--env", "staging", "--confirm-database", settings.dbname, "sql", "--write", "insert into t values (2)"
+        )
+        assert named.code == 0, named.err
+        execute(ws, "staging", "DELETE FROM t")
         with tty_stdin(settings.dbname + "\n") as stdin:
             typed = ws.run("--env", "staging", "sql", "--write", "insert into t values (1)", stdin=stdin)
         assert typed.code == 0, typed.err

@@ -57,7 +57,7 @@ def _confirmation(ctx: Context, write: bool, action: str) -> str:
     settings = ctx.settings()
     if not write:
         return "not required (read-only)"
-    return ctx.confirm(settings, action) if settings.env in STRICT else "not required"
+    return ctx.confirm(settings, action, typed_only=True) if settings.env in STRICT else "not required"
 
 
 def _cell(value: Any) -> str:

@@ -219,15 +219,18 @@ class Context:
         self.stderr.write(banner(settings, action, colour=use_colour(self.stderr)) + "\n")
         self.stderr.flush()
 
-    def confirm(self, settings: DatabaseSettings, action: str, *, always: bool = False) -> str:
+    def confirm(
+        self, settings: DatabaseSettings, action: str, *, always: bool = False, typed_only: bool = False
+    ) -> str:
         """The typed confirmation a destructive/schema-changing ``action`` needs; how it was given.
 
-        dev and test need none unless ``always`` (restore).
+        dev and test need none unless ``always`` (restore); ``typed_only``: ``--yes`` is not enough on staging either.
         """
         return confirmation(
             settings,
             action,
             always=always,
+            typed_only=typed_only,
             yes=bool(self.args.yes),
             confirm_database=self.args.confirm_database,
             stdin=self.stdin,
