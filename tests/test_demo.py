@@ -49,12 +49,12 @@ def stop_command(stdout: str) -> list[str]:
 class TestDemo:
     def test_demo_starts_local_cluster_and_keeps_data(self, workdir: Path) -> None:
         """With no reachable dev database the demo starts a local cluster, runs the service, and reuses it next time."""
-        # A stale generated file pointing at a port where nothing listens: "no dev database reachable".
+        # A stale generated file pointing at a port where nothing listens: the demo says it is not usable.
         (workdir / "config").mkdir()
         (workdir / "config" / ".env.dev").write_text(f"{MARKER}\nDB_HOST=127.0.0.1\nDB_PORT={free_port()}\n")
         first = run_demo(workdir)
         assert first.returncode == 0, first.stdout + first.stderr
-        assert "no dev database reachable" in first.stdout
+        assert "the configured dev database is not usable here" in first.stdout
         assert "using the local cluster" in first.stdout and "PostgreSQL binaries in" in first.stdout
         assert "recorded fill #5" in first.stdout
         env_dev = (workdir / "config" / ".env.dev").read_text()
