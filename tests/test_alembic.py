@@ -43,14 +43,20 @@ def downgrade():
 '''
 
 
+def alembic_project(root: Path) -> Path:
+    """An Alembic project in ``root`` (alembic.ini, an env.py on precog_db, revision a1); return its versions dir."""
+    (root / "alembic.ini").write_text("[alembic]\nscript_location = migrations\n")
+    versions = root / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    (root / "migrations" / "env.py").write_text(ENV_PY)
+    (versions / "a1_create_markets.py").write_text(REVISION)
+    return versions
+
+
 @pytest.fixture
 def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
     with workspace(pg_server, tmp_path, monkeypatch) as w:
-        (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = migrations\n")
-        versions = tmp_path / "migrations" / "versions"
-        versions.mkdir(parents=True)
-        (tmp_path / "migrations" / "env.py").write_text(ENV_PY)
-        (versions / "a1_create_markets.py").write_text(REVISION)
+        alembic_project(tmp_path)
         yield w
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests._helpers.cli import Workspace, workspace
 from tests._helpers.server import Server
-from tests.test_alembic import ENV_PY, REVISION, alembic
+from tests.test_alembic import alembic, alembic_project
 
 INDEX = '''\
 """index on markets.symbol"""
@@ -52,11 +52,7 @@ def downgrade():
 @pytest.fixture
 def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
     with workspace(pg_server, tmp_path, monkeypatch) as w:
-        (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = migrations\n")
-        versions = tmp_path / "migrations" / "versions"
-        versions.mkdir(parents=True)
-        (tmp_path / "migrations" / "env.py").write_text(ENV_PY)
-        (versions / "a1_create_markets.py").write_text(REVISION)
+        alembic_project(tmp_path)
         yield w
 
 

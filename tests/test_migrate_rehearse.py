@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,51 @@ def copies(ws: Workspace, env: str) -> list[str]:
     with ws.server.connect() as conn:
         rows = conn.execute("SELECT datname FROM pg_database WHERE starts_with(datname, %s)", (prefix,)).fetchall()
     return [str(r[0]) for r in rows]
+
+
+@contextlib.contextmanager
+def rehearsal_process(ws: Workspace, *extra: str) -> Iterator[subprocess.Popen[str]]:
+    """``precog-db --env test migrate rehearse`` in a subprocess; killed if the test leaves it running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "precog_db", "--env", "test", "migrate", "rehearse", *extra],
+        cwd=ws.root,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def signal_when_running(
+    proc: subprocess.Popen[str], running: Callable[[], bool], sig: signal.Signals, *, timeout: float
+) -> str:
+    """Send ``sig`` once ``running()`` says the slow file runs (polled, bounded: 60 s); return the process's stderr."""
+    seen = False
+    for _ in range(600):
+        seen = running()
+        if seen or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert seen, proc.communicate(timeout=30)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=timeout)
+    return err
+
+
+def assert_interrupted(ws: Workspace, proc: subprocess.Popen[str], err: str, before: object) -> None:
+    """The interrupted rehearsal failed without a traceback, left the target as it was, and audited the interrupt."""
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert schema(ws, "test") == before
+    entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
+    assert [e["outcome"] for e in entries] == ["started", "failed"]
+    assert "interrupted" in entries[1]["error"]
 
 
 def schema(ws: Workspace, env: str) -> list[tuple[object, ...]]:
@@ -244,45 +290,21 @@ class TestRehearse:
         prepared(ws)
         ws.write_migration("0002_slow.sql", "SELECT pg_sleep(60);\nALTER TABLE orders ADD COLUMN note text;\n")
         before = schema(ws, "test")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "precog_db", "--env", "test", "migrate", "rehearse"],
-            cwd=ws.root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            prefix = ws.databases["test"].dbname + REHEARSAL_INFIX
-            sleeping = False
-            for _ in range(600):  # until the file is running on the copy (bounded: 60 s)
-                with ws.server.connect() as conn:
-                    rows = conn.execute(
-                        "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
-                        "AND query LIKE 'SELECT pg_sleep(60)%%'",
-                        (prefix,),
-                    ).fetchone()
-                if rows is not None and rows[0] > 0:
-                    sleeping = True
-                    break
-                if proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert sleeping, proc.communicate(timeout=30)
-            proc.send_signal(sig)
-            _out, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode != 0
-        assert "Traceback" not in err, err
+        prefix = ws.databases["test"].dbname + REHEARSAL_INFIX
+
+        def running() -> bool:
+            with ws.server.connect() as conn:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE starts_with(datname, %s) "
+                    "AND query LIKE 'SELECT pg_sleep(60)%%'",
+                    (prefix,),
+                ).fetchone()
+            return row is not None and row[0] > 0
+
+        with rehearsal_process(ws) as proc:
+            err = signal_when_running(proc, running, sig, timeout=60)
+        assert_interrupted(ws, proc, err, before)
         assert copies(ws, "test") == []
-        assert schema(ws, "test") == before
-        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
-        assert [e["outcome"] for e in entries] == ["started", "failed"]
-        assert "interrupted" in entries[1]["error"]
 
 
 def test_strongest_lock_prefers_tables_that_existed() -> None:
@@ -372,16 +394,7 @@ class TestRehearseLocal:
         prepared(ws)
         ws.write_migration("0002_slow.sql", "SELECT pg_sleep(60);\nALTER TABLE orders ADD COLUMN note text;\n")
         before = schema(ws, "test")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "precog_db", "--env", "test", "migrate", "rehearse", "--local"],
-            cwd=ws.root,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with rehearsal_process(ws, "--local") as proc:
             assert proc.stderr is not None
             found = None
             for _ in range(200):  # the notice naming the cluster's port and data directory (bounded)
@@ -391,33 +404,20 @@ class TestRehearseLocal:
                     break
             assert found, proc.communicate(timeout=30)
             port, data_dir = int(found[1]), Path(found[2])
-            sleeping = False
-            for _ in range(600):  # until the file runs in the cluster (bounded: 60 s)
+
+            def running() -> bool:
                 try:
                     with psycopg.connect(f"host=127.0.0.1 port={port} user=postgres dbname=postgres") as conn:
                         row = conn.execute(
                             "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(60)%%'"
                         ).fetchone()
-                    sleeping = row is not None and row[0] > 0
+                    return row is not None and row[0] > 0
                 except psycopg.OperationalError:
-                    sleeping = False
-                if sleeping or proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-            assert sleeping, proc.communicate(timeout=30)
-            proc.send_signal(sig)
-            _out, err = proc.communicate(timeout=90)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode != 0
-        assert "Traceback" not in err, err
+                    return False
+
+            err = signal_when_running(proc, running, sig, timeout=90)
+        assert_interrupted(ws, proc, err, before)
         assert cluster_gone(data_dir, port)
-        assert schema(ws, "test") == before
-        entries = [e for e in ws.audit_entries() if e["operation"] == "migrate rehearse"]
-        assert [e["outcome"] for e in entries] == ["started", "failed"]
-        assert "interrupted" in entries[1]["error"]
 
 
 def test_local_refused_without_binaries_of_the_dumps_version() -> None:
