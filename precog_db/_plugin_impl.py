@@ -27,7 +27,7 @@ from precog_db.errors import DatabaseUnavailableError, EnvironmentNotAllowedErro
 from precog_db.gates import current_environments
 from precog_db.log import get_logger
 from precog_db.migrations import read_ledger
-from precog_db.plugin import _PATCH, _SUMMARY, _TARGET
+from precog_db.plugin import _PATCH, _SUMMARY, _TARGET, _reuse, _workerinput
 from precog_db.pool import PrecogPool, close_pool, initialize_pool
 from precog_db.settings import DatabaseSettings, environment_resolution, load_settings
 from precog_db.stamp import stamp_database
@@ -40,17 +40,8 @@ log = get_logger()  # stderr, or the application's structlog: see precog_db.log
 _MAX_IDENT = 63
 
 
-def _reuse(config: pytest.Config) -> bool:
-    return bool(config.getoption("precog_reuse_db") or config.getini("precog_reuse_db"))
-
-
 def _recreate(config: pytest.Config) -> bool:
     return bool(config.getoption("precog_create_db"))
-
-
-def _workerinput(config: pytest.Config) -> Mapping[str, Any] | None:
-    value = getattr(config, "workerinput", None)
-    return value if isinstance(value, Mapping) else None
 
 
 # --- the guard --------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from __future__ import annotations
 import importlib
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -62,6 +62,15 @@ _TARGET: pytest.StashKey[DatabaseSettings] = pytest.StashKey()
 _SUMMARY = pytest.StashKey[list[str]]()
 _TEMPLATES = pytest.StashKey[dict[str, str]]()
 _PATCH = pytest.StashKey[pytest.MonkeyPatch]()
+
+
+def _reuse(config: pytest.Config) -> bool:
+    return bool(config.getoption("precog_reuse_db") or config.getini("precog_reuse_db"))
+
+
+def _workerinput(config: pytest.Config) -> Mapping[str, Any] | None:
+    value = getattr(config, "workerinput", None)
+    return value if isinstance(value, Mapping) else None
 
 
 def _impl() -> ModuleType:
@@ -158,12 +167,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if isinstance(workeroutput, dict):
         summary: list[str] = config.stash.get(_SUMMARY, [])
         workeroutput["precog_summary"] = list(summary)
-        workerinput = getattr(config, "workerinput", None)
-        workeroutput["workerid"] = workerinput.get("workerid", "?") if isinstance(workerinput, dict) else "?"
+        workeroutput["workerid"] = (_workerinput(config) or {}).get("workerid", "?")
         return
     templates: dict[str, str] = config.stash.get(_TEMPLATES, {})
-    reuse = config.getoption("precog_reuse_db") or config.getini("precog_reuse_db")
-    if templates and not reuse:
+    if templates and not _reuse(config):
         _impl().drop_templates(config, templates)
 
 
