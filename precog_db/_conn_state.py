@@ -68,7 +68,7 @@ class ConnState:
         self.lent: float | None = None
         #: The pool that opened it only keeps writers (a hot standby is not lent).
         self.writer = True
-        #: (socket, poll object) for the zero-round-trip liveness check.
+        #: (socket, its `precog_db._readable.poller_for` check) for the zero-round-trip liveness check.
         self.poller: tuple[int, Any] | None = None
 
 

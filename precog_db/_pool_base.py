@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 from collections.abc import Callable, Iterator
 from time import monotonic
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,6 +39,7 @@ from psycopg_pool import PoolTimeout
 from precog_db import audit
 from precog_db._compat import AttemptWithBackoff
 from precog_db._conn_state import ConnState
+from precog_db._readable import poller_for
 from precog_db.connection import check_target, connection_kwargs, failure_reason, reply_timeout
 from precog_db.environment import Environment
 from precog_db.errors import (
@@ -72,8 +72,6 @@ MAX_RECONNECT_DELAY = 5.0
 #: The same with several DB_HOST entries: the standby being promoted is found within this time.
 FAILOVER_RECONNECT_DELAY = 1.0
 
-_HAS_POLL = hasattr(select, "poll")
-_POLL_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 _OK = ConnStatus.OK
 _HOT_STANDBY = b"in_hot_standby"
 _ON = b"on"
@@ -102,8 +100,9 @@ def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
     An idle PostgreSQL connection receives nothing unsolicited unless the
     server is closing it (terminate, restart, idle timeout) or a NOTIFY
     arrived; either way the connection is not safe to hand out as it is.
-    The poll object is kept on the connection (its socket never changes),
-    which saves building and registering one on every checkout.
+    The check (`precog_db._readable`: a zero-timeout ``poll`` that keeps the
+    GIL, so a checkout never hands the GIL to another thread) is built once
+    per socket and kept on the connection.
     """
     pgconn = conn.pgconn
     if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
@@ -113,15 +112,12 @@ def connection_is_usable(conn: Connection[Any] | AsyncConnection[Any]) -> bool:
         return False  # `precog_db.topology.cannot_write`, inlined: this runs on every checkout
     try:
         fd = pgconn.socket
-        if not _HAS_POLL:
-            return not select.select([fd], [], [], 0)[0]
         poller = None if st is None else st.poller
         if poller is None or poller[0] != fd:
-            poller = (fd, select.poll())
-            poller[1].register(fd, _POLL_MASK)
+            poller = (fd, poller_for(fd))
             if st is not None:
                 st.poller = poller
-        return not poller[1].poll(0)
+        return not poller[1]()
     except (psycopg.OperationalError, OSError, ValueError, RuntimeError):
         return False
 
