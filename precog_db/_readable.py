@@ -19,6 +19,7 @@ ctypes or ``poll`` is missing (Windows, a stripped interpreter) it falls back to
 
 from __future__ import annotations
 
+import functools
 import select
 from collections.abc import Callable
 from typing import Any
@@ -52,27 +53,27 @@ def _libc_poll() -> tuple[Any, type[Any], Any, Any] | None:
 _LIBC = _libc_poll()
 
 
-def poller_for(fd: int) -> Callable[[], bool]:
-    """A check, without blocking, of whether ``fd`` has data, end of file or an error waiting (True).
+def poller_for(fd: int) -> Callable[[], object]:
+    """A check, without blocking, of whether ``fd`` has data, end of file or an error waiting (a true result).
 
-    Build it once per socket and keep it: the check itself is one C call.
-    A ``poll`` that fails (-1, e.g. a file descriptor closed under it) counts as
-    something waiting: the caller treats the connection as unusable.
+    Build it once per socket and keep it: the check itself is one C call, with
+    no Python frame (a `functools.partial` of the C function). A ``poll`` that
+    fails (-1, e.g. a file descriptor closed under it) is true too: the caller
+    treats the connection as unusable.
     """
     if _LIBC is not None:
         poll, pollfd_type, one, zero = _LIBC
         import ctypes
 
-        pollfd = pollfd_type(fd, READABLE_MASK, 0)
-        ref = ctypes.byref(pollfd)  # holds pollfd alive as long as the check exists
-
-        def readable() -> bool:
-            answer: int = poll(ref, one, zero)
-            return answer != 0
-
-        return readable
+        # byref keeps the struct alive as long as the check exists.
+        return functools.partial(poll, ctypes.byref(pollfd_type(fd, READABLE_MASK, 0)), one, zero)
     if _HAS_POLL:
         poller = select.poll()
         poller.register(fd, READABLE_MASK)
-        return lambda: bool(poller.poll(0))
-    return lambda: bool(select.select([fd], [], [], 0)[0])
+        return functools.partial(poller.poll, 0)
+    return functools.partial(_select_readable, fd)
+
+
+def _select_readable(fd: int) -> list[Any]:
+    readable: list[Any] = select.select([fd], [], [], 0)[0]
+    return readable
