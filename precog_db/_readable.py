@@ -6,10 +6,10 @@ system call, even with a zero timeout; when other threads are waiting for the
 GIL that release hands it to one of them, and the lending thread queues for
 it again in the middle of its checkout. Under contention each such hand-off
 costs two context switches and leaves the GIL idle while the next thread
-wakes up: one extra release per operation halved the throughput of eight
-threads in the profile of docs/PERFORMANCE.md ("Where the time goes under
-contention"). A zero-timeout poll never blocks, so holding the GIL through it
-costs nothing.
+wakes up: one extra release per read cut the throughput of eight threads by
+more than half in the profile of docs/PERFORMANCE.md ("Under contention",
+"Where the time goes"). A zero-timeout poll never blocks, so holding the GIL
+through it costs only the system call.
 
 `poller_for` calls libc's ``poll`` through `ctypes.PyDLL`, which keeps the
 GIL during the call, on a ``struct pollfd`` built once per socket. Where
