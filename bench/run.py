@@ -209,6 +209,17 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "met": value is not None and value >= 1.5,
         }
     )
+    precog_cpu = cell("pk", 1, "precog").get("client_cpu_us_per_op")
+    bare_cpu = cell("pk", 1, "bare_dict").get("client_cpu_us_per_op")
+    over = None if precog_cpu is None or bare_cpu is None else round(precog_cpu - bare_cpu, 1)
+    out.append(
+        {
+            "target": "client CPU per get_cursor() PK read over the bare connection's, 1 thread (us)",
+            "value": over,
+            "wanted": f"<= 15 (bare: {bare_cpu})",
+            "met": over is not None and over <= 15,
+        }
+    )
     rts = report.get("round_trips", {})
     commit_rt = rts.get("precog_commit", {}).get("insert")
     tx_rt = rts.get("bare_tx", {}).get("insert")
@@ -231,6 +242,19 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": value,
                 "wanted": f">= 0.8 (for reference, bare connections, one per thread: {reference})",
                 "met": value is not None and value >= 0.8,
+            }
+        )
+        peers = {
+            name: _paired(cell64.get("qps_rounds", []), cell("pk", top, name).get("qps_rounds", []))
+            for name in ("psycopg_pool", "psycopg2", "asyncpg")
+            if cell("pk", top, name)
+        }
+        out.append(
+            {
+                "target": f"get_cursor() PK read, {top} threads on {C.POOL_SIZE} connections, vs each peer's pool",
+                "value": peers,
+                "wanted": "> 1 against every peer",
+                "met": bool(peers) and all(v is not None and v > 1 for v in peers.values()),
             }
         )
         out.append(
