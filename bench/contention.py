@@ -10,6 +10,8 @@ add one piece of `get_cursor()` at a time to a bare connection:
   connection (the checkout and checkin, no statement);
 * ``held+sleep0``: ``held`` plus one ``time.sleep(0)`` per read, i.e. one extra release of
   the GIL and nothing else;
+* ``held+py300`` / ``held+py1100``: ``held`` plus an empty loop of 300 / 1,100 iterations per
+  read (about 2 / 7 µs of pure Python on the development VM): where the GIL's knee is;
 * ``get_cursor``: what a service runs.
 
 Each is reported as ops/s, the median over rounds of its ratio to ``bare`` in the
@@ -130,6 +132,19 @@ def main(argv: list[str] | None = None) -> int:
 
             return op
 
+        def m_held_python(loops: int) -> Maker:
+            def make(i: int) -> Op:
+                inner = m_held(i)
+
+                def op(rng: random.Random) -> None:
+                    for _ in range(loops):  # pure Python, no call that releases the GIL
+                        pass
+                    inner(rng)
+
+                return op
+
+            return make
+
         def m_get_cursor(i: int) -> Op:
             def op(rng: random.Random) -> None:
                 with get_cursor() as cur:
@@ -143,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             "held": m_held,
             "held+block": m_held_block,
             "held+sleep0": m_held_sleep0,
+            "held+py300": m_held_python(300),  # about 2 us of Python per read on the development VM
+            "held+py1100": m_held_python(1100),  # about 7 us
             "get_cursor": m_get_cursor,
         }
         qps: dict[str, list[float]] = {k: [] for k in variants}
