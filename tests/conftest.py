@@ -26,6 +26,7 @@ from precog_db import close_pool
 from precog_db.errors import PrecogDBError
 from precog_db.local.binaries import find_server_binaries
 from precog_db.settings import DatabaseSettings
+from tests._helpers.cli import Workspace, workspace
 from tests._helpers.server import TEST_DB, Server, start_throwaway_cluster
 
 _CLEARED_PREFIXES = ("DB_", "PRECOG_")
@@ -127,3 +128,10 @@ def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]
     close_pool()
     yield
     close_pool()
+
+
+@pytest.fixture
+def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
+    """A CLI workspace in ``tmp_path`` on the session's server; every database it made is dropped afterwards."""
+    with workspace(pg_server, tmp_path, monkeypatch) as w:
+        yield w

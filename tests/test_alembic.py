@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from precog_db.environment import Environment
 from precog_db.stamp import stamp_database
-from tests._helpers.cli import SENTINEL, Result, Workspace, workspace
-from tests._helpers.server import REPO, Server
+from tests._helpers.cli import SENTINEL, Result, Workspace
+from tests._helpers.server import REPO
 
 ENV_PY = """\
 from alembic import context
@@ -54,10 +53,10 @@ def alembic_project(root: Path) -> Path:
 
 
 @pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        alembic_project(tmp_path)
-        yield w
+def ws(ws: Workspace, tmp_path: Path) -> Workspace:
+    """The shared workspace (tests/conftest.py), with an Alembic project in it."""
+    alembic_project(tmp_path)
+    return ws
 
 
 def alembic(ws: Workspace, *argv: str, env: dict[str, str] | None = None) -> Result:

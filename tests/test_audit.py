@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,8 @@ from precog_db.environment import Environment
 from precog_db.errors import AuditLogError, AuditSettingError, EnvironmentNotAllowedError, ProductionAccessError
 from precog_db.gates import delete_all, truncate_tables
 from precog_db.pool import create_pool, initialize_pool
-from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin
 from tests._helpers.server import Server
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 class TestRecord:

@@ -38,14 +38,8 @@ from precog_db.errors import (
 )
 from precog_db.settings import DatabaseSettings
 from precog_db.stamp import read_stamp
-from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin
 from tests._helpers.server import Server, start_throwaway_cluster
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 def server_major(ws: Workspace) -> int:

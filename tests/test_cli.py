@@ -9,21 +9,14 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from precog_db.cli import Progress, build_parser, main
 from precog_db.stamp import read_stamp
-from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
-from tests._helpers.server import REPO, Server
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin
+from tests._helpers.server import REPO
 
 
 class TestOptions:

@@ -25,18 +25,12 @@ from precog_db.console import ShellPlan, check_psql_args, passfile_line, prepare
 from precog_db.environment import Environment
 from precog_db.errors import ConfigurationError, ProductionAccessError, UsageError
 from precog_db.stamp import stamp_database
-from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin
 from tests._helpers.faults import own_server
 from tests._helpers.server import REPO, Server
 
 #: The real psql (.ci/run installs the PostgreSQL client where it is missing).
 PSQL = shutil.which("psql") or "psql"
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 def sessions_on(server: Server, dbname: str) -> int:

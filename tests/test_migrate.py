@@ -6,7 +6,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,17 +16,10 @@ from precog_db import migrations
 from precog_db.backup import find_tool
 from precog_db.errors import ConfigurationError, MigrationError, MigrationLockError, PromotionError
 from precog_db.migrations import LOCK_KEY, checksum_of, discover, new_migration
-from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin, workspace
-from tests._helpers.server import Server
+from tests._helpers.cli import SENTINEL, Workspace, console_script, tty_stdin
 
 MARKETS = "CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);\n"
 TRADES = "CREATE TABLE trades (id serial PRIMARY KEY, market int REFERENCES markets, note text DEFAULT '100%');\n"
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 def two_migrations(ws: Workspace) -> None:

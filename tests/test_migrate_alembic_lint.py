@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._helpers.cli import Workspace, workspace
-from tests._helpers.server import Server
+from tests._helpers.cli import Workspace
 from tests.test_alembic import alembic, alembic_project
 
 INDEX = '''\
@@ -50,10 +48,10 @@ def downgrade():
 
 
 @pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        alembic_project(tmp_path)
-        yield w
+def ws(ws: Workspace, tmp_path: Path) -> Workspace:
+    """The shared workspace (tests/conftest.py), with an Alembic project in it."""
+    alembic_project(tmp_path)
+    return ws
 
 
 def write(ws: Workspace, name: str, body: str) -> None:

@@ -17,17 +17,11 @@ import pytest
 from precog_db.errors import BackupError
 from precog_db.migrations import RehearsalResult, rehearse
 from precog_db.migrations._rehearse import REHEARSAL_INFIX, _dump_major, strongest_lock
-from tests._helpers.cli import Workspace, workspace
-from tests._helpers.server import REPO, Server
+from tests._helpers.cli import Workspace
+from tests._helpers.server import REPO
 
 ORDERS = "CREATE TABLE orders (id bigint PRIMARY KEY, email text);\n"
 ROWS = "INSERT INTO orders VALUES (1, 'a@example.com'), (2, 'a@example.com'), (3, NULL)"
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 def copies(ws: Workspace, env: str) -> list[str]:

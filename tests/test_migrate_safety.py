@@ -5,25 +5,17 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from precog_db.errors import ConfigurationError
 from precog_db.migrations import OFF_BY_DEFAULT, discover, lint_files
-from tests._helpers.cli import Workspace, workspace
-from tests._helpers.server import Server
+from tests._helpers.cli import Workspace
 
 ORDERS = "CREATE TABLE orders (id bigint PRIMARY KEY, amount numeric NOT NULL);\n"
 UNSAFE_INDEX = "-- an index built the blocking way\n\nCREATE INDEX orders_amount ON orders (amount);\n"
 CONCURRENT = "-- precog:no-transaction\nCREATE INDEX CONCURRENTLY orders_amount ON orders (amount);\n"
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 class TestLint:

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from precog_db.migrations import sections
-from tests._helpers.cli import SENTINEL, Workspace, tty_stdin, workspace
-from tests._helpers.server import Server
+from tests._helpers.cli import SENTINEL, Workspace, tty_stdin
 
 MARKETS = """CREATE TABLE markets (id serial PRIMARY KEY, symbol text NOT NULL);
 -- precog:down
@@ -24,12 +20,6 @@ CREATE INDEX CONCURRENTLY markets_symbol ON markets (symbol);
 -- precog:down
 DROP INDEX CONCURRENTLY markets_symbol;
 """
-
-
-@pytest.fixture
-def ws(pg_server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
-    with workspace(pg_server, tmp_path, monkeypatch) as w:
-        yield w
 
 
 def index_valid(ws: Workspace, name: str) -> bool | None:
