@@ -31,8 +31,8 @@ _HAS_POLL = hasattr(select, "poll")
 READABLE_MASK = (select.POLLIN | select.POLLERR | select.POLLHUP) if _HAS_POLL else 0
 
 
-def _libc_poll() -> tuple[Any, type[Any], Any, Any] | None:
-    """libc's ``poll``, called with the GIL held, and its argument types; None where unavailable."""
+def _libc_poll() -> tuple[Any, type[Any], Any, Any, Callable[[Any], Any]] | None:
+    """libc's ``poll``, called with the GIL held, its argument types and ``ctypes.byref``; None where unavailable."""
     if not _HAS_POLL:
         return None
     try:
@@ -47,7 +47,7 @@ def _libc_poll() -> tuple[Any, type[Any], Any, Any] | None:
 
     poll.restype = ctypes.c_int
     # The count and the timeout built once, as C values of the right width (nfds_t is unsigned long).
-    return poll, PollFd, ctypes.c_ulong(1), ctypes.c_int(0)
+    return poll, PollFd, ctypes.c_ulong(1), ctypes.c_int(0), ctypes.byref
 
 
 _LIBC = _libc_poll()
@@ -62,11 +62,9 @@ def poller_for(fd: int) -> Callable[[], object]:
     treats the connection as unusable.
     """
     if _LIBC is not None:
-        poll, pollfd_type, one, zero = _LIBC
-        import ctypes
-
+        poll, pollfd_type, one, zero, byref = _LIBC
         # byref keeps the struct alive as long as the check exists.
-        return functools.partial(poll, ctypes.byref(pollfd_type(fd, READABLE_MASK, 0)), one, zero)
+        return functools.partial(poll, byref(pollfd_type(fd, READABLE_MASK, 0)), one, zero)
     if _HAS_POLL:
         poller = select.poll()
         poller.register(fd, READABLE_MASK)
